@@ -172,6 +172,10 @@ def figures_dir(profile: str = "auto", # run profile
     return runs_dir(name) / "figures" if name == "smoke" else repo_root() / "reports" / "figures"
 
 # %% ../nbs/00_core.ipynb #463717e3
+def _umask() -> int:
+    mask = os.umask(0); os.umask(mask)
+    return mask
+
 @contextlib.contextmanager
 def atomic_path(path: str | Path, # final destination
                ) -> Iterator[Path]:
@@ -184,6 +188,7 @@ def atomic_path(path: str | Path, # final destination
     try:
         yield tmp
         with open(tmp, "rb+") as f: os.fsync(f.fileno())
+        os.chmod(tmp, 0o666 & ~_umask())  # mkstemp makes 0600 files; give the usual permissions
         os.replace(tmp, path)
     finally:
         tmp.unlink(missing_ok=True)
