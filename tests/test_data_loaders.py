@@ -1,0 +1,356 @@
+"""Loaders of chapter 01 (ldm_course.data): real formats read from tiny fixtures written here, the Kaggle catalogue's
+faults counted by reason, clear errors, and deterministic synthetic fallbacks written in the real formats."""
+import gzip
+import pickle
+import re
+import struct
+import time
+import warnings
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+from torch.utils.data import DataLoader
+from torchvision.datasets import CIFAR10
+
+from ldm_course import data as D
+
+COLUMNS = "id,gender,masterCategory,subCategory,articleType,baseColour,season,year,usage,productDisplayName"
+
+
+@pytest.fixture(autouse=True)
+def offline(monkeypatch):
+    "No test waits for a network check: the machines running them have no internet."
+    monkeypatch.setenv("LDM_COURSE_OFFLINE", "1")
+
+
+# ---------------------------------------------------------------- fixtures in the real formats, written by hand
+def idx_bytes(array: np.ndarray) -> bytes:
+    "MNIST's IDX layout: magic 0x0000080N big-endian, N uint32 dimensions, uint8 data."
+    return bytes([0, 0, 8, array.ndim]) + b"".join(struct.pack(">I", d) for d in array.shape) + array.tobytes()
+
+
+def write_mnist_fixture(root: Path, compress: bool = False):
+    rng = np.random.default_rng(0)
+    splits = {"train": rng.integers(0, 256, (6, 28, 28), dtype=np.uint8), "t10k": rng.integers(0, 256, (3, 28, 28), dtype=np.uint8)}
+    splits["train"][0, 0, :2] = [0, 255]
+    raw = root / "MNIST" / "raw"
+    raw.mkdir(parents=True)
+    labels = {"train": np.array([3, 1, 4, 1, 5, 9], np.uint8), "t10k": np.array([2, 6, 5], np.uint8)}
+    for split in splits:
+        for kind, array in (("images-idx3", splits[split]), ("labels-idx1", labels[split])):
+            name = f"{split}-{kind}-ubyte"
+            if compress: (raw / f"{name}.gz").write_bytes(gzip.compress(idx_bytes(array)))
+            else: (raw / name).write_bytes(idx_bytes(array))
+    return splits, labels
+
+
+def write_cifar_fixture(root: Path, n_train: int = 10, n_test: int = 4):
+    "CIFAR10's python pickles: rows of 3072 bytes (R plane, G plane, B plane), 5 training batches, batches.meta."
+    rng = np.random.default_rng(1)
+    images = rng.integers(0, 256, (n_train + n_test, 32, 32, 3), dtype=np.uint8)
+    labels = [i % 10 for i in range(n_train + n_test)]
+    folder = root / "cifar-10-batches-py"
+    folder.mkdir(parents=True)
+    def dump(name, idx):
+        rows = np.stack([np.concatenate([images[i][:, :, c].ravel() for c in range(3)]) for i in idx])
+        (folder / name).write_bytes(pickle.dumps({"data": rows, "labels": [labels[i] for i in idx]}, protocol=2))
+    for k, part in enumerate(np.array_split(np.arange(n_train), 5), start=1): dump(f"data_batch_{k}", part)
+    dump("test_batch", np.arange(n_train, n_train + n_test))
+    names = ["plane", "car", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck"]
+    (folder / "batches.meta").write_bytes(pickle.dumps({"label_names": names}, protocol=2))
+    return images, labels, names
+
+
+def write_kaggle_fixture(root: Path) -> Path:
+    "A catalogue with every fault of the real styles.csv; returns its folder."
+    images = root / "images"
+    images.mkdir(parents=True)
+    lines = [COLUMNS]
+    for i in range(1, 5):
+        lines.append(f"{i},Women,Apparel,Dress,Dresses,Red,Summer,2012,Casual,Women Red Dress {i}")
+        Image.new("RGB", (60, 80), (200, 30, 40)).save(images / f"{i}.jpg")
+    lines += [
+        "5,Men,Apparel,Topwear,Tshirts,Blue,Summer,2012,Casual,Roadster Men, Blue, Tshirt",   # malformed (commas)
+        "6,Men,Apparel,Topwear,Tshirts,Blue,Summer,2012,Casual,Nike Blue Tshirt, Pack of 2",  # malformed (commas)
+        "7,Men,Apparel,Topwear,Tshirts,Blue,Summer,2012,Casual,No Image Tshirt",              # missing image
+        "8,Men,Apparel,Topwear,Tshirts,Pink,,2012,,",                                         # no name -> fallback caption
+        "9,Men,Apparel,Topwear,Tshirts,,Summer,2012,Casual,Colourless Tshirt",                # missing baseColour: kept
+        ",Men,Apparel,Topwear,Tshirts,Pink,Summer,2012,Casual,No Id Tshirt",                  # missing id
+        "x10,Men,Apparel,Topwear,Tshirts,Pink,Summer,2012,Casual,Bad Id Tshirt",              # bad id
+        "1,Men,Apparel,Topwear,Tshirts,Pink,Summer,2012,Casual,Duplicate Tshirt",             # duplicate id
+        "11,Men,Apparel,Topwear,,,Summer,2012,Casual,",                                       # nothing to caption
+        "12,Women,Apparel,Topwear,Tops,Grey,Summer,2012,Casual,Grey Top",                     # grayscale
+        "13,Women,Apparel,Topwear,Tops,White,Summer,2012,Casual,White Top",                   # RGBA
+        "14,Women,Apparel,Topwear,Tops,Black,Summer,2012,Casual,Black Top",                   # CMYK
+        "15,Women,Apparel,Topwear,Tops,Green,Summer,2012,Casual,Green Top",                   # palette
+        "16,Women,Apparel,Topwear,Tops,Blue,Summer,2012,Casual,Truncated Top",                # truncated JPEG
+        "17,Women,Apparel,Topwear,Tops,Blue,Summer,2012,Casual,Empty File Top",               # zero-byte file
+        "18,Women,Apparel,Topwear,Tops,Blue,Summer,2012,Casual,Not An Image Top",             # garbage bytes
+        "",                                                                                   # blank line: ignored
+    ]
+    for i in (8, 9, 11): Image.new("RGB", (60, 80), "white").save(images / f"{i}.jpg")
+    Image.new("L", (60, 80), 128).save(images / "12.jpg")
+    Image.new("RGBA", (60, 80), (0, 0, 0, 0)).save(images / "13.jpg", format="PNG")
+    Image.new("CMYK", (60, 80), (0, 0, 0, 255)).save(images / "14.jpg")
+    Image.new("RGB", (60, 80), (0, 160, 0)).convert("P").save(images / "15.jpg", format="PNG")
+    Image.effect_noise((60, 80), 60).convert("RGB").save(images / "16.jpg", quality=95)
+    full = (images / "16.jpg").read_bytes()
+    (images / "16.jpg").write_bytes(full[: len(full) // 2])
+    (images / "17.jpg").write_bytes(b"")
+    (images / "18.jpg").write_bytes(b"this is not a jpeg")
+    (root / "styles.csv").write_text("\n".join(lines) + "\n", encoding="utf-8")
+    return root
+
+
+EXPECTED_SKIPS = {"malformed_line": 2, "bad_id": 2, "duplicate_id": 1, "missing_caption": 1,
+                  "missing_image": 1, "empty_image": 1, "unreadable_image": 2}
+
+
+# ---------------------------------------------------------------- MNIST
+def test_mnist_reads_real_idx_files(tmp_path):
+    images, labels = write_mnist_fixture(tmp_path)
+    ds, src = D.load_mnist(tmp_path, train=True, source="real", verbose=False)
+    assert (len(ds), src.source, src.root) == (6, "real", str(tmp_path))
+    x, y = ds[0]
+    assert x.shape == (1, 28, 28) and x.dtype == torch.float32 and y == 3
+    assert x[0, 0, 0] == -1 and x[0, 0, 1] == 1                      # 0 -> -1, 255 -> +1
+    torch.testing.assert_close(x[0], torch.from_numpy(images["train"][0]).float() / 127.5 - 1)
+    test, _ = D.load_mnist(tmp_path, train=False, source="real", verbose=False)
+    assert len(test) == 3 and test[2][1] == 5
+    # our writer produces the same bytes as the format written by hand above
+    assert D.write_idx(tmp_path / "copy", images["train"]).read_bytes() == idx_bytes(images["train"])
+
+
+def test_mnist_gz_files_are_decompressed(tmp_path):
+    write_mnist_fixture(tmp_path, compress=True)
+    ds, src = D.load_mnist(tmp_path, source="real", verbose=False)
+    assert len(ds) == 6 and src.source == "real"
+
+
+def test_mnist_real_without_files_says_where_to_put_them(tmp_path):
+    with pytest.raises(FileNotFoundError) as e: D.load_mnist(tmp_path, source="real")
+    message = str(e.value)
+    assert str(tmp_path / "MNIST" / "raw") in message and "train-images-idx3-ubyte" in message and "download=True" in message
+
+
+# ---------------------------------------------------------------- CIFAR10
+def test_cifar10_fixture_read_despite_md5(tmp_path):
+    images, labels, names = write_cifar_fixture(tmp_path)
+    with pytest.raises(RuntimeError): CIFAR10(str(tmp_path), train=True)       # torchvision: md5 of the original files
+    with pytest.raises(RuntimeError, match="md5 mismatch"): D.LocalCIFAR10(tmp_path)
+    ds, src = D.load_cifar10(tmp_path, source="real", verify_md5=False, verbose=False)
+    assert (len(ds), ds.classes, src.source) == (10, names, "real")
+    x, y = ds[7]
+    assert x.shape == (3, 32, 32) and y == labels[7]
+    torch.testing.assert_close(x, torch.from_numpy(images[7]).permute(2, 0, 1).float() / 127.5 - 1)
+    test = D.LocalCIFAR10(tmp_path, train=False, verify_md5=False)
+    assert len(test) == 4 and test[0][1] == labels[10]
+
+
+def test_cifar10_missing_file_is_named(tmp_path):
+    write_cifar_fixture(tmp_path)
+    (tmp_path / "cifar-10-batches-py" / "data_batch_3").unlink()
+    with pytest.raises(FileNotFoundError, match=r"\['data_batch_3'\]"): D.LocalCIFAR10(tmp_path, verify_md5=False)
+    with pytest.raises(FileNotFoundError, match="cifar-10-python.tar.gz"): D.load_cifar10(tmp_path / "empty", source="real")
+
+
+# ---------------------------------------------------------------- Kaggle catalogue
+def test_kaggle_faults_counted_by_reason(tmp_path, capsys):
+    root = write_kaggle_fixture(tmp_path / "shop")
+    ds = D.FashionProducts(root, image_size=32, verify_images=True)
+    assert ds.skipped == EXPECTED_SKIPS
+    assert ds.num_rows == 20 and len(ds) == 20 - sum(EXPECTED_SKIPS.values())
+    assert ds.converted == {"CMYK": 1, "L": 1, "P": 1, "RGBA": 1}
+    line = capsys.readouterr().out.strip()
+    assert "\n" not in line and "skipped 10" in line and "malformed_line 2" in line and "unreadable_image 2" in line
+    ids = ds.records["id"].tolist()
+    assert ids == [1, 2, 3, 4, 8, 9, 12, 13, 14, 15]
+    info = ds.item_info(ids.index(8))
+    assert (info["caption"], info["caption_from"], info["season"], info["articleType"]) == ("Pink Tshirts", "fallback", None, "Tshirts")
+    assert ds.item_info(ids.index(9))["baseColour"] is None         # missing value kept (not needed for a caption)
+    codes, classes = ds.labels("baseColour")
+    assert classes == ["Black", "Green", "Grey", "Pink", "Red", "White"] and codes[ids.index(9)] == -1
+
+
+def test_kaggle_images_converted_and_padded(tmp_path):
+    ds = D.FashionProducts(write_kaggle_fixture(tmp_path / "shop"), image_size=40, verbose=False, verify_images=True)
+    ids = ds.records["id"].tolist()
+    for item_id in (12, 13, 14, 15):
+        x, caption = ds[ids.index(item_id)]
+        assert x.shape == (3, 40, 40) and x.min() >= -1 and x.max() <= 1
+    white = ds[ids.index(13)][0]                                      # transparent RGBA -> white
+    torch.testing.assert_close(white, torch.ones_like(white))
+    red = ds[0][0]                                                    # 60x80 padded with white left and right
+    assert torch.allclose(red[:, 20, 0], torch.ones(3)) and red[0, 20, 20] > 0.4 and red[1, 20, 20] < -0.5
+
+
+def test_kaggle_lazy_decoding_never_crashes_a_training_loop(tmp_path):
+    ds = D.FashionProducts(write_kaggle_fixture(tmp_path / "shop"), image_size=16, verbose=False)
+    assert len(ds) == 12 and ds.skipped["unreadable_image"] == 0      # truncated and garbage files pass the cheap checks
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        batches = list(DataLoader(ds, batch_size=5, shuffle=False))
+        list(DataLoader(ds, batch_size=5))                           # a second epoch counts nothing twice
+    assert sum(len(b[1]) for b in batches) == 12 and all(b[0].shape[1:] == (3, 16, 16) for b in batches)
+    assert ds.skipped["unreadable_image"] == 2 and sum("unreadable image" in str(w.message) for w in caught) == 2
+    assert list(batches[-1][1][-2:]) == ["Women Red Dress 1", "Women Red Dress 1"]  # ids 16, 18 replaced by the next readable (wraps)
+    ds.verify(verbose=False)
+    assert len(ds) == 10 and ds.skipped == EXPECTED_SKIPS
+
+
+def test_kaggle_required_columns(tmp_path):
+    ds = D.FashionProducts(write_kaggle_fixture(tmp_path / "shop"), require=("baseColour",), verbose=False, verify_images=True)
+    assert (ds.skipped["missing_baseColour"], ds.skipped["missing_caption"], len(ds)) == (2, 0, 9)  # first failing check wins
+    with pytest.raises(ValueError, match="unknown column"): D.FashionProducts(tmp_path / "shop", require=("colour",))
+
+
+def test_kaggle_wrong_root_names_path_and_layout(tmp_path):
+    with pytest.raises(FileNotFoundError) as e: D.FashionProducts(tmp_path / "nowhere")
+    assert str(tmp_path / "nowhere") in str(e.value) and "styles.csv" in str(e.value) and "images/<id>.jpg" in str(e.value)
+    (tmp_path / "half").mkdir(); (tmp_path / "half" / "styles.csv").write_text(COLUMNS + "\n")
+    with pytest.raises(FileNotFoundError, match="images/ folder not found"): D.FashionProducts(tmp_path / "half")
+    with pytest.raises(FileNotFoundError, match="fashion-product-images") as e: D.load_fashion(tmp_path, source="real")
+    assert "kaggle.com" in str(e.value)
+    (tmp_path / "bad").mkdir(); (tmp_path / "bad" / "images").mkdir(); (tmp_path / "bad" / "styles.csv").write_text("a,b\n1,2\n")
+    with pytest.raises(ValueError, match=r"lacks column\(s\)"): D.FashionProducts(tmp_path / "bad")
+
+
+def test_kaggle_zero_usable_rows_is_an_error(tmp_path):
+    (tmp_path / "images").mkdir()
+    (tmp_path / "styles.csv").write_text(COLUMNS + "\n1,Men,Apparel,Topwear,Tshirts,Blue,Summer,2012,Casual,Blue Tshirt\n"
+                                         "2,Men,Apparel,Topwear,Tshirts,Blue,Summer,2012,Casual,Blue, Tshirt\n")
+    with pytest.raises(ValueError, match="No usable items") as e: D.FashionProducts(tmp_path)
+    assert "missing_image 1" in str(e.value) and "malformed_line 1" in str(e.value)
+
+
+def test_kaggle_layout_found_nested_under_data_root(tmp_path):
+    write_kaggle_fixture(tmp_path / "fashion-product-images-small" / "myntradataset")
+    ds, src = D.load_fashion(tmp_path, source="auto", verbose=False)
+    assert src.source == "real" and src.root.endswith("myntradataset") and src.skipped["malformed_line"] == 2
+
+
+# ---------------------------------------------------------------- synthetic fallbacks
+def _files(folder: Path) -> dict:
+    return {p.relative_to(folder).as_posix(): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file() and p.name != "manifest.json"}
+
+
+@pytest.mark.parametrize("make, size", [(D.make_synthetic_mnist, 60), (D.make_synthetic_cifar10, 50), (D.make_synthetic_fashion, 24)],
+                         ids=["mnist", "cifar10", "fashion"])
+def test_synthetic_data_is_deterministic(tmp_path, make, size):
+    a, _ = make(tmp_path / "a", size, seed=1)
+    b, _ = make(tmp_path / "b", size, seed=1)
+    c, _ = make(tmp_path / "c", size, seed=2)
+    fa, fb, fc = _files(a), _files(b), _files(c)
+    assert len(fa) > 0 and fa == fb
+    assert fa.keys() != fc.keys() or any(fa[k] != fc[k] for k in fa)
+
+
+def test_synthetic_mnist_in_real_format_and_learnable(tmp_path):
+    folder, manifest = D.make_synthetic_mnist(tmp_path, 600, seed=0)
+    raw = folder / "MNIST" / "raw"
+    assert raw.joinpath("train-images-idx3-ubyte").read_bytes()[:16] == bytes([0, 0, 8, 3]) + struct.pack(">III", 600, 28, 28)
+    assert (manifest["num_train"], manifest["num_test"], manifest["reused"]) == (600, 100, False)
+    ds, _ = D.load_mnist(folder, source="real", verbose=False)     # torchvision reads it as real MNIST
+    x, y = D.to_tensors(ds)
+    assert x.shape == (600, 1, 28, 28) and x.min() == -1 and x.max() <= 1 and torch.bincount(y).tolist() == [60] * 10
+    assert (x[:, :, :2] > -0.5).float().mean() < 0.01                # white digits on a black background
+    flat = (x.view(600, -1) + 1) / 2                                  # classes are distinct: nearest centroid works
+    centroids = torch.stack([flat[:300][y[:300] == k].mean(0) for k in range(10)])
+    accuracy = (torch.cdist(flat[300:], centroids).argmin(1) == y[300:]).float().mean()
+    assert accuracy > 0.75, f"nearest-centroid accuracy {accuracy:.2f} on generated digits"
+
+
+def test_synthetic_cifar10_in_real_format(tmp_path):
+    folder, _ = D.make_synthetic_cifar10(tmp_path, 100, seed=0)
+    with pytest.raises(RuntimeError): CIFAR10(str(folder))             # not the original files...
+    ds = D.LocalCIFAR10(folder, verify_md5=False)                     # ...but the original format
+    assert len(ds) == 100 and ds.classes == list(D.SCENE_CLASSES) and ds[0][0].shape == (3, 32, 32)
+    assert sorted(set(ds.targets)) == list(range(10))
+    meta = pickle.loads((folder / "cifar-10-batches-py" / "batches.meta").read_bytes(), encoding="latin1")
+    assert meta["label_names"] == list(D.SCENE_CLASSES)
+
+
+def _mentions(caption: str, article_type: str, colour: str) -> bool:
+    nouns = {"Tshirts": r"t-?shirt|tee", "Dresses": r"dress", "Jeans": r"jeans?"}[article_type]
+    return colour.lower() in caption.lower() and re.search(nouns, caption, re.I) is not None
+
+
+def test_synthetic_catalogue_covers_the_seed_prompts(tmp_path):
+    folder, _ = D.make_synthetic_fashion(tmp_path, 200, seed=0)
+    assert (folder / "styles.csv").read_text().splitlines()[0] == COLUMNS
+    ds = D.FashionProducts(folder, verbose=False, verify_images=True)
+    assert len(ds) == 200 and sum(ds.skipped.values()) == 0
+    with Image.open(ds.records.path[0]) as im: assert (im.format, im.size, im.mode) == ("JPEG", (60, 80), "RGB")
+    rec = ds.records
+    assert rec.articleType.nunique() >= 8 and rec.baseColour.nunique() >= 10
+    for prompt, (kind, colour) in D.SEED_PROMPTS.items():
+        hits = rec[(rec.articleType == kind) & (rec.baseColour == colour)]
+        assert len(hits) >= 1, prompt
+        assert all(_mentions(c, kind, colour) for c in hits.caption), (prompt, hits.caption.tolist())
+    assert rec.caption.nunique() > 100                               # varied wording
+
+
+def test_synthetic_garments_show_their_colour():
+    "The baseColour label is faithful: the garment's median colour is nearest to its own palette entry."
+    names, palette = list(D.GARMENT_COLOURS), np.array(list(D.GARMENT_COLOURS.values()), float)
+    hits = total = 0
+    for k, kind in enumerate(D.GARMENT_TYPES):
+        for c, colour in enumerate(names):
+            a = np.asarray(D.draw_garment(kind, colour, "plain", np.random.default_rng([k, c])), float)
+            cloth = a[np.abs(a - 255).max(-1) > 40] if colour != "White" else a[(a.min(-1) > 200) & (a.min(-1) < 253)]
+            median = np.median(cloth, 0)
+            hits += names[np.abs(palette - median).sum(1).argmin()] == colour; total += 1
+    assert hits / total > 0.9
+
+
+def test_auto_falls_back_to_synthetic_loudly_and_reuses_it(tmp_path, capsys):
+    t0 = time.time()
+    with pytest.warns(D.SyntheticDataWarning, match="SYNTHETIC"):
+        ds, src = D.load_fashion(tmp_path, source="auto", size=30, seed=3, image_size=32)
+    assert (src.source, src.seed, src.num_items, src.split) == ("synthetic", 3, 30, "all")
+    assert Path(src.root) == tmp_path / "synthetic" / "fashion-seed3-n30" and "fashion-product-images" in src.note
+    assert "SYNTHETIC data" in capsys.readouterr().out
+    manifest = D.read_manifest(src.root)
+    assert (manifest["dataset"], manifest["seed"], manifest["num_items"]) == ("fashion", 3, 30)
+    with pytest.warns(D.SyntheticDataWarning, match="re-used"):
+        D.load_fashion(tmp_path, size=30, seed=3, verbose=False)
+    with pytest.warns(D.SyntheticDataWarning):
+        mnist, msrc = D.load_mnist(tmp_path, train=False, size=60, seed=3, verbose=False)
+        cifar, csrc = D.load_cifar10(tmp_path, size=50, seed=3, verbose=False)
+    assert (msrc.source, len(mnist), mnist[0][0].shape) == ("synthetic", 10, (1, 28, 28))
+    assert (csrc.source, len(cifar), cifar[0][0].shape) == ("synthetic", 50, (3, 32, 32))
+    assert "unreachable" in msrc.note or "OFFLINE" in msrc.note or "no MNIST files" in msrc.note
+    assert time.time() - t0 < 30
+
+
+def test_real_data_preferred_over_synthetic_and_source_checked(tmp_path):
+    write_mnist_fixture(tmp_path)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", D.SyntheticDataWarning)       # real data: no synthetic warning
+        ds, src = D.load_mnist(tmp_path, verbose=False)
+    assert src.source == "real" and len(ds) == 6
+    with pytest.warns(D.SyntheticDataWarning):
+        _, src = D.load_mnist(tmp_path, source="synthetic", size=30, verbose=False)
+    assert src.source == "synthetic"
+    with pytest.raises(ValueError, match="Unknown source"): D.load_mnist(tmp_path, source="download")
+
+
+def test_network_check_fails_fast(monkeypatch):
+    monkeypatch.delenv("LDM_COURSE_OFFLINE")
+    D._REACHABILITY.clear()
+    t0 = time.time()
+    D.network_available("10.255.255.1", 443, timeout=0.5)             # non-routable: never answers
+    assert time.time() - t0 < 1.5
+    monkeypatch.setenv("LDM_COURSE_OFFLINE", "1")
+    assert D.network_available("localhost", 1) is False
+
+
+def test_image_sizes_and_value_range(tmp_path):
+    folder, _ = D.make_synthetic_fashion(tmp_path, 12, seed=0)
+    for size in (64, 128, 512):
+        x, caption = D.FashionProducts(folder, image_size=size, verbose=False)[0]
+        assert x.shape == (3, size, size) and x.min() >= -1 and x.max() <= 1 and isinstance(caption, str)
+    with pytest.raises(ValueError, match="image_size"): D.FashionProducts(folder, image_size=4)
