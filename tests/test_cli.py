@@ -1,0 +1,115 @@
+"""The `ldm-course` console script (chapter 14): help and exit codes of every sub-command, `report` writes the report,
+`data generate` writes the synthetic fallbacks and `data check` reports real data, generated folders and skipped rows."""
+import argparse
+import contextlib
+import io
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from ldm_course import cli
+from ldm_course.core import save_metrics
+from ldm_course.data import KAGGLE_COLUMNS, write_mnist
+from ldm_course.report import ReportBuildError
+
+SCRIPT = shutil.which("ldm-course") or str(Path(sys.executable).parent / "ldm-course")
+
+
+def run_main(argv):
+    "main(argv) in-process: (exit code, stdout, stderr)."
+    with contextlib.redirect_stdout(io.StringIO()) as out, contextlib.redirect_stderr(io.StringIO()) as err:
+        code = cli.main(argv)
+    return code, out.getvalue(), err.getvalue()
+
+
+def _commands(parser: argparse.ArgumentParser, prefix=()):
+    "Every (sub-)command path of the parser, e.g. ('data', 'check')."
+    for action in parser._actions:
+        if isinstance(action, argparse._SubParsersAction):
+            for name, sub in action.choices.items():
+                yield (*prefix, name)
+                yield from _commands(sub, (*prefix, name))
+
+
+def test_every_subcommand_has_a_help():
+    commands = list(_commands(cli.build_parser()))
+    assert {("run",), ("report",), ("data",), ("data", "generate"), ("data", "check")} <= set(commands)
+    for command in [(), *commands]:
+        code, out, _ = run_main([*command, "--help"])
+        assert code == cli.EXIT_OK and out.startswith(f"usage: ldm-course {' '.join(command)}".rstrip()), command
+
+
+@pytest.mark.parametrize("argv", [["nope"], ["report", "--profile", "fast"], ["data"], ["data", "erase"],
+                                  ["data", "generate", "--seed", "x"], ["data", "generate", "--only", "imagenet"], []])
+def test_usage_errors_exit_2(argv):
+    code, _, err = run_main(argv)
+    assert code == cli.EXIT_USAGE and "usage: ldm-course" in err, (argv, err)
+
+
+def test_console_script_is_installed():
+    done = subprocess.run([SCRIPT, "data", "check", "--bogus"], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 2 and "unrecognized arguments: --bogus" in done.stderr
+
+
+def test_report_smoke_writes_the_files(tmp_path, monkeypatch):
+    monkeypatch.setenv("LDM_COURSE_RUNS", str(tmp_path / "runs"))
+    monkeypatch.setenv("LDM_COURSE_FIGURES", str(tmp_path / "figures"))
+    save_metrics("05_ddpm_mnist", {"train": {"loss_first_20": 0.5, "loss_last_20": 0.25, "steps": 30}}, "smoke")
+    done = subprocess.run([SCRIPT, "report", "--profile", "smoke"], capture_output=True, text=True, timeout=600,
+                          env={**os.environ, "MPLBACKEND": "Agg"})
+    assert done.returncode == 0, done.stderr
+    out = tmp_path / "runs" / "smoke" / "report"
+    html = (out / "rapport.html").read_text(encoding="utf-8")
+    assert "0,25" in html and "non mesuré (chapitre 09)" in html
+    assert f"html  {out / 'rapport.html'}" in done.stdout
+    assert (out / "build" / "rapport.tex").is_file() and (out / "build" / "rapport.md").is_file()
+    if shutil.which("latexmk"): assert (out / "rapport.pdf").read_bytes().startswith(b"%PDF")
+    else: assert "not built (latexmk not found" in done.stdout
+
+
+def test_report_failure_exits_1(monkeypatch):
+    def failing(**kwargs): raise ReportBuildError("LaTeX failed on rapport.tex: ! Undefined control sequence.")
+    monkeypatch.setattr(cli, "build_report", failing)
+    code, _, err = run_main(["report", "--profile", "smoke"])
+    assert code == cli.EXIT_FAILED and "Undefined control sequence" in err
+
+
+def _kaggle_catalogue(folder: Path) -> None:
+    "A tiny Kaggle-layout catalogue: 3 good rows, 1 malformed line (unquoted comma), 1 row without its image."
+    (folder / "images").mkdir(parents=True)
+    rows = [",".join(KAGGLE_COLUMNS)]
+    for i, (kind, colour) in enumerate([("Dresses", "Red"), ("Tshirts", "Blue"), ("Jeans", "Yellow")], start=1):
+        rows.append(f"{i},Women,Apparel,Topwear,{kind},{colour},Summer,2012,Casual,{colour} {kind} for women")
+        Image.new("RGB", (60, 80), (200, 50, 50)).save(folder / "images" / f"{i}.jpg")
+    rows.append("4,Men,Apparel,Topwear,Tshirts,Black,Summer,2012,Casual,Black tshirt, with a comma")
+    rows.append("5,Men,Apparel,Topwear,Tshirts,Pink,Summer,2012,Casual,Pink tshirt without image")
+    (folder / "styles.csv").write_text("\n".join(rows) + "\n", encoding="utf-8")
+
+
+def test_data_generate_then_check(tmp_path):
+    root = tmp_path / "data"
+    code, out, err = run_main(["data", "generate", "--profile", "smoke", "--seed", "3", "--only", "mnist", "--root", str(root)])
+    assert code == 0, err
+    assert "mnist    generated" in out and "600 train + 100 test" in out and (root / "synthetic" / "mnist-seed3-n600").is_dir()
+    code, out, _ = run_main(["data", "generate", "--profile", "smoke", "--seed", "3", "--only", "mnist", "--root", str(root)])
+    assert "mnist    up to date" in out                                  # a second run re-uses the folder
+
+    rng = np.random.default_rng(0)
+    write_mnist(root, rng.integers(0, 255, (12, 28, 28), dtype=np.uint8), np.arange(12) % 10,
+                rng.integers(0, 255, (5, 28, 28), dtype=np.uint8), np.arange(5))
+    _kaggle_catalogue(root / "fashion-product-images")
+    done = subprocess.run([SCRIPT, "data", "check", "--root", str(root)], capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr
+    out = done.stdout
+    assert f"data root: {root}" in out
+    assert "mnist    real     12 train + 5 test images" in out
+    assert "cifar10  missing  CIFAR10 not found" in out
+    assert "fashion  real     3 usable of 5 rows" in out
+    assert "skipped  malformed_line 1, missing_image 1" in out          # the Kaggle skip counts, by reason
+    assert "mnist-seed3-n600" in out and "mnist, seed 3, 600 train + 100 test" in out
