@@ -36,6 +36,7 @@ test: sync test-notebooks test-pytest
 
 report: venv
 	$(BIN)/ldm-course run --profile $(PROFILE)
+	$(BIN)/ldm-course report --profile $(PROFILE)
 
 clean-runs:
 	rm -rf runs/
