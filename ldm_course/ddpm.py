@@ -29,12 +29,13 @@ from .training import TrainConfig, TrainHistory, Trainer, drop_condition, train_
 from .unet import UNet, UNetConfig, unet_preset
 
 # %% auto #0
-__all__ = ['ModelFn', 'DDPM_PRESETS', 'SAMPLERS', 'DDPM_FORMAT', 'diffusion_loss', 'DiffusionLoss', 'guided_prediction',
-           'classifier_free_guidance', 'class_guidance', 'ClassifierConfig', 'DDPMConfig', 'ddpm_config',
-           'build_scheduler', 'build_unet', 'config_fingerprint', 'make_sampler', 'sample_images', 'sample_evolution',
-           'ddpm_checkpoint_path', 'save_ddpm', 'LoadedDDPM', 'load_ddpm', 'ImageClassifier', 'random_shift',
-           'ClassificationLoss', 'train_classifier', 'predict_labels', 'classifier_accuracy', 'GuidanceSweep',
-           'guidance_sweep', 'plot_forward_noising', 'plot_evolution', 'plot_guidance_grid', 'plot_guidance_accuracy']
+__all__ = ['ModelFn', 'DDPM_PRESETS', 'SAMPLERS', 'DDPM_FORMAT', 'CLASSIFIER_FORMAT', 'diffusion_loss', 'DiffusionLoss',
+           'guided_prediction', 'classifier_free_guidance', 'class_guidance', 'ClassifierConfig', 'DDPMConfig',
+           'ddpm_config', 'build_scheduler', 'build_unet', 'config_fingerprint', 'make_sampler', 'sample_images',
+           'sample_evolution', 'ddpm_checkpoint_path', 'save_ddpm', 'LoadedDDPM', 'load_ddpm', 'ImageClassifier',
+           'random_shift', 'ClassificationLoss', 'train_classifier', 'predict_labels', 'classifier_accuracy',
+           'judge_checkpoint_path', 'save_classifier', 'load_classifier', 'GuidanceSweep', 'guidance_sweep',
+           'plot_forward_noising', 'plot_evolution', 'plot_guidance_grid', 'plot_guidance_accuracy']
 
 # %% ../nbs/05_ddpm_mnist.ipynb #a1aac510
 def diffusion_loss(model: nn.Module, # ε_θ(x_t, t, **model_kwargs) (or v_θ): same shape as x_t
@@ -152,6 +153,7 @@ class DDPMConfig(Config):
     clip_sample: bool = True            # clamp x̂0 to [-1, 1] while sampling (pixels)
     ddpm_steps: int = 1000              # steps of the full ancestral chain (timed against DDIM)
     ddim_steps: int = 50                # DDIM steps for sample grids
+    ddim_eta: float = 1.0               # DDIM's η for grids and the sweep (1: stochastic, better for briefly trained models)
     num_compare: int = 16               # samples drawn by both DDPM and DDIM (timing, judge)
     guidance_scales: tuple[float, ...] = (0.0, 1.0, 2.0, 3.0, 5.0) # w values of the sweep
     sweep_steps: int = 25               # DDIM steps of the guidance sweep
@@ -166,6 +168,7 @@ class DDPMConfig(Config):
         if self.judge.in_channels != self.unet.in_channels:
             raise ValueError(f"judge.in_channels ({self.judge.in_channels}) must match the images ({self.unet.in_channels})")
         if not 0 <= self.cond_drop_prob <= 1: raise ValueError(f"cond_drop_prob must be in [0, 1], got {self.cond_drop_prob!r}")
+        if not self.ddim_eta >= 0: raise ValueError(f"ddim_eta must be >= 0, got {self.ddim_eta!r}")
         self.guidance_scales = tuple(float(w) for w in self.guidance_scales)
 
     @property
@@ -359,8 +362,8 @@ class LoadedDDPM(NamedTuple):
         cfg = self.config
         steps = num_inference_steps or (cfg.ddim_steps if sampler == "ddim" else cfg.ddpm_steps)
         return sample_images(self.model, self.scheduler, cfg.image_shape, num_samples, class_labels, guidance_scale,
-                             cfg.null_class, sampler, steps, clip_sample=cfg.clip_sample, generator=make_generator(seed),
-                             batch_size=cfg.sample_batch_size)
+                             cfg.null_class, sampler, steps, eta=cfg.ddim_eta, clip_sample=cfg.clip_sample,
+                             generator=make_generator(seed), batch_size=cfg.sample_batch_size)
 
 def load_ddpm(path: str | Path, # a file written by `save_ddpm`
               device: str | torch.device = "cpu", # where to put the model
@@ -461,6 +464,35 @@ def classifier_accuracy(classifier: nn.Module, # the judge
     "Fraction of `images` that the classifier puts in their class."
     return float((predict_labels(classifier, images) == labels.cpu()).float().mean())
 
+# %% ../nbs/05_ddpm_mnist.ipynb #06ad93c6
+CLASSIFIER_FORMAT = "ldm_course.classifier/1"
+
+def judge_checkpoint_path(chapter: str, # e.g. "05_ddpm_mnist"
+                          profile: str = "auto", # run profile: decides the folder
+                         ) -> Path:
+    "Where a chapter's judge classifier goes: runs/<profile>/checkpoints/<chapter>/judge.safetensors."
+    return runs_dir(profile) / "checkpoints" / chapter / "judge.safetensors"
+
+def save_classifier(path: str | Path, # destination .safetensors file
+                    classifier: ImageClassifier, # the trained judge
+                    metadata: Mapping[str, Any] | None = None, # extras: test accuracy, data source...
+                   ) -> Path:
+    "Save an ImageClassifier (weights + config) in one safetensors file, atomically."
+    meta = {"format": CLASSIFIER_FORMAT, "config": classifier.config.to_dict(), **dict(metadata or {})}
+    return save_checkpoint(path, {"model": classifier.state_dict()}, meta)
+
+def load_classifier(path: str | Path, # a file written by `save_classifier`
+                    device: str | torch.device = "cpu", # where to put the model
+                   ) -> tuple[ImageClassifier, dict]: # the classifier in eval mode, and the file's metadata
+    "Rebuild a trained ImageClassifier from a `save_classifier` file."
+    meta = read_checkpoint_metadata(path)
+    if meta.get("format") != CLASSIFIER_FORMAT:
+        raise ValueError(f"{path} is not a classifier file: format {meta.get('format')!r}, expected {CLASSIFIER_FORMAT!r}")
+    state, _ = load_checkpoint(path, device=device)
+    classifier = ImageClassifier(ClassifierConfig.from_dict(meta["config"])).to(device)
+    classifier.load_state_dict(state["model"])
+    return classifier.eval(), meta
+
 # %% ../nbs/05_ddpm_mnist.ipynb #dc1836ef
 class GuidanceSweep(NamedTuple):
     "Class-conditional samples and the judge's scores for several guidance scales."
@@ -484,7 +516,7 @@ def guidance_sweep(model: nn.Module, # class-conditional U-Net
                    seed: int = 0, # the same x_T for every w
                    progress_fn: Callable[[str], None] | None = print, # gets one line per w (None: silent)
                   ) -> GuidanceSweep:
-    "Generate samples_per_class images of each class for each w of cfg.guidance_scales with DDIM; score them with the judge."
+    "Generate samples_per_class images of each class for each w of cfg.guidance_scales (DDIM, η = cfg.ddim_eta); score them with the judge."
     if cfg.num_classes is None: raise ValueError("guidance_sweep needs a class-conditional model (cfg.unet.num_classes)")
     K, n = cfg.num_classes, cfg.samples_per_class
     labels = torch.arange(K).repeat_interleave(n)
@@ -492,8 +524,8 @@ def guidance_sweep(model: nn.Module, # class-conditional U-Net
     for w in cfg.guidance_scales:
         start = time.perf_counter()
         x = sample_images(model, scheduler, cfg.image_shape, class_labels=labels, guidance_scale=w,
-                          null_class=cfg.null_class, num_inference_steps=cfg.sweep_steps, clip_sample=cfg.clip_sample,
-                          generator=make_generator(seed), batch_size=cfg.sample_batch_size)
+                          null_class=cfg.null_class, num_inference_steps=cfg.sweep_steps, eta=cfg.ddim_eta,
+                          clip_sample=cfg.clip_sample, generator=make_generator(seed), batch_size=cfg.sample_batch_size)
         seconds.append(time.perf_counter() - start)
         correct = (predict_labels(judge, x) == labels).float()
         samples.append(x.view(K, n, *x.shape[1:])); accuracy.append(float(correct.mean()))

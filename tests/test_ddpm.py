@@ -111,7 +111,7 @@ def test_checkpoint_round_trip_reproduces_samples(tmp_path):
     assert loaded.config == cfg and isinstance(loaded.config, DDPMConfig) and loaded.metadata["step"] == 7
     def draw(m, seed):
         return sample_images(m, build_scheduler(cfg), cfg.image_shape, class_labels=torch.arange(4), guidance_scale=2.0,
-                             null_class=cfg.null_class, num_inference_steps=5, generator=make_generator(seed))
+                             null_class=cfg.null_class, num_inference_steps=5, eta=cfg.ddim_eta, generator=make_generator(seed))
     assert torch.equal(draw(loaded.model, 1), draw(model, 1))
     assert torch.equal(loaded.generate(class_labels=torch.arange(4), guidance_scale=2.0, num_inference_steps=5, seed=1),
                        draw(model, 1))  # what `ldm-course sample` calls
