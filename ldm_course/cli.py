@@ -6,6 +6,7 @@
 from __future__ import annotations
 
 import argparse
+import json
 import sys
 from collections.abc import Sequence
 from pathlib import Path
@@ -111,8 +112,16 @@ def _add_data_parser(sub: argparse._SubParsersAction) -> None:
 # %% ../nbs/14_cli.ipynb #eb7ad392
 EXIT_OK, EXIT_FAILED, EXIT_USAGE = 0, 1, 2
 
+def _parse_param(text: str) -> tuple[str, object]:
+    "NAME=VALUE -> (name, value); the value is read as JSON when it parses (numbers, true), else kept as text."
+    name, sep, value = text.partition("=")
+    if not sep or not name.isidentifier(): raise ValueError(f"--param expects NAME=VALUE, got {text!r}")
+    try: return name, json.loads(value)
+    except json.JSONDecodeError: return name, value
+
 def _cmd_run(args: argparse.Namespace) -> int:
-    results = run_pipeline(profile=args.profile, only=args.only, force=args.force)
+    extra = dict(_parse_param(p) for p in args.param or [])
+    results = run_pipeline(profile=args.profile, only=args.only, force=args.force, extra_parameters=extra)
     for r in results: print(f"{r.notebook:<28} {r.status:<8} {r.seconds:>7.1f} s  {r.output}")
     return EXIT_OK
 
@@ -126,6 +135,8 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--profile", default="auto", choices=("auto", *PROFILES), help="run scale (default: auto = gpu with CUDA, else cpu)")
     run.add_argument("--only", nargs="+", metavar="NAME", help="only these notebooks (e.g. 05 or ddpm_mnist)")
     run.add_argument("--force", action="store_true", help="re-run notebooks even when up to date")
+    run.add_argument("--param", action="append", metavar="NAME=VALUE",
+                     help="inject a parameter into the notebooks that define it, e.g. encoder=fashion-clip or source=real (repeatable)")
     run.set_defaults(func=_cmd_run)
     _add_report_parser(sub)
     _add_data_parser(sub)

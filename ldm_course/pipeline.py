@@ -20,8 +20,8 @@ from papermill.exceptions import PapermillExecutionError
 from .core import Config, atomic_write, progress, repo_root, resolve_profile, runs_dir
 
 # %% auto #0
-__all__ = ['has_parameters_cell', 'pipeline_notebooks', 'select_notebooks', 'check_parameters', 'input_fingerprint',
-           'ChapterFailed', 'StageResult', 'run_stage', 'run_pipeline']
+__all__ = ['has_parameters_cell', 'pipeline_notebooks', 'select_notebooks', 'check_parameters', 'stage_parameters',
+           'input_fingerprint', 'ChapterFailed', 'StageResult', 'run_stage', 'run_pipeline']
 
 # %% ../nbs/12_pipeline.ipynb #b51b32b5
 def has_parameters_cell(notebook: str | Path, # an .ipynb file
@@ -59,6 +59,20 @@ def check_parameters(notebook: str | Path, # an .ipynb file with a parameters ce
     unknown = sorted(set(parameters) - set(known))
     if unknown:
         raise ValueError(f"{Path(notebook).name} has no parameter(s) {unknown}; its parameters cell defines {sorted(known)}")
+
+# %% ../nbs/12_pipeline.ipynb #2c15467a
+def stage_parameters(stages: Sequence[Path], # the notebooks to run
+                     common: dict, # injected into every stage (checked against each), e.g. {"profile": "cpu"}
+                     extra: dict, # injected only where the parameters cell defines them, e.g. {"encoder": "fashion-clip"}
+                    ) -> dict[Path, dict]:
+    "The parameters to inject into each stage; a ValueError for a name no stage defines."
+    known = {nb: set(papermill.inspect_notebook(str(nb))) for nb in stages}
+    for nb in stages: check_parameters(nb, common)
+    unknown = sorted(name for name in extra if not any(name in names for names in known.values()))
+    if unknown:
+        defined = sorted(set().union(*known.values()))
+        raise ValueError(f"No selected notebook has parameter(s) {unknown}; they define {defined}")
+    return {nb: {**common, **{k: v for k, v in extra.items() if k in known[nb]}} for nb in stages}
 
 # %% ../nbs/12_pipeline.ipynb #21a9f735
 def input_fingerprint(notebook: str | Path, # the stage's notebook
@@ -131,13 +145,13 @@ def run_pipeline(profile: str = "auto", # smoke | cpu | gpu | auto
     out_dir = Path(out_dir) if out_dir else runs_dir(profile)
     stages = select_notebooks(pipeline_notebooks(nbs_dir), only)
     if not stages: raise ValueError(f"No pipeline notebooks (numbered, with a parameters cell) in {nbs_dir}")
-    parameters = {"profile": profile, **(extra_parameters or {})}
-    for nb in stages: check_parameters(nb, parameters)  # every typo before any minute is spent
+    per_stage = stage_parameters(stages, {"profile": profile}, extra_parameters or {})  # typos fail before any minute is spent
     state_path = out_dir / "pipeline.json"
     state, results = _load_state(state_path), []
     bar = progress(stages, desc=f"pipeline {profile}", unit="notebook")
     for nb in bar:
         bar.set_postfix_str(nb.stem)
+        parameters = per_stage[nb]
         fp = input_fingerprint(nb, parameters, library_dir)
         output = str(out_dir / "notebooks" / nb.name)
         if not force and state.get(nb.stem, {}).get("fingerprint") == fp and Path(output).is_file():
