@@ -67,9 +67,16 @@ def test_changed_inputs_rerun_the_stage(course, tmp_path):
 
 
 def test_unknown_parameter_is_an_error_before_anything_runs(course, tmp_path):
-    with pytest.raises(ValueError, match=r"has no parameter\(s\) \['epochs'\]"):
+    with pytest.raises(ValueError, match=r"No selected notebook has parameter\(s\) \['epochs'\]"):
         run_pipeline("smoke", nbs_dir=course, out_dir=tmp_path / "runs", extra_parameters={"epochs": 3})
     assert not (course / "first.txt").exists()
+
+
+def test_extra_parameters_go_only_where_defined(course, tmp_path):
+    write_notebook(course / "06_second.ipynb", ["open('second.txt', 'w').write(encoder)"], parameters="profile = 'smoke'\nencoder = 'auto'")
+    run_pipeline("smoke", nbs_dir=course, out_dir=tmp_path / "runs", library_dir=course, extra_parameters={"encoder": "minilm"})
+    assert (course / "second.txt").read_text() == "minilm"
+    assert (course / "first.txt").read_text() == "smoke\n"  # 05_first has no `encoder`: it ran without it
 
 
 def test_cli_usage_errors_exit_2(capsys):
