@@ -1,0 +1,161 @@
+"""Sampling: DDIM with 50 steps against the full DDPM chain of 1000 steps, with the same trained latent model.
+
+Same pipeline (chapter 10's cross-attention model by default, else chapter 09's additive one), same prompts, same
+starting latents z_T (same seeds), same classifier-free guidance; only the sampler changes. The prompts are the
+captions of N real catalogue photos kept out of the clothing judge's training (chapter 11's split), so that one set
+of images gives both measures:
+
+- prompt accuracy: the chapter-11 clothing judge reads garment type and colour of each image, compared with the
+  labels of the photo whose caption was the prompt ("both right" is the headline number);
+- FID / KID against those N real photos in the judge's feature space, with the real-vs-real floor at N.
+
+Wall time covers the whole generation (text encoding, the sampling loop, VAE decoding), per image.
+
+    python bench/bench_sampling.py                           # CPU (or CUDA when present), profile cpu (gpu on CUDA)
+    python bench/bench_sampling.py --num-images 500 --chapter 09_ldm_additive
+
+Needs the pipelines of chapters 09/10 and the judge of chapter 11 for the profile (run the notebooks first).
+Targets: DDIM-50 ≥ 18× faster than DDPM-1000, with at most 3 points of prompt accuracy lost.
+Writes bench/results/sampling_<device>.json and .md.
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from machine import RESULTS_DIR, describe, machine_description, pick_device, synchronize, verdict, write_result  # noqa: E402
+
+from ldm_course.core import make_generator  # noqa: E402
+from ldm_course.data import load_fashion  # noqa: E402
+from ldm_course.ldm import LatentDiffusionPipeline, ldm_checkpoint_path, text_guidance  # noqa: E402
+from ldm_course.metrics import (  # noqa: E402
+    ClassifierFeatures, PromptSpec, fid_kid, judge_checkpoint_path, load_judge, prompt_alignment, real_baseline,
+)
+from ldm_course.scheduler import DDPMSampler  # noqa: E402
+
+TARGET_SPEEDUP, TARGET_ACCURACY_LOSS = 18.0, 0.03
+
+
+@torch.inference_mode()
+def ddpm_generate(pipe: LatentDiffusionPipeline, prompts: list[str], steps: int, guidance_scale: float, seed: int) -> torch.Tensor:
+    "The pipeline with the ancestral DDPM sampler instead of DDIM: same text guidance, same z_T for the same seed."
+    emb = pipe.encode_prompts(prompts)
+    model_fn = text_guidance(pipe.unet, emb, pipe.null_embedding, guidance_scale)
+    sampler = DDPMSampler(pipe.scheduler, clip_sample=False, timestep_spacing=pipe.config.timestep_spacing)
+    shape = (len(prompts), *pipe.latent_shape)
+    generator = make_generator(seed)
+    x_T = sampler.initial_noise(shape, generator, device="cpu").to(pipe.device)  # drawn as the pipeline draws it
+    z0 = sampler.sample(model_fn, shape, generator, x_T=x_T, num_inference_steps=steps)
+    return pipe.decode(z0).cpu()
+
+
+def timed_generator(generate, device):
+    "Wrap generate(prompts, seed) to accumulate its synchronised wall time in .seconds."
+    def wrapped(prompts, seed):
+        synchronize(device)
+        start = time.perf_counter()
+        out = generate(prompts, seed)
+        synchronize(device)
+        wrapped.seconds += time.perf_counter() - start
+        return out
+    wrapped.seconds = 0.0
+    return wrapped
+
+
+def heldout_photos(judge_meta: dict, profile: str, image_size: int, n: int):
+    "The first n photos of chapter 11's held-out split (never seen by the judge), with captions and labels."
+    key = judge_meta["cache_key"]
+    catalogue, source = load_fashion(profile=profile, image_size=image_size, require=("articleType", "baseColour"), verbose=False)
+    order = torch.randperm(len(catalogue), generator=make_generator(key["split_seed"]))
+    heldout = order[:max(int(len(order) * key["heldout_fraction"]), 20)]
+    if len(heldout) < 2 * n: raise SystemExit(f"only {len(heldout)} held-out photos: use --num-images <= {len(heldout) // 2}")
+    images = torch.stack([catalogue[int(i)][0] for i in heldout])
+    records = catalogue.records.iloc[heldout[:n].tolist()]
+    return images, records, source
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--device", default=None, help="cpu, cuda (default: cuda when present, else cpu)")
+    p.add_argument("--profile", default=None, help="whose checkpoints: cpu or gpu (default: gpu on CUDA, else cpu)")
+    p.add_argument("--chapter", default=None, help="10_cross_attention or 09_ldm_additive (default: 10 if present, else 09)")
+    p.add_argument("--num-images", type=int, default=None, help="images per sampler (default 24 on CPU, 500 on GPU)")
+    p.add_argument("--ddim-steps", type=int, default=50)
+    p.add_argument("--ddpm-steps", type=int, default=1000)
+    p.add_argument("--guidance-scale", type=float, default=None, help="w (default: the pipeline's)")
+    p.add_argument("--batch-size", type=int, default=None, help="prompts per generation call (default 24 on CPU, 250 on GPU)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
+    p.add_argument("--out-dir", default=None, help="default bench/results")
+    args = p.parse_args(argv)
+    device = pick_device(args.device)
+    if args.threads: torch.set_num_threads(args.threads)
+    profile = args.profile or ("gpu" if device.type == "cuda" else "cpu")
+    n = args.num_images or (500 if device.type == "cuda" else 24)
+    batch_size = args.batch_size or (250 if device.type == "cuda" else 24)
+    info = machine_description(device)
+    print(describe(info), flush=True)
+
+    chapters = [args.chapter] if args.chapter else ["10_cross_attention", "09_ldm_additive"]
+    path = next((ldm_checkpoint_path(c, profile) for c in chapters if ldm_checkpoint_path(c, profile).is_file()), None)
+    judge_path = judge_checkpoint_path("fashion", profile)
+    if path is None: raise SystemExit(f"no pipeline {[str(ldm_checkpoint_path(c, profile)) for c in chapters]}: run chapters 09/10 with profile {profile}")
+    if not judge_path.is_file(): raise SystemExit(f"no clothing judge {judge_path}: run chapter 11 with profile {profile}")
+    start = time.perf_counter()
+    pipe = LatentDiffusionPipeline.load(path, device=device)
+    judge, judge_meta = load_judge(judge_path, device)
+    w = pipe.config.guidance_scale if args.guidance_scale is None else args.guidance_scale
+    real, records, source = heldout_photos(judge_meta, profile, pipe.vae.config.image_size, n)
+    held = {tuple(p) for p in pipe.held_out_pairs}
+    specs = [PromptSpec(r.caption, r.articleType, r.baseColour, "held-out" if (r.articleType, r.baseColour) in held else "catalogue")
+             for r in records.itertuples()]
+    print(f"{path} ({pipe.config.conditioning}), w = {w:g}; {n} prompts = captions of held-out {source.source} photos", flush=True)
+
+    samplers = {f"ddim-{args.ddim_steps}": timed_generator(lambda pr, s: pipe(pr, num_inference_steps=args.ddim_steps, guidance_scale=w, seed=s).images, device),
+                f"ddpm-{args.ddpm_steps}": timed_generator(lambda pr, s: ddpm_generate(pipe, pr, args.ddpm_steps, w, s), device)}
+    pipe([specs[0].prompt], num_inference_steps=2, guidance_scale=w, seed=0)  # untimed warm-up: allocator, text encoder
+    feature = ClassifierFeatures(judge)
+    floor = real_baseline(real, n, feature, seed=args.seed)
+    rows = {}
+    for name, generate in samplers.items():
+        result = prompt_alignment(generate, specs, judge, num_samples=1, seed=args.seed, batch_size=batch_size)
+        images = result.samples[:, 0]
+        overall = result.summary().loc["overall"]
+        rows[name] = {"seconds": generate.seconds, "seconds_per_image": generate.seconds / n,
+                      "type": float(overall["type"]), "colour": float(overall["colour"]), "both": float(overall["both"]),
+                      **fid_kid(real[:n], images, feature, seed=args.seed)}
+        r = rows[name]
+        print(f"{name}: {r['seconds']:.1f} s ({r['seconds_per_image']:.3f} s/image), type {r['type']:.1%}, colour {r['colour']:.1%}, "
+              f"both {r['both']:.1%}, FID {r['fid']:.2f}, KID {r['kid']:.4f}", flush=True)
+    ddim, ddpm = rows[f"ddim-{args.ddim_steps}"], rows[f"ddpm-{args.ddpm_steps}"]
+    speedup = ddpm["seconds_per_image"] / ddim["seconds_per_image"]
+    loss = ddpm["both"] - ddim["both"]
+    se = ((ddim["both"] * (1 - ddim["both"]) + ddpm["both"] * (1 - ddpm["both"])) / n) ** 0.5   # unpaired bound on the std error
+    table = "\n".join([
+        f"Sampling the same latent pipeline ({path.parent.name}, {pipe.config.conditioning}, w = {w:g}) on {n} prompts "
+        f"(captions of held-out catalogue photos), same z_T; {describe(info)}.", "",
+        "| sampler | s/image | type | colour | type and colour | FID (judge features) | KID |", "|---|---|---|---|---|---|---|",
+        *[f"| {k} | {r['seconds_per_image']:.3f} | {r['type']:.1%} | {r['colour']:.1%} | {r['both']:.1%} | {r['fid']:.2f} | {r['kid']:.4f} |" for k, r in rows.items()],
+        f"| real vs real (floor, N = {n}) | | | | | {floor['fid']:.2f} | {floor['kid']:.4f} |", "",
+        f"Speed-up DDIM-{args.ddim_steps} over DDPM-{args.ddpm_steps}: {speedup:.1f}× (target ≥ {TARGET_SPEEDUP:g}×: {verdict(speedup, TARGET_SPEEDUP)}). "
+        f"Prompt accuracy lost by DDIM: {100 * loss:+.1f} points ± {100 * se:.1f} (std error at N = {n}; target ≤ 3 points: "
+        f"{verdict(loss, TARGET_ACCURACY_LOSS, higher_is_better=False)}" + ("" if se <= 0.015 else ", not resolved at this N") + "). "
+        f"FID difference (DDIM − DDPM): {ddim['fid'] - ddpm['fid']:+.2f}."])
+    print("\n" + table)
+    payload = {"benchmark": "sampling", "machine": info, "profile": profile, "pipeline": str(path), "conditioning": pipe.config.conditioning,
+               "guidance_scale": w, "num_images": n, "results": rows, "real_vs_real": floor, "speedup": speedup,
+               "accuracy_loss": loss, "accuracy_loss_std_error": se, "fid_difference": ddim["fid"] - ddpm["fid"],
+               "targets": {"speedup": TARGET_SPEEDUP, "accuracy_loss": TARGET_ACCURACY_LOSS},
+               "target_met": {"speedup": speedup >= TARGET_SPEEDUP, "accuracy_loss": loss <= TARGET_ACCURACY_LOSS},
+               "seconds": round(time.perf_counter() - start, 1)}
+    paths = write_result(f"sampling_{device.type}", payload, table + "\n", Path(args.out_dir) if args.out_dir else RESULTS_DIR)
+    print(f"wrote {paths[0]} and {paths[1].name}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,191 @@
+"""Training speed of ldm_course's UNet against diffusers' UNet2DModel with the same architecture.
+
+One training step = forward + MSE loss + backward + AdamW step, fp32, on one fixed batch. Both models are built
+from the same `UNetConfig` (same block_out_channels, layers per block, attention levels, GroupNorm groups, head size
+and FiLM scale-shift, hence the same parameter count), measured in the same process and interleaved
+(A B C D, D C B A, ...) so that a slower or busier moment of the machine hits every contender alike; we report
+the median images/s over the repeats. Each model runs in each requested memory format (contiguous NCHW and/or
+channels_last NHWC); speed-ups are against diffusers in its default (contiguous) format and, in brackets, against
+diffusers in the same format.
+
+    python bench/bench_unet.py                              # CPU (or CUDA when present), 3 configs, both formats
+    python bench/bench_unet.py --formats contiguous         # only the default memory format
+    python bench/bench_unet.py --compile --configs mnist    # every contender through torch.compile (slow to build)
+    python bench/bench_unet.py --configs mnist --batch-size 128 --repeats 9
+
+Writes bench/results/unet_<device>[_<n>threads][_compile].json and .md, and prints the table.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+from ldm_course.unet import UNet, UNetConfig, count_parameters
+
+# The three configurations of the course (28×28×1 MNIST, 32×32×3 CIFAR10, 16×16×4 VAE latents).
+CONFIGS = {
+    "mnist": ((1, 28, 28), UNetConfig(1, 1, (32, 64, 64), attention_levels=(2,), norm_num_groups=8)),
+    "cifar10": ((3, 32, 32), UNetConfig(3, 3, (32, 64, 128), attention_levels=(2,), norm_num_groups=8)),
+    "latent": ((4, 16, 16), UNetConfig(4, 4, (64, 128, 128), attention_levels=(1, 2), norm_num_groups=8)),
+}
+
+
+def diffusers_unet(c: UNetConfig):
+    "diffusers' UNet2DModel with the architecture of UNet(c)."
+    from diffusers import UNet2DModel
+    levels = range(c.num_levels)
+    return UNet2DModel(
+        in_channels=c.in_channels, out_channels=c.out_channels, block_out_channels=c.block_out_channels,
+        layers_per_block=c.layers_per_block, norm_num_groups=c.norm_num_groups, attn_norm_num_groups=c.norm_num_groups,
+        norm_eps=c.norm_eps, attention_head_dim=c.attention_head_dim, add_attention=c.mid_attention,
+        resnet_time_scale_shift="scale_shift", dropout=c.dropout,
+        down_block_types=tuple("AttnDownBlock2D" if i in c.attention_levels else "DownBlock2D" for i in levels),
+        up_block_types=tuple("AttnUpBlock2D" if i in c.attention_levels else "UpBlock2D" for i in reversed(levels)))
+
+
+FORMATS = {"contiguous": torch.contiguous_format, "channels_last": torch.channels_last}
+
+
+def make_step(model: torch.nn.Module, batch: tuple, returns_dict: bool, compile_model: bool):
+    "A closure running one optimisation step of `model` on `batch`."
+    x, t, target = batch
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
+    forward = torch.compile(model) if compile_model else model
+
+    def step():
+        out = forward(x, t)
+        loss = F.mse_loss(out.sample if returns_dict else out, target)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+    return step
+
+
+def timed(step, n_steps: int, device: torch.device) -> float:
+    "Seconds taken by n_steps calls of step (synchronising CUDA)."
+    if device.type == "cuda": torch.cuda.synchronize(device)
+    start = time.perf_counter()
+    for _ in range(n_steps): step()
+    if device.type == "cuda": torch.cuda.synchronize(device)
+    return time.perf_counter() - start
+
+
+def bench_config(name: str, args, device: torch.device) -> dict:
+    "Interleaved timing of every (model, memory format) contender on one configuration."
+    shape, config = CONFIGS[name]
+    builders = {"ours": lambda: UNet(config), "diffusers": lambda: diffusers_unet(config)}
+    x = torch.randn(args.batch_size, *shape, device=device)
+    t, target = torch.randint(0, 1000, (args.batch_size,), device=device), torch.randn_like(x)
+    steps, parameters = {}, {}
+    for model_name, build in builders.items():
+        for fmt in args.formats:
+            torch.manual_seed(0)  # same initial weights in every format
+            model = build().to(device=device, memory_format=FORMATS[fmt]).train()
+            parameters[model_name] = count_parameters(model)
+            batch = tuple(v.to(memory_format=FORMATS[fmt]) for v in (x, t, target)[::2])
+            steps[f"{model_name} {fmt}"] = make_step(model, (batch[0], t, batch[1]), model_name == "diffusers", args.compile)
+    compile_seconds = {}
+    for label, step in steps.items():  # warm-up: allocator, oneDNN/cuDNN plans, compilation
+        compile_seconds[label] = timed(step, args.warmup, device)
+    seconds = {label: [] for label in steps}
+    order = list(steps)
+    for r in range(args.repeats):
+        for label in (order if r % 2 == 0 else order[::-1]):  # A B C D, D C B A: no contender always goes first
+            seconds[label].append(timed(steps[label], args.steps, device))
+    images = args.batch_size * args.steps
+    timings = {}
+    for label, s in seconds.items():
+        rates = [images / v for v in s]
+        timings[label] = {"images_per_s_median": statistics.median(rates), "images_per_s_min": min(rates),
+                          "images_per_s_max": max(rates), "seconds": s, "warmup_seconds": compile_seconds[label]}
+    baseline = timings[f"diffusers {args.formats[0]}"]["images_per_s_median"]
+    for label, tm in timings.items():
+        fmt = label.split()[1]
+        tm["speedup_vs_diffusers_default"] = tm["images_per_s_median"] / baseline
+        tm["speedup_vs_diffusers_same_format"] = tm["images_per_s_median"] / timings[f"diffusers {fmt}"]["images_per_s_median"]
+    return {"name": name, "input_shape": list(shape), "config": config.to_dict(), "parameters": parameters,
+            "timings": timings}
+
+
+def markdown_table(results: list[dict], meta: dict) -> str:
+    "One row per (config, contender); speed-ups against diffusers' first format and (same format)."
+    lines = [f"Training images/s (forward + backward + AdamW, fp32, batch {meta['batch_size']}), {meta['device_name']}, "
+             f"{meta['threads']} threads, torch.compile {meta['compile']}; median of {meta['repeats']} interleaved "
+             f"repeats of {meta['steps']} steps (min–max in brackets); speed-up against diffusers "
+             f"{meta['formats'][0]} (against diffusers in the same format).", "",
+             "| config | input | params (ours = diffusers) | model | memory format | img/s | speed-up |",
+             "|---|---|---|---|---|---|---|"]
+    for r in results:
+        c, p = r["config"], r["parameters"]
+        same = "=" if p["ours"] == p["diffusers"] else f"≠ {p['diffusers'] / 1e6:.3f} M"
+        head = (f"| {r['name']} {tuple(c['block_out_channels'])}, attention {tuple(c['attention_levels'])} + mid "
+                f"| {'×'.join(map(str, r['input_shape'][1:]))}×{r['input_shape'][0]} | {p['ours'] / 1e6:.3f} M {same} ")
+        for i, (label, tm) in enumerate(r["timings"].items()):
+            model_name, fmt = label.split()
+            lines.append((head if i == 0 else "| | | ") +
+                         f"| {model_name} | {fmt} | {tm['images_per_s_median']:.1f} "
+                         f"({tm['images_per_s_min']:.0f}–{tm['images_per_s_max']:.0f}) "
+                         f"| {tm['speedup_vs_diffusers_default']:.2f}× ({tm['speedup_vs_diffusers_same_format']:.2f}×) |")
+    return "\n".join(lines) + "\n"
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--configs", default=",".join(CONFIGS), help=f"comma-separated, among {list(CONFIGS)}")
+    p.add_argument("--formats", default="contiguous,channels_last", help=f"comma-separated, among {list(FORMATS)}")
+    p.add_argument("--device", default=None, help="cpu, cuda, mps (default: cuda when present, else cpu)")
+    p.add_argument("--batch-size", type=int, default=None, help="default 32 on CPU, 128 on GPU")
+    p.add_argument("--repeats", type=int, default=5, help="timed repeats per contender (median reported)")
+    p.add_argument("--steps", type=int, default=2, help="training steps per repeat")
+    p.add_argument("--warmup", type=int, default=2, help="untimed steps per contender before timing")
+    p.add_argument("--compile", action="store_true", help="wrap every model in torch.compile")
+    p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
+    p.add_argument("--out-dir", default=str(Path(__file__).resolve().parent / "results"))
+    args = p.parse_args(argv)
+
+    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    if args.threads: torch.set_num_threads(args.threads)
+    if args.batch_size is None: args.batch_size = 128 if device.type == "cuda" else 32
+    names = [n.strip() for n in args.configs.split(",") if n.strip()]
+    args.formats = [f.strip() for f in args.formats.split(",") if f.strip()]
+    unknown = [n for n in names if n not in CONFIGS] + [f for f in args.formats if f not in FORMATS]
+    if unknown: p.error(f"unknown configs or formats {unknown}; expected configs among {list(CONFIGS)}, "
+                        f"formats among {list(FORMATS)}")
+
+    import diffusers
+    meta = {"device": device.type, "threads": torch.get_num_threads(), "batch_size": args.batch_size,
+            "repeats": args.repeats, "steps": args.steps, "warmup": args.warmup, "compile": args.compile,
+            "formats": args.formats,
+            "device_name": torch.cuda.get_device_name(device) if device.type == "cuda" else f"{os.cpu_count()}-core {platform.machine()} CPU",
+            "torch": torch.__version__, "diffusers": diffusers.__version__, "python": platform.python_version(),
+            "command": " ".join(["bench/bench_unet.py", *(sys.argv[1:] if argv is None else argv)])}
+    results = []
+    for name in names:
+        start = time.perf_counter()
+        r = bench_config(name, args, device)
+        results.append(r)
+        rates = ", ".join(f"{label} {tm['images_per_s_median']:.1f}" for label, tm in r["timings"].items())
+        print(f"{name}: params ours {r['parameters']['ours']:,d} / diffusers {r['parameters']['diffusers']:,d}; "
+              f"img/s: {rates} ({time.perf_counter() - start:.0f} s)", flush=True)
+
+    table = markdown_table(results, meta)
+    print("\n" + table)
+    out = Path(args.out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    stem = f"unet_{device.type}" + (f"_{args.threads}threads" if args.threads else "") + ("_compile" if args.compile else "")
+    (out / f"{stem}.json").write_text(json.dumps({"meta": meta, "results": results}, indent=2) + "\n", encoding="utf-8")
+    (out / f"{stem}.md").write_text(table, encoding="utf-8")
+    print(f"wrote {out / stem}.json and .md")
+
+
+if __name__ == "__main__":
+    main()

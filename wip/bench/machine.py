@@ -1,0 +1,97 @@
+"""Shared by the benchmark scripts of bench/: the machine description printed and stored with every result,
+timing helpers, and writing a result as JSON + a markdown table under bench/results/.
+
+Not a benchmark itself (run_all.py runs the bench_*.py scripts)."""
+from __future__ import annotations
+
+import datetime
+import json
+import os
+import platform
+import statistics
+import time
+from pathlib import Path
+from typing import Callable
+
+import torch
+
+RESULTS_DIR = Path(__file__).resolve().parent / "results"
+
+
+def cpu_model() -> str:
+    "The CPU's marketing name (from /proc/cpuinfo on Linux), else what platform reports."
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"): return line.split(":", 1)[1].strip()
+    except OSError: pass
+    return platform.processor() or platform.machine()
+
+
+def machine_description(device: torch.device) -> dict:
+    "What the numbers were measured on: CPU model, cores, threads, load, torch version, GPU, date."
+    info = {"date": datetime.datetime.now().astimezone().isoformat(timespec="seconds"),
+            "cpu_model": cpu_model(), "cpu_cores": os.cpu_count(), "torch_threads": torch.get_num_threads(),
+            "load_average_1min": round(os.getloadavg()[0], 2) if hasattr(os, "getloadavg") else None,
+            "torch": torch.__version__, "python": platform.python_version(), "device": device.type,
+            "gpu": torch.cuda.get_device_name(device) if device.type == "cuda" else None}
+    return info
+
+
+def describe(info: dict) -> str:
+    "One line for the console and the markdown tables."
+    where = info["gpu"] or f"{info['cpu_model']} ({info['cpu_cores']} cores, {info['torch_threads']} torch threads)"
+    load = f", load average {info['load_average_1min']}" if info.get("load_average_1min") is not None else ""
+    return f"{where}; torch {info['torch']}, Python {info['python']}; {info['date']}{load}"
+
+
+def pick_device(name: str | None) -> torch.device:
+    "The requested device, else CUDA when present, else the CPU."
+    return torch.device(name or ("cuda" if torch.cuda.is_available() else "cpu"))
+
+
+def synchronize(device: torch.device) -> None:
+    if device.type == "cuda": torch.cuda.synchronize(device)
+
+
+def seconds_of(fn: Callable[[], object], device: torch.device, repeats: int = 1) -> float:
+    "Wall-clock seconds of `repeats` calls of fn (CUDA synchronised)."
+    synchronize(device)
+    start = time.perf_counter()
+    for _ in range(repeats): fn()
+    synchronize(device)
+    return time.perf_counter() - start
+
+
+def median_seconds(fn: Callable[[], object], device: torch.device, repeats: int, warmup: int = 1) -> tuple[float, list[float]]:
+    "Median seconds of one call of fn over `repeats` timed calls, after `warmup` untimed ones; also the raw times."
+    for _ in range(warmup): fn()
+    times = [seconds_of(fn, device) for _ in range(repeats)]
+    return statistics.median(times), times
+
+
+def matmul_peak(device: torch.device, sizes: tuple[int, ...] = (1024, 2048), repeats: int = 3) -> dict:
+    "Measured fp32 matmul throughput of this machine: best GFLOP/s over square sizes (TF32 off on CUDA)."
+    if device.type == "cuda": torch.backends.cuda.matmul.allow_tf32 = False
+    best, per_size = 0.0, {}
+    for n in sizes:
+        a, b = torch.randn(n, n, device=device), torch.randn(n, n, device=device)
+        reps = max(1, int(2e10 / (2 * n**3))) if device.type == "cuda" else 1   # enough work per timing on a GPU
+        seconds, _ = median_seconds(lambda: [a @ b for _ in range(reps)], device, repeats)
+        per_size[n] = 2 * n**3 * reps / seconds / 1e9
+        best = max(best, per_size[n])
+    return {"gflops": best, "per_size": per_size}
+
+
+def write_result(stem: str, payload: dict, table: str, out_dir: Path = RESULTS_DIR) -> tuple[Path, Path]:
+    "Write <stem>.json (payload) and <stem>.md (table) under out_dir; returns both paths."
+    out_dir.mkdir(parents=True, exist_ok=True)
+    json_path, md_path = out_dir / f"{stem}.json", out_dir / f"{stem}.md"
+    json_path.write_text(json.dumps(payload, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
+    md_path.write_text(table, encoding="utf-8")
+    return json_path, md_path
+
+
+def verdict(value: float, target: float, higher_is_better: bool = True) -> str:
+    "'met' or 'missed' for a value against its target."
+    ok = value >= target if higher_is_better else value <= target
+    return "met" if ok else "missed"

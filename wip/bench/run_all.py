@@ -1,0 +1,138 @@
+"""Run every benchmark of bench/ and gather their results in bench/results/summary.md and summary.json.
+
+Each bench_*.py script runs in its own process (so one crash or one slow script does not stop the others), on the
+default device (CUDA when present, else CPU), and writes its own <name>_<device>.json / .md under bench/results/.
+This script then reads every result file there, CPU and CUDA alike, and writes one summary: the machine, each
+benchmark's headline number against its target, and each benchmark's full table.
+
+    python bench/run_all.py                   # all benchmarks
+    python bench/run_all.py --only flops,sampling --timeout 600
+    python bench/run_all.py --summary-only    # rebuild the summary from the result files already there
+
+Benchmarks and targets:
+  bench_unet.py            U-Net training images/s, ours vs diffusers UNet2DModel (same architecture)
+  bench_sampling.py        DDIM-50 vs DDPM-1000 on the same latent model: ≥ 18× faster, ≤ 3 points of prompt accuracy lost
+  bench_latent_vs_pixel.py training step on 16×16×4 latents vs 64×64×3 pixels, same U-Net: ≥ 4× faster
+  bench_flops.py           attained GFLOP/s of a training step / measured fp32 matmul peak: ≥ 35 % on CPU
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+BENCH_DIR = Path(__file__).resolve().parent
+sys.path.insert(0, str(BENCH_DIR))
+from machine import RESULTS_DIR, describe, machine_description, pick_device  # noqa: E402
+
+SCRIPTS = {"unet": "bench_unet.py", "sampling": "bench_sampling.py", "latent_vs_pixel": "bench_latent_vs_pixel.py",
+           "flops": "bench_flops.py"}
+TITLES = {"unet": "U-Net training speed: ours vs diffusers", "sampling": "Sampling: DDIM-50 vs DDPM-1000",
+          "latent_vs_pixel": "Latent vs pixel diffusion: training step", "flops": "Attained FLOP/s of a training step"}
+
+
+def run_script(name: str, timeout: float, extra: list[str]) -> dict:
+    "Run one benchmark script; returns its exit status, wall time and the tail of its output."
+    start = time.perf_counter()
+    cmd = [sys.executable, str(BENCH_DIR / SCRIPTS[name]), *extra]
+    print(f"\n=== {' '.join(cmd[1:])}", flush=True)
+    try:
+        proc = subprocess.run(cmd, cwd=BENCH_DIR.parent, capture_output=True, text=True, timeout=timeout)
+        status, output = proc.returncode, proc.stdout + proc.stderr
+    except subprocess.TimeoutExpired as e:
+        out = e.stdout or ""
+        status, output = "timeout", out.decode(errors="replace") if isinstance(out, bytes) else out
+    seconds = time.perf_counter() - start
+    print(output[-3000:], flush=True)
+    print(f"=== {name}: {'ok' if status == 0 else f'FAILED ({status})'} in {seconds:.0f} s", flush=True)
+    return {"script": SCRIPTS[name], "status": status, "seconds": round(seconds, 1), "output_tail": output[-2000:]}
+
+
+def headline(name: str, result: dict) -> tuple[str, str]:
+    "(measured, target and verdict) in one line each, from a result file."
+    if name == "unet":
+        parts = [f"{r['name']}: {r['ours']['images_per_s_median']:.1f} vs {r['diffusers']['images_per_s_median']:.1f} img/s "
+                 f"({r['speedup']:.2f}×)" for r in result["results"]]
+        return "; ".join(parts), "ours vs diffusers, same architecture (no fixed target)"
+    if name == "sampling":
+        met = result["target_met"]
+        return (f"{result['speedup']:.1f}× faster; accuracy lost {100 * result['accuracy_loss']:+.1f} ± "
+                f"{100 * result['accuracy_loss_std_error']:.1f} points (N = {result['num_images']}); FID DDIM − DDPM "
+                f"{result['fid_difference']:+.2f}",
+                f"≥ 18×: {'met' if met['speedup'] else 'missed'}; ≤ 3 points: {'met' if met['accuracy_loss'] else 'missed'}")
+    if name == "latent_vs_pixel":
+        return f"{result['speedup']:.1f}× faster per step", f"≥ 4×: {'met' if result['target_met'] else 'missed'}"
+    if name == "flops":
+        b = result["best"]
+        return (f"{b['attained_gflops']:.1f} GFLOP/s = {100 * b['fraction_of_peak']:.0f} % of {result['matmul_peak_gflops']:.1f} "
+                f"(best: {b['config_name']}, {b['memory_format']}, AdamW {b['optimizer']})",
+                f"≥ 35 % on CPU: {'met' if result['target_met'] else 'missed'}" if result["machine"]["device"] == "cpu" else "(CPU target only)")
+    return "", ""
+
+
+def result_files(out_dir: Path) -> dict[str, list[Path]]:
+    "Result JSON files per benchmark (every device, every variant)."
+    prefix = {"unet": "unet_", "sampling": "sampling_", "latent_vs_pixel": "latent_vs_pixel_", "flops": "flops_"}
+    return {name: sorted(out_dir.glob(f"{p}*.json")) for name, p in prefix.items()}
+
+
+def summarise(out_dir: Path, runs: dict, info: dict) -> tuple[str, dict]:
+    "The markdown summary and its JSON twin."
+    files = result_files(out_dir)
+    lines = ["# Benchmarks of ldm_course", "", f"Summary written by `bench/run_all.py` on {describe(info)}.",
+             "Each benchmark records the machine it ran on (below each table); the CPU is shared with other work when "
+             "the load average is high, which slows every number down.", "",
+             "| benchmark | result file | measured | target |", "|---|---|---|---|"]
+    summary = {"machine": info, "runs": runs, "benchmarks": {}}
+    for name, paths in files.items():
+        if not paths:
+            status = runs.get(name, {}).get("status")
+            lines.append(f"| {TITLES[name]} | — | not measured{'' if status is None else f' (run status: {status})'} | |")
+            continue
+        for path in paths:
+            result = json.loads(path.read_text(encoding="utf-8"))
+            measured, target = headline(name, result)
+            lines.append(f"| {TITLES[name]} | `{path.name}` | {measured} | {target} |")
+            summary["benchmarks"].setdefault(name, []).append({"file": path.name, "measured": measured, "target": target})
+    for name, paths in files.items():
+        for path in paths:
+            md = path.with_suffix(".md")
+            if md.is_file(): lines += ["", f"## {TITLES[name]} (`{md.name}`)", "", md.read_text(encoding="utf-8").strip()]
+    failed = {k: v for k, v in runs.items() if v["status"] != 0}
+    if failed:
+        lines += ["", "## Runs that failed", ""]
+        lines += [f"- `{v['script']}`: status {v['status']} after {v['seconds']} s; last output:\n\n```\n{v['output_tail'][-800:]}\n```" for v in failed.values()]
+    return "\n".join(lines) + "\n", summary
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--only", default=",".join(SCRIPTS), help=f"comma-separated among {list(SCRIPTS)}")
+    p.add_argument("--timeout", type=float, default=600, help="seconds allowed per benchmark script")
+    p.add_argument("--summary-only", action="store_true", help="do not run anything: rebuild the summary from bench/results")
+    p.add_argument("--out-dir", default=str(RESULTS_DIR))
+    args = p.parse_args(argv)
+    names = [n.strip() for n in args.only.split(",") if n.strip()]
+    unknown = [n for n in names if n not in SCRIPTS]
+    if unknown: p.error(f"unknown benchmarks {unknown}; expected some of {list(SCRIPTS)}")
+    out_dir = Path(args.out_dir)
+    info = machine_description(pick_device(None))
+    print(describe(info), flush=True)
+    runs = {}
+    if not args.summary_only:
+        for name in names:
+            extra = ["--out-dir", str(out_dir)]
+            runs[name] = run_script(name, args.timeout, extra)
+    markdown, summary = summarise(out_dir, runs, info)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    (out_dir / "summary.md").write_text(markdown, encoding="utf-8")
+    (out_dir / "summary.json").write_text(json.dumps(summary, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
+    print(f"\nwrote {out_dir / 'summary.md'} and summary.json")
+    return 0 if all(r["status"] == 0 for r in runs.values()) else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,135 @@
+"""Chapter 10 (cross-attention): the attention against torch.nn.MultiheadAttention, the padding mask, the zero-initialised
+identity, gradients, and the SpatialTransformer inside the U-Net and inside a saved pipeline."""
+import os
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ldm_course.attention import (
+    Attention, SpatialTransformer, cross_attention_config, spatial_transformer_spec, to_multihead_attention,
+)
+from ldm_course.core import make_generator
+from ldm_course.ldm import LatentDiffusionPipeline, LDMConfig, build_ldm_scheduler, build_ldm_unet, cross_attention_factory
+from ldm_course.text import load_text_encoder
+from ldm_course.vae import build_vae, vae_config
+
+MASK = torch.tensor([[True] * 4 + [False] * 3, [True] * 7])
+
+
+def _trained_like(block: SpatialTransformer, seed: int = 0) -> SpatialTransformer:
+    "Give the zero-initialised output projection (and the norms) random values, as after training."
+    g = make_generator(seed)
+    with torch.no_grad():
+        for name, p in block.named_parameters():
+            if not (name.startswith("proj_out") or "norm" in name): continue
+            centre = 1.0 if "norm" in name and name.endswith("weight") else 0.0   # norm scales around 1
+            p.copy_(centre + 0.3 * torch.randn(p.shape, generator=g))
+    return block
+
+
+def _mha_reference(block: SpatialTransformer, x, context, mask):
+    "SpatialTransformer recomputed from primitives, with nn.MultiheadAttention (copied weights) for both attentions."
+    B, C, H, W = x.shape
+    h = F.group_norm(x, block.norm.num_groups, block.norm.weight, block.norm.bias, block.norm.eps)
+    h = torch.einsum("oc,bchw->bhwo", block.proj_in.weight[:, :, 0, 0], h).reshape(B, H * W, C) + block.proj_in.bias
+    for blk in block.blocks:
+        self_mha, cross_mha = to_multihead_attention(blk.attn1), to_multihead_attention(blk.attn2)
+        n = F.layer_norm(h, (C,), blk.norm1.weight, blk.norm1.bias, blk.norm1.eps)
+        h = h + self_mha(n, n, n, need_weights=False)[0]
+        n = F.layer_norm(h, (C,), blk.norm2.weight, blk.norm2.bias, blk.norm2.eps)
+        kpm = None if mask is None else ~mask
+        h = h + cross_mha(n, context, context, key_padding_mask=kpm, need_weights=False)[0]
+        n = F.layer_norm(h, (C,), blk.norm3.weight, blk.norm3.bias, blk.norm3.eps)
+        geglu, out = blk.ff[0], blk.ff[1]
+        value, gate = F.linear(n, geglu.proj.weight, geglu.proj.bias).chunk(2, -1)
+        h = h + F.linear(value * F.gelu(gate), out.weight, out.bias)
+    h = h.transpose(1, 2).reshape(B, C, H, W)
+    return x + F.conv2d(h, block.proj_out.weight, block.proj_out.bias)
+
+
+@pytest.mark.parametrize("context_dim", [12, None], ids=["cross", "self"])
+@pytest.mark.parametrize("with_mask", [True, False], ids=["mask", "no_mask"])
+def test_attention_matches_multihead_attention(context_dim, with_mask):
+    torch.manual_seed(0)
+    ours = Attention(16, context_dim, heads=4, head_dim=4)
+    mha = to_multihead_attention(ours)
+    x = torch.randn(2, 5, 16)
+    context = torch.randn(2, 7, context_dim) if context_dim else torch.randn(2, 7, 16)
+    mask = MASK if with_mask else None
+    with torch.no_grad():
+        expected = mha(x, context, context, key_padding_mask=None if mask is None else ~mask, need_weights=False)[0]
+        torch.testing.assert_close(ours(x, context, mask), expected, atol=1e-5, rtol=0)
+
+
+@pytest.mark.parametrize("with_mask", [True, False], ids=["mask", "no_mask"])
+def test_spatial_transformer_matches_multihead_attention_reference(with_mask):
+    torch.manual_seed(0)
+    block = _trained_like(SpatialTransformer(32, context_dim=12, head_dim=8, depth=2, groups=8))
+    x, context = torch.randn(2, 32, 4, 3), torch.randn(2, 7, 12)
+    mask = MASK if with_mask else None
+    with torch.no_grad():
+        torch.testing.assert_close(block(x, context, mask), _mha_reference(block, x, context, mask), atol=1e-5, rtol=0)
+
+
+def test_padding_mask_is_respected():
+    torch.manual_seed(0)
+    block = _trained_like(SpatialTransformer(32, context_dim=12, head_dim=16))
+    x, context = torch.randn(2, 32, 4, 4), torch.randn(2, 7, 12)
+    changed = context.clone()
+    changed[0, 4:] = torch.randn(3, 12) * 100        # only padded tokens of sample 0
+    with torch.no_grad():
+        torch.testing.assert_close(block(x, changed, MASK), block(x, context, MASK), atol=1e-5, rtol=0)
+        assert (block(x, changed) - block(x, context)).abs().max() > 1e-3, "without the mask the same change matters"
+        real = context.clone(); real[0, 1] += 5.0        # a real token does matter
+        assert (block(x, real, MASK)[0] - block(x, context, MASK)[0]).abs().max() > 1e-3
+    with pytest.raises(ValueError, match="at least one real token"):
+        block(x, context, torch.zeros(2, 7, dtype=torch.bool))
+
+
+def test_new_block_is_the_identity_in_the_unet_too():
+    torch.manual_seed(0)
+    block = SpatialTransformer(32, context_dim=12, head_dim=16)
+    x = torch.randn(2, 32, 4, 4)
+    assert torch.equal(block(x, torch.randn(2, 7, 12), MASK), x)
+    net = build_ldm_unet(cross_attention_config("smoke", context_dim=12)).eval()
+    assert sum(isinstance(m, SpatialTransformer) for m in net.modules()) >= 2
+    z, t = torch.randn(2, 4, 8, 8), torch.tensor([10, 900])
+    with torch.no_grad():
+        assert torch.equal(net(z, t, context=torch.randn(2, 7, 12), context_mask=MASK), net(z, t))
+
+
+def test_gradient_flows_to_every_weight_and_to_the_text():
+    torch.manual_seed(0)
+    block = SpatialTransformer(32, context_dim=12, head_dim=16)
+    x, context = torch.randn(2, 32, 4, 4), torch.randn(2, 7, 12, requires_grad=True)
+    block(x, context, MASK).pow(2).sum().backward()
+    assert block.proj_out.weight.grad.abs().sum() > 0, "the zero-initialised projection learns from the first step"
+    _trained_like(block)
+    block.zero_grad(); context.grad = None
+    block(x, context, MASK).pow(2).sum().backward()
+    missing = [n for n, p in block.named_parameters() if p.grad is None or p.grad.abs().sum() == 0]
+    assert missing == []
+    assert context.grad[:, :4].abs().sum() > 0 and context.grad[0, 4:].abs().sum() == 0, "no gradient to padding"
+
+
+def test_spec_rebuilds_the_block_and_a_saved_pipeline_reloads_it(tmp_path):
+    spec = spatial_transformer_spec(head_dim=16, groups=4)
+    assert spec["class"] == "ldm_course.attention.SpatialTransformer"
+    assert isinstance(cross_attention_factory(spec)(32, 12), SpatialTransformer)
+    encoder = load_text_encoder("minilm", device="cpu", verbose=False)
+    cfg = cross_attention_config("smoke", context_dim=encoder.token_dim, num_inference_steps=3)
+    assert LDMConfig.from_dict(cfg.to_dict()) == cfg and cfg.unet.cond_dim is None
+    torch.manual_seed(0)
+    unet = build_ldm_unet(cfg)
+    for m in unet.modules():
+        if isinstance(m, SpatialTransformer): _trained_like(m)
+    pipe = LatentDiffusionPipeline(build_vae(vae_config("kl", "smoke")), unet, encoder, build_ldm_scheduler(cfg), cfg)
+    images = pipe(["a red dress", "blue T-Shirt"], seed=2).images
+    assert (pipe(["black dress", "blue T-Shirt"], seed=2).images[0] - images[0]).abs().max() > 1e-4, "the text matters"
+    again = LatentDiffusionPipeline.load(pipe.save(tmp_path / "ldm.safetensors"), device="cpu", text_encoder=encoder)
+    assert sum(isinstance(m, SpatialTransformer) for m in again.unet.modules()) == sum(isinstance(m, SpatialTransformer) for m in unet.modules())
+    assert torch.equal(again(["a red dress", "blue T-Shirt"], seed=2).images, images)

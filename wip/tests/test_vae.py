@@ -1,0 +1,263 @@
+"""Chapter 07: KL-VAE and VQ-VAE (shapes, posterior maths, quantiser, losses, scale factor, checkpoints, latent cache)."""
+import json
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from ldm_course.core import read_checkpoint_metadata, save_checkpoint
+from ldm_course.vae import (
+    AttnBlock, AutoencoderKL, DiagonalGaussian, VAEConfig, VAELoss, VQVAE, VectorQuantizer, build_vae,
+    code_perplexity, encode_dataset, estimate_scale_factor, interpolate, load_vae, psnr, reconstruct, save_vae,
+    set_scale_factor, vae_checkpoint_path, vae_config, vae_train_config,
+)
+
+TINY = dict(block_out_channels=(8, 16, 16), norm_groups=4)
+
+
+def tiny(kind="kl", **kw):
+    torch.manual_seed(0)
+    return build_vae(VAEConfig(kind=kind, **{**TINY, **kw}))
+
+
+# ---------------------------------------------------------------- shapes
+@pytest.mark.parametrize("kind", ["kl", "vq"])
+@pytest.mark.parametrize("channels,size,latent", [((8, 16, 16), 64, 16), ((8, 16, 16, 16), 64, 8), ((8, 16, 16, 16), 128, 16)])
+def test_shapes(kind, channels, size, latent):
+    model = tiny(kind, block_out_channels=channels, image_size=size).eval()
+    x = torch.randn(2, 3, size, size)
+    with torch.no_grad():
+        out = model(x)
+        z = model.encode_latents(x)
+        assert model.decode_latents(z).shape == x.shape
+    assert out.sample.shape == x.shape
+    assert out.latents.shape == z.shape == (2, 4, latent, latent)
+    assert model.config.latent_shape == (4, latent, latent)
+    if kind == "kl": assert out.posterior.mean.shape == (2, 4, latent, latent)
+    else: assert out.quantized.indices.shape == (2, latent, latent)
+
+
+def test_default_config_is_the_reports_16x16_latent_and_presets_agree():
+    assert VAEConfig().downsample_factor == 4 and VAEConfig().latent_shape == (4, 16, 16)
+    for profile in ("cpu", "gpu"):
+        for kind in ("kl", "vq"):
+            cfg = vae_config(kind, profile)
+            assert cfg.kind == kind and cfg.latent_shape == (4, 16, 16)
+            assert VAEConfig.from_dict(json.loads(cfg.to_json())) == cfg
+    assert vae_config("kl", "gpu").downsample_factor == 8
+    assert vae_train_config("vq", "cpu").ema_decay == 0.0
+
+
+@pytest.mark.parametrize("bad,match", [(dict(kind="vqgan"), "kind"), (dict(block_out_channels=(8,)), "f = 2, 4 or 8"),
+                                       (dict(image_size=66), "multiple"), (dict(norm_groups=5), "norm_groups"),
+                                       (dict(recon_loss="huber"), "recon_loss"), (dict(codebook_decay=1.0), "codebook_decay")])
+def test_config_rejects_bad_values(bad, match):
+    with pytest.raises(ValueError, match=match): VAEConfig(**bad)
+
+
+def test_attention_matches_the_formula():
+    torch.manual_seed(0)
+    attn, x = AttnBlock(8, groups=4), torch.randn(2, 8, 4, 4)
+    q, k, v = attn.qkv(attn.norm(x)).flatten(2).chunk(3, dim=1)
+    manual = v @ torch.softmax(q.transpose(1, 2) @ k / 8 ** 0.5, dim=-1).transpose(1, 2)
+    torch.testing.assert_close(attn(x), x + attn.proj_out(manual.reshape(2, 8, 4, 4)))
+
+
+# ---------------------------------------------------------------- Gaussian posterior
+def _posterior(seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return DiagonalGaussian(torch.randn(3, 2, 4, 4, generator=g), torch.randn(3, 2, 4, 4, generator=g))
+
+
+def test_kl_closed_form_matches_torch_distributions_and_monte_carlo():
+    q = _posterior()
+    ref, prior = torch.distributions.Normal(q.mean, q.std), torch.distributions.Normal(0.0, 1.0)
+    torch.testing.assert_close(q.kl(), torch.distributions.kl_divergence(ref, prior).sum(dim=(1, 2, 3)))
+    g = torch.Generator().manual_seed(1)
+    z = torch.stack([q.sample(g) for _ in range(4000)])
+    mc = (ref.log_prob(z) - prior.log_prob(z)).sum(dim=(2, 3, 4)).mean(0)
+    assert torch.allclose(mc, q.kl(), rtol=0.05)
+    zero = DiagonalGaussian(torch.zeros(1, 4, 2, 2), torch.zeros(1, 4, 2, 2))
+    assert zero.kl().item() == 0.0
+
+
+def test_reparameterised_sample_has_the_posterior_mean_and_std_and_carries_gradients():
+    q = _posterior()
+    g = torch.Generator().manual_seed(2)
+    z = torch.stack([q.sample(g) for _ in range(4000)])
+    assert ((z.mean(0) - q.mean) / q.std).abs().max() < 0.1
+    assert ((z.std(0) / q.std) - 1).abs().max() < 0.1
+    mean, logvar = torch.zeros(1, 4, 2, 2, requires_grad=True), torch.zeros(1, 4, 2, 2, requires_grad=True)
+    DiagonalGaussian(mean, logvar).sample().sum().backward()
+    assert mean.grad is not None and logvar.grad.abs().sum() > 0   # differentiable in μ and σ
+    same = [DiagonalGaussian(q.mean, q.logvar).sample(torch.Generator().manual_seed(5)) for _ in range(2)]
+    torch.testing.assert_close(same[0], same[1])                   # a seeded generator reproduces the draw
+
+
+# ---------------------------------------------------------------- vector quantiser
+def _quantizer(**kw):
+    vq = VectorQuantizer(num_codes=4, code_dim=2, **kw)
+    vq.codebook.copy_(torch.tensor([[0., 0.], [1., 0.], [0., 1.], [10., 10.]]))
+    vq.embed_sum.copy_(vq.codebook); vq.cluster_size.fill_(1.0); vq.steps_unused.zero_()
+    return vq
+
+
+def test_quantises_to_the_nearest_code():
+    torch.manual_seed(0)
+    vq = VectorQuantizer(num_codes=32, code_dim=4).eval()
+    z_e = torch.randn(3, 4, 5, 5)
+    q = vq(z_e)
+    flat = z_e.permute(0, 2, 3, 1).reshape(-1, 4)
+    expected = torch.cdist(flat, vq.codebook).argmin(1)
+    assert torch.equal(q.indices.flatten(), expected)
+    torch.testing.assert_close(q.z_q.permute(0, 2, 3, 1).reshape(-1, 4), vq.codebook[expected])
+
+
+def test_commitment_loss_value_and_straight_through_gradient():
+    vq = _quantizer().eval()
+    z_e = torch.tensor([[0.1, -0.2], [0.9, 0.2], [0.2, 0.7], [0.6, 0.45]]).T.reshape(1, 2, 2, 2).requires_grad_()
+    q = vq(z_e)
+    assert q.indices.flatten().tolist() == [0, 1, 2, 1]
+    expected = (0.01 + 0.04 + 0.01 + 0.04 + 0.04 + 0.09 + 0.16 + 0.2025) / 8
+    assert q.commitment_loss.item() == pytest.approx(expected, abs=1e-6)
+    upstream = torch.randn(1, 2, 2, 2)
+    (q.z_q * upstream).sum().backward()
+    torch.testing.assert_close(z_e.grad, upstream)                 # ∂L/∂z_e = ∂L/∂z_q
+    z_e.grad = None
+    q.commitment_loss.backward()                                   # commitment: 2(z_e − e)/n, codebook untouched
+    torch.testing.assert_close(z_e.grad, 2 * (z_e - q.z_q).detach() / 8)
+
+
+def test_straight_through_gradient_reaches_the_encoder():
+    model = tiny("vq", num_codes=16)
+    x = torch.rand(2, 3, 32, 32) * 2 - 1
+    F.l1_loss(model(x).sample, x).backward()   # reconstruction only: the only path to the encoder is straight-through
+    assert model.encoder.conv_in.weight.grad.abs().sum() > 0
+    assert model.quantizer.codebook.grad is None      # the codebook is a buffer, updated by EMA
+
+
+def test_ema_codebook_update_follows_the_formula():
+    vq = _quantizer(decay=0.5, dead_code_steps=0).train()
+    z = torch.tensor([[0.2, 0.0], [0.8, 0.2], [1.0, 0.2]]).T.reshape(1, 2, 1, 3)
+    vq(z)                                                 # codes 0, 1, 1
+    n = torch.tensor([0.5 + 0.5, 0.5 + 1.0, 0.5, 0.5])    # N_k = γN_k + (1−γ)n_k
+    m1 = 0.5 * torch.tensor([1., 0.]) + 0.5 * torch.tensor([1.8, 0.4])
+    torch.testing.assert_close(vq.cluster_size, n)
+    smoothed = (n[1] + vq.eps) / (n.sum() + 4 * vq.eps) * n.sum()
+    torch.testing.assert_close(vq.codebook[1], m1 / smoothed)
+
+
+def test_dead_code_restart_reinitialises_unused_codes_from_encoder_outputs():
+    vq = _quantizer(decay=0.9, dead_code_steps=3).train()
+    batch = torch.tensor([[0.1, 0.0], [0.9, 0.1], [0.0, 1.1], [0.05, 0.05]]).T.reshape(1, 2, 2, 2)
+    rows = batch.flatten(2)[0].T
+    torch.manual_seed(0)
+    assert [vq(batch).restarted for _ in range(3)] == [0, 0, 1]   # code 3 unused for 3 batches
+    assert any(torch.allclose(vq.codebook[3], r) for r in rows)
+    assert int(vq.num_restarts) == 1 and vq.steps_unused.tolist() == [0, 0, 0, 0]
+    off = _quantizer(dead_code_steps=0).train()
+    assert [off(batch).restarted for _ in range(5)] == [0] * 5
+    torch.testing.assert_close(off.codebook[3], torch.tensor([10., 10.]), atol=1e-3, rtol=0)   # unused: it stays dead
+    ev = _quantizer(dead_code_steps=1).eval()                     # never in eval mode
+    assert ev(batch).restarted == 0
+
+
+def test_perplexity():
+    assert code_perplexity(torch.tensor([5, 5, 5, 5])).item() == pytest.approx(4.0, rel=1e-5)
+    assert code_perplexity(torch.tensor([7, 0, 0, 0])).item() == pytest.approx(1.0, rel=1e-5)
+
+
+# ---------------------------------------------------------------- losses and training
+def test_kl_loss_is_reconstruction_plus_beta_kl_per_value():
+    model = tiny("kl")
+    loss_fn = VAELoss(model.config.replace(kl_weight=1e-2, recon_loss="mse"))
+    x = torch.rand(2, 3, 32, 32) * 2 - 1
+    with torch.no_grad():
+        torch.manual_seed(3); loss = loss_fn(model, (x, ["caption", "caption"]))
+        torch.manual_seed(3); out = model(x)
+    expected = F.mse_loss(out.sample, x) + 1e-2 * out.posterior.kl().mean() / x[0].numel()
+    assert loss.item() == pytest.approx(expected.item(), rel=1e-5)
+    assert set(loss_fn.terms) == {"loss", "reconstruction", "kl"}
+
+
+@pytest.mark.parametrize("kind", ["kl", "vq"])
+def test_tiny_autoencoder_learns_a_fixed_batch(kind):
+    model = tiny(kind, num_codes=16, dead_code_steps=2)
+    x = torch.ones(8, 3, 32, 32)
+    for i in range(8): x[i, i % 3, 6 + i // 2:26 - i // 2, 10:22] = -1
+    loss_fn, opt = VAELoss(model.config), torch.optim.Adam(model.parameters(), lr=3e-3)
+    for _ in range(25):
+        opt.zero_grad(); loss_fn(model, x).backward(); opt.step()
+    rec = loss_fn.terms["reconstruction"]
+    assert rec[-1] < 0.6 * rec[0]
+
+
+def test_scale_factor_gives_unit_std_latents():
+    model = tiny("kl")
+    with torch.no_grad(): model.encoder.conv_out.weight.mul_(5)
+    x = torch.rand(6, 3, 32, 32) * 2 - 1
+    s = estimate_scale_factor(model, x, generator=torch.Generator().manual_seed(0))
+    set_scale_factor(model, s)
+    z = model.encode_latents(x, sample=True, generator=torch.Generator().manual_seed(0))
+    assert z.std().item() == pytest.approx(1.0, abs=1e-3)
+    with pytest.raises(ValueError, match="positive"): set_scale_factor(model, 0.0)
+
+
+# ---------------------------------------------------------------- checkpoints and cache
+@pytest.mark.parametrize("kind", ["kl", "vq"])
+def test_save_load_round_trip_keeps_weights_config_and_scale_factor(tmp_path, kind):
+    model = tiny(kind, num_codes=16)
+    x = torch.rand(3, 3, 32, 32) * 2 - 1
+    model(x)                                          # a training step moves the VQ codebook buffers
+    set_scale_factor(model, 0.37)
+    model.eval()
+    path = save_vae(tmp_path / "vae.safetensors", model, {"psnr": 12.5})
+    loaded = load_vae(path)
+    assert type(loaded) is type(model) and loaded.config == model.config and not loaded.training
+    assert float(loaded.scale_factor) == pytest.approx(0.37)
+    meta = read_checkpoint_metadata(path)
+    assert meta["scale_factor"] == pytest.approx(0.37) and meta["psnr"] == 12.5
+    with torch.no_grad():
+        z = model.encode_latents(x)
+        assert torch.equal(loaded.encode_latents(x), z)
+        assert torch.equal(loaded.decode_latents(z), model.decode_latents(z))
+
+
+def test_load_vae_refuses_other_checkpoints(tmp_path):
+    save_checkpoint(tmp_path / "other.safetensors", {"w": torch.zeros(1)}, {"step": 1})
+    with pytest.raises(ValueError, match="not an autoencoder checkpoint"): load_vae(tmp_path / "other.safetensors")
+    assert vae_checkpoint_path("kl", "cpu").parts[-3:] == ("checkpoints", "07_vae_kl", "vae.safetensors")
+
+
+def test_latent_cache_round_trip_and_invalidation(tmp_path):
+    model = tiny("kl").eval()
+    set_scale_factor(model, 0.5)
+    x = torch.rand(5, 3, 32, 32) * 2 - 1
+    cache = tmp_path / "latents.safetensors"
+    latents = encode_dataset(model, x, cache, batch_size=2)
+    torch.testing.assert_close(latents, model.encode_latents(x))      # scaled by s
+    stamp = cache.stat().st_mtime_ns
+    assert torch.equal(encode_dataset(model, x, cache), latents) and cache.stat().st_mtime_ns == stamp   # cache hit
+    assert read_checkpoint_metadata(cache)["scale_factor"] == 0.5
+    other = encode_dataset(model, x.flip(0), cache)                   # other images: recomputed
+    torch.testing.assert_close(other, latents.flip(0))
+    set_scale_factor(model, 1.0)                                       # other VAE state: recomputed
+    torch.testing.assert_close(encode_dataset(model, x.flip(0), cache), 2 * latents.flip(0))
+    items = [(img, "caption") for img in x]                            # a Dataset of (image, caption)
+    with pytest.raises(ValueError, match="data_key"): encode_dataset(model, items, tmp_path / "ds.safetensors")
+    torch.testing.assert_close(encode_dataset(model, items, tmp_path / "ds.safetensors", data_key="five"), 2 * latents)
+    sampled = encode_dataset(model, x, tmp_path / "s.safetensors", sample=True, seed=1)
+    assert not torch.equal(sampled, 2 * latents)
+
+
+def test_reconstruct_psnr_and_interpolation():
+    model = tiny("kl").eval()
+    x = torch.rand(4, 3, 32, 32) * 2 - 1
+    assert psnr(x, x).min().item() == pytest.approx(100.0)
+    assert psnr(torch.zeros(1, 3, 4, 4), torch.full((1, 3, 4, 4), 0.2)).item() == pytest.approx(20.0, abs=1e-4)
+    rec = reconstruct(model, x, batch_size=3)
+    assert rec.shape == x.shape and rec.abs().max() <= 1
+    path = interpolate(model, x[0], x[1], num_steps=4)
+    assert path.shape == (4, 3, 32, 32)
+    torch.testing.assert_close(path[0], rec[0], atol=1e-4, rtol=0)
+    torch.testing.assert_close(path[-1], rec[1], atol=1e-4, rtol=0)
