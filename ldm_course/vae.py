@@ -31,9 +31,9 @@ __all__ = ['RECON_LOSSES', 'VAE_CHECKPOINT_FORMAT', 'DiagonalGaussian', 'VAEConf
            'Upsample', 'mid_block', 'Encoder', 'Decoder', 'VAEOutput', 'Autoencoder', 'AutoencoderKL',
            'reconstruction_loss', 'VAELoss', 'QuantizerOutput', 'code_perplexity', 'VectorQuantizer', 'VQVAE',
            'build_vae', 'estimate_scale_factor', 'set_scale_factor', 'vae_checkpoint_dir', 'vae_checkpoint_path',
-           'save_vae', 'load_vae', 'vae_fingerprint', 'encode_dataset', 'psnr', 'reconstruct', 'codebook_usage',
-           'interpolate', 'pixel_interpolation', 'plot_reconstructions', 'plot_latent_channels', 'plot_interpolations',
-           'plot_vae_curves', 'vae_config', 'vae_train_config']
+           'save_vae', 'load_vae', 'vae_fingerprint', 'encode_dataset', 'psnr', 'colour_error', 'reconstruct',
+           'codebook_usage', 'interpolate', 'pixel_interpolation', 'plot_reconstructions', 'plot_latent_channels',
+           'plot_interpolations', 'plot_vae_curves', 'vae_config', 'vae_train_config']
 
 # %% ../nbs/07_vae.ipynb #c9a9b2b4
 class DiagonalGaussian:
@@ -555,6 +555,16 @@ def psnr(x_hat: Tensor, # reconstructions (B, C, H, W) in [-1, 1] (clamped here)
     mse = ((x_hat.clamp(-1, 1) - x) / 2).pow(2).flatten(1).mean(1)
     return 10 * torch.log10(1.0 / mse.clamp(min=1e-10))
 
+def colour_error(x_hat: Tensor, # reconstructions (B, 3, H, W) in [-1, 1]
+                 x: Tensor, # originals: garments on a white background, in [-1, 1]
+                 background: float = 0.8, # a pixel is background when its three channels are all above this
+                ) -> Tensor: # (B,) Euclidean distance between mean RGB colours, in [0, 1] units
+    "How far the mean colour of the garment (the original's non-white pixels) moved in the reconstruction."
+    mask = (x < background).any(dim=1, keepdim=True).to(x.dtype)
+    area = mask.sum(dim=(2, 3)).clamp(min=1)
+    mean_colour = lambda images: ((images.clamp(-1, 1) + 1) / 2 * mask).sum(dim=(2, 3)) / area
+    return (mean_colour(x_hat) - mean_colour(x)).norm(dim=1)
+
 @torch.no_grad()
 def reconstruct(model: Autoencoder, # the autoencoder
                 images: Tensor | Dataset, # (N, C, H, W) in [-1, 1], or a Dataset of (image, ...) items
@@ -699,7 +709,8 @@ def vae_config(kind: str = "kl", # "kl" or "vq"
     "The preset VAEConfig of a run profile (latents 4×16×16 on cpu and gpu), with `overrides` applied."
     if kind not in ("kl", "vq"): raise ValueError(f"Unknown autoencoder kind {kind!r}; expected 'kl' or 'vq'")
     preset = {"smoke": VAEConfig(image_size=32, block_out_channels=(8, 16, 16), norm_groups=4, num_codes=32, dead_code_steps=5),
-              "cpu": VAEConfig(block_out_channels=(16, 32, 64), norm_groups=8, num_codes=256, dead_code_steps=20),
+              "cpu": VAEConfig(block_out_channels=(16, 32, 64), norm_groups=8, recon_loss="mse", num_codes=256,
+                               dead_code_steps=20),
               "gpu": VAEConfig(image_size=128, block_out_channels=(64, 128, 256, 256), layers_per_block=2,
                                norm_groups=32, num_codes=1024, dead_code_steps=100)}[resolve_profile(profile)]
     return preset.replace(kind=kind, **overrides)
@@ -712,7 +723,7 @@ def vae_train_config(kind: str = "kl", # "kl" or "vq"
     profile = resolve_profile(profile)
     cfg = {"smoke": train_config("smoke", lr=3e-3, max_steps=12, warmup_steps=3, batch_size=16, ema_decay=0.9,
                                  checkpoint_every=0, sample_every=0, keep_last=1),
-           "cpu": train_config("cpu", lr=2e-3, max_steps=300, warmup_steps=20, batch_size=32, ema_decay=0.99,
+           "cpu": train_config("cpu", lr=2e-3, max_steps=400, warmup_steps=20, batch_size=16, ema_decay=0.99,
                                checkpoint_every=0, sample_every=0, keep_last=1),
            "gpu": train_config("gpu", lr=2e-4, max_steps=30_000, warmup_steps=500, batch_size=64, ema_decay=0.999,
                                checkpoint_every=2_500, sample_every=0, keep_last=2)}[profile]

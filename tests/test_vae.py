@@ -8,7 +8,7 @@ import torch.nn.functional as F
 from ldm_course.core import read_checkpoint_metadata, save_checkpoint
 from ldm_course.vae import (
     AttnBlock, AutoencoderKL, DiagonalGaussian, VAEConfig, VAELoss, VQVAE, VectorQuantizer, build_vae,
-    code_perplexity, encode_dataset, estimate_scale_factor, interpolate, load_vae, psnr, reconstruct, save_vae,
+    code_perplexity, colour_error, encode_dataset, estimate_scale_factor, interpolate, load_vae, psnr, reconstruct, save_vae,
     set_scale_factor, vae_checkpoint_path, vae_config, vae_train_config,
 )
 
@@ -255,6 +255,11 @@ def test_reconstruct_psnr_and_interpolation():
     x = torch.rand(4, 3, 32, 32) * 2 - 1
     assert psnr(x, x).min().item() == pytest.approx(100.0)
     assert psnr(torch.zeros(1, 3, 4, 4), torch.full((1, 3, 4, 4), 0.2)).item() == pytest.approx(20.0, abs=1e-4)
+    green, navy = torch.ones(1, 3, 8, 8), torch.ones(1, 3, 8, 8)          # on a white background
+    green[:, :, 2:6, 2:6] = (torch.tensor([38., 142., 68.]) / 127.5 - 1).view(1, 3, 1, 1)
+    navy[:, :, 2:6, 2:6] = (torch.tensor([30., 40., 88.]) / 127.5 - 1).view(1, 3, 1, 1)
+    assert colour_error(navy, green).item() == pytest.approx((8 ** 2 + 102 ** 2 + 20 ** 2) ** 0.5 / 255, abs=1e-4)
+    assert colour_error(green, green).item() == pytest.approx(0.0, abs=1e-6)
     rec = reconstruct(model, x, batch_size=3)
     assert rec.shape == x.shape and rec.abs().max() <= 1
     path = interpolate(model, x[0], x[1], num_steps=4)
