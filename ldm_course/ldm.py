@@ -99,8 +99,9 @@ class LDMConfig(Config):
     prediction_type: str = "epsilon"    # "epsilon" or "v_prediction"
     cond_drop_prob: float = 0.1         # p_uncond: probability of training on the null prompt ""
     short_caption_prob: float = 0.3     # probability of training on "baseColour articleType" instead of the product name
+    pooled_scale: float = 1.0           # the pooled text vector is multiplied by this before the U-Net (√d: unit-RMS entries)
     num_inference_steps: int = 50       # default DDIM steps of the pipeline
-    guidance_scale: float = 4.0         # default w of classifier-free guidance
+    guidance_scale: float = 3.0         # default w of classifier-free guidance
     timestep_spacing: str = "trailing"  # DDIM timesteps: "trailing" starts at t = T-1 (better with few steps)
 
     def __post_init__(self):
@@ -143,7 +144,7 @@ def ldm_config(profile: str = "auto", # "auto", "smoke", "cpu" or "gpu"
                                  checkpoint_every=2_500, sample_every=0)}[profile]
     sampling = {"smoke": dict(num_inference_steps=5, num_train_images=256), "cpu": dict(num_inference_steps=50),
                 "gpu": dict(num_inference_steps=50)}[profile]
-    return LDMConfig(unet=unet, train=train, **sampling).replace(**overrides)
+    return LDMConfig(unet=unet, train=train, pooled_scale=math.sqrt(cond_dim), **sampling).replace(**overrides)
 
 # %% ../nbs/09_ldm_additive.ipynb #6e6187b4
 def ldm_checkpoint_dir(chapter: str, # "09_ldm_additive" or "10_cross_attention"
@@ -258,12 +259,13 @@ class TextDiffusionLoss:
                  cond_drop_prob: float = 0.1, # p_uncond
                  use_pooled: bool = True, # pass the pooled vector as `cond` (additive conditioning)
                  use_tokens: bool = False, # pass tokens and mask as `context`, `context_mask` (cross-attention)
+                 pooled_scale: float = 1.0, # factor applied to the pooled vector (LDMConfig.pooled_scale)
                 ):
         if len(null) != 1: raise ValueError(f"null must hold one embedding (of the prompt ''), got {len(null)}")
         if not (use_pooled or use_tokens): raise ValueError("use_pooled and use_tokens are both False: the model would see no text")
         if not 0 <= cond_drop_prob <= 1: raise ValueError(f"cond_drop_prob must be in [0, 1], got {cond_drop_prob!r}")
         self.scheduler, self.null, self.cond_drop_prob = scheduler, null, cond_drop_prob
-        self.use_pooled, self.use_tokens = use_pooled, use_tokens
+        self.use_pooled, self.use_tokens, self.pooled_scale = use_pooled, use_tokens, pooled_scale
 
     def model_kwargs(self, batch: Sequence[Tensor], # (latents, pooled[, tokens, mask])
                      generator: torch.Generator | None = None, # for the dropout draws
@@ -273,7 +275,8 @@ class TextDiffusionLoss:
         if self.null.pooled.device != pooled.device: self.null = self.null.to(pooled.device)
         dropped = condition_dropout_mask(len(pooled), self.cond_drop_prob, generator, pooled.device)
         kwargs = {}
-        if self.use_pooled: kwargs["cond"] = drop_condition(pooled, self.cond_drop_prob, self.null.pooled[0], dropped=dropped)
+        if self.use_pooled:
+            kwargs["cond"] = self.pooled_scale * drop_condition(pooled, self.cond_drop_prob, self.null.pooled[0], dropped=dropped)
         if self.use_tokens:
             if len(batch) < 4: raise ValueError("use_tokens needs batches (latents, pooled, tokens, mask): CaptionedLatents(with_tokens=True)")
             kwargs["context"] = drop_condition(batch[2], self.cond_drop_prob, self.null.tokens[0], dropped=dropped)
@@ -289,6 +292,7 @@ class TextDiffusionLoss:
 # %% ../nbs/09_ldm_additive.ipynb #de8dac0f
 def text_condition(unet_config: UNetConfig, # decides which arguments the U-Net takes
                    emb: TextEmbeddings, # (B, ...) embeddings of the prompts (or of "")
+                   pooled_scale: float = 1.0, # factor applied to the pooled vector (as in training)
                   ) -> dict:
     "The U-Net's keyword arguments for a batch of text embeddings: cond (additive) and/or context + context_mask."
     kwargs = {}
@@ -296,7 +300,7 @@ def text_condition(unet_config: UNetConfig, # decides which arguments the U-Net 
         if emb.pooled.shape[-1] != unet_config.cond_dim:
             raise ValueError(f"the U-Net expects pooled text vectors of size {unet_config.cond_dim}, got {emb.pooled.shape[-1]}: "
                              "was it trained with another text encoder?")
-        kwargs["cond"] = emb.pooled
+        kwargs["cond"] = pooled_scale * emb.pooled
     if unet_config.cross_attention_levels:
         if emb.tokens.shape[-1] != unet_config.context_dim:
             raise ValueError(f"the U-Net expects tokens of size {unet_config.context_dim}, got {emb.tokens.shape[-1]}")
@@ -307,12 +311,14 @@ def text_guidance(unet: UNet, # the trained U-Net (its config says which text ar
                   emb: TextEmbeddings, # (B, ...) embeddings of the prompts
                   null: TextEmbeddings, # (1, ...) embedding of the null prompt ""
                   guidance_scale: float, # w: 0 unconditional, 1 conditional, > 1 guided
+                  pooled_scale: float = 1.0, # factor applied to the pooled vector (as in training)
                  ) -> ModelFn:
     "model_fn(z_t, t) for the samplers: classifier-free guidance between the prompts and the null prompt."
     B = len(emb)
     null = TextEmbeddings(null.pooled.expand(B, -1), null.tokens.expand(B, -1, -1), null.mask.expand(B, -1))
     emb, null = trim_padding(emb, null)
-    return classifier_free_guidance(unet, guidance_scale, text_condition(unet.config, emb), text_condition(unet.config, null))
+    cond, uncond = text_condition(unet.config, emb, pooled_scale), text_condition(unet.config, null, pooled_scale)
+    return classifier_free_guidance(unet, guidance_scale, cond, uncond)
 
 # %% ../nbs/09_ldm_additive.ipynb #b49cb920
 def cross_attention_factory(spec: Mapping[str, Any] | None, # {"class": "ldm_course.<module>.<Name>", "kwargs": {...}}
@@ -424,6 +430,11 @@ def _check_steps(n: Any) -> int:
         raise ValueError(f"num_inference_steps must be a positive int, got {n!r}")
     return n
 
+def _check_guidance(w: Any) -> float:
+    if isinstance(w, bool) or not isinstance(w, (int, float)) or not math.isfinite(w) or w < 0:
+        raise ValueError(f"guidance_scale must be a finite number >= 0 (0: unconditional, 1: conditional), got {w!r}")
+    return float(w)
+
 @patch
 @torch.inference_mode()
 def __call__(self: LatentDiffusionPipeline,
@@ -439,8 +450,8 @@ def __call__(self: LatentDiffusionPipeline,
     "Generate one image per prompt: DDIM with classifier-free guidance in latent space, then the VAE decoder."
     emb = self.encode_prompts(prompts)
     steps = _check_steps(num_inference_steps if num_inference_steps is not None else self.config.num_inference_steps)
-    w = float(self.config.guidance_scale if guidance_scale is None else guidance_scale)
-    model_fn = text_guidance(self.unet, emb, self.null_embedding, w)
+    w = _check_guidance(self.config.guidance_scale if guidance_scale is None else guidance_scale)
+    model_fn = text_guidance(self.unet, emb, self.null_embedding, w, self.config.pooled_scale)
     sampler = DDIMSampler(self.scheduler, eta=eta, clip_sample=False, timestep_spacing=self.config.timestep_spacing)
     shape = (len(emb), *self.latent_shape)
     generator = make_generator(seed)  # on the CPU: the same z_T on every device
@@ -579,8 +590,8 @@ def train_ldm(cfg: LDMConfig, # the experiment
     "Train a latent U-Net with the chapter 04 Trainer and the text-conditioned L_simple."
     if cfg.unet.cross_attention_levels and not train_set.with_tokens:
         raise ValueError("a cross-attention U-Net needs token embeddings: CaptionedLatents(..., with_tokens=True)")
-    loss_fn = TextDiffusionLoss(build_ldm_scheduler(cfg), null, cfg.cond_drop_prob,
-                                use_pooled=cfg.unet.cond_dim is not None, use_tokens=bool(cfg.unet.cross_attention_levels))
+    loss_fn = TextDiffusionLoss(build_ldm_scheduler(cfg), null, cfg.cond_drop_prob, use_pooled=cfg.unet.cond_dim is not None,
+                                use_tokens=bool(cfg.unet.cross_attention_levels), pooled_scale=cfg.pooled_scale)
     trainer = Trainer(build_ldm_unet(cfg), train_set, loss_fn, cfg.train, checkpoint_dir=checkpoint_dir, device=device,
                       metadata={"ldm_config": cfg.to_dict(), **dict(metadata or {})})
     start = time.perf_counter()
@@ -642,20 +653,20 @@ def train_step_seconds(unet: UNet, # the network to time (trained in place: use 
                        batch_size: int = 16, # samples per step
                        steps: int = 3, # timed steps (after one warm-up step)
                        device: str | torch.device = "cpu", # where to run
-                      ) -> float: # wall seconds per optimizer step
-    "Time one training step (forward, backward, AdamW) of a U-Net on random inputs of a given shape."
+                      ) -> float: # median wall seconds per optimizer step
+    "Time training steps (forward, backward, AdamW) of a U-Net on random inputs of a given shape; the median resists noise."
     unet = unet.to(device).train()
     opt = torch.optim.AdamW(unet.parameters(), lr=1e-4)
     x = torch.randn(batch_size, *input_shape, device=device)
     t = torch.randint(0, 1000, (batch_size,), device=device)
     cond = torch.randn(batch_size, unet.config.cond_dim, device=device) if unet.config.cond_dim else None
-    def step():
+    sync = torch.cuda.synchronize if torch.device(device).type == "cuda" else (lambda: None)
+    def step() -> float:
+        sync(); start = time.perf_counter()
         opt.zero_grad(set_to_none=True)
         F.mse_loss(unet(x, t, cond=cond), x).backward()
         opt.step()
+        sync()
+        return time.perf_counter() - start
     step()
-    if torch.device(device).type == "cuda": torch.cuda.synchronize()
-    start = time.perf_counter()
-    for _ in range(steps): step()
-    if torch.device(device).type == "cuda": torch.cuda.synchronize()
-    return (time.perf_counter() - start) / steps
+    return float(np.median([step() for _ in range(steps)]))

@@ -7,17 +7,17 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 import pytest
 import torch
 
-from ldm_course.core import make_generator, save_checkpoint
+from ldm_course.core import make_generator, runs_dir, save_checkpoint
 from ldm_course.data import SEED_PROMPTS, load_fashion
 from ldm_course.ddpm import diffusion_loss
 from ldm_course.ldm import (
-    HELD_OUT_PAIRS, CaptionedLatents, LatentDiffusionPipeline, LDMConfig, TextDiffusionLoss, build_ldm_scheduler,
-    build_ldm_unet, cross_attention_factory, fit_length, held_out_mask, ldm_config, pair_prompt, short_captions, split_catalogue,
-    text_guidance, trim_padding,
+    HELD_OUT_PAIRS, CaptionedLatents, fallback_vae_path, load_or_train_vae, LatentDiffusionPipeline, LDMConfig, TextDiffusionLoss, build_ldm_scheduler,
+    build_ldm_unet, cross_attention_factory, fit_length, held_out_mask, ldm_checkpoint_path, ldm_config, pair_prompt,
+    short_captions, split_catalogue, text_condition, text_guidance, trim_padding,
 )
-from ldm_course.scheduler import NoiseScheduler
+from ldm_course.scheduler import DDIMSampler, NoiseScheduler
 from ldm_course.text import TextEmbeddings, load_text_encoder
-from ldm_course.vae import build_vae, vae_config
+from ldm_course.vae import build_vae, save_vae, vae_checkpoint_path, vae_config
 
 
 def _embeddings(B: int, d: int = 8, L: int = 6, real: int = 3, seed: int = 0) -> TextEmbeddings:
@@ -178,3 +178,77 @@ def test_config_round_trip_and_block_spec_is_checked():
     assert LDMConfig.from_dict(cfg.to_dict()) == cfg and cfg.conditioning == "additive"
     with pytest.raises(ValueError, match="ldm_course"): cross_attention_factory({"class": "os.system", "kwargs": {}})
     assert cross_attention_factory(None) is None
+
+
+@pytest.fixture(scope="module")
+def tiny_pipeline(text_encoder):
+    torch.manual_seed(0)
+    cfg = ldm_config("smoke", cond_dim=text_encoder.dim, num_inference_steps=3, guidance_scale=3.0)
+    unet = build_ldm_unet(cfg)
+    with torch.no_grad():
+        for p in unet.parameters(): p.add_(0.02 * torch.randn_like(p))
+    return LatentDiffusionPipeline(build_vae(vae_config("kl", "smoke")), unet, text_encoder, build_ldm_scheduler(cfg), cfg)
+
+
+def test_pipeline_guidance_one_is_plain_conditional_sampling(tiny_pipeline):
+    pipe, prompts = tiny_pipeline, ["a red dress", "black dress"]
+    emb = pipe.encode_prompts(prompts)
+    cond = text_condition(pipe.unet.config, emb, pipe.config.pooled_scale)
+    sampler = DDIMSampler(pipe.scheduler, eta=0.0, clip_sample=False, timestep_spacing=pipe.config.timestep_spacing)
+    shape = (2, *pipe.latent_shape)
+    with torch.no_grad():   # the conditional model alone, no null prompt anywhere
+        z0 = sampler.sample(lambda x, t: pipe.unet(x, t, **cond), shape, make_generator(5), num_inference_steps=3)
+        expected = pipe.decode(z0).cpu()
+    out = pipe(prompts, guidance_scale=1.0, num_inference_steps=3, seed=5)
+    torch.testing.assert_close(out.images, expected, atol=1e-5, rtol=0)
+    assert not torch.allclose(pipe(prompts, guidance_scale=3.0, num_inference_steps=3, seed=5).images, expected, atol=1e-4)
+
+
+@pytest.mark.parametrize("kwargs, error, match", [
+    (dict(prompts=[]), ValueError, "prompts is empty"),
+    (dict(prompts="a red dress"), TypeError, "list of strings"),
+    (dict(prompts=["a red dress", 3]), TypeError, r"prompts\[1\]"),
+    (dict(num_inference_steps=0), ValueError, "positive int"),
+    (dict(num_inference_steps=2.5), ValueError, "positive int"),
+    (dict(num_inference_steps=5000), ValueError, "num_train_timesteps"),
+    (dict(guidance_scale=-1.0), ValueError, "guidance_scale must be a finite number >= 0"),
+    (dict(guidance_scale=float("nan")), ValueError, "guidance_scale"),
+    (dict(return_trajectory=True, n_snapshots=1), ValueError, "n_snapshots"),
+])
+def test_pipeline_rejects_bad_input_with_a_clear_error(tiny_pipeline, kwargs, error, match):
+    kwargs = {"prompts": ["a red dress"], **kwargs}
+    with pytest.raises(error, match=match): tiny_pipeline(**kwargs)
+
+
+def test_load_refuses_a_different_text_encoder(tiny_pipeline, tmp_path):
+    from types import SimpleNamespace
+    path = tiny_pipeline.save(tmp_path / "ldm.safetensors")
+    other = SimpleNamespace(name="minilm", fingerprint="sha256-0000", dim=tiny_pipeline.text_encoder.dim)
+    with pytest.raises(ValueError, match="not the one the pipeline was trained with"):
+        LatentDiffusionPipeline.load(path, device="cpu", text_encoder=other)
+
+
+def test_checkpoint_path_is_the_documented_one(tmp_path, monkeypatch):
+    monkeypatch.setenv("LDM_COURSE_RUNS", str(tmp_path))
+    for profile in ("smoke", "cpu", "gpu"):
+        path = ldm_checkpoint_path("09_ldm_additive", profile)
+        assert path == tmp_path / profile / "checkpoints" / "09_ldm_additive" / "ldm.safetensors" == \
+            runs_dir(profile) / "checkpoints" / "09_ldm_additive" / "ldm.safetensors"
+    assert ldm_checkpoint_path("10_cross_attention", "cpu").parent.name == "10_cross_attention"
+
+
+def test_vae_is_chapter_07s_when_present_else_a_fallback_trained_once(tmp_path, monkeypatch):
+    monkeypatch.setenv("LDM_COURSE_RUNS", str(tmp_path))
+    calls = []
+    def images_fn(size):
+        calls.append(size)
+        return torch.rand(32, 3, size, size, generator=make_generator(0)) * 2 - 1
+    vae, path, trained = load_or_train_vae(images_fn, "smoke", "cpu", seed=0)
+    assert trained and path == fallback_vae_path("smoke") and path.is_file() and calls == [vae.config.image_size]
+    assert not any(p.requires_grad for p in vae.parameters()) and float(vae.scale_factor) != 1.0
+    assert not vae_checkpoint_path("kl", "smoke").exists(), "the fallback never writes into chapter 07's folder"
+    again, path2, trained2 = load_or_train_vae(images_fn, "smoke", "cpu")
+    assert (path2, trained2, len(calls)) == (path, False, 1)          # found, not retrained
+    assert all(torch.equal(a, b) for a, b in zip(again.state_dict().values(), vae.state_dict().values()))
+    chapter_07 = save_vae(vae_checkpoint_path("kl", "smoke"), vae, {"chapter": "07_vae"})
+    assert load_or_train_vae(images_fn, "smoke", "cpu")[1:] == (chapter_07, False)   # chapter 07's VAE comes first
