@@ -13,7 +13,9 @@ diffusers in the same format.
     python bench/bench_unet.py --compile --configs mnist    # every contender through torch.compile (slow to build)
     python bench/bench_unet.py --configs mnist --batch-size 128 --repeats 9
 
-Writes bench/results/unet_<device>[_compile].json and .md, and prints the table.
+With --compile, each contender is also timed through torch.compile, beside its eager self.
+
+Writes bench/results/unet_<device>[_<n>threads][_compile].json and .md, and prints the table.
 """
 from __future__ import annotations
 
@@ -79,6 +81,17 @@ def timed(step, n_steps: int, device: torch.device) -> float:
     return time.perf_counter() - start
 
 
+def _label(model_name: str, fmt: str, mode: str) -> str:
+    "Contender name: 'ours channels_last' or 'ours channels_last compile'."
+    return f"{model_name} {fmt}" + (" compile" if mode == "compile" else "")
+
+
+def _parse_label(label: str) -> tuple[str, str, str]:
+    "(model, memory format, 'eager' | 'compile') from a contender name."
+    words = label.split()
+    return words[0], words[1], words[2] if len(words) > 2 else "eager"
+
+
 def bench_config(name: str, args, device: torch.device) -> dict:
     "Interleaved timing of every (model, memory format) contender on one configuration."
     shape, config = CONFIGS[name]
@@ -86,13 +99,16 @@ def bench_config(name: str, args, device: torch.device) -> dict:
     x = torch.randn(args.batch_size, *shape, device=device)
     t, target = torch.randint(0, 1000, (args.batch_size,), device=device), torch.randn_like(x)
     steps, parameters = {}, {}
+    modes = ("eager", "compile") if args.compile else ("eager",)  # compiled contenders run beside the eager ones
     for model_name, build in builders.items():
         for fmt in args.formats:
-            torch.manual_seed(0)  # same initial weights in every format
-            model = build().to(device=device, memory_format=FORMATS[fmt]).train()
-            parameters[model_name] = count_parameters(model)
-            batch = tuple(v.to(memory_format=FORMATS[fmt]) for v in (x, t, target)[::2])
-            steps[f"{model_name} {fmt}"] = make_step(model, (batch[0], t, batch[1]), model_name == "diffusers", args.compile)
+            for mode in modes:
+                torch.manual_seed(0)  # same initial weights in every format
+                model = build().to(device=device, memory_format=FORMATS[fmt]).train()
+                parameters[model_name] = count_parameters(model)
+                batch = tuple(v.to(memory_format=FORMATS[fmt]) for v in (x, t, target)[::2])
+                steps[_label(model_name, fmt, mode)] = make_step(model, (batch[0], t, batch[1]), model_name == "diffusers",
+                                                                 mode == "compile")
     compile_seconds = {}
     for label, step in steps.items():  # warm-up: allocator, oneDNN/cuDNN plans, compilation
         compile_seconds[label] = timed(step, args.warmup, device)
@@ -107,11 +123,12 @@ def bench_config(name: str, args, device: torch.device) -> dict:
         rates = [images / v for v in s]
         timings[label] = {"images_per_s_median": statistics.median(rates), "images_per_s_min": min(rates),
                           "images_per_s_max": max(rates), "seconds": s, "warmup_seconds": compile_seconds[label]}
-    baseline = timings[f"diffusers {args.formats[0]}"]["images_per_s_median"]
+    baseline = timings[_label("diffusers", args.formats[0], "eager")]["images_per_s_median"]
     for label, tm in timings.items():
-        fmt = label.split()[1]
+        _, fmt, mode = _parse_label(label)
         tm["speedup_vs_diffusers_default"] = tm["images_per_s_median"] / baseline
-        tm["speedup_vs_diffusers_same_format"] = tm["images_per_s_median"] / timings[f"diffusers {fmt}"]["images_per_s_median"]
+        tm["speedup_vs_diffusers_same_format"] = (tm["images_per_s_median"] /
+                                                  timings[_label("diffusers", fmt, mode)]["images_per_s_median"])
     return {"name": name, "input_shape": list(shape), "config": config.to_dict(), "parameters": parameters,
             "timings": timings}
 
@@ -121,7 +138,9 @@ def markdown_table(results: list[dict], meta: dict) -> str:
     lines = [f"Training images/s (forward + backward + AdamW, fp32, batch {meta['batch_size']}), {meta['device_name']}, "
              f"{meta['threads']} threads, torch.compile {meta['compile']}; median of {meta['repeats']} interleaved "
              f"repeats of {meta['steps']} steps (min–max in brackets); speed-up against diffusers "
-             f"{meta['formats'][0]} (against diffusers in the same format).", "",
+             f"{meta['formats'][0]} eager (against diffusers in the same format and mode). Load average "
+             f"{meta['load_average_start'][0]:.1f} at the start, {meta['load_average_end'][0]:.1f} at the end; "
+             f"torch {meta['torch']}, diffusers {meta['diffusers']}.", "",
              "| config | input | params (ours = diffusers) | model | memory format | img/s | speed-up |",
              "|---|---|---|---|---|---|---|"]
     for r in results:
@@ -130,7 +149,8 @@ def markdown_table(results: list[dict], meta: dict) -> str:
         head = (f"| {r['name']} {tuple(c['block_out_channels'])}, attention {tuple(c['attention_levels'])} + mid "
                 f"| {'×'.join(map(str, r['input_shape'][1:]))}×{r['input_shape'][0]} | {p['ours'] / 1e6:.3f} M {same} ")
         for i, (label, tm) in enumerate(r["timings"].items()):
-            model_name, fmt = label.split()
+            model_name, fmt, mode = _parse_label(label)
+            if mode == "compile": fmt += " + torch.compile"
             lines.append((head if i == 0 else "| | | ") +
                          f"| {model_name} | {fmt} | {tm['images_per_s_median']:.1f} "
                          f"({tm['images_per_s_min']:.0f}–{tm['images_per_s_max']:.0f}) "
@@ -147,7 +167,7 @@ def main(argv=None):
     p.add_argument("--repeats", type=int, default=5, help="timed repeats per contender (median reported)")
     p.add_argument("--steps", type=int, default=2, help="training steps per repeat")
     p.add_argument("--warmup", type=int, default=2, help="untimed steps per contender before timing")
-    p.add_argument("--compile", action="store_true", help="wrap every model in torch.compile")
+    p.add_argument("--compile", action="store_true", help="also time every contender through torch.compile")
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
     p.add_argument("--out-dir", default=str(Path(__file__).resolve().parent / "results"))
     args = p.parse_args(argv)
@@ -164,7 +184,7 @@ def main(argv=None):
     import diffusers
     meta = {"device": device.type, "threads": torch.get_num_threads(), "batch_size": args.batch_size,
             "repeats": args.repeats, "steps": args.steps, "warmup": args.warmup, "compile": args.compile,
-            "formats": args.formats,
+            "formats": args.formats, "load_average_start": os.getloadavg(),
             "device_name": torch.cuda.get_device_name(device) if device.type == "cuda" else f"{os.cpu_count()}-core {platform.machine()} CPU",
             "torch": torch.__version__, "diffusers": diffusers.__version__, "python": platform.python_version(),
             "command": " ".join(["bench/bench_unet.py", *(sys.argv[1:] if argv is None else argv)])}
@@ -177,11 +197,12 @@ def main(argv=None):
         print(f"{name}: params ours {r['parameters']['ours']:,d} / diffusers {r['parameters']['diffusers']:,d}; "
               f"img/s: {rates} ({time.perf_counter() - start:.0f} s)", flush=True)
 
+    meta["load_average_end"] = os.getloadavg()
     table = markdown_table(results, meta)
     print("\n" + table)
     out = Path(args.out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    stem = f"unet_{device.type}" + ("_compile" if args.compile else "")
+    stem = f"unet_{device.type}" + (f"_{args.threads}threads" if args.threads else "") + ("_compile" if args.compile else "")
     (out / f"{stem}.json").write_text(json.dumps({"meta": meta, "results": results}, indent=2) + "\n", encoding="utf-8")
     (out / f"{stem}.md").write_text(table, encoding="utf-8")
     print(f"wrote {out / stem}.json and .md")

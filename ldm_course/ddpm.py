@@ -190,7 +190,7 @@ def _mnist_preset(profile: str) -> DDPMConfig:
     unet = unet_preset("mnist", profile).replace(num_classes=10)
     if profile == "cpu": unet = unet.replace(layers_per_block=1, attention_levels=(), mid_attention=False)
     train = {"smoke": train_config("smoke", lr=2e-3, max_steps=30, warmup_steps=5, checkpoint_every=0, sample_every=0),
-             "cpu": train_config("cpu", lr=2e-3, max_steps=700, warmup_steps=50, batch_size=64, ema_decay=0.995,
+             "cpu": train_config("cpu", lr=2e-3, max_steps=450, warmup_steps=40, batch_size=64, ema_decay=0.995,
                                  checkpoint_every=0, sample_every=0),
              "gpu": train_config("gpu", lr=5e-4, max_steps=20_000, warmup_steps=500, batch_size=128, ema_decay=0.9995,
                                  checkpoint_every=2_500, sample_every=0)}[profile]
@@ -211,7 +211,7 @@ def _cifar10_preset(profile: str) -> DDPMConfig:
     unet = unet_preset("cifar10", profile).replace(num_classes=10)
     if profile == "cpu": unet = unet.replace(block_out_channels=(32, 64, 64), layers_per_block=1, mid_attention=False)
     train = {"smoke": train_config("smoke", lr=2e-3, max_steps=30, warmup_steps=5, checkpoint_every=0, sample_every=0),
-             "cpu": train_config("cpu", lr=2e-3, max_steps=600, warmup_steps=50, batch_size=48, ema_decay=0.995,
+             "cpu": train_config("cpu", lr=2e-3, max_steps=480, warmup_steps=40, batch_size=48, ema_decay=0.995,
                                  checkpoint_every=0, sample_every=0),
              "gpu": train_config("gpu", lr=2e-4, max_steps=80_000, warmup_steps=1_000, batch_size=128, ema_decay=0.9999,
                                  checkpoint_every=5_000, sample_every=0)}[profile]
