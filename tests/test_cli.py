@@ -1,5 +1,6 @@
 """The `ldm-course` console script (chapter 14): help and exit codes of every sub-command, `report` writes the report,
-`data generate` writes the synthetic fallbacks and `data check` reports real data, generated folders and skipped rows."""
+`data generate` writes the synthetic fallbacks and `data check` reports real data, generated folders and skipped rows,
+`sample` writes the PNG of a prompt from a saved pipeline (round trip from a tiny checkpoint, missing model, bad arguments)."""
 import argparse
 import contextlib
 import io
@@ -39,7 +40,7 @@ def _commands(parser: argparse.ArgumentParser, prefix=()):
 
 def test_every_subcommand_has_a_help():
     commands = list(_commands(cli.build_parser()))
-    assert {("run",), ("report",), ("data",), ("data", "generate"), ("data", "check")} <= set(commands)
+    assert {("run",), ("report",), ("data",), ("data", "generate"), ("data", "check"), ("sample",)} <= set(commands)
     for command in [(), *commands]:
         code, out, _ = run_main([*command, "--help"])
         assert code == cli.EXIT_OK and out.startswith(f"usage: ldm-course {' '.join(command)}".rstrip()), command
@@ -113,3 +114,101 @@ def test_data_generate_then_check(tmp_path):
     assert "fashion  real     3 usable of 5 rows" in out
     assert "skipped  malformed_line 1, missing_image 1" in out          # the Kaggle skip counts, by reason
     assert "mnist-seed3-n600" in out and "mnist, seed 3, 600 train + 100 test" in out
+
+
+@pytest.fixture(scope="module")
+def smoke_checkpoint(tmp_path_factory):
+    "A tiny, untrained text-to-image pipeline saved with LatentDiffusionPipeline.save (MiniLM, offline)."
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    import torch
+    from ldm_course.ldm import LatentDiffusionPipeline, build_ldm_scheduler, build_ldm_unet, ldm_config
+    from ldm_course.text import load_text_encoder
+    from ldm_course.vae import build_vae, vae_config
+    encoder = load_text_encoder("minilm", device="cpu", verbose=False)
+    torch.manual_seed(0)
+    cfg = ldm_config("smoke", cond_dim=encoder.dim, num_inference_steps=3)
+    unet = build_ldm_unet(cfg)
+    with torch.no_grad():   # away from the zero-initialised output layer, so that the seed and prompt matter
+        for p in unet.parameters(): p.add_(0.02 * torch.randn_like(p))
+    pipe = LatentDiffusionPipeline(build_vae(vae_config("kl", "smoke")), unet, encoder, build_ldm_scheduler(cfg), cfg)
+    return pipe.save(tmp_path_factory.mktemp("pipeline") / "ldm.safetensors"), pipe.vae.config.image_size
+
+
+def test_sample_round_trip_from_a_checkpoint(smoke_checkpoint, tmp_path):
+    checkpoint, S = smoke_checkpoint
+    def sample(name, *extra):
+        code, out, err = run_main(["sample", "a red dress", "--checkpoint", str(checkpoint), "--out", str(tmp_path / name), *extra])
+        assert code == cli.EXIT_OK, err
+        return (tmp_path / name).read_bytes(), out
+    first, out = sample("a.png", "--seed", "1")
+    assert str(tmp_path / "a.png") in out and "additive pipeline" in out and "minilm" in out and "DDIM 3 steps" in out
+    image = Image.open(tmp_path / "a.png")
+    assert image.format == "PNG" and image.size == (S, S) and image.mode == "RGB"
+    assert np.asarray(image).std() > 0
+    assert sample("b.png", "--seed", "1")[0] == first                          # same seed: the same bytes
+    assert sample("c.png", "--seed", "2")[0] != first
+    assert sample("d.png", "--seed", "1", "--guidance", "0")[0] != first        # w is applied
+    assert sample("e.png", "--seed", "1", "--steps", "2")[0] != first           # so are the steps
+    _, out = sample("grid.png", "--seed", "1", "--num-images", "3")
+    assert Image.open(tmp_path / "grid.png").size == (3 * S + 4 * 2, S + 2 * 2) and "3 × 'a red dress'" in out
+    assert not list(tmp_path.glob(".*.tmp")), "no temporary file is left behind"
+
+
+def test_sample_finds_the_profile_checkpoint_chapter_10_first(smoke_checkpoint, tmp_path, monkeypatch):
+    checkpoint, _ = smoke_checkpoint
+    monkeypatch.setenv("LDM_COURSE_RUNS", str(tmp_path / "runs"))
+    chapter_09 = tmp_path / "runs" / "smoke" / "checkpoints" / "09_ldm_additive" / "ldm.safetensors"
+    chapter_09.parent.mkdir(parents=True)
+    shutil.copy(checkpoint, chapter_09)
+    code, out, err = run_main(["sample", "black dress", "--profile", "smoke", "--seed", "4"])
+    assert code == cli.EXIT_OK, err
+    default_out = tmp_path / "runs" / "smoke" / "samples" / "black_dress_seed4.png"
+    assert default_out.is_file() and str(chapter_09) in out
+    chapter_10 = chapter_09.parent.parent / "10_cross_attention" / "ldm.safetensors"
+    chapter_10.parent.mkdir()
+    shutil.copy(checkpoint, chapter_10)
+    code, out, _ = run_main(["sample", "black dress", "--profile", "smoke", "--out", str(tmp_path / "x.png")])
+    assert code == cli.EXIT_OK and str(chapter_10) in out
+
+
+def test_sample_without_a_checkpoint_says_how_to_make_one(tmp_path, monkeypatch):
+    monkeypatch.setenv("LDM_COURSE_RUNS", str(tmp_path / "runs"))
+    code, out, err = run_main(["sample", "a red dress", "--profile", "cpu", "--out", str(tmp_path / "a.png")])
+    assert code == cli.EXIT_FAILED and out == ""
+    assert str(tmp_path / "runs" / "cpu" / "checkpoints" / "09_ldm_additive" / "ldm.safetensors") in err
+    assert "ldm-course run --only 09 --profile cpu" in err
+    assert not (tmp_path / "a.png").exists()
+    code, _, err = run_main(["sample", "a red dress", "--checkpoint", str(tmp_path / "nope.safetensors")])
+    assert code == cli.EXIT_USAGE and "nope.safetensors does not exist" in err
+
+
+def test_sample_refuses_a_file_that_is_not_a_pipeline(tmp_path):
+    from ldm_course.core import save_checkpoint
+    import torch
+    other = save_checkpoint(tmp_path / "other.safetensors", {"w": torch.zeros(1)})
+    code, _, err = run_main(["sample", "a red dress", "--checkpoint", str(other), "--out", str(tmp_path / "a.png")])
+    assert code == cli.EXIT_USAGE and "not a latent diffusion pipeline" in err
+
+
+@pytest.mark.parametrize("extra, message", [
+    (["--steps", "0"], "argument --steps: expected a positive integer, got 0"),
+    (["--steps", "-3"], "argument --steps"),
+    (["--steps", "ten"], "argument --steps"),
+    (["--guidance", "-1"], "argument --guidance: expected a finite number >= 0"),
+    (["--guidance", "nan"], "argument --guidance"),
+    (["--num-images", "0"], "argument --num-images"),
+    (["--seed", "-1"], "argument --seed"),
+    (["--profile", "fast"], "argument --profile"),
+    (["--out", "image.jpg"], "--out must name a .png file"),
+])
+def test_sample_bad_arguments_exit_2(extra, message, tmp_path, monkeypatch):
+    monkeypatch.setenv("LDM_COURSE_RUNS", str(tmp_path))   # no checkpoint: arguments are checked before looking for one
+    code, _, err = run_main(["sample", "a red dress", *extra])
+    assert code == cli.EXIT_USAGE and message in err, err
+
+
+def test_sample_empty_or_missing_prompt_exits_2():
+    code, _, err = run_main(["sample", "  "])
+    assert code == cli.EXIT_USAGE and "the prompt is empty" in err
+    code, _, err = run_main(["sample"])
+    assert code == cli.EXIT_USAGE and "the following arguments are required: prompt" in err
