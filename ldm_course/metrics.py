@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import math
 import time
 import warnings
 from collections.abc import Callable, Mapping, Sequence
@@ -35,9 +34,9 @@ from .training import TrainConfig, TrainHistory, Trainer
 __all__ = ['INCEPTION_WEIGHTS', 'JUDGE_FORMAT', 'EVAL_PRESETS', 'PROMPT_GROUPS', 'GenerateFn', 'ClassifierFeatures',
            'inception_status', 'fid_kid', 'real_baseline', 'GarmentJudgeConfig', 'GarmentJudge', 'GarmentJudgeLoss',
            'train_garment_judge', 'predict_garments', 'garment_accuracy', 'judge_checkpoint_path', 'save_judge',
-           'load_judge', 'cached_judge', 'EvalConfig', 'eval_config', 'steps_sweep', 'score_items',
-           'plot_quality_vs_steps', 'PromptSpec', 'AlignmentResult', 'prompt_alignment', 'evaluation_prompts',
-           'pipeline_generate', 'clip_score', 'plot_alignment']
+           'load_judge', 'cached_judge', 'EvalConfig', 'eval_config', 'steps_sweep', 'plot_quality_vs_steps',
+           'PromptSpec', 'AlignmentResult', 'prompt_alignment', 'evaluation_prompts', 'pipeline_generate', 'clip_score',
+           'plot_alignment']
 
 # %% ../nbs/11_evaluation.ipynb #29720458
 class ClassifierFeatures(nn.Module):
@@ -319,12 +318,12 @@ EVAL_PRESETS = {
     "smoke": EvalConfig(num_fid_samples=32, fid_steps=5, steps_curve=(2, 5, 10), curve_samples=12, curve_samples_1000=12,
                         prompt_samples=2, prompt_steps=5, guidance_scales=(1.0, 3.0), num_catalogue_prompts=3,
                         num_clothing_fid=24, judge_channels=(16, 32, 64),
-                        judge_train=TrainConfig(lr=3e-3, max_steps=40, warmup_steps=5, batch_size=32, ema_decay=0.9),
+                        judge_train=TrainConfig(lr=3e-3, max_steps=80, warmup_steps=10, batch_size=32, ema_decay=0.9),
                         batch_size=64),
     "cpu": EvalConfig(num_fid_samples=200, fid_steps=20, steps_curve=(10, 20, 50, 100, 1000), curve_samples=40,
                       curve_samples_1000=10, prompt_samples=4, prompt_steps=20, guidance_scales=(1.0, 3.0, 5.0),
-                      num_catalogue_prompts=6, num_clothing_fid=100,
-                      judge_train=TrainConfig(lr=3e-3, max_steps=300, warmup_steps=30, batch_size=64, ema_decay=0.99), batch_size=100),
+                      num_catalogue_prompts=6, num_clothing_fid=100, judge_image_size=64, judge_channels=(16, 32, 64, 128),
+                      judge_train=TrainConfig(lr=3e-3, max_steps=600, warmup_steps=30, batch_size=64, ema_decay=0.99), batch_size=100),
     "gpu": EvalConfig(num_fid_samples=5000, fid_steps=50, curve_samples=1000, curve_samples_1000=1000, prompt_samples=64,
                       prompt_steps=50, guidance_scales=(1.0, 2.0, 3.0, 5.0, 7.5), num_catalogue_prompts=20,
                       num_clothing_fid=2000, judge_image_size=64,
@@ -338,6 +337,8 @@ def eval_config(profile: str = "auto", # "auto", "smoke", "cpu" or "gpu"
     return EVAL_PRESETS[resolve_profile(profile)].replace(**overrides)
 
 # %% ../nbs/11_evaluation.ipynb #18356aad
+_BOOKKEEPING = ("sampler", "steps", "num_images", "seconds", "seconds_per_image")
+
 def steps_sweep(sample: Callable[[str, int, int], tuple[Tensor, Tensor]], # (sampler, steps, n) -> (images, labels)
                 points: Sequence[tuple[str, int, int]], # (sampler "ddpm"/"ddim", steps, number of images) to measure
                 score: Callable[[Tensor, Tensor], Mapping[str, float]], # (images, labels) -> named quality scores
@@ -353,12 +354,8 @@ def steps_sweep(sample: Callable[[str, int, int], tuple[Tensor, Tensor]], # (sam
         rows.append({"sampler": sampler, "steps": int(steps), "num_images": int(n), "seconds": seconds,
                      "seconds_per_image": seconds / n, **dict(score(images, labels))})
         if progress_fn: progress_fn(f"{sampler.upper()} {steps:>4} pas, {n} images : {seconds:.1f} s, "
-                                    + ", ".join(f"{k} {v:.3g}" for k, v in score_items(rows[-1])))
+                                    + ", ".join(f"{k} {v:.3g}" for k, v in rows[-1].items() if k not in _BOOKKEEPING))
     return pd.DataFrame(rows)
-
-def score_items(row: Mapping[str, Any]) -> list[tuple[str, float]]:
-    "The score columns of a steps_sweep row (everything but the bookkeeping)."
-    return [(k, v) for k, v in row.items() if k not in ("sampler", "steps", "num_images", "seconds", "seconds_per_image")]
 
 def plot_quality_vs_steps(table: pd.DataFrame, # from steps_sweep, with columns judge_accuracy and fid
                           fid_floor: Mapping[int, float], # N -> FID of real vs real at N images
@@ -392,7 +389,8 @@ def plot_quality_vs_steps(table: pd.DataFrame, # from steps_sweep, with columns 
     for ax in axes:
         ax.set_xscale("log"); ax.set_xticks(steps, [str(v) for v in steps]); ax.minorticks_off()
         ax.set_xlabel("nombre de pas"); ax.grid(alpha=0.3); ax.legend(fontsize=7)
-    axes[2].yaxis.set_major_formatter(matplotlib.ticker.FuncFormatter(lambda v, _: f"{v:g}"))
+    axes[2].yaxis.set_major_locator(matplotlib.ticker.LogLocator(base=10, subs=(1.0, 2.0, 5.0)))  # 1-2-5 ticks: readable on a narrow range
+    axes[2].yaxis.set_major_formatter(matplotlib.ticker.FuncFormatter(lambda v, _: f"{v:.3g}"))
     fig.suptitle(title)
     fig.tight_layout()
     return fig
@@ -430,10 +428,13 @@ class AlignmentResult(NamedTuple):
         groups = [g for g in PROMPT_GROUPS if (df["group"] == g).any()]
         return pd.DataFrame({**{g: agg(df[df["group"] == g]) for g in groups}, "overall": agg(df)}).T
 
+    def summary_dict(self) -> dict[str, dict]:
+        "The summary as {group: {num_prompts, num_images, type, colour, both}}, counts as ints (for JSON)."
+        return {g: {k: int(v) if k.startswith("num_") else float(v) for k, v in r.items()} for g, r in self.summary().iterrows()}
+
     def to_dict(self) -> dict:
         "JSON-friendly: summary by group and the per-prompt table."
-        return {"summary": {g: dict(r) for g, r in self.summary().iterrows()}, "per_prompt": self.per_prompt.to_dict("records"),
-                "seconds": round(self.seconds, 2)}
+        return {"summary": self.summary_dict(), "per_prompt": self.per_prompt.to_dict("records"), "seconds": round(self.seconds, 2)}
 
 @torch.no_grad()
 def prompt_alignment(generate: GenerateFn, # generate(prompts, seed) -> (len(prompts), 3, H, W) in [-1, 1]

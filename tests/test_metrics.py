@@ -2,6 +2,8 @@
 judge, prompt-alignment accounting and the judge cache. Each test fails if the behaviour it names breaks."""
 from __future__ import annotations
 
+import json
+
 import numpy as np
 import pytest
 import torch
@@ -12,8 +14,9 @@ from torchmetrics.image.kid import KernelInceptionDistance
 from ldm_course.core import make_generator
 from ldm_course.ddpm import ClassifierConfig, ImageClassifier
 from ldm_course.metrics import (
-    ClassifierFeatures, GarmentJudge, GarmentJudgeConfig, PromptSpec, cached_judge, evaluation_prompts, fid_kid,
-    garment_accuracy, load_judge, predict_garments, prompt_alignment, real_baseline, save_judge, train_garment_judge,
+    ClassifierFeatures, EvalConfig, GarmentJudge, GarmentJudgeConfig, PromptSpec, cached_judge, eval_config,
+    evaluation_prompts, fid_kid, garment_accuracy, judge_checkpoint_path, load_judge, predict_garments, prompt_alignment,
+    real_baseline, save_judge, steps_sweep, train_garment_judge,
 )
 from ldm_course.training import TrainConfig
 
@@ -101,14 +104,17 @@ def catalogue_judge(tmp_path_factory):
     "A clothing judge trained briefly on a small synthetic catalogue, with its held-out photos."
     from ldm_course.data import load_fashion, to_tensors
     root = tmp_path_factory.mktemp("data")
-    ds, _ = load_fashion(root, source="synthetic", size=CATALOGUE_SIZE, image_size=32, verbose=False)
+    ds, _ = load_fashion(root, source="synthetic", size=CATALOGUE_SIZE, image_size=24, verbose=False)
     images, _ = to_tensors(ds)
     types, type_names = ds.labels("articleType")
     colours, colour_names = ds.labels("baseColour")
     order = torch.randperm(len(images), generator=make_generator(0))
     test, train = order[:200], order[200:]
-    cfg = GarmentJudgeConfig(tuple(type_names), tuple(colour_names), image_size=32, channels=(16, 32, 64))
-    judge, _ = train_garment_judge(images[train], types[train], colours[train], cfg, JUDGE_RECIPE, device="cpu")
+    cfg = GarmentJudgeConfig(tuple(type_names), tuple(colour_names), image_size=24, channels=(8, 16, 32))
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)   # a tiny CNN: one thread is faster, and much faster on a busy machine
+    try: judge, _ = train_garment_judge(images[train], types[train], colours[train], cfg, JUDGE_RECIPE, device="cpu")
+    finally: torch.set_num_threads(threads)
     return judge, images[test], types[test], colours[test]
 
 
@@ -121,7 +127,7 @@ def test_judge_reaches_high_accuracy_on_the_synthetic_catalogue(catalogue_judge)
     acc = garment_accuracy(judge, images, types, colours)
     assert acc["num_both"] == len(images)
     assert acc["colour"] > 0.9, acc
-    assert acc["type"] > 0.6, acc   # 10 garment types: chance is 10 %
+    assert acc["type"] > 0.5, acc   # 10 garment types: chance is 10 % (about 0.68 after this small run)
 
 
 def test_alignment_accounting_with_catalogue_images_of_the_right_or_wrong_class(catalogue_judge):
@@ -182,6 +188,8 @@ def test_alignment_counts_type_colour_and_both_separately_per_group_with_fixed_s
     assert res.samples.shape == (2, 4, 3, 8, 8)
     d = res.to_dict()
     assert d["summary"]["held-out"]["both"] == 0.5 and len(d["per_prompt"]) == 2
+    assert d["summary"]["overall"]["num_images"] == 8 and isinstance(d["summary"]["overall"]["num_images"], int)
+    json.dumps(d)   # what the chapter writes to its metrics file
     with pytest.raises(ValueError, match="unknown to the judge"):
         prompt_alignment(generate, [PromptSpec("x", "Skirts", "Red")], judge)
     with pytest.raises(ValueError, match="expected a \\(B, 3, H, W\\) tensor"):
@@ -193,7 +201,7 @@ def test_evaluation_prompts_groups():
     specs = evaluation_prompts(pairs, held_out=[("Skirts", "Green")], num_catalogue=2, seed=0)
     groups = [s.group for s in specs]
     assert groups.count("held-out") == 1 and groups.count("catalogue") == 2
-    assert {s.prompt for s in specs if s.group == "seed"} == {"a red dress", "blue T-Shirt", "black dress"}  # pairs present only
+    assert {s.prompt for s in specs if s.group == "seed"} == {"a red dress", "blue T-Shirt", "black dress"}  # known type and colour only
     assert ("Skirts", "Green") in {(s.article_type, s.colour) for s in specs if s.group == "held-out"}
     assert specs == evaluation_prompts(pairs, held_out=[("Skirts", "Green")], num_catalogue=2, seed=0)   # seeded
 
@@ -212,3 +220,52 @@ def test_judge_checkpoint_round_trip_and_cache_key(tmp_path):
     for key in ({"v": (1, 2)}, {"v": (1, 2)}, {"v": 3}):
         cached_judge(tmp_path / "c.safetensors", key, train)
     assert len(calls) == 2   # tuples compare equal to the lists they become in JSON
+
+
+# ---------------------------------------------------------------- bad inputs, sweeps and configs
+
+def test_bad_inputs_raise_clear_errors(tmp_path):
+    from ldm_course.core import save_checkpoint
+    x = gaussians(10)
+    with pytest.raises(ValueError, match="kid_subset_size must be in \\[2, 10\\]"): fid_kid(x, x, Identity(6), kid_subset_size=11)
+    with pytest.raises(ValueError, match="num_features must be a positive int"): ClassifierFeatures(nn.Linear(2, 2))
+    with pytest.raises(ValueError, match="at least 2 distinct"): GarmentJudgeConfig(("a", "a"), ("b", "c"))
+    with pytest.raises(ValueError, match="image_size must be in"): GarmentJudgeConfig(("a", "b"), ("c", "d"), image_size=4)
+    with pytest.raises(ValueError, match="Unknown prompt group 'seen'"): PromptSpec("a red dress", "Dresses", "Red", "seen")
+    cfg = GarmentJudgeConfig(("a", "b"), ("c", "d"), image_size=8, channels=(4,), feature_dim=4)
+    images = torch.zeros(4, 3, 8, 8)
+    with pytest.raises(ValueError, match="4 images but 3 type"):
+        train_garment_judge(images, torch.zeros(3), torch.zeros(4), cfg, JUDGE_RECIPE)
+    with pytest.raises(ValueError, match="colour labels must be in \\[-1, 2\\)"):
+        train_garment_judge(images, torch.zeros(4), torch.tensor([0, 1, 2, 0]), cfg, JUDGE_RECIPE)
+    with pytest.raises(ValueError, match="expected RGB images"): GarmentJudge(cfg).features(torch.zeros(2, 1, 8, 8))
+    with pytest.raises(ValueError, match="num_samples must be >= 1"): prompt_alignment(lambda p, s: None, [], GarmentJudge(cfg), num_samples=0)
+    with pytest.raises(ValueError, match="prompts is empty"): prompt_alignment(lambda p, s: None, [], GarmentJudge(cfg))
+    other = save_checkpoint(tmp_path / "other.safetensors", {"w": torch.zeros(1)}, {"format": "something-else"})
+    with pytest.raises(ValueError, match="is not a judge file"): load_judge(other)
+    with pytest.raises(TypeError, match="ImageClassifier or a GarmentJudge"): save_judge(tmp_path / "j.safetensors", nn.Linear(2, 2))
+    with pytest.raises(ValueError, match="plain non-empty name"): judge_checkpoint_path("a/b", "smoke")
+
+
+def test_steps_sweep_times_each_point_and_checks_the_image_count():
+    calls = []
+    def sample(sampler, steps, n):
+        calls.append((sampler, steps, n))
+        return torch.full((n, 1, 2, 2), float(steps)), torch.zeros(n, dtype=torch.long)
+    table = steps_sweep(sample, [("ddim", 10, 3), ("ddpm", 1000, 2)], lambda x, y: {"mean": float(x.mean())}, progress_fn=None)
+    assert calls == [("ddim", 10, 3), ("ddpm", 1000, 2)]
+    assert list(table.columns) == ["sampler", "steps", "num_images", "seconds", "seconds_per_image", "mean"]
+    assert table["mean"].tolist() == [10.0, 1000.0] and table["num_images"].tolist() == [3, 2]
+    assert (table["seconds_per_image"] * table["num_images"] - table["seconds"]).abs().max() < 1e-12
+    with pytest.raises(ValueError, match="returned 1 images, expected 3"):
+        steps_sweep(lambda s, t, n: (torch.zeros(1, 1, 2, 2), None), [("ddim", 5, 3)], lambda x, y: {}, progress_fn=None)
+
+
+def test_eval_config_presets_round_trip_and_scale_with_the_profile():
+    configs = {p: eval_config(p) for p in ("smoke", "cpu", "gpu")}
+    for c in configs.values(): assert EvalConfig.from_dict(json.loads(c.to_json())) == c
+    assert configs["smoke"].num_fid_samples < configs["cpu"].num_fid_samples < configs["gpu"].num_fid_samples
+    assert configs["gpu"].steps_curve == (10, 20, 50, 100, 1000)   # the curve the issue asks for
+    assert configs["cpu"].judge_image_size == 64                    # 32 px cannot tell jeans from trousers
+    assert eval_config("smoke", prompt_samples=7).prompt_samples == 7
+    with pytest.raises(ValueError, match="heldout_fraction"): EvalConfig(heldout_fraction=1.0)
