@@ -9,6 +9,7 @@ timed too: latent diffusion pays it once per image (chapter 07 caches the latent
 
     python bench/bench_latent_vs_pixel.py                 # CPU (or CUDA when present)
     python bench/bench_latent_vs_pixel.py --batch-size 32 --repeats 5
+    python bench/bench_latent_vs_pixel.py --profile smoke --batch-size 2 --repeats 1 --out-dir /tmp/b   # check that it runs
 
 Target: latent step ≥ 4× faster than the pixel step. Writes bench/results/latent_vs_pixel_<device>.json and .md.
 """
@@ -96,7 +97,7 @@ def markdown(results: list[dict], encode: dict, info: dict) -> str:
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--device", default=None, help="cpu, cuda (default: cuda when present, else cpu)")
-    p.add_argument("--profile", default=None, help="U-Net preset: cpu or gpu (default: gpu on CUDA, else cpu)")
+    p.add_argument("--profile", default=None, help="U-Net preset: smoke, cpu or gpu (default: gpu on CUDA, else cpu)")
     p.add_argument("--batch-size", type=int, default=None, help="default 16 on CPU, 128 on GPU")
     p.add_argument("--repeats", type=int, default=3, help="timed steps per model (median reported)")
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
@@ -125,7 +126,8 @@ def main(argv=None):
                "results": results, "vae_encode": encode, "seconds": round(time.perf_counter() - start, 1)}
     paths = write_result(f"latent_vs_pixel_{device.type}", payload, table, Path(args.out_dir) if args.out_dir else RESULTS_DIR)
     print(f"wrote {paths[0]} and {paths[1].name}")
+    return 0
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

@@ -10,11 +10,16 @@ of images gives both measures:
 - FID / KID against those N real photos in the judge's feature space, with the real-vs-real floor at N.
 
 Wall time covers the whole generation (text encoding, the sampling loop, VAE decoding), per image.
+DDPM-1000 is the pipeline's own sampler run with η = 1 over all 1000 training timesteps: DDIM with η = 1 and no
+skipped step is exactly the ancestral DDPM chain (posterior variance β̃_t, Song et al. 2021 §4.1), so both samplers
+share the pipeline's guidance code and its z_T.
 
     python bench/bench_sampling.py                           # CPU (or CUDA when present), profile cpu (gpu on CUDA)
     python bench/bench_sampling.py --num-images 500 --chapter 09_ldm_additive
+    python bench/bench_sampling.py --profile smoke --num-images 2 --ddpm-steps 20 --ddim-steps 5 --out-dir /tmp/b  # check it runs
 
-Needs the pipelines of chapters 09/10 and the judge of chapter 11 for the profile (run the notebooks first).
+Needs the pipelines of chapters 09/10 and the judge of chapter 11 for the profile (run the notebooks first); without
+them it says which file is missing and exits with status 2, writing nothing.
 Targets: DDIM-50 ≥ 18× faster than DDPM-1000, with at most 3 points of prompt accuracy lost.
 Writes bench/results/sampling_<device>.json and .md.
 """
@@ -32,26 +37,17 @@ from machine import RESULTS_DIR, describe, machine_description, pick_device, syn
 
 from ldm_course.core import make_generator  # noqa: E402
 from ldm_course.data import load_fashion  # noqa: E402
-from ldm_course.ldm import LatentDiffusionPipeline, ldm_checkpoint_path, text_guidance  # noqa: E402
+from ldm_course.ldm import LatentDiffusionPipeline, ldm_checkpoint_path  # noqa: E402
 from ldm_course.metrics import (  # noqa: E402
     ClassifierFeatures, PromptSpec, fid_kid, judge_checkpoint_path, load_judge, prompt_alignment, real_baseline,
 )
-from ldm_course.scheduler import DDPMSampler  # noqa: E402
 
 TARGET_SPEEDUP, TARGET_ACCURACY_LOSS = 18.0, 0.03
 
 
-@torch.inference_mode()
 def ddpm_generate(pipe: LatentDiffusionPipeline, prompts: list[str], steps: int, guidance_scale: float, seed: int) -> torch.Tensor:
-    "The pipeline with the ancestral DDPM sampler instead of DDIM: same text guidance, same z_T for the same seed."
-    emb = pipe.encode_prompts(prompts)
-    model_fn = text_guidance(pipe.unet, emb, pipe.null_embedding, guidance_scale)
-    sampler = DDPMSampler(pipe.scheduler, clip_sample=False, timestep_spacing=pipe.config.timestep_spacing)
-    shape = (len(prompts), *pipe.latent_shape)
-    generator = make_generator(seed)
-    x_T = sampler.initial_noise(shape, generator, device="cpu").to(pipe.device)  # drawn as the pipeline draws it
-    z0 = sampler.sample(model_fn, shape, generator, x_T=x_T, num_inference_steps=steps)
-    return pipe.decode(z0).cpu()
+    "Ancestral DDPM through the pipeline: DDIM with η = 1 (σ_t² = β̃_t) on `steps` timesteps; same z_T for the same seed."
+    return pipe(prompts, num_inference_steps=steps, guidance_scale=guidance_scale, seed=seed, eta=1.0).images
 
 
 def timed_generator(generate, device):
@@ -82,7 +78,7 @@ def heldout_photos(judge_meta: dict, profile: str, image_size: int, n: int):
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--device", default=None, help="cpu, cuda (default: cuda when present, else cpu)")
-    p.add_argument("--profile", default=None, help="whose checkpoints: cpu or gpu (default: gpu on CUDA, else cpu)")
+    p.add_argument("--profile", default=None, help="whose checkpoints: smoke, cpu or gpu (default: gpu on CUDA, else cpu)")
     p.add_argument("--chapter", default=None, help="10_cross_attention or 09_ldm_additive (default: 10 if present, else 09)")
     p.add_argument("--num-images", type=int, default=None, help="images per sampler (default 24 on CPU, 500 on GPU)")
     p.add_argument("--ddim-steps", type=int, default=50)
@@ -104,8 +100,12 @@ def main(argv=None):
     chapters = [args.chapter] if args.chapter else ["10_cross_attention", "09_ldm_additive"]
     path = next((ldm_checkpoint_path(c, profile) for c in chapters if ldm_checkpoint_path(c, profile).is_file()), None)
     judge_path = judge_checkpoint_path("fashion", profile)
-    if path is None: raise SystemExit(f"no pipeline {[str(ldm_checkpoint_path(c, profile)) for c in chapters]}: run chapters 09/10 with profile {profile}")
-    if not judge_path.is_file(): raise SystemExit(f"no clothing judge {judge_path}: run chapter 11 with profile {profile}")
+    missing = ([f"no latent pipeline ({', '.join(str(ldm_checkpoint_path(c, profile)) for c in chapters)}): run chapter(s) "
+                f"{'/'.join(c[:2] for c in chapters)} with profile {profile}"] if path is None else []) + \
+              ([f"no clothing judge ({judge_path}): run chapter 11 with profile {profile}"] if not judge_path.is_file() else [])
+    if missing:
+        print("bench_sampling: nothing measured, " + "; ".join(missing), file=sys.stderr)
+        return 2
     start = time.perf_counter()
     pipe = LatentDiffusionPipeline.load(path, device=device)
     judge, judge_meta = load_judge(judge_path, device)
@@ -155,7 +155,8 @@ def main(argv=None):
                "seconds": round(time.perf_counter() - start, 1)}
     paths = write_result(f"sampling_{device.type}", payload, table + "\n", Path(args.out_dir) if args.out_dir else RESULTS_DIR)
     print(f"wrote {paths[0]} and {paths[1].name}")
+    return 0
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

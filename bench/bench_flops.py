@@ -10,6 +10,8 @@ Variants measured per U-Net: memory format (contiguous, channels_last) and AdamW
 
     python bench/bench_flops.py                       # CPU (or CUDA when present): latent and CIFAR10 U-Nets
     python bench/bench_flops.py --configs latent --batch-size 64 --repeats 5
+    python bench/bench_flops.py --configs latent --profile smoke --batch-size 2 --repeats 1 --formats contiguous \
+        --optimizers foreach --peak-sizes 256 --out-dir /tmp/b                      # check that it runs (seconds)
 
 Target on CPU: ≥ 35 % of the matmul peak. Writes bench/results/flops_<device>.json and .md.
 """
@@ -90,10 +92,12 @@ def main(argv=None):
     p.add_argument("--repeats", type=int, default=3, help="timed steps per variant (median reported)")
     p.add_argument("--formats", default="contiguous,channels_last", help="memory formats to try")
     p.add_argument("--optimizers", default="foreach,fused", help="AdamW implementations to try")
+    p.add_argument("--peak-sizes", default="1024,2048", help="sizes n of the n×n fp32 matmuls that measure the peak")
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
     p.add_argument("--out-dir", default=None, help="default bench/results")
     args = p.parse_args(argv)
     device = pick_device(args.device)
+    peak_sizes = tuple(int(n) for n in args.peak_sizes.split(","))
     if args.threads: torch.set_num_threads(args.threads)
     profile = args.profile or ("gpu" if device.type == "cuda" else "cpu")
     batch_size = args.batch_size or (128 if device.type == "cuda" else 32)
@@ -104,17 +108,21 @@ def main(argv=None):
     print(describe(info), flush=True)
 
     start = time.perf_counter()
-    peaks = [matmul_peak(device)]
+    peaks = [matmul_peak(device, peak_sizes)]
     print(f"fp32 matmul peak: {peaks[0]['gflops']:.1f} GFLOP/s", flush=True)
     rows = []
+    formats, optimizers = args.formats.split(","), args.optimizers.split(",")
+    for bad, allowed, what in ((set(formats) - {"contiguous", "channels_last"}, ("contiguous", "channels_last"), "formats"),
+                               (set(optimizers) - {"foreach", "fused"}, ("foreach", "fused"), "optimizers")):
+        if bad: p.error(f"unknown {what} {sorted(bad)}; expected some of {list(allowed)}")
     for name in names:
-        for fmt in args.formats.split(","):
-            for opt in args.optimizers.split(","):
+        for fmt in formats:
+            for opt in optimizers:
                 rows.append(measure(name, profile, batch_size, fmt, opt, args.repeats, device))
                 r = rows[-1]
                 print(f"{name} {fmt} {opt}: {r['gflop_per_step']:.1f} GFLOP/step, {r['seconds_per_step']:.3f} s/step, "
                       f"{r['attained_gflops']:.1f} GFLOP/s", flush=True)
-    peaks.append(matmul_peak(device))   # the machine may be busier or quieter now: keep the higher peak
+    peaks.append(matmul_peak(device, peak_sizes))   # the machine may be busier or quieter now: keep the higher peak
     peak = max(p["gflops"] for p in peaks)
     for r in rows: r["fraction_of_peak"] = r["attained_gflops"] / peak
     best = max(rows, key=lambda r: r["fraction_of_peak"])
@@ -125,7 +133,8 @@ def main(argv=None):
                "target_met": best["fraction_of_peak"] >= TARGET_FRACTION, "results": rows, "seconds": round(time.perf_counter() - start, 1)}
     paths = write_result(f"flops_{device.type}", payload, table, Path(args.out_dir) if args.out_dir else RESULTS_DIR)
     print(f"wrote {paths[0]} and {paths[1].name}")
+    return 0
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

@@ -1,0 +1,143 @@
+"""The benchmark scripts of bench/ run end to end with their tiniest settings and write the JSON and markdown that
+bench/run_all.py summarises. These tests check that the scripts work, not the numbers (the lead measures those on
+an idle machine); each fails if a script crashes, writes nothing, or writes a file run_all.py cannot read."""
+from __future__ import annotations
+
+import importlib
+import json
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+BENCH = Path(__file__).resolve().parents[1] / "bench"
+
+
+def bench_module(name: str):
+    "Import bench/<name>.py as a module (the scripts import their sibling machine.py)."
+    if str(BENCH) not in sys.path: sys.path.insert(0, str(BENCH))
+    return importlib.import_module(name)
+
+
+@pytest.fixture(scope="module")
+def one_thread():
+    "Tiny models on a shared 2-core machine: one thread avoids OpenMP oversubscription (10-20× slower when busy)."
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module")
+def results(tmp_path_factory, one_thread):
+    "Run bench_flops and bench_latent_vs_pixel once with the tiniest settings; their output folder."
+    out = tmp_path_factory.mktemp("bench")
+    flops = bench_module("bench_flops").main(["--device", "cpu", "--configs", "latent", "--profile", "smoke", "--batch-size", "2",
+                                              "--repeats", "1", "--formats", "contiguous", "--optimizers", "foreach",
+                                              "--peak-sizes", "128", "--out-dir", str(out)])
+    latent = bench_module("bench_latent_vs_pixel").main(["--device", "cpu", "--profile", "smoke", "--batch-size", "2",
+                                                         "--repeats", "1", "--out-dir", str(out)])
+    assert (flops, latent) == (0, 0)
+    return out
+
+
+def test_flops_benchmark_writes_attained_gflops_against_the_measured_peak(results):
+    r = json.loads((results / "flops_cpu.json").read_text())
+    assert r["benchmark"] == "flops" and r["machine"]["device"] == "cpu" and r["matmul_peak_gflops"] > 0
+    assert len(r["results"]) == 1   # one config × one format × one optimizer
+    row = r["results"][0]
+    assert row["gflop_per_step"] > 0 and row["seconds_per_step"] > 0
+    assert row["attained_gflops"] == pytest.approx(row["gflop_per_step"] / row["seconds_per_step"])
+    assert row["fraction_of_peak"] == pytest.approx(row["attained_gflops"] / r["matmul_peak_gflops"])
+    assert r["target_met"] == (r["best"]["fraction_of_peak"] >= 0.35)
+    md = (results / "flops_cpu.md").read_text()
+    assert "% of peak" in md and md.count("\n| latent") == 1
+
+
+def test_flop_count_of_a_step_is_forward_plus_backward():
+    "FlopCounterMode on a conv net: the backward costs about twice the forward (grads of inputs and of weights)."
+    flops = bench_module("bench_flops")
+    from torch.utils.flop_counter import FlopCounterMode
+    net = torch.nn.Conv2d(4, 8, 3, padding=1)
+    x = torch.randn(2, 4, 8, 8, requires_grad=True)
+    with FlopCounterMode(display=False) as fwd: net(x)
+    forward = fwd.get_total_flops()
+    assert forward == 2 * 2 * 8 * 8 * 8 * 4 * 9   # 2 FLOPs per multiply-add
+
+    class Model(torch.nn.Module):   # the (x, t) signature of the U-Nets
+        def __init__(self): super().__init__(); self.conv = torch.nn.Conv2d(4, 4, 3, padding=1)
+        def forward(self, x, t): return self.conv(x)
+    model, x4 = Model(), torch.randn(2, 4, 8, 8)
+    step = flops.step_flops(model, x4, torch.zeros(2, dtype=torch.long))
+    one_forward = 2 * 2 * 8 * 8 * 4 * 4 * 9
+    assert step == 2 * one_forward   # x4 needs no grad: forward + weight gradient only
+
+
+def test_latent_vs_pixel_benchmark_times_both_inputs_with_and_without_attention(results):
+    r = json.loads((results / "latent_vs_pixel_cpu.json").read_text())
+    assert r["benchmark"] == "latent_vs_pixel" and len(r["results"]) == 2
+    first = r["results"][0]
+    assert first["input_shape"] == {"latent": [4, 16, 16], "pixel": [3, 64, 64]}
+    assert first["speedup"] == pytest.approx(first["seconds_per_step"]["pixel"] / first["seconds_per_step"]["latent"])
+    assert r["speedup"] == first["speedup"] and r["target_met"] == (r["speedup"] >= 4)
+    assert not r["results"][1]["config"]["attention_levels"] and not r["results"][1]["config"]["mid_attention"]
+    assert r["vae_encode"]["seconds_per_image"] > 0
+    assert "speed-up" in (results / "latent_vs_pixel_cpu.md").read_text()
+
+
+def test_sampling_benchmark_says_what_is_missing_and_writes_nothing(tmp_path, monkeypatch, capsys):
+    monkeypatch.setenv("LDM_COURSE_RUNS", str(tmp_path / "runs"))   # no pipeline, no judge there
+    status = bench_module("bench_sampling").main(["--device", "cpu", "--profile", "smoke", "--out-dir", str(tmp_path / "out")])
+    err = capsys.readouterr().err
+    assert status == 2
+    assert "no latent pipeline" in err and "10_cross_attention" in err and "no clothing judge" in err
+    assert not (tmp_path / "out").exists()
+
+
+def test_run_all_summary_reads_every_result_file(results):
+    run_all = bench_module("run_all")
+    unet = {"meta": {}, "results": [{"name": "mnist", "timings": {   # the shape bench_unet.py writes
+        "ours contiguous": {"images_per_s_median": 30.0}, "ours channels_last": {"images_per_s_median": 45.0},
+        "diffusers contiguous": {"images_per_s_median": 30.0}, "diffusers channels_last": {"images_per_s_median": 35.0}}}]}
+    (results / "unet_cpu.json").write_text(json.dumps(unet))
+    assert run_all.main(["--summary-only", "--out-dir", str(results)]) == 0
+    (results / "unet_cpu.json").unlink()
+    md = (results / "summary.md").read_text()
+    assert "| Attained FLOP/s of a training step | `flops_cpu.json` |" in md
+    assert "| Latent vs pixel diffusion: training step | `latent_vs_pixel_cpu.json` |" in md
+    assert "| Sampling: DDIM-50 vs DDPM-1000 | — | not measured |" in md   # no result file: said, not hidden
+    assert "45.0 img/s (ours channels_last) vs 30.0 (diffusers contiguous), 1.50×" in md and "≥ 1.3× (best of ours vs diffusers contiguous): met" in md
+    summary = json.loads((results / "summary.json").read_text())
+    assert set(summary["benchmarks"]) == {"flops", "latent_vs_pixel", "unet"}
+    with pytest.raises(SystemExit): run_all.main(["--only", "nonsense", "--out-dir", str(results)])
+
+
+def test_sampling_benchmark_with_a_tiny_untrained_pipeline_and_judge(tmp_path, monkeypatch, one_thread):
+    "End to end: a smoke-sized pipeline and judge saved where the chapters save them; DDIM and DDPM both scored."
+    from ldm_course.data import load_fashion
+    from ldm_course.ldm import LatentDiffusionPipeline, build_ldm_scheduler, build_ldm_unet, ldm_checkpoint_path, ldm_config
+    from ldm_course.metrics import GarmentJudge, GarmentJudgeConfig, judge_checkpoint_path, save_judge
+    from ldm_course.text import load_text_encoder
+    from ldm_course.vae import build_vae, vae_config
+    monkeypatch.setenv("LDM_COURSE_RUNS", str(tmp_path / "runs"))
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    encoder = load_text_encoder("auto", device="cpu", allow_download=False, verbose=False)
+    cfg = ldm_config("smoke", cond_dim=encoder.dim)
+    torch.manual_seed(0)
+    vae = build_vae(vae_config("kl", "smoke"))
+    LatentDiffusionPipeline(vae, build_ldm_unet(cfg), encoder, build_ldm_scheduler(cfg), cfg).save(ldm_checkpoint_path("09_ldm_additive", "smoke"))
+    catalogue, _ = load_fashion(profile="smoke", verbose=False)
+    judge = GarmentJudge(GarmentJudgeConfig(tuple(sorted(set(catalogue.records["articleType"]))),
+                                            tuple(sorted(set(catalogue.records["baseColour"]))), image_size=16, channels=(4,), feature_dim=8))
+    save_judge(judge_checkpoint_path("fashion", "smoke"), judge, {"cache_key": {"split_seed": 0, "heldout_fraction": 0.2}})
+    out = tmp_path / "out"
+    status = bench_module("bench_sampling").main(["--device", "cpu", "--profile", "smoke", "--num-images", "3", "--ddim-steps", "4",
+                                                  "--ddpm-steps", "20", "--out-dir", str(out)])
+    assert status == 0
+    r = json.loads((out / "sampling_cpu.json").read_text())
+    assert set(r["results"]) == {"ddim-4", "ddpm-20"} and r["num_images"] == 3
+    assert r["speedup"] == pytest.approx(r["results"]["ddpm-20"]["seconds_per_image"] / r["results"]["ddim-4"]["seconds_per_image"])
+    assert r["speedup"] > 1   # 20 steps cost more than 4, even at this size
+    assert r["results"]["ddim-4"]["num_fake"] == 3 and r["real_vs_real"]["num_real"] == 3
+    assert "real vs real" in (out / "sampling_cpu.md").read_text()
