@@ -32,14 +32,15 @@ from ldm_course.core import (
 # %% auto #0
 __all__ = ['CHAPTER_TITLES', 'SHORT_TITLES', 'NBSP', 'DATASET_NAMES', 'SOURCE_NAMES', 'SPLIT_NAMES', 'SKIP_NAMES',
            'JINJA_DELIMITERS', 'PROFILE_DESCRIPTIONS', 'METRIC_LABELS', 'TEXT_ENCODERS', 'SUMMARY_COLUMNS',
-           'FIGURE_CAPTIONS', 'LOSS_FIRST', 'LOSS_LAST', 'MONTHS', 'LATEX_HEADER', 'HTML_STYLE', 'FIG1_NAME',
-           'FIG3_NAME', 'chapter_metrics', 'lookup', 'missing', 'format_value', 'md_escape', 'is_data_source',
-           'find_data_sources', 'describe_data_source', 'git_commit', 'machine_description', 'collect_values',
-           'UNetSketch', 'unet_sketch', 'draw_unet', 'draw_ldm_architecture', 'ModelConfig', 'unet_config_in',
-           'find_unet_config', 'text_encoder_name', 'flatten_metrics', 'metric_label', 'ReportContext',
-           'run_conditions', 'pipeline_stages', 'report_environment', 'render_report', 'ReportBuildError',
-           'pandoc_path', 'run_pandoc', 'first_latex_error', 'run_latexmk', 'report_dir', 'draw_report_figures',
-           'ReportFiles', 'build_report']
+           'FIGURE_CAPTIONS', 'LOSS_FIRST', 'LOSS_LAST', 'MONTHS', 'METHODS', 'METHOD_KEYS', 'PROMPT_GROUPS',
+           'FID_ROWS', 'SAMPLER_NAMES', 'LATEX_HEADER', 'HTML_STYLE', 'FIG1_NAME', 'FIG3_NAME', 'chapter_metrics',
+           'lookup', 'missing', 'format_value', 'md_escape', 'is_data_source', 'find_data_sources',
+           'describe_data_source', 'git_commit', 'machine_description', 'collect_values', 'UNetSketch', 'unet_sketch',
+           'draw_unet', 'draw_ldm_architecture', 'ModelConfig', 'unet_config_in', 'find_unet_config',
+           'text_encoder_name', 'flatten_metrics', 'metric_label', 'ReportContext', 'percent', 'method_key',
+           'alignment_rows', 'best_alignment', 'colour_rows', 'steps_rows', 'run_conditions', 'pipeline_stages',
+           'report_environment', 'render_report', 'ReportBuildError', 'pandoc_path', 'run_pandoc', 'first_latex_error',
+           'run_latexmk', 'report_dir', 'draw_report_figures', 'ReportFiles', 'build_report']
 
 # %% ../nbs/13_report.ipynb #aa1823a3
 CHAPTER_TITLES = {  # chapter number -> what it is about (French), to say which chapter will produce a missing value
@@ -511,6 +512,14 @@ FIGURE_CAPTIONS = {  # file -> (chapter, French caption) of the chapters' figure
     "fig_vae_latents.png": ("07", "Canaux de l'espace latent"),
     "fig_vae_interpolation.png": ("07", "Interpolation entre deux vêtements : en pixels et dans l'espace latent"),
     "fig_texte_similarites.png": ("08", "Similarités entre requêtes et légendes du catalogue dans l'espace du texte"),
+    "fig_ldm_additif_perte.png": ("09", "Perte d'entraînement du modèle latent à conditionnement additif"),
+    "fig_ldm_additif_predictions.png": ("09", "Prédictions $\\hat z_0$ décodées le long de la chaîne de débruitage"),
+    "fig_ldm_additif_echantillons.png": ("09", "Vêtements générés par le modèle latent additif"),
+    "fig_cross_attention_perte.png": ("10", "Perte d'entraînement du modèle latent avec cross-attention"),
+    "fig_additif_vs_cross_attention.png": ("10", "Mêmes requêtes, mêmes graines : conditionnement additif contre cross-attention"),
+    "fig_cross_attention_guidage.png": ("10", "Effet de l'échelle de guidage $w$, pour les deux méthodes"),
+    "fig_alignement_prompts.png": ("11", "Fidélité au texte selon l'échelle de guidage, par groupe de requêtes"),
+    "fig_qualite_vs_pas.png": ("11", "Qualité et coût selon le nombre de pas, DDPM contre DDIM"),
 }
 
 LOSS_FIRST = ("train.loss_first_20", "initial_loss", "train.initial_loss")  # metric paths of the loss at the start
@@ -518,7 +527,8 @@ LOSS_LAST = ("train.loss_last_20", "final_loss", "train.final_loss", "loss_last_
 MONTHS = ("janvier", "février", "mars", "avril", "mai", "juin", "juillet", "août", "septembre", "octobre", "novembre", "décembre")
 
 # %% ../nbs/13_report.ipynb #eb9563d2
-_SKIPPED_KEYS = {"chapter", "profile", "config", "checkpoint"}
+_SKIPPED_KEYS = {"chapter", "profile", "config", "checkpoint",  # shown elsewhere, or too detailed for a list of measures:
+                 "colour_fidelity_by_base_colour", "colour_error_by_base_colour", "colour_pca"}  # chapter 07's colour table
 
 def flatten_metrics(values: Mapping, # one chapter's metrics
                     prefix: str = "", # path of `values` inside the chapter's metrics
@@ -527,16 +537,20 @@ def flatten_metrics(values: Mapping, # one chapter's metrics
     rows = []
     for key, value in values.items():
         path = f"{prefix}{key}"
-        if key in _SKIPPED_KEYS or key.endswith("_config") or is_data_source(value): continue
+        if key in _SKIPPED_KEYS or key.endswith(("_config", "_checkpoint")) or is_data_source(value): continue
         if isinstance(value, Mapping): rows += flatten_metrics(value, path + ".")
         else: rows.append((path, value))
     return rows
 
+def _breakable(path: str) -> str:
+    "A metric path escaped for Markdown, with zero-width spaces after dots and underscores so a narrow PDF column can wrap it."
+    return md_escape(path).replace(".", ".\u200b").replace("\\_", "\\_\u200b")
+
 def metric_label(path: str) -> str:
-    "French label of a dotted metric path: the known name of its last key, with its group; else the path as code."
+    "French label of a dotted metric path: the known name of its last key, with its group; else the (breakable) path."
     *group, last = path.split(".")
-    if last not in METRIC_LABELS: return f"`{path}`"
-    return METRIC_LABELS[last] + (f" ({md_escape('.'.join(group))})" if group else "")
+    if last not in METRIC_LABELS: return _breakable(path)
+    return METRIC_LABELS[last] + (f" ({_breakable('.'.join(group))})" if group else "")
 
 # %% ../nbs/13_report.ipynb #dc806e33
 class ReportContext:
@@ -639,7 +653,7 @@ class ReportContext:
     @property
     def text_encoder(self) -> str:
         "Name and width of the text encoder chapter 08 used (Markdown), or 'non mesuré (chapitre 08)'."
-        name = text_encoder_name(self.chapter("08"))
+        name = text_encoder_name(self.chapter("08")) or text_encoder_name(self.chapter("10")) or text_encoder_name(self.chapter("09"))
         if name is None: return missing("08")
         dim = self.value("08", "dim", "token_dim", "text_encoder.dim")
         return f"**{md_escape(name)}**" + (f", vecteurs de dimension {format_value(dim)}" if dim else "")
@@ -676,7 +690,7 @@ class ReportContext:
             if filename not in self.used_figures: self.used_figures.append(filename)
             return f"![Figure {n} – {caption}](figures/{filename}){{#{label} width={width}}}"
         return (f"> **Figure {n} – {caption}**\\\n> *Figure non produite pour l'instant : le chapitre {chapter} "
-                f"({CHAPTER_TITLES.get(chapter, '')}) crée le fichier* `{filename}`.")
+                f"({CHAPTER_TITLES.get(chapter, '')}) crée le fichier*\\\n> `{filename}`")  # own line: a long name cannot overflow
 
     def other_figures(self) -> list[str]:
         "The chapters' figures (fig*.png) not included so far: known ones in FIGURE_CAPTIONS order, then the others."
@@ -703,7 +717,7 @@ class ReportContext:
         if len(align) != len(header): raise ValueError(f"align {align!r} needs one letter per column ({len(header)})")
         cells = [[v if isinstance(v, str) else md_escape(format_value(v)) for v in row] for row in rows]
         # pandoc sizes the columns of a wide table by the dashes of the rule line: make them follow the content
-        widths = [min(40, max(18, 2 + len(h), *(2 + len(row[i]) for row in cells))) for i, h in enumerate(header)]
+        widths = [min(40, max(8, 4 + len(h), *(2 + len(row[i]) for row in cells))) for i, h in enumerate(header)]
         rule = lambda a, n: {"l": ":" + "-" * (n - 1), "r": "-" * (n - 1) + ":", "c": ":" + "-" * (n - 2) + ":"}[a]
         lines = ["| " + " | ".join(header) + " |", "|" + "|".join(rule(a, n) for a, n in zip(align, widths)) + "|"]
         lines += ["| " + " | ".join(row) + " |" for row in cells]
@@ -718,7 +732,8 @@ class ReportContext:
         if values is None:
             n = self._number("table", label)  # keeps the numbering of the other tables stable
             return f"> **Tableau {n} – {caption}**\\\n> *{missing(number)} : ce chapitre n'a pas encore été exécuté avec le profil {self.profile}.*"
-        rows = [(metric_label(path), md_escape(format_value(value))) for path, value in flatten_metrics(values)]
+        breakable = lambda v: md_escape(format_value(v)).replace("/", "/\u200b") if isinstance(v, str) else md_escape(format_value(v))  # paths wrap
+        rows = [(metric_label(path), breakable(value)) for path, value in flatten_metrics(values)]
         return self.table(label, ("mesure", "valeur"), rows or [("(aucune mesure)", "")], caption)
 
     def summary_rows(self, numbers: Sequence[str]) -> list[list[str]]:
@@ -735,6 +750,377 @@ class ReportContext:
                      for _, paths in SUMMARY_COLUMNS]
             rows.append([title, md_escape(data)] + cells)
         return rows
+
+# %% ../nbs/13_report.ipynb #5e35911a
+from fastcore.basics import patch
+
+METHODS = {"additive": ("09", "additif"), "cross_attention": ("10", "cross-attention")}  # key -> (chapter, French name)
+METHOD_KEYS = {"additif": "additive", "additive": "additive", "cross-attention": "cross_attention",
+               "cross_attention": "cross_attention"}  # every spelling the chapters use -> key of METHODS
+PROMPT_GROUPS = {"seed": "rapport d'origine", "held-out": "jamais vus", "catalogue": "catalogue", "overall": "toutes"}  # chapter 11's groups
+
+def percent(value: Any, # a fraction in [0, 1], or None
+            digits: int = 3, # significant digits
+           ) -> str:
+    "A fraction as a French percentage ('85 %', '8,33 %'), '—' for None."
+    if value is None or isinstance(value, bool) or not isinstance(value, (int, float)): return "—"
+    return format_value(100 * float(value), digits) + NBSP + "%"
+
+def method_key(name: Any) -> str:
+    "The key of a conditioning method ('additive', 'cross_attention') from any spelling the chapters use."
+    return METHOD_KEYS.get(str(name), str(name))
+
+def alignment_rows(evaluation: Mapping | None, # chapter 11's metrics
+                   groups: Sequence[str] = ("seed", "held-out"), # prompt groups to keep, in this order
+                  ) -> list[dict]:
+    "One dict per (method, w, group) of chapter 11's prompt alignment: method, w, group, num_prompts, num_images, colour, type, both."
+    fields = ("num_prompts", "num_images", "colour", "type", "both")
+    rows = []
+    results = lookup(evaluation, "alignment.results")
+    if isinstance(results, Sequence) and not isinstance(results, str):
+        for res in results:
+            if not isinstance(res, Mapping) or not isinstance(res.get("summary"), Mapping): continue
+            for group in groups:
+                s = res["summary"].get(group)
+                if isinstance(s, Mapping):
+                    rows.append({"method": method_key(res.get("method")), "w": res.get("guidance_scale"), "group": group,
+                                 **{k: s.get(k) for k in fields}})
+    else:  # the flat table chapter 11 also writes
+        for row in lookup(evaluation, "methods_table") or []:
+            if isinstance(row, Mapping) and row.get("group") in groups:
+                rows.append({"method": method_key(row.get("method")), "w": row.get("w", row.get("guidance_scale")),
+                             "group": row["group"], **{k: row.get(k) for k in fields}})
+    order = {m: i for i, m in enumerate(METHODS)}
+    number = lambda v: v if isinstance(v, (int, float)) else math.inf
+    return sorted(rows, key=lambda r: (order.get(r["method"], len(order)), number(r["w"]), list(groups).index(r["group"])))
+
+def best_alignment(evaluation: Mapping | None, # chapter 11's metrics
+                   method: str, # "additive" or "cross_attention" (any spelling)
+                  ) -> dict | None:
+    "The alignment of `method` at its best guidance scale (by the overall type-and-colour accuracy): {'w', group: {...}}."
+    method = method_key(method)
+    best = lookup(evaluation, f"alignment.best.{method}")
+    if isinstance(best, Mapping): return {"w": best.get("guidance_scale"), **{k: v for k, v in best.items() if isinstance(v, Mapping)}}
+    rows = alignment_rows(evaluation, groups=tuple(PROMPT_GROUPS))
+    scales = {r["w"] for r in rows if r["method"] == method}
+    if not scales: return None
+    score = lambda w: next((r["both"] or 0 for r in rows if r["method"] == method and r["w"] == w and r["group"] == "overall"), 0)
+    w = max(sorted(scales, key=lambda v: v if isinstance(v, (int, float)) else math.inf), key=score)
+    return {"w": w, **{r["group"]: r for r in rows if r["method"] == method and r["w"] == w}}
+
+# %% ../nbs/13_report.ipynb #f18de999
+@patch
+def has_any(self: ReportContext, numbers: Sequence[str]) -> bool:
+    "Whether at least one of the chapters `numbers` has metrics."
+    return any(self.has(n) for n in numbers)
+
+@patch
+def rate(self: ReportContext, number: str, # chapter number
+         *paths: str, # dotted metric paths tried in order
+        ) -> str:
+    "A recorded fraction as a French percentage, or 'non mesuré (chapitre NN)'."
+    value = self.value(number, *paths)
+    return missing(number) if value is None else percent(value)
+
+@patch(as_prop=True)
+def held_out_prompts(self: ReportContext) -> str:
+    "The prompts of the colour-type pairs held out of training (chapters 09, 10), quoted, or 'non mesuré (chapitre 09)'."
+    prompts = self.value("10", "held_out_prompts") or self.value("09", "held_out_prompts")
+    if not prompts: return missing("09")
+    return ", ".join(f"« {md_escape(p)} »" for p in prompts)
+
+@patch(as_prop=True)
+def stand_ins(self: ReportContext) -> str:
+    "The sections chapter 11 evaluated with a tiny stand-in model (smoke profile), in French; '' when none."
+    names = {"mnist": "MNIST", "cifar10": "CIFAR10", "additive": "LDM additif", "cross_attention": "LDM cross-attention"}
+    found = self.value("11", "stand_ins")
+    return ", ".join(md_escape(names.get(k, k)) for k in found) if isinstance(found, Mapping) else ""
+
+# %% ../nbs/13_report.ipynb #c351a843
+@patch
+def placeholder_table(self: ReportContext, label: str, # unique label
+                      caption: str, # French caption, without the "Tableau N –" prefix
+                      why: str, # French sentence: what is missing and which chapter makes it
+                     ) -> str:
+    "A numbered paragraph standing for a table that has nothing to show (keeps the other numbers stable)."
+    n = self._number("table", label)
+    return f"> **Tableau {n} – {caption}**\\\n> *{why}*"
+
+@patch
+def _why_missing(self: ReportContext, number: str, what: str) -> str:
+    "French sentence for a table whose chapter has not run, or ran without measuring `what`."
+    if not self.has(number): return f"{missing(number)} : ce chapitre n'a pas été exécuté avec le profil {self.profile}."
+    return f"{missing(number)} : {what} ne figure pas dans ses mesures pour le profil {self.profile}."
+
+@patch
+def method_name(self: ReportContext, method: str) -> str:
+    "French name of a method with its chapter, marked when chapter 11 evaluated a tiny stand-in instead of the chapter's model."
+    key = method_key(method)
+    chapter, name = METHODS.get(key, ("", key))
+    stand_in = self.value("11", f"stand_ins.{key}")
+    return f"{name} (ch.{NBSP}{chapter})" + (" (remplaçant)" if stand_in else "") if chapter else md_escape(name)
+
+@patch
+def alignment_table(self: ReportContext, label: str, # unique label
+                    groups: Sequence[str] = ("seed", "held-out"), # chapter 11's prompt groups shown
+                   ) -> str:
+    "Prompt alignment per method, guidance scale and prompt group: colour, type, both (chapter 11's judge)."
+    caption = ("Fidélité au texte (chapitre 11) : part des images dont le juge reconnaît la couleur, le type, ou les deux, "
+               "par méthode et par échelle de guidage $w$")
+    rows = alignment_rows(self.chapter("11"), groups)
+    if not rows: return self.placeholder_table(label, caption, self._why_missing("11", "la fidélité au texte (alignment)"))
+    cells = [[self.method_name(r["method"]), md_escape(format_value(r["w"])), PROMPT_GROUPS.get(r["group"], md_escape(r["group"])),
+              md_escape(format_value(int(r["num_images"]) if isinstance(r["num_images"], float) and r["num_images"].is_integer() else r["num_images"])),
+              percent(r["colour"]), percent(r["type"]), percent(r["both"])] for r in rows]
+    extra = []
+    sampler, ceiling = self.value("11", "alignment.sampler"), self.value("11", "alignment.judge_ceiling")
+    if sampler: extra.append(f"échantillonneur {md_escape(sampler)}")
+    if isinstance(ceiling, Mapping) and ceiling.get("both") is not None:
+        extra.append(f"le juge sur de vraies photos : couleur {percent(ceiling.get('colour'))}, type {percent(ceiling.get('type'))}, "
+                     f"les deux {percent(ceiling.get('both'))}")
+    chance = self.value("11", "alignment.chance_both")
+    if chance is not None: extra.append(f"hasard pour les deux {percent(chance)}")
+    return self.table(label, ["méthode", "$w$", "requêtes", "images", "couleur", "type", "les deux"], cells,
+                      caption + (" ; " + " ; ".join(extra) if extra else ""), align="lrlrrrr")
+
+# %% ../nbs/13_report.ipynb #6d92dd37
+FID_ROWS = (  # (French name, where in chapter 11's metrics, where its real-vs-real floor is, chapter of the model)
+    ("MNIST, DDPM", "mnist", "mnist.real_vs_real", "05"),
+    ("CIFAR10, DDPM", "cifar10", "cifar10.real_vs_real", "06"),
+    ("vêtements, additif", "clothing.additive", "clothing.real_vs_real", "09"),
+    ("vêtements, cross-attention", "clothing.cross_attention", "clothing.real_vs_real", "10"),
+)
+
+@patch
+def fid_features(self: ReportContext, short: bool = False, # a few words (for a caption) instead of a sentence
+                ) -> str:
+    "Which features the FID/KID of chapter 11 used, in French."
+    if not self.has("11"): return missing("11")
+    if short: return "caractéristiques d'Inception-v3" if self.value("11", "inception.available") else "caractéristiques des juges du domaine, pas d'Inception-v3"
+    if self.value("11", "inception.available"):
+        return "caractéristiques d'Inception-v3 (ImageNet), comparables en ordre de grandeur aux FID publiées"
+    return ("caractéristiques des juges du domaine entraînés au chapitre 11 (classifieurs MNIST et CIFAR10, juge des "
+            "vêtements), pas d'Inception-v3, dont les poids ne sont pas disponibles sur cette machine : les valeurs comparent "
+            "nos modèles entre eux et à leur plancher, pas aux FID publiées")
+
+@patch
+def fid_table(self: ReportContext, label: str, # unique label
+             ) -> str:
+    "FID and KID of each model evaluated by chapter 11, with the real-vs-real floor and the sample counts."
+    caption = "FID et KID (chapitre 11) : plus bas est meilleur ; le plancher compare deux ensembles de vraies images de même taille $N$"
+    if not self.has("11"): return self.placeholder_table(label, caption, self._why_missing("11", "FID"))
+    rows, absent = [], []
+    for name, path, floor_path, chapter in FID_ROWS:
+        scores, floor = self.value("11", path), self.value("11", floor_path)
+        if not isinstance(scores, Mapping) or scores.get("fid") is None:  # said under the table: the columns stay narrow
+            why = self.value("11", f"skipped.{path.split('.')[-1]}")
+            absent.append(f"{name} : {missing(chapter) if why or not self.has(chapter) else missing('11')}")
+            rows.append([name, "—", "—", "—", "—", "—"]); continue
+        floor = floor if isinstance(floor, Mapping) else {}
+        kid = md_escape(format_value(scores.get("kid"), 3))
+        n = f"{format_value(scores.get('num_fake'))} / {format_value(scores.get('num_real'))}"
+        stand_in = " (remplaçant)" if self.value("11", f"stand_ins.{path.split('.')[-1]}") else ""
+        rows.append([name + stand_in, md_escape(format_value(scores["fid"], 3)), md_escape(format_value(floor.get("fid"), 3)),
+                     kid, md_escape(format_value(floor.get("kid"), 3)), md_escape(n)])
+    if len(absent) == len(rows): return self.placeholder_table(label, caption, self._why_missing("11", "la FID"))
+    table = self.table(label, ["modèle", "FID", "plancher", "KID", "plancher", "$N$ générées / vraies"], rows,
+                       caption + " ; " + self.fid_features(short=True), align="lrrrrr")
+    return table + ("\n\n" + "Non mesuré : " + " ; ".join(absent) + "." if absent else "")
+
+# %% ../nbs/13_report.ipynb #fbac9e55
+def _positive(value: Any) -> Any:
+    "None for a zero or missing count (an old metrics file counted the frozen U-Net's trainable parameters: 0)."
+    return value if isinstance(value, (int, float)) and value > 0 else None
+
+@patch
+def method_measures(self: ReportContext, method: str, # "additive" or "cross_attention"
+                   ) -> dict[str, Any]:
+    "The raw measures of one method, from its own chapter (09 or 10), chapter 10's comparison and chapter 11."
+    key = method_key(method)
+    chapter = METHODS[key][0]
+    own = self.chapter(chapter) or {}
+    if key == "additive" and not own: own = self.value("10", "additive") or {}   # chapter 10 reloads chapter 09's pipeline
+    best = best_alignment(self.chapter("11"), key) or {}
+    return {"parameters": _positive(lookup(own, "unet_parameters")),
+            "cross_parameters": _positive(lookup(own, "cross_attention_parameters")) if key == "cross_attention" else None,
+            "steps": lookup(own, "train.steps"), "seconds": lookup(own, "train.seconds_wall"),
+            "images_per_s": lookup(own, "train.images_per_s"),
+            "loss_first": lookup(own, *LOSS_FIRST), "loss_last": lookup(own, *LOSS_LAST),
+            "gain_seen": self.value("10", f"denoising_loss.{key}.train_items.text_gain_percent"),
+            "gain_unseen": self.value("10", f"denoising_loss.{key}.held_out_items.text_gain_percent"),
+            "best_w": best.get("w"), "seed": best.get("seed") or {}, "unseen": best.get("held-out") or {},
+            "fid": self.value("11", f"clothing.{key}.fid"),
+            "sampling_seconds": self.value("10", f"sampling.{key}_seconds")}
+
+@patch
+def comparison_table(self: ReportContext, label: str, # unique label
+                    ) -> str:
+    "Additive conditioning (chapter 09) against cross-attention (chapter 10): cost, loss, text gain, alignment, FID."
+    caption = "Conditionnement additif (chapitre 09) contre cross-attention (chapitre 10)"
+    if not any(self.has(n) for n in ("09", "10")):
+        return self.placeholder_table(label, caption, f"{missing('09')}, {missing('10')} : aucun modèle latent n'a été entraîné avec le profil {self.profile}.")
+    m = {k: self.method_measures(k) for k in METHODS}
+    def cell(key: str, field: str, chapter: str, fmt=lambda v: md_escape(format_value(v, 4))) -> str:
+        v = m[key][field]
+        return missing(chapter) if v is None else fmt(v)
+    def loss(key: str) -> str:
+        first, last = m[key]["loss_first"], m[key]["loss_last"]
+        if last is None: return missing(METHODS[key][0])
+        return md_escape(format_value(last)) if first is None else f"{md_escape(format_value(first))} → {md_escape(format_value(last))}"
+    def accuracy(key: str, group: str) -> str:
+        g = m[key][group]
+        if not g: return missing("11")
+        return f"{percent(g.get('colour'))} / {percent(g.get('type'))}"
+    signed = lambda v: ("+" if v > 0 else "") + md_escape(format_value(v, 3)) + NBSP + "%"
+    sampled = self.value("10", "sampling.num_images")
+    rows = [["paramètres du U-Net"] + [cell(k, "parameters", METHODS[k][0]) for k in METHODS],
+            ["dont cross-attention", "—", cell("cross_attention", "cross_parameters", "10")],
+            ["pas d'entraînement"] + [cell(k, "steps", METHODS[k][0]) for k in METHODS],
+            ["durée d'entraînement (s)"] + [cell(k, "seconds", METHODS[k][0]) for k in METHODS],
+            ["images par seconde"] + [cell(k, "images_per_s", METHODS[k][0]) for k in METHODS],
+            ["perte (début → fin)"] + [loss(k) for k in METHODS],
+            ["gain du texte, articles vus"] + [cell(k, "gain_seen", "10", signed) for k in METHODS],
+            ["gain du texte, jamais vus"] + [cell(k, "gain_unseen", "10", signed) for k in METHODS],
+            ["meilleure échelle $w$"] + [cell(k, "best_w", "11") for k in METHODS],
+            ["couleur / type, rapport d'origine"] + [accuracy(k, "seed") for k in METHODS],
+            ["couleur / type, jamais vus"] + [accuracy(k, "unseen") for k in METHODS],
+            ["FID des vêtements"] + [cell(k, "fid", "11", lambda v: md_escape(format_value(v, 3))) for k in METHODS],
+            [f"échantillonnage de {format_value(sampled)} images (s)" if sampled else "échantillonnage (s)"]
+            + [cell(k, "sampling_seconds", "10") for k in METHODS]]
+    notes = ["perte : moyenne des 20 premiers → 20 derniers pas",
+             "gain du texte : $(L(\\varnothing) - L(y)) / L(\\varnothing)$ sur des tirages $(t, \\varepsilon)$ identiques (chapitre 10)",
+             "couleur / type : juge du chapitre 11 à la meilleure échelle $w$"]
+    return self.table(label, ["mesure", "additif", "cross-attention"], rows, caption + " ; " + " ; ".join(notes), align="lrr")
+
+# %% ../nbs/13_report.ipynb #023a26e7
+def colour_rows(vae: Mapping | None, # chapter 07's metrics
+               ) -> list[dict]:
+    "Per catalogue colour: images, colour preserved and colour error of each autoencoder (KL, VQ); the row 'all' last."
+    by_colour = lookup(vae, "colour_fidelity_by_base_colour")
+    rows = []
+    if isinstance(by_colour, Mapping):   # {"kl": {colour: {images, colour_error, colour_preserved}}, "vq": {...}}
+        kl, vq = by_colour.get("kl") or {}, by_colour.get("vq") or {}
+        for name in sorted(set(kl) | set(vq), key=lambda n: (n == "all", n)):
+            a, b = kl.get(name) or {}, vq.get(name) or {}
+            rows.append({"colour": name, "images": a.get("images", b.get("images")), "kl_preserved": a.get("colour_preserved"),
+                         "vq_preserved": b.get("colour_preserved"), "kl_error": a.get("colour_error"), "vq_error": b.get("colour_error")})
+        return rows
+    old = lookup(vae, "colour_error_by_base_colour")   # earlier files: {colour: {images, kl, vq}} (errors only)
+    if isinstance(old, Mapping):
+        rows = [{"colour": name, "images": v.get("images"), "kl_preserved": None, "vq_preserved": None,
+                 "kl_error": v.get("kl"), "vq_error": v.get("vq")} for name, v in sorted(old.items()) if isinstance(v, Mapping)]
+    return rows
+
+@patch
+def vae_table(self: ReportContext, label: str, # unique label
+             ) -> str:
+    "KL-VAE against VQ-VAE (chapter 07): reconstruction, colour, codebook, cost."
+    caption = "Les deux autoencodeurs du chapitre 07, sur des images mises de côté"
+    if not self.has("07"): return self.placeholder_table(label, caption, self._why_missing("07", "l'autoencodeur"))
+    def v(kind: str, *paths: str, digits: int = 4) -> str:
+        value = self.value("07", *(f"{kind}.{p}" for p in paths))
+        return missing("07") if value is None else md_escape(format_value(value, digits))
+    def psnr(kind: str) -> str:
+        mean, std = self.value("07", f"{kind}.psnr"), self.value("07", f"{kind}.psnr_std")
+        if mean is None: return missing("07")
+        return md_escape(format_value(mean, 3)) + ("" if std is None else f" ± {md_escape(format_value(std, 2))}")
+    def kept(kind: str) -> str:
+        value = self.value("07", f"{kind}.colour_preserved", f"colour_fidelity_by_base_colour.{kind}.all.colour_preserved")
+        return missing("07") if value is None else percent(value)
+    codebook = self.value("07", "vq.codebook")
+    used = (f"{format_value(codebook.get('codes_used'))} / {format_value(codebook.get('num_codes'))} ({percent(codebook.get('usage'))})"
+            if isinstance(codebook, Mapping) and codebook.get("codes_used") is not None else missing("07"))
+    rows = [["PSNR (dB)", psnr("kl"), psnr("vq")],
+            ["couleur dominante conservée", kept("kl"), kept("vq")],
+            ["erreur de couleur moyenne", v("kl", "colour_error"), v("vq", "colour_error")],
+            ["codes du dictionnaire utilisés", "—", used],
+            ["perplexité du dictionnaire", "—", v("vq", "codebook.perplexity", digits=3)],
+            ["paramètres", v("kl", "parameters"), v("vq", "parameters")],
+            ["pas d'entraînement", v("kl", "steps"), v("vq", "steps")],
+            ["durée d'entraînement (s)", v("kl", "train_seconds"), v("vq", "train_seconds")]]
+    n = self.value("07", "num_heldout_images")
+    shape = self.value("07", "latent_shape")
+    details = ([f"{format_value(n)} images mises de côté"] if n else []) + (
+               [f"latents {'×'.join(map(str, shape))}"] if isinstance(shape, (list, tuple)) else [])
+    return self.table(label, ["mesure", "KL-VAE", "VQ-VAE"], rows, caption + (f" ({', '.join(details)})" if details else ""), align="lrr")
+
+@patch
+def colour_table(self: ReportContext, label: str, # unique label
+                ) -> str:
+    "Per catalogue colour (chapter 07): how often each autoencoder keeps the dominant colour, and its colour error."
+    caption = "Fidélité des couleurs par couleur du catalogue (chapitre 07) : couleur dominante conservée et erreur de couleur moyenne"
+    rows = colour_rows(self.chapter("07"))
+    if not rows: return self.placeholder_table(label, caption, self._why_missing("07", "la fidélité par couleur"))
+    name = lambda c: "toutes" if c == "all" else md_escape(c)
+    cells = [[name(r["colour"]), md_escape(format_value(r["images"])), percent(r["kl_preserved"]), percent(r["vq_preserved"]),
+              md_escape(format_value(r["kl_error"], 3)), md_escape(format_value(r["vq_error"], 3))] for r in rows]
+    header = ["couleur", "images", "conservée KL", "conservée VQ", "erreur KL", "erreur VQ"]
+    if all(r["kl_preserved"] is None and r["vq_preserved"] is None for r in rows):  # an older chapter 07: errors only
+        header, cells = header[:2] + header[4:], [c[:2] + c[4:] for c in cells]
+        caption += f" ; couleur conservée {missing('07')}"
+    return self.table(label, header, cells, caption, align="l" + "r" * (len(header) - 1))
+
+# %% ../nbs/13_report.ipynb #9d6100d3
+SAMPLER_NAMES = {"ddim": "DDIM", "ddpm": "DDPM"}
+
+def steps_rows(evaluation: Mapping | None, # chapter 11's metrics
+              ) -> list[dict]:
+    "Chapter 11's quality-vs-steps points, sorted by steps then sampler (DDPM first)."
+    rows = [r for r in (lookup(evaluation, "steps_curve.rows") or []) if isinstance(r, Mapping) and r.get("steps") is not None]
+    return sorted(rows, key=lambda r: (r["steps"], str(r.get("sampler")) != "ddpm"))
+
+@patch
+def steps_table(self: ReportContext, label: str, # unique label
+               ) -> str:
+    "Quality (judge accuracy, FID) and cost (seconds per image) against the number of sampling steps, DDPM and DDIM."
+    caption = "Qualité et coût selon le nombre de pas d'échantillonnage, DDPM contre DDIM (chapitre 11)"
+    rows = steps_rows(self.chapter("11"))
+    if not rows: return self.placeholder_table(label, caption, self._why_missing("11", "la courbe qualité/pas (steps_curve)"))
+    cells = [[md_escape(format_value(r["steps"])), SAMPLER_NAMES.get(str(r.get("sampler")), md_escape(r.get("sampler"))),
+              md_escape(format_value(r.get("num_images"))), md_escape(format_value(r.get("seconds_per_image"), 3)),
+              percent(r.get("judge_accuracy")), md_escape(format_value(r.get("fid"), 3))] for r in rows]
+    floor = self.value("11", "steps_curve.fid_floor")
+    floors = "; ".join(f"{md_escape(format_value(v, 3))} à $N$ = {md_escape(n)}" for n, v in floor.items()) if isinstance(floor, Mapping) else ""
+    dataset = DATASET_NAMES.get(self.value("11", "steps_curve.dataset"), self.value("11", "steps_curve.dataset") or "")
+    details = ([f"modèle {md_escape(dataset)}"] if dataset else []) + ([f"plancher de la FID (vraies contre vraies) {floors}"] if floors else [])
+    return self.table(label, ["pas", "échantillonneur", "images", "s par image", "juge", "FID"], rows=cells,
+                      caption=caption + (" ; " + " ; ".join(details) if details else ""), align="rlrrrr")
+
+@patch
+def ddim_sentence(self: ReportContext) -> str:
+    "DDIM near 50 steps against the longest DDPM run, in French: speed-up and judge accuracy (or 'non mesuré')."
+    rows = steps_rows(self.chapter("11"))
+    ddim = [r for r in rows if r.get("sampler") == "ddim" and r.get("seconds_per_image")]
+    ddpm = [r for r in rows if r.get("sampler") == "ddpm" and r.get("seconds_per_image")]
+    if not ddim or not ddpm: return missing("11")
+    a, b = min(ddim, key=lambda r: abs(r["steps"] - 50)), max(ddpm, key=lambda r: r["steps"])
+    return (f"DDIM à {format_value(a['steps'])} pas : {md_escape(format_value(a['seconds_per_image'], 3))} s par image, juge "
+            f"{percent(a.get('judge_accuracy'))} ({format_value(a.get('num_images'))} images) ; DDPM à {format_value(b['steps'])} pas : "
+            f"{md_escape(format_value(b['seconds_per_image'], 3))} s par image, juge {percent(b.get('judge_accuracy'))} "
+            f"({format_value(b.get('num_images'))} images) ; le DDPM coûte {md_escape(format_value(b['seconds_per_image'] / a['seconds_per_image'], 2))} "
+            f"fois le temps par image du DDIM")
+
+# %% ../nbs/13_report.ipynb #3be93b91
+@patch
+def method_sentence(self: ReportContext, method: str, # "additive" or "cross_attention"
+                   ) -> str:
+    "What chapter 11 measured for one method, in French: alignment at its best w, unseen pairs, clothing FID with its floor."
+    key = method_key(method)
+    best = best_alignment(self.chapter("11"), key)
+    parts = []
+    if best and best.get("seed"):
+        s = best["seed"]
+        parts.append(f"à $w$ = {md_escape(format_value(best.get('w')))}, le juge reconnaît la couleur demandée pour "
+                     f"{percent(s.get('colour'))} des images et le type pour {percent(s.get('type'))} "
+                     f"(5 requêtes du rapport d'origine, {format_value(int(s.get('num_images') or 0))} images)")
+        u = best.get("held-out")
+        if u: parts.append(f"sur les couples couleur-type jamais vus à l'entraînement : {percent(u.get('colour'))} et "
+                           f"{percent(u.get('type'))} ({format_value(int(u.get('num_images') or 0))} images)")
+    fid, floor = self.value("11", f"clothing.{key}.fid"), self.value("11", "clothing.real_vs_real.fid")
+    if fid is not None:
+        parts.append(f"FID des vêtements {md_escape(format_value(fid, 3))}"
+                     + (f" (plancher {md_escape(format_value(floor, 3))})" if floor is not None else ""))
+    return " ; ".join(parts) if parts else f"fidélité au texte et FID {missing('11')}"
 
 # %% ../nbs/13_report.ipynb #a89a92ae
 def _relative(path: str) -> str:
@@ -824,6 +1210,7 @@ LATEX_HEADER = r"""\usepackage{caption}
 \DeclareUnicodeCharacter{03B8}{\ensuremath{\theta}}
 \DeclareUnicodeCharacter{03C4}{\ensuremath{\tau}}
 \DeclareUnicodeCharacter{2014}{---}
+\DeclareUnicodeCharacter{200B}{\hspace{0pt}}
 """
 
 HTML_STYLE = """body { max-width: 52em; font-size: 16px; }

@@ -196,7 +196,8 @@ def test_later_chapters_are_picked_up(tmp_path, monkeypatch):
     assert "latents 4×16×16" in text and "24,25 dB" in text and "22,5 dB" in text and "1\u00a0234\u00a0567" in text
     assert "la perte moyenne passe de 0,9 (premiers pas) à 0,31 (derniers pas) en 400 pas" in text
     assert "« a red dress », « black dress »" in text
-    assert "non mesuré (chapitre 10)" not in text and "non mesuré (chapitre 07)" not in text
+    assert "La cross-attention n'a pas encore été entraînée" not in text          # chapter 10 ran
+    assert "Les deux autoencodeurs du chapitre 07" in text and "(chapitre 07) : ce chapitre n'a pas été exécuté" not in text
 
 
 def test_unet_diagram_follows_the_configuration():
@@ -219,3 +220,180 @@ def test_format_value_is_french():
     assert R.format_value(2.5e-5) == "2,5e-5"
     assert R.format_value(True) == "oui"
     assert R.missing("11") == "non mesuré (chapitre 11)"
+
+
+# --- the Results section of the latent chapters (07, 09, 10, 11), from metrics in the shape the chapters write ---
+
+def _summary(colour, type_, images, prompts):
+    return {"num_prompts": float(prompts), "num_images": float(images), "type": type_, "colour": colour, "both": colour * type_}
+
+
+def _alignment(method, w, seed, held):
+    return {"method": method, "guidance_scale": w, "seconds": 0.1,
+            "summary": {"seed": _summary(*seed, 20, 5), "held-out": _summary(*held, 8, 2), "catalogue": _summary(0.5, 0.5, 12, 3),
+                        "overall": _summary(seed[0], seed[1], 40, 10)},
+            "per_prompt": [{"prompt": "a red dress", "group": "seed", "num_images": 4, "type": 1.0, "colour": 1.0, "both": 1.0}]}
+
+
+VAE_07 = {"data_source": FASHION_SOURCE, "num_heldout_images": 500, "latent_shape": [4, 16, 16], "downsample_factor": 4,
+          "kl": {"config": {"kind": "kl", "image_size": 64, "block_out_channels": [32, 64, 64]}, "steps": 400, "parameters": 547067,
+                 "train_seconds": 275.5, "psnr": 23.21, "psnr_std": 3.2, "colour_error": 0.1077, "colour_preserved": 0.912},
+          "vq": {"config": {"kind": "vq"}, "steps": 400, "parameters": 544759, "train_seconds": 355.3, "psnr": 22.87,
+                 "psnr_std": 3.0, "colour_error": 0.1163, "colour_preserved": 0.874,
+                 "codebook": {"codes_used": 250, "usage": 0.9765625, "perplexity": 170.2, "num_codes": 256}},
+          "colour_fidelity_by_base_colour": {
+              "kl": {"Green": {"images": 51, "colour_error": 0.222, "colour_preserved": 0.6471},
+                     "Red": {"images": 42, "colour_error": 0.187, "colour_preserved": 0.9524},
+                     "all": {"images": 500, "colour_error": 0.1077, "colour_preserved": 0.912}},
+              "vq": {"Green": {"images": 51, "colour_error": 0.206, "colour_preserved": 0.7059},
+                     "Red": {"images": 42, "colour_error": 0.171, "colour_preserved": 0.9286},
+                     "all": {"images": 500, "colour_error": 0.1163, "colour_preserved": 0.874}}}}
+LATENT_UNET = {"in_channels": 4, "out_channels": 4, "block_out_channels": [64, 128], "layers_per_block": 1,
+               "attention_levels": [1], "cond_dim": 384}
+LDM_09 = {"data_source": FASHION_SOURCE, "held_out_prompts": ["a green skirt", "purple jeans"], "text_encoder": "minilm",
+          "device": "cpu", "latent_size": 16, "unet_config": LATENT_UNET, "unet_parameters": 4600000,
+          "train": {"steps": 1500, "seconds_wall": 412.3, "loss_first_20": 0.8123, "loss_last_20": 0.2345, "images_per_s": 58.2},
+          "prompts": ["a red dress", "blue T-Shirt", "pink tshirt", "a yellow jean", "black dress"],
+          "num_inference_steps": 20, "guidance_scale": 3.0, "sampling": {"fig4_seconds": 4.1, "seconds_per_image": 0.82}}
+LDM_10 = {"data_source": FASHION_SOURCE, "held_out_prompts": ["a green skirt", "purple jeans"], "text_encoder": "minilm",
+          "latent_size": 16, "unet_config": {**LATENT_UNET, "cond_dim": None, "cross_attention_levels": [1], "context_dim": 384},
+          "unet_parameters": 5100000, "cross_attention_parameters": 812345,
+          "train": {"steps": 1500, "seconds_wall": 633.1, "loss_first_20": 0.8311, "loss_last_20": 0.2211, "images_per_s": 37.9},
+          "sampling": {"num_images": 28, "cross_attention_seconds": 9.5, "additive_seconds": 7.25},
+          "denoising_loss": {"additive": {"train_items": {"text_gain_percent": 4.25}, "held_out_items": {"text_gain_percent": 1.5}},
+                             "cross_attention": {"train_items": {"text_gain_percent": 6.75}, "held_out_items": {"text_gain_percent": 2.25}}}}
+EVAL_11 = {
+    "inception": {"available": False, "note": "torch-fidelity is not installed",
+                  "features_used": "in-domain judge features (ImageClassifier for MNIST/CIFAR10, GarmentJudge for clothing)"},
+    "mnist": {"fid": 44.37, "kid": 7.414, "kid_std": 1.29, "num_real": 200, "num_fake": 200,
+              "real_vs_real": {"fid": 17.91, "kid": 3.272, "num_real": 200, "num_fake": 200}},
+    "cifar10": None,
+    "skipped": {"cifar10": "no model runs/cpu/checkpoints/06_ddpm_cifar10/ddpm_ema.safetensors: run chapter 06 with profile cpu"},
+    "stand_ins": {},
+    "steps_curve": {"dataset": "mnist", "guidance_scale": 1.0, "fid_floor": {"40": 12.5, "10": 30.25},
+                    "rows": [{"sampler": "ddim", "steps": 50, "num_images": 40, "seconds": 44.8, "seconds_per_image": 1.12,
+                              "judge_accuracy": 0.7, "fid": 40.5, "kid": 1.0},
+                             {"sampler": "ddpm", "steps": 50, "num_images": 40, "seconds": 40.0, "seconds_per_image": 1.0,
+                              "judge_accuracy": 0.2, "fid": 95.5, "kid": 9.0},
+                             {"sampler": "ddpm", "steps": 1000, "num_images": 10, "seconds": 330.0, "seconds_per_image": 33.0,
+                              "judge_accuracy": 1.0, "fid": 35.25, "kid": 0.5}]},
+    "alignment": {"num_samples_per_prompt": 4, "sampler": "ddim-20", "chance_both": 1 / 120,
+                  "judge_ceiling": {"type": 0.808, "colour": 0.995, "both": 0.804},
+                  "results": [_alignment("additif", 1.0, (0.55, 0.35), (0.25, 0.125)), _alignment("additif", 3.0, (0.65, 0.45), (0.375, 0.25)),
+                              _alignment("cross-attention", 1.0, (0.75, 0.6), (0.5, 0.375)),
+                              _alignment("cross-attention", 3.0, (0.95, 0.85), (0.625, 0.5))]},
+    "clothing": {"additive": {"fid": 65.75, "kid": 1.632, "num_real": 100, "num_fake": 100},
+                 "cross_attention": {"fid": 48.5, "kid": 0.9125, "num_real": 100, "num_fake": 100},
+                 "real_vs_real": {"fid": 6.43, "kid": -0.0444, "num_real": 100, "num_fake": 100}},
+    "clip_score_note": "cosinus texte–image non disponible : l'encodeur de texte (minilm) n'a pas de tour image",
+}
+
+
+@pytest.fixture(scope="module")
+def latent(tmp_path_factory):
+    "A cpu-like report with every latent chapter's metrics (chapter 06 missing, so chapter 11 skipped CIFAR10)."
+    tmp = tmp_path_factory.mktemp("latent")
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("LDM_COURSE_RUNS", str(tmp / "runs"))
+        mp.setenv("LDM_COURSE_FIGURES", str(tmp / "figures"))
+        for stem, values in (("05_ddpm_mnist", MNIST_METRICS), ("07_vae", VAE_07), ("08_text", TEXT_METRICS),
+                             ("09_ldm_additive", LDM_09), ("10_cross_attention", LDM_10), ("11_evaluation", EVAL_11)):
+            save_metrics(stem, values, "smoke")
+        for i, name in enumerate(("fig4_evolution_debruitage.png", "fig_qualite_vs_pas.png", "fig_additif_vs_cross_attention.png")):
+            _png(name, 10 + i)
+        files = R.build_report("smoke", out_dir=tmp / "out")
+        yield {"files": files, "markdown": files.markdown.read_text(encoding="utf-8"),
+               "text": _text(files.html.read_text(encoding="utf-8"))}
+
+
+def _rows(markdown: str, *cells: str) -> bool:
+    "Whether the rendered Markdown has a table row with exactly these cells."
+    return ("| " + " | ".join(cells) + " |") in markdown
+
+
+def test_alignment_table_per_method_and_guidance(latent):
+    md = latent["markdown"]
+    assert _rows(md, "additif (ch.\u00a009)", "1", "rapport d'origine", "20", "55\u00a0%", "35\u00a0%", "19,2\u00a0%")
+    assert _rows(md, "additif (ch.\u00a009)", "3", "jamais vus", "8", "37,5\u00a0%", "25\u00a0%", "9,38\u00a0%")
+    assert _rows(md, "cross-attention (ch.\u00a010)", "3", "rapport d'origine", "20", "95\u00a0%", "85\u00a0%", "80,8\u00a0%")
+    assert "le juge sur de vraies photos : couleur 99,5\u00a0%, type 80,8\u00a0%" in md
+    assert "« a green skirt », « purple jeans »" in latent["text"]
+
+
+def test_fid_table_has_floor_counts_and_features(latent):
+    md, text = latent["markdown"], latent["text"]
+    assert _rows(md, "MNIST, DDPM", "44,4", "17,9", "7,41", "3,27", "200 / 200")
+    assert _rows(md, "vêtements, cross-attention", "48,5", "6,43", "0,912", "\\-0,0444", "100 / 100")
+    assert _rows(md, "CIFAR10, DDPM", "—", "—", "—", "—", "—") and "CIFAR10, DDPM : non mesuré (chapitre 06)" in text
+    assert "juges du domaine" in text and "pas d'Inception-v3" in text
+
+
+def test_additive_against_cross_attention(latent):
+    md = latent["markdown"]
+    assert _rows(md, "durée d'entraînement (s)", "412,3", "633,1")
+    assert _rows(md, "perte (début → fin)", "0,8123 → 0,2345", "0,8311 → 0,2211")
+    assert _rows(md, "gain du texte, jamais vus", "+1,5\u00a0%", "+2,25\u00a0%")
+    assert _rows(md, "meilleure échelle $w$", "3", "3")
+    assert _rows(md, "couleur / type, jamais vus", "37,5\u00a0% / 25\u00a0%", "62,5\u00a0% / 50\u00a0%")
+    assert _rows(md, "FID des vêtements", "65,8", "48,5")
+
+
+def test_vae_and_colour_tables(latent):
+    md = latent["markdown"]
+    assert _rows(md, "PSNR (dB)", "23,2 ± 3,2", "22,9 ± 3")
+    assert _rows(md, "couleur dominante conservée", "91,2\u00a0%", "87,4\u00a0%")
+    assert _rows(md, "codes du dictionnaire utilisés", "—", "250 / 256 (97,7\u00a0%)")
+    assert _rows(md, "Green", "51", "64,7\u00a0%", "70,6\u00a0%", "0,222", "0,206")
+    assert _rows(md, "toutes", "500", "91,2\u00a0%", "87,4\u00a0%", "0,108", "0,116")
+
+
+def test_ddpm_against_ddim_and_conclusion(latent):
+    md, text = latent["markdown"], latent["text"]
+    assert _rows(md, "1000", "DDPM", "10", "33", "100\u00a0%", "35,2")
+    assert "plancher de la FID (vraies contre vraies) 12,5 à $N$ = 40; 30,2 à $N$ = 10" in md
+    assert "le DDPM coûte 29 fois le temps par image du DDIM" in text          # 33 s against 1,12 s (DDIM at 50 steps)
+    assert "](figures/fig_qualite_vs_pas.png)" in md and "](figures/fig4_evolution_debruitage.png)" in md
+    conclusion = text[text.index("Conclusion</h1>"):text.index("Conditions d'exécution</h1>")]
+    assert "le juge reconnaît la couleur demandée pour 95\u00a0% des images et le type pour 85\u00a0%" in conclusion
+    assert "FID des vêtements 48,5 (plancher 6,43)" in conclusion
+
+
+@pytest.mark.skipif(not HAS_TEX, reason="latexmk not installed")
+def test_latent_results_fit_the_pdf_page(latent, tmp_path):
+    pdf = latent["files"].pdf
+    assert pdf is not None and pdf.is_file()
+    log = (pdf.parent / "build" / "rapport.log").read_text(encoding="latin-1")
+    assert "Overfull \\hbox" not in log, "a results table sticks out of the text width"
+    if not HAS_PDFTOPPM: pytest.skip("pdftoppm (poppler-utils) not installed")
+    subprocess.run(["pdftoppm", "-png", "-r", "30", str(pdf), str(tmp_path / "page")], check=True)
+    for page in sorted(tmp_path.glob("page*.png")):
+        assert np.asarray(Image.open(page).convert("L"), dtype=np.float32).std() / 255 > 0.05, page.name
+
+
+def test_results_tables_say_what_is_missing(built):
+    "Without chapters 07, 09, 10, 11 (the `built` report has 05 and 08 only) every results table is a 'non mesuré' paragraph."
+    text = _text(built["html"])
+    for caption, number in (("Fidélité au texte (chapitre 11)", "11"), ("FID et KID (chapitre 11)", "11"),
+                            ("Conditionnement additif (chapitre 09) contre cross-attention", "09"),
+                            ("Les deux autoencodeurs du chapitre 07", "07"), ("Fidélité des couleurs par couleur du catalogue", "07"),
+                            ("Qualité et coût selon le nombre de pas", "11")):
+        i = text.index(caption)
+        assert f"non mesuré (chapitre {number})" in text[i:i + 600], caption
+    assert "Échantillonnage</strong> (chapitre 11) : non mesuré (chapitre 11)" in text
+
+
+def test_partial_and_older_metrics_do_not_crash(tmp_path, monkeypatch):
+    "Older or partial files: chapter 11 without alignment nor clothing, chapter 07 with per-colour errors only, 10 with 0 parameters."
+    monkeypatch.setenv("LDM_COURSE_RUNS", str(tmp_path / "runs"))
+    monkeypatch.setenv("LDM_COURSE_FIGURES", str(tmp_path / "figures"))
+    save_metrics("07_vae", {"kl": {"psnr": 12.4}, "vq": {"psnr": 12.8, "codebook": {}},
+                            "colour_error_by_base_colour": {"Red": {"images": 5, "kl": 0.4569, "vq": 0.4913}}}, "smoke")
+    save_metrics("10_cross_attention", {"unet_parameters": 0, "train": {"steps": 30}}, "smoke")
+    save_metrics("11_evaluation", {"mnist": None, "cifar10": None, "steps_curve": None, "alignment": {"results": []},
+                                   "methods_table": [], "clothing": {"real_vs_real": None}}, "smoke")
+    files = R.build_report("smoke", out_dir=tmp_path / "out", pdf=False)
+    md, text = files.markdown.read_text(encoding="utf-8"), _text(files.html.read_text(encoding="utf-8"))
+    assert _rows(md, "Red", "5", "0,457", "0,491") and "couleur conservée non mesuré (chapitre 07)" in md
+    assert _rows(md, "paramètres du U-Net", "non mesuré (chapitre 09)", "non mesuré (chapitre 10)")
+    assert "la fidélité au texte (alignment) ne figure pas dans ses mesures" in text
+    assert "la FID ne figure pas dans ses mesures" in text and "la courbe qualité/pas (steps_curve) ne figure pas" in text
