@@ -12,13 +12,14 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .core import resolve_profile
-from .ldm import LDMConfig, ldm_config
+from .core import make_generator, resolve_profile
+from .ldm import LatentDiffusionPipeline, LDMConfig, ldm_config, text_condition
+from .text import TextEmbeddings
 
 # %% auto #0
 __all__ = ['Attention', 'GEGLU', 'FeedForward', 'BasicTransformerBlock', 'SpatialTransformer', 'to_multihead_attention',
            'spatial_transformer_spec', 'spatial_transformers', 'cross_attention_config', 'plot_method_comparison',
-           'plot_guidance_sweep']
+           'denoising_losses', 'plot_guidance_sweep']
 
 # %% ../nbs/10_cross_attention.ipynb #3651aa2a
 class Attention(nn.Module):
@@ -44,6 +45,15 @@ class Attention(nn.Module):
                 mask: Tensor | None = None, # (B, L) bool, True = real token; None: every token counts
                ) -> Tensor: # (B, N, C)
         context = x if context is None else context
+        if x.shape[-1] != self.to_q.in_features:
+            raise ValueError(f"x has {x.shape[-1]} features per position, expected query_dim={self.to_q.in_features}")
+        if context.ndim != 3 or context.shape[-1] != self.to_k.in_features or len(context) != len(x):
+            raise ValueError(f"context must be (B={len(x)}, L, {self.to_k.in_features}) (batch of x, context_dim), "
+                             f"got {tuple(context.shape)}")
+        if mask is not None:
+            if mask.dtype != torch.bool: raise TypeError(f"mask must be a bool tensor (True = real token), got {mask.dtype}")
+            if mask.shape != context.shape[:2]:
+                raise ValueError(f"mask must be (B, L) = {tuple(context.shape[:2])} like the context, got {tuple(mask.shape)}")
         q, k, v = self.split_heads(self.to_q(x)), self.split_heads(self.to_k(context)), self.split_heads(self.to_v(context))
         attn_mask = None if mask is None else mask[:, None, None, :]             # broadcast over heads and queries
         h = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask)         # softmax(QKᵀ/√d)V per head
@@ -104,7 +114,7 @@ class SpatialTransformer(nn.Module):
         if channels % groups: raise ValueError(f"groups={groups} must divide channels={channels}")
         heads = max(1, channels // head_dim)
         if channels % heads: raise ValueError(f"head_dim={head_dim} must divide channels={channels}")
-        self.heads, self.head_dim = heads, channels // heads
+        self.channels, self.context_dim, self.heads, self.head_dim = channels, context_dim, heads, channels // heads
         self.norm = nn.GroupNorm(groups, channels, eps=1e-6)
         self.proj_in = nn.Conv2d(channels, channels, 1)
         self.blocks = nn.ModuleList(BasicTransformerBlock(channels, context_dim, heads, self.head_dim, ff_mult) for _ in range(depth))
@@ -115,7 +125,9 @@ class SpatialTransformer(nn.Module):
                 context: Tensor, # text tokens (B, L, context_dim)
                 context_mask: Tensor | None = None, # (B, L) bool, True = real token; None: all real
                ) -> Tensor: # (B, C, H, W)
-        if context_mask is not None and not bool(context_mask.any(-1).all()):
+        if x.ndim != 4 or x.shape[1] != self.channels:
+            raise ValueError(f"x must be a feature map (B, {self.channels}, H, W), got {tuple(x.shape)}")
+        if context_mask is not None and context_mask.dtype == torch.bool and not bool(context_mask.any(-1).all()):
             raise ValueError("every sample needs at least one real token in context_mask (the null prompt '' has two)")
         B, C, H, W = x.shape
         h = self.proj_in(self.norm(x)).flatten(2).transpose(1, 2)   # (B, HW, C): one token per position
@@ -154,16 +166,16 @@ def spatial_transformers(model: nn.Module, # a U-Net (or any module)
 
 def cross_attention_config(profile: str = "auto", # "auto", "smoke", "cpu" or "gpu"
                            context_dim: int = 384, # size of the text tokens (384 MiniLM, 512 FashionCLIP)
-                           additive: bool = False, # also add the pooled vector to the time embedding (chapter 09's path)
+                           cond_dim: int | None = None, # also add the pooled vector (this size) to the time embedding, as in chapter 09
                            **overrides, # LDMConfig fields to change
                           ) -> LDMConfig:
     "Chapter 09's experiment (same data, training budget and sampling) with cross-attention instead of the additive vector."
     profile = resolve_profile(profile)
-    base = ldm_config(profile, cond_dim=context_dim)
+    base = ldm_config(profile, cond_dim=cond_dim or context_dim)   # cond_dim only sets pooled_scale when unused
     levels = {"smoke": (1,), "cpu": (1, 2), "gpu": (1, 2)}[profile]
     block = {"smoke": dict(head_dim=16, groups=8), "cpu": dict(head_dim=32, groups=8),
              "gpu": dict(head_dim=64, groups=32)}[profile]
-    unet = base.unet.replace(cross_attention_levels=levels, context_dim=context_dim, cond_dim=context_dim if additive else None)
+    unet = base.unet.replace(cross_attention_levels=levels, context_dim=context_dim, cond_dim=cond_dim)
     return base.replace(unet=unet, cross_attention_block=spatial_transformer_spec(**block)).replace(**overrides)
 
 # %% ../nbs/10_cross_attention.ipynb #0a07be95
@@ -194,6 +206,35 @@ def plot_method_comparison(images: Mapping[str, Tensor], # method name -> (P·n,
         x = (axes[0, m * n - 1].get_position().x1 + axes[0, m * n].get_position().x0) / 2
         fig.add_artist(plt.Line2D([x, x], [0.02, 0.93], color="k", lw=1.5, transform=fig.transFigure))
     return fig
+
+# %% ../nbs/10_cross_attention.ipynb #80b5f610
+@torch.no_grad()
+def denoising_losses(pipe: LatentDiffusionPipeline, # its U-Net, noise schedule, null prompt and pooled scale are used
+                     latents: Tensor, # (N, c, h, w) scaled latents s·z of catalogue items
+                     emb: TextEmbeddings, # (N, ...) the embeddings of their captions
+                     seed: int = 0, # seed of the (t, ε) draws: the same seed gives every pipeline the same draws
+                     repeats: int = 1, # (t, ε) draws per item
+                     batch_size: int = 64, # latents per U-Net forward
+                    ) -> dict: # with_text L(y), null_prompt L(∅), text_gain Δ = L(∅) − L(y), text_gain_percent, num_draws
+    "L_simple of a pipeline's U-Net on fixed (t, ε) draws, with the items' captions and with the null prompt ''."
+    if len(latents) != len(emb): raise ValueError(f"{len(latents)} latents but {len(emb)} caption embeddings")
+    if len(latents) == 0 or repeats < 1: raise ValueError(f"need at least one item and repeats >= 1, got {len(latents)} items, repeats={repeats}")
+    g, scheduler, device, null = make_generator(seed), pipe.scheduler, pipe.device, pipe.null_embedding
+    x0, items = latents.repeat(repeats, 1, 1, 1), torch.arange(len(latents)).repeat(repeats)
+    t = torch.randint(0, scheduler.num_train_timesteps, (len(x0),), generator=g)   # drawn on the CPU: same on every device
+    noise = torch.randn(x0.shape, generator=g)
+    sums = {"with_text": 0.0, "null_prompt": 0.0}
+    for start in range(0, len(x0), batch_size):
+        part = slice(start, start + batch_size)
+        x, eps, tt = x0[part].to(device), noise[part].to(device), t[part].to(device)
+        x_t, target, B = scheduler.add_noise(x, eps, tt), scheduler.get_target(x, eps, tt), len(x)
+        nulls = TextEmbeddings(null.pooled.expand(B, -1), null.tokens.expand(B, -1, -1), null.mask.expand(B, -1))
+        for name, text in (("with_text", emb[items[part].tolist()].to(device)), ("null_prompt", nulls)):
+            prediction = pipe.unet(x_t, tt, **text_condition(pipe.unet.config, text, pipe.config.pooled_scale))
+            sums[name] += F.mse_loss(prediction.float(), target.float(), reduction="sum").item()
+    losses = {name: total / x0.numel() for name, total in sums.items()}
+    gain = losses["null_prompt"] - losses["with_text"]
+    return {**losses, "text_gain": gain, "text_gain_percent": 100 * gain / losses["null_prompt"], "num_draws": len(x0)}
 
 # %% ../nbs/10_cross_attention.ipynb #fe490713
 def plot_guidance_sweep(images: Mapping[str, Tensor], # method name -> (S, P, 3, H, W): one image per (w, prompt)
