@@ -987,9 +987,15 @@ def comparison_table(self: ReportContext, label: str, # unique label
             ["FID des vêtements"] + [cell(k, "fid", "11", lambda v: md_escape(format_value(v, 3))) for k in METHODS],
             [f"échantillonnage de {format_value(sampled)} images (s)" if sampled else "échantillonnage (s)"]
             + [cell(k, "sampling_seconds", "10") for k in METHODS]]
+    items = self.value("10", "denoising_eval.num_items")
+    counted = (f", {format_value(items.get('train_items'))} articles vus et {format_value(items.get('held_out_items'))} jamais vus"
+               if isinstance(items, Mapping) and items.get("train_items") is not None else "")
+    same = self.value("10", "additive.same_train_recipe")
     notes = ["perte : moyenne des 20 premiers → 20 derniers pas",
-             "gain du texte : $(L(\\varnothing) - L(y)) / L(\\varnothing)$ sur des tirages $(t, \\varepsilon)$ identiques (chapitre 10)",
+             "gain du texte : $(L(\\varnothing) - L(y)) / L(\\varnothing)$ sur des tirages $(t, \\varepsilon)$ identiques "
+             f"(chapitre 10{counted})",
              "couleur / type : juge du chapitre 11 à la meilleure échelle $w$"]
+    if same is not None: notes.append(f"même recette d'entraînement pour les deux : {format_value(bool(same))}")
     return self.table(label, ["mesure", "additif", "cross-attention"], rows, caption + " ; " + " ; ".join(notes), align="lrr")
 
 # %% ../nbs/13_report.ipynb #023a26e7
