@@ -925,7 +925,7 @@ def fid_table(self: ReportContext, label: str, # unique label
     if len(absent) == len(rows): return self.placeholder_table(label, caption, self._why_missing("11", "la FID"))
     table = self.table(label, ["modèle", "FID", "plancher", "KID", "plancher", "$N$ générées / vraies"], rows,
                        caption + " ; " + self.fid_features(short=True), align="lrrrrr")
-    return table + ("\n\n" + "Non mesuré : " + " ; ".join(absent) + "." if absent else "")
+    return table + (f"\n\nLignes vides du {self.ref(label)} — " + " ; ".join(absent) + "." if absent else "")
 
 # %% ../nbs/13_report.ipynb #fbac9e55
 def _positive(value: Any) -> Any:
