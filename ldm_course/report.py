@@ -1005,9 +1005,10 @@ def colour_rows(vae: Mapping | None, # chapter 07's metrics
     by_colour = lookup(vae, "colour_fidelity_by_base_colour")
     rows = []
     if isinstance(by_colour, Mapping):   # {"kl": {colour: {images, colour_error, colour_preserved}}, "vq": {...}}
-        kl, vq = by_colour.get("kl") or {}, by_colour.get("vq") or {}
+        table = lambda v: v if isinstance(v, Mapping) else {}
+        kl, vq = table(by_colour.get("kl")), table(by_colour.get("vq"))
         for name in sorted(set(kl) | set(vq), key=lambda n: (n == "all", n)):
-            a, b = kl.get(name) or {}, vq.get(name) or {}
+            a, b = table(kl.get(name)), table(vq.get(name))
             rows.append({"colour": name, "images": a.get("images", b.get("images")), "kl_preserved": a.get("colour_preserved"),
                          "vq_preserved": b.get("colour_preserved"), "kl_error": a.get("colour_error"), "vq_error": b.get("colour_error")})
         return rows
