@@ -24,6 +24,7 @@ from ldm_course.core import (
     Config, image_grid, load_checkpoint, read_checkpoint_metadata, resolve_profile, runs_dir,
     save_checkpoint,
 )
+from .data import GARMENT_COLOURS
 from .training import TrainConfig, train_config
 
 # %% auto #0
@@ -32,8 +33,9 @@ __all__ = ['RECON_LOSSES', 'VAE_CHECKPOINT_FORMAT', 'DiagonalGaussian', 'VAEConf
            'reconstruction_loss', 'VAELoss', 'QuantizerOutput', 'code_perplexity', 'VectorQuantizer', 'VQVAE',
            'build_vae', 'estimate_scale_factor', 'set_scale_factor', 'vae_checkpoint_dir', 'vae_checkpoint_path',
            'save_vae', 'load_vae', 'vae_fingerprint', 'encode_dataset', 'psnr', 'colour_error', 'reconstruct',
-           'codebook_usage', 'interpolate', 'pixel_interpolation', 'plot_reconstructions', 'plot_latent_channels',
-           'plot_interpolations', 'plot_vae_curves', 'vae_config', 'vae_train_config']
+           'codebook_usage', 'dominant_colour', 'garment_mask', 'colour_preserved', 'colour_fidelity', 'interpolate',
+           'pixel_interpolation', 'plot_reconstructions', 'plot_latent_channels', 'plot_interpolations',
+           'plot_vae_curves', 'vae_config', 'vae_train_config']
 
 # %% ../nbs/07_vae.ipynb #c9a9b2b4
 class DiagonalGaussian:
@@ -85,6 +87,7 @@ class VAEConfig(Config):
     commitment_beta: float = 0.25       # β of the commitment loss (kind "vq")
     codebook_decay: float = 0.99        # γ of the EMA codebook updates (kind "vq")
     dead_code_steps: int = 20           # restart codes unused for this many training batches (kind "vq"; 0: never)
+    colour_shortcut: bool = False       # linear path: f×f mean colour -> latent, latent -> colour (see "La fidélité des couleurs")
 
     def __post_init__(self):
         self.block_out_channels = tuple(self.block_out_channels)
@@ -169,7 +172,7 @@ def mid_block(channels: int, # channels at the lowest resolution
 
 # %% ../nbs/07_vae.ipynb #6130320d
 class Encoder(nn.Module):
-    "x (B, C, H, W) -> (B, out_channels, H/f, W/f): conv, [ResnetBlocks, stride-2 conv] per level, mid block, GN-SiLU-conv."
+    "x (B, C, H, W) -> (B, out_channels, H/f, W/f): conv, [ResnetBlocks, stride-2 conv] per level, mid block, GN-SiLU-conv (+ colour shortcut)."
     def __init__(self, cfg: VAEConfig, # architecture
                  out_channels: int, # 2c for a KL-VAE (μ and log σ²), c for a VQ-VAE
                 ):
@@ -185,13 +188,19 @@ class Encoder(nn.Module):
         self.down = nn.Sequential(*levels)
         self.mid = mid_block(c, groups, cfg.mid_attention)
         self.norm_out, self.conv_out = nn.GroupNorm(groups, c), nn.Conv2d(c, out_channels, 3, padding=1)
+        self.factor, self.latent_channels = cfg.downsample_factor, cfg.latent_channels
+        # the mean colour of each f×f patch, linearly into the latent (μ for a KL-VAE): colours bypass every GroupNorm
+        self.shortcut = nn.Conv2d(cfg.in_channels, cfg.latent_channels, 1) if cfg.colour_shortcut else None
 
     def forward(self, x: Tensor) -> Tensor:
         h = self.mid(self.down(self.conv_in(x)))
-        return self.conv_out(F.silu(self.norm_out(h)))
+        out = self.conv_out(F.silu(self.norm_out(h)))
+        if self.shortcut is None: return out
+        c = self.latent_channels
+        return torch.cat([out[:, :c] + self.shortcut(F.avg_pool2d(x, self.factor)), out[:, c:]], dim=1)
 
 class Decoder(nn.Module):
-    "z (B, c, h, w) -> (B, C, h·f, w·f): conv, mid block, [ResnetBlocks, upsample] per level, GN-SiLU-conv."
+    "z (B, c, h, w) -> (B, C, h·f, w·f): conv, mid block, [ResnetBlocks, upsample] per level, GN-SiLU-conv (+ colour shortcut)."
     def __init__(self, cfg: VAEConfig, # architecture
                 ):
         super().__init__()
@@ -209,10 +218,15 @@ class Decoder(nn.Module):
         c = channels[0]
         self.up = nn.Sequential(*levels)
         self.norm_out, self.conv_out = nn.GroupNorm(groups, c), nn.Conv2d(c, cfg.in_channels, 3, padding=1)
+        self.factor = cfg.downsample_factor
+        # the way back: a colour per latent position, repeated over its f×f patch; the deep path adds the details
+        self.shortcut = nn.Conv2d(cfg.latent_channels, cfg.in_channels, 1) if cfg.colour_shortcut else None
 
     def forward(self, z: Tensor) -> Tensor:
         h = self.up(self.mid(self.conv_in(z)))
-        return self.conv_out(F.silu(self.norm_out(h)))
+        out = self.conv_out(F.silu(self.norm_out(h)))
+        if self.shortcut is None: return out
+        return out + self.shortcut(F.interpolate(z, scale_factor=self.factor, mode="nearest"))
 
 # %% ../nbs/07_vae.ipynb #407da0ed
 @dataclasses.dataclass
@@ -593,6 +607,59 @@ def codebook_usage(model: VQVAE, # a VQ-VAE
     used = int((counts > 0).sum())
     return {"codes_used": used, "usage": used / len(counts), "perplexity": float(code_perplexity(counts)), "num_codes": len(counts)}
 
+# %% ../nbs/07_vae.ipynb #fbeea065
+def _palette(palette: Tensor | Mapping[str, Sequence[float]] | None) -> Tensor:
+    "The palette as a (K, 3) tensor in [0, 1]: a tensor as is, a name -> RGB 0-255 mapping, None: GARMENT_COLOURS."
+    if palette is None: palette = GARMENT_COLOURS
+    if isinstance(palette, Mapping): palette = torch.tensor(list(palette.values()), dtype=torch.float32) / 255
+    if palette.ndim != 2 or palette.shape[1] != 3:
+        raise ValueError(f"palette must have shape (K, 3) with RGB in [0, 1], got {tuple(palette.shape)}")
+    return palette.float()
+
+def dominant_colour(images: Tensor, # (B, 3, H, W) in [-1, 1]
+                    mask: Tensor, # (B, H, W) bool: the garment pixels that vote
+                    palette: Tensor | Mapping[str, Sequence[float]] | None = None, # (K, 3) in [0, 1], or name -> RGB 0-255 (default GARMENT_COLOURS)
+                   ) -> Tensor: # (B,) index of the palette colour most garment pixels are closest to
+    "The palette colour that wins the vote of the garment pixels (each votes for its nearest palette colour)."
+    if images.ndim != 4 or images.shape[1] != 3: raise ValueError(f"images must be (B, 3, H, W) RGB, got {tuple(images.shape)}")
+    colours = _palette(palette).to(images.device)
+    pixels = ((images.float().clamp(-1, 1) + 1) / 2).permute(0, 2, 3, 1).reshape(-1, 3)
+    nearest = torch.cdist(pixels, colours).argmin(1).reshape(mask.shape)
+    image = torch.arange(len(images), device=images.device).view(-1, 1, 1).expand_as(nearest)
+    ballots = (image * len(colours) + nearest)[mask.to(images.device)]             # (image, colour) of each vote
+    votes = torch.bincount(ballots, minlength=len(images) * len(colours)).view(len(images), len(colours))
+    return votes.argmax(1)
+
+def garment_mask(x: Tensor, # originals (B, 3, H, W) in [-1, 1], garments on white
+                 background: float = 0.8, # a pixel is background when its three channels are all above this
+                ) -> Tensor: # (B, H, W) bool
+    "The garment pixels of a product photo: those not (almost) white."
+    return (x < background).any(dim=1)
+
+def colour_preserved(x_hat: Tensor, # reconstructions (B, 3, H, W) in [-1, 1]
+                     x: Tensor, # originals, same shape
+                     palette: Tensor | Mapping[str, Sequence[float]] | None = None, # default GARMENT_COLOURS
+                     background: float = 0.8, # threshold of `garment_mask`
+                    ) -> Tensor: # (B,) bool
+    "True where the reconstruction's dominant garment colour is the original's (same garment pixels, same palette)."
+    mask = garment_mask(x, background)
+    return dominant_colour(x_hat, mask, palette) == dominant_colour(x, mask, palette)
+
+def colour_fidelity(x_hat: Tensor, # reconstructions (B, 3, H, W) in [-1, 1]
+                    x: Tensor, # originals, same shape
+                    labels: Sequence[str], # one label per image, e.g. the catalogue's baseColour
+                    palette: Tensor | Mapping[str, Sequence[float]] | None = None, # default GARMENT_COLOURS
+                   ) -> dict: # {label: {images, colour_error, colour_preserved}, ..., "all": {...}}
+    "Per-label table of the mean colour error and the colour-preserved rate, plus the row 'all'."
+    if len(labels) != len(x): raise ValueError(f"got {len(labels)} labels for {len(x)} images")
+    error, kept = colour_error(x_hat, x), colour_preserved(x_hat, x, palette).float()
+    rows = {}
+    for name in [*sorted(set(labels)), "all"]:
+        sel = torch.tensor([name == "all" or label == name for label in labels])
+        rows[name] = {"images": int(sel.sum()), "colour_error": round(float(error[sel].mean()), 4),
+                      "colour_preserved": round(float(kept[sel].mean()), 4)}
+    return rows
+
 # %% ../nbs/07_vae.ipynb #3526c4ab
 @torch.no_grad()
 def interpolate(model: Autoencoder, # the autoencoder
@@ -708,11 +775,12 @@ def vae_config(kind: str = "kl", # "kl" or "vq"
               ) -> VAEConfig:
     "The preset VAEConfig of a run profile (latents 4×16×16 on cpu and gpu), with `overrides` applied."
     if kind not in ("kl", "vq"): raise ValueError(f"Unknown autoencoder kind {kind!r}; expected 'kl' or 'vq'")
-    preset = {"smoke": VAEConfig(image_size=32, block_out_channels=(8, 16, 16), norm_groups=4, num_codes=32, dead_code_steps=5),
+    preset = {"smoke": VAEConfig(image_size=32, block_out_channels=(8, 16, 16), norm_groups=4, num_codes=32, dead_code_steps=5,
+                                 colour_shortcut=True),
               "cpu": VAEConfig(block_out_channels=(16, 32, 64), norm_groups=8, recon_loss="mse", num_codes=256,
-                               dead_code_steps=20),
+                               dead_code_steps=20, colour_shortcut=True),
               "gpu": VAEConfig(image_size=128, block_out_channels=(64, 128, 256, 256), layers_per_block=2,
-                               norm_groups=32, num_codes=1024, dead_code_steps=100)}[resolve_profile(profile)]
+                               norm_groups=32, num_codes=1024, dead_code_steps=100, colour_shortcut=True)}[resolve_profile(profile)]
     return preset.replace(kind=kind, **overrides)
 
 def vae_train_config(kind: str = "kl", # "kl" or "vq"
@@ -723,7 +791,7 @@ def vae_train_config(kind: str = "kl", # "kl" or "vq"
     profile = resolve_profile(profile)
     cfg = {"smoke": train_config("smoke", lr=3e-3, max_steps=12, warmup_steps=3, batch_size=16, ema_decay=0.9,
                                  checkpoint_every=0, sample_every=0, keep_last=1),
-           "cpu": train_config("cpu", lr=2e-3, max_steps=400, warmup_steps=20, batch_size=16, ema_decay=0.99,
+           "cpu": train_config("cpu", lr=2e-3, max_steps=500, warmup_steps=25, batch_size=16, ema_decay=0.99,
                                checkpoint_every=0, sample_every=0, keep_last=1),
            "gpu": train_config("gpu", lr=2e-4, max_steps=30_000, warmup_steps=500, batch_size=64, ema_decay=0.999,
                                checkpoint_every=2_500, sample_every=0, keep_last=2)}[profile]

@@ -1,4 +1,4 @@
-"""Chapter 07: KL-VAE and VQ-VAE (shapes, posterior maths, quantiser, losses, scale factor, checkpoints, latent cache)."""
+"""Chapter 07: KL-VAE and VQ-VAE (shapes, posterior maths, quantiser, losses, scale factor, checkpoints, latent cache, colour fidelity)."""
 import json
 
 import pytest
@@ -6,9 +6,10 @@ import torch
 import torch.nn.functional as F
 
 from ldm_course.core import read_checkpoint_metadata, save_checkpoint
+from ldm_course.data import GARMENT_COLOURS
 from ldm_course.vae import (
     AttnBlock, AutoencoderKL, DiagonalGaussian, VAEConfig, VAELoss, VQVAE, VectorQuantizer, build_vae,
-    code_perplexity, colour_error, encode_dataset, estimate_scale_factor, interpolate, load_vae, psnr, reconstruct, save_vae,
+    code_perplexity, colour_error, colour_fidelity, colour_preserved, dominant_colour, encode_dataset, garment_mask, estimate_scale_factor, interpolate, load_vae, psnr, reconstruct, save_vae,
     set_scale_factor, vae_checkpoint_path, vae_config, vae_train_config,
 )
 
@@ -266,3 +267,74 @@ def test_reconstruct_psnr_and_interpolation():
     assert path.shape == (4, 3, 32, 32)
     torch.testing.assert_close(path[0], rec[0], atol=1e-4, rtol=0)
     torch.testing.assert_close(path[-1], rec[1], atol=1e-4, rtol=0)
+
+
+# ---------------------------------------------------------------- colour shortcut and colour fidelity
+def test_colour_shortcut_carries_the_patch_mean_colour_through_both_halves():
+    cfg = VAEConfig(**TINY, colour_shortcut=True)
+    model = build_vae(cfg).eval()
+    with torch.no_grad():
+        for conv in (model.encoder.conv_out, model.decoder.conv_out): conv.weight.zero_(); conv.bias.zero_()
+        for conv, eye in ((model.encoder.shortcut, (slice(0, 3), slice(None))), (model.decoder.shortcut, (slice(None), slice(0, 3)))):
+            conv.weight.zero_(); conv.bias.zero_(); conv.weight[eye[0], eye[1], 0, 0] = torch.eye(3)
+        x = torch.rand(2, 3, 32, 32) * 2 - 1
+        patch_means = F.avg_pool2d(x, cfg.downsample_factor)
+        torch.testing.assert_close(model.encode(x).mean[:, :3], patch_means)
+        torch.testing.assert_close(model.decode_latents(model.encode_latents(x)), F.interpolate(patch_means, scale_factor=4))
+    assert build_vae(VAEConfig(**TINY)).encoder.shortcut is None          # default off: older checkpoints still load
+    for profile in ("smoke", "cpu", "gpu"): assert vae_config("kl", profile).colour_shortcut
+
+
+def test_colour_shortcut_round_trips_through_a_checkpoint(tmp_path):
+    model = tiny("kl", colour_shortcut=True).eval()
+    loaded = load_vae(save_vae(tmp_path / "vae.safetensors", model))
+    assert loaded.config.colour_shortcut and loaded.decoder.shortcut is not None
+    x = torch.rand(2, 3, 32, 32) * 2 - 1
+    with torch.no_grad(): assert torch.equal(loaded.decode_latents(loaded.encode_latents(x)), model.decode_latents(model.encode_latents(x)))
+
+
+def _garments_on_white(names=tuple(GARMENT_COLOURS), size=16):
+    "One square garment per named palette colour, with a dark seam and a white stripe, on a white background."
+    palette = torch.tensor([GARMENT_COLOURS[n] for n in names], dtype=torch.float32) / 255
+    x = torch.ones(len(palette), 3, size, size)
+    x[:, :, 3:13, 3:13] = (palette * 2 - 1).view(-1, 3, 1, 1)
+    x[:, :, 3, 3:13] = -0.9                                                # a dark seam
+    x[:, :, 7, 3:13] = 1.0                                                 # a white stripe
+    return x, list(names)
+
+CHROMATIC = [n for n in GARMENT_COLOURS if n not in ("White", "Black", "Grey")]
+
+
+def test_dominant_colour_is_the_palette_colour_of_the_cloth():
+    names = [n for n in GARMENT_COLOURS if n != "White"]                 # white cloth on white is background
+    x, _ = _garments_on_white(names)
+    assert dominant_colour(x, garment_mask(x)).tolist() == [list(GARMENT_COLOURS).index(n) for n in names]
+    assert garment_mask(x)[0, 0, 0].item() is False and garment_mask(x)[0, 5, 5].item() is True
+    with pytest.raises(ValueError, match="RGB"): dominant_colour(x[:, :1], garment_mask(x))
+
+
+def test_colour_preserved_scores_identity_100_and_colour_swaps_low():
+    x, names = _garments_on_white(CHROMATIC)
+    mask = garment_mask(x).unsqueeze(1)
+    assert colour_preserved(x, x).all()
+    swapped = torch.where(mask, x[:, [1, 2, 0]], x)                       # R -> G -> B -> R: green becomes blue...
+    greyed = torch.where(mask, x.mean(1, keepdim=True).expand_as(x), x)   # colours washed out
+    mid_grey = x.clone(); mid_grey[:, :, 4:7, 3:13] = mid_grey[:, :, 8:13, 3:13] = 0.0   # every cloth turned mid-grey
+    for decoded in (swapped, greyed, mid_grey):
+        assert colour_preserved(decoded, x).float().mean() <= 0.25
+    slightly_off = (x + 0.03 * torch.randn(x.shape, generator=torch.Generator().manual_seed(0))).clamp(-1, 1)
+    assert colour_preserved(slightly_off, x).all()                        # small errors keep the colour
+
+
+def test_colour_fidelity_table_per_label():
+    x, names = _garments_on_white(CHROMATIC)
+    mask = garment_mask(x).unsqueeze(1)
+    decoded = x.clone()
+    green = names.index("Green")
+    decoded[green] = torch.where(mask[green], torch.tensor([30., 40., 88.]).view(3, 1, 1) / 127.5 - 1, x[green])  # green -> navy
+    table = colour_fidelity(decoded, x, names)
+    assert set(table) == set(names) | {"all"} and table["all"]["images"] == len(names)
+    assert table["Green"]["colour_preserved"] == 0.0 and table["Green"]["colour_error"] > 0.3
+    assert table["Red"]["colour_preserved"] == 1.0 and table["Red"]["colour_error"] == 0.0
+    assert table["all"]["colour_preserved"] == pytest.approx((len(names) - 1) / len(names), abs=1e-4)
+    with pytest.raises(ValueError, match="labels"): colour_fidelity(x, x, names[:2])
