@@ -69,9 +69,15 @@ def median_seconds(fn: Callable[[], object], device: torch.device, repeats: int,
     return statistics.median(times), times
 
 
+def strict_fp32() -> None:
+    "Turn TF32 off for matmuls and cuDNN convolutions: cuDNN allows it by default, which would let an 'fp32'\n    training step outrun an fp32 matmul peak on NVIDIA GPUs. No effect on CPU."
+    torch.backends.cuda.matmul.allow_tf32 = False
+    torch.backends.cudnn.allow_tf32 = False
+
+
 def matmul_peak(device: torch.device, sizes: tuple[int, ...] = (1024, 2048), repeats: int = 3) -> dict:
     "Measured fp32 matmul throughput of this machine: best GFLOP/s over square sizes (TF32 off on CUDA)."
-    if device.type == "cuda": torch.backends.cuda.matmul.allow_tf32 = False
+    strict_fp32()
     best, per_size = 0.0, {}
     for n in sizes:
         a, b = torch.randn(n, n, device=device), torch.randn(n, n, device=device)
