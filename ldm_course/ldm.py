@@ -102,6 +102,7 @@ class LDMConfig(Config):
     pooled_scale: float = 1.0           # the pooled text vector is multiplied by this before the U-Net (√d: unit-RMS entries)
     num_inference_steps: int = 50       # default DDIM steps of the pipeline
     guidance_scale: float = 3.0         # default w of classifier-free guidance
+    eta: float = 1.0                    # default DDIM η: 1 = stochastic (σ_t² = β̃_t), 0 = deterministic
     timestep_spacing: str = "trailing"  # DDIM timesteps: "trailing" starts at t = T-1 (better with few steps)
 
     def __post_init__(self):
@@ -115,6 +116,7 @@ class LDMConfig(Config):
         if not 0 <= self.cond_drop_prob < 1: raise ValueError(f"cond_drop_prob must be in [0, 1), got {self.cond_drop_prob!r}")
         if not 0 <= self.short_caption_prob <= 1:
             raise ValueError(f"short_caption_prob must be in [0, 1], got {self.short_caption_prob!r}")
+        if not self.eta >= 0: raise ValueError(f"eta must be >= 0 (0: deterministic DDIM, 1: stochastic), got {self.eta!r}")
 
     @property
     def conditioning(self) -> str: # "additive", "cross_attention" or "additive+cross_attention"
@@ -444,13 +446,14 @@ def __call__(self: LatentDiffusionPipeline,
           seed: int = 0, # seed of z_T: the same seed and prompts give the same images
           return_trajectory: bool = False, # also return decoded snapshots of the chain
           n_snapshots: int = 8, # snapshots kept with return_trajectory, z_T and z_0 included
-          eta: float = 0.0, # DDIM's η (0: deterministic)
+          eta: float | None = None, # DDIM's η (default: config.eta; 0: deterministic, 1: stochastic)
           x_T: Tensor | None = None, # starting latents (B, c, h, w) instead of drawing them from `seed`
          ) -> LDMOutput:
     "Generate one image per prompt: DDIM with classifier-free guidance in latent space, then the VAE decoder."
     emb = self.encode_prompts(prompts)
     steps = _check_steps(num_inference_steps if num_inference_steps is not None else self.config.num_inference_steps)
     w = _check_guidance(self.config.guidance_scale if guidance_scale is None else guidance_scale)
+    eta = self.config.eta if eta is None else eta
     model_fn = text_guidance(self.unet, emb, self.null_embedding, w, self.config.pooled_scale)
     sampler = DDIMSampler(self.scheduler, eta=eta, clip_sample=False, timestep_spacing=self.config.timestep_spacing)
     shape = (len(emb), *self.latent_shape)
