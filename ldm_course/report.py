@@ -16,6 +16,7 @@ import shutil
 import subprocess
 import tempfile
 import time
+import warnings
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -33,14 +34,17 @@ from ldm_course.core import (
 __all__ = ['CHAPTER_TITLES', 'SHORT_TITLES', 'NBSP', 'DATASET_NAMES', 'SOURCE_NAMES', 'SPLIT_NAMES', 'SKIP_NAMES',
            'JINJA_DELIMITERS', 'PROFILE_DESCRIPTIONS', 'METRIC_LABELS', 'TEXT_ENCODERS', 'SUMMARY_COLUMNS',
            'FIGURE_CAPTIONS', 'LOSS_FIRST', 'LOSS_LAST', 'MONTHS', 'METHODS', 'METHOD_KEYS', 'PROMPT_GROUPS',
-           'FID_ROWS', 'SAMPLER_NAMES', 'LATEX_HEADER', 'HTML_STYLE', 'FIG1_NAME', 'FIG3_NAME', 'chapter_metrics',
+           'FID_ROWS', 'SAMPLER_NAMES', 'BENCHMARKS', 'BENCHMARK_TARGETS', 'BENCHMARK_DESCRIPTIONS', 'BENCHMARK_NEEDS',
+           'BENCH_COMMAND', 'VERDICTS', 'LATEX_HEADER', 'HTML_STYLE', 'FIG1_NAME', 'FIG3_NAME', 'chapter_metrics',
            'lookup', 'missing', 'format_value', 'md_escape', 'is_data_source', 'find_data_sources',
            'describe_data_source', 'git_commit', 'machine_description', 'collect_values', 'UNetSketch', 'unet_sketch',
            'draw_unet', 'draw_ldm_architecture', 'ModelConfig', 'unet_config_in', 'find_unet_config',
            'text_encoder_name', 'flatten_metrics', 'metric_label', 'ReportContext', 'percent', 'method_key',
-           'alignment_rows', 'best_alignment', 'colour_rows', 'steps_rows', 'run_conditions', 'pipeline_stages',
-           'report_environment', 'render_report', 'ReportBuildError', 'pandoc_path', 'run_pandoc', 'first_latex_error',
-           'run_latexmk', 'report_dir', 'draw_report_figures', 'ReportFiles', 'build_report']
+           'alignment_rows', 'best_alignment', 'colour_rows', 'steps_rows', 'benchmark_targets', 'target_texts',
+           'benchmark_machine', 'BenchmarkResult', 'BenchmarkResults', 'BenchmarkFileError', 'read_benchmark',
+           'read_benchmarks', 'run_conditions', 'pipeline_stages', 'report_environment', 'render_report',
+           'ReportBuildError', 'pandoc_path', 'run_pandoc', 'first_latex_error', 'run_latexmk', 'report_dir',
+           'draw_report_figures', 'ReportFiles', 'build_report']
 
 # %% ../nbs/13_report.ipynb #aa1823a3
 CHAPTER_TITLES = {  # chapter number -> what it is about (French), to say which chapter will produce a missing value
@@ -560,11 +564,12 @@ class ReportContext:
                  figures: str | Path, # folder of the chapters' PNG figures
                  drawn: Mapping[str, ModelConfig] | None = None, # figures drawn from a configuration (file name -> origin)
                  stages: Sequence[tuple] = (), # pipeline stages (notebook, status, seconds), see pipeline_stages
+                 benchmarks: BenchmarkResults | None = None, # bench/results as read by read_benchmarks (None: not read)
                 ):
         self.profile, self.metrics, self.figures_dir = profile, dict(metrics), Path(figures)
         self.profile_description = PROFILE_DESCRIPTIONS.get(profile, profile)
         self.data_sources = find_data_sources(self.metrics)
-        self.drawn, self.stages = dict(drawn or {}), list(stages)
+        self.drawn, self.stages, self.benchmarks = dict(drawn or {}), list(stages), benchmarks
         self.used_figures: list[str] = []
         self._numbers: dict[str, dict[str, str]] = {"figure": {}, "table": {}}
         self._known: dict[str, dict[str, str]] = {"figure": {}, "table": {}}
@@ -1107,6 +1112,214 @@ def ddim_sentence(self: ReportContext) -> str:
             f"({format_value(b.get('num_images'))} images) ; le DDPM coûte {md_escape(format_value(b['seconds_per_image'] / a['seconds_per_image'], 2))} "
             f"fois le temps par image du DDIM")
 
+# %% ../nbs/13_report.ipynb #09f1f49a
+BENCHMARKS = {  # bench/ name (prefix of its result files) -> French title, in the report's order
+    "unet": "notre U-Net contre celui de diffusers",
+    "sampling": "DDIM-50 contre DDPM-1000",
+    "latent_vs_pixel": "espace latent contre pixels",
+    "flops": "FLOP/s atteints à l'entraînement",
+}
+BENCHMARK_TARGETS = {  # the course's targets (issue 6), used when a result file does not record its own
+    "unet": {"speedup": 1.3},                               # training images/s, ours / diffusers UNet2DModel
+    "sampling": {"speedup": 18.0, "accuracy_loss": 0.03},   # DDPM-1000 time / DDIM-50 time; prompt accuracy lost (fraction)
+    "latent_vs_pixel": {"speedup": 4.0},                    # pixel step time / latent step time
+    "flops": {"fraction_of_peak": 0.35},                    # attained FLOP/s / measured fp32 matmul peak, on CPU
+}
+BENCHMARK_DESCRIPTIONS = {  # what each benchmark measures (French)
+    "unet": "images par seconde à l'entraînement (passe avant, passe arrière, AdamW) de notre U-Net et du `UNet2DModel` "
+            "de diffusers construit avec la même architecture",
+    "sampling": "temps par image et fidélité au texte (juge du chapitre 11) du même modèle latent, mêmes requêtes et mêmes "
+                "$z_T$, avec 50 pas DDIM et avec la chaîne DDPM complète de 1000 pas",
+    "latent_vs_pixel": "durée d'un pas d'entraînement du même U-Net sur les latents du VAE et sur les pixels des images",
+    "flops": "FLOP/s d'un pas d'entraînement rapportés au pic fp32 d'un produit de matrices mesuré sur la même machine",
+}
+BENCHMARK_NEEDS = {  # what a benchmark needs before it can run (French), said when it has no result
+    "sampling": "demande d'abord les modèles latents des chapitres 09 ou 10 et le juge du chapitre 11 (`make report`)",
+}
+BENCH_COMMAND = "python bench/run_all.py"  # what produces bench/results
+VERDICTS = {True: "atteint", False: "manqué", None: "sans objet"}
+
+def _speedup(value: float) -> str: return md_escape(format_value(float(value), 3)) + "×"
+
+def benchmark_targets(name: str, # a key of BENCHMARKS
+                      recorded: Mapping | None = None, # targets recorded by a result file, overriding the course's
+                     ) -> dict[str, float]:
+    "The targets a benchmark's result is judged against: the course's, updated with those the file recorded."
+    if name not in BENCHMARKS: raise ValueError(f"Unknown benchmark {name!r}; expected one of {list(BENCHMARKS)}")
+    return {**BENCHMARK_TARGETS[name], **{k: float(v) for k, v in (recorded or {}).items() if k in BENCHMARK_TARGETS[name]}}
+
+def target_texts(name: str, # a key of BENCHMARKS
+                 targets: Mapping[str, float] | None = None, # as returned by benchmark_targets (default: the course's)
+                ) -> list[str]:
+    "Each target of a benchmark as French Markdown, e.g. '≥ 1,3× sur chaque configuration'."
+    t = benchmark_targets(name, targets)
+    if name == "unet": return [f"≥ {_speedup(t['speedup'])} sur chaque configuration"]
+    if name == "sampling": return [f"≥ {_speedup(t['speedup'])} plus rapide",
+                                   f"≤ {md_escape(format_value(100 * t['accuracy_loss'], 3))} points de fidélité au texte perdus"]
+    if name == "latent_vs_pixel": return [f"≥ {_speedup(t['speedup'])} plus rapide par pas"]
+    return [f"≥ {percent(t['fraction_of_peak'])} du pic, sur CPU"]
+
+# %% ../nbs/13_report.ipynb #adab03b8
+def _unet_result(result: Mapping, t: Mapping) -> tuple[str, list[bool | None]]:
+    parts, speedups = [], []
+    for r in result["results"]:
+        timings = r["timings"]  # "<ours|diffusers> <memory format>[ compile]" -> {"images_per_s_median": ...}
+        ips = lambda k: float(timings[k]["images_per_s_median"])
+        ours = max((k for k in timings if k.startswith("ours")), key=ips)
+        base = "diffusers contiguous" if "diffusers contiguous" in timings else min(k for k in timings if k.startswith("diffusers"))
+        speedups.append(ips(ours) / ips(base))
+        parts.append(f"{md_escape(r['name'])} {_speedup(speedups[-1])} ({md_escape(format_value(ips(ours), 3))} contre "
+                     f"{md_escape(format_value(ips(base), 3))} img/s)")
+    if not speedups: raise ValueError("no configuration in 'results'")
+    return " ; ".join(parts), [min(speedups) >= t["speedup"]]
+
+def _sampling_result(result: Mapping, t: Mapping) -> tuple[str, list[bool | None]]:
+    speedup, loss, se = float(result["speedup"]), float(result["accuracy_loss"]), result.get("accuracy_loss_std_error")
+    signed = ("+" if loss > 0 else "") + md_escape(format_value(100 * loss, 2))
+    error = f" ± {md_escape(format_value(100 * float(se), 2))}" if se is not None else ""
+    n = f" ({format_value(result['num_images'])} images)" if result.get("num_images") else ""
+    return (f"{_speedup(speedup)} plus rapide ; fidélité au texte perdue : {signed}{error} points{n}",
+            [speedup >= t["speedup"], loss <= t["accuracy_loss"]])
+
+def _latent_vs_pixel_result(result: Mapping, t: Mapping) -> tuple[str, list[bool | None]]:
+    speedup = float(result["speedup"])
+    shapes = (result.get("results") or [{}])[0].get("input_shape") or {}
+    shape = lambda k: "×".join(map(str, shapes[k]))
+    sizes = f" (latents {shape('latent')} contre pixels {shape('pixel')})" if {"latent", "pixel"} <= set(shapes) else ""
+    return f"{_speedup(speedup)} plus rapide par pas d'entraînement{sizes}", [speedup >= t["speedup"]]
+
+def _flops_result(result: Mapping, t: Mapping) -> tuple[str, list[bool | None]]:
+    best, peak = result["best"], float(result["matmul_peak_gflops"])
+    fraction = float(best["fraction_of_peak"])
+    how = ", ".join(md_escape(best[k]) for k in ("config_name", "memory_format") if best.get(k))
+    how += f", AdamW {md_escape(best['optimizer'])}" if best.get("optimizer") else ""
+    on_cpu = (result.get("machine") or {}).get("device", "cpu") == "cpu"
+    return (f"{md_escape(format_value(float(best['attained_gflops']), 4))} GFLOP/s, soit {percent(fraction)} du pic fp32 "
+            f"mesuré de {md_escape(format_value(peak, 4))} GFLOP/s ({how})", [fraction >= t["fraction_of_peak"] if on_cpu else None])
+
+_RESULT_READERS = {"unet": _unet_result, "sampling": _sampling_result, "latent_vs_pixel": _latent_vs_pixel_result,
+                   "flops": _flops_result}
+_RECORDED_TARGETS = {"unet": lambda r: {"speedup": r["target_speedup"]} if "target_speedup" in r else {},
+                     "sampling": lambda r: r.get("targets") or {},
+                     "latent_vs_pixel": lambda r: {"speedup": r["target_speedup"]} if "target_speedup" in r else {},
+                     "flops": lambda r: {"fraction_of_peak": r["target_fraction"]} if "target_fraction" in r else {}}
+
+# %% ../nbs/13_report.ipynb #e8f9061d
+def benchmark_machine(result: Mapping, # one result file of bench/results
+                     ) -> tuple[str, str | None]:
+    "(French description of the machine, date 'DD/MM/YYYY' or None) of a benchmark result."
+    m = result.get("machine")
+    if isinstance(m, Mapping):
+        if m.get("gpu"): where = f"GPU {m['gpu']}"
+        else:
+            where = f"CPU {m.get('cpu_model') or '?'}, {format_value(m.get('cpu_cores'))} cœurs"
+            if m.get("load_average_1min") is not None: where += f", charge {format_value(float(m['load_average_1min']), 2)}"
+        try: date = datetime.datetime.fromisoformat(str(m.get("date"))).strftime("%d/%m/%Y")
+        except ValueError: date = None
+        return md_escape(where), date
+    meta = result.get("meta") if isinstance(result.get("meta"), Mapping) else {}   # bench_unet.py's first files
+    kind = "GPU" if meta.get("device") == "cuda" else "CPU"
+    threads = f", {format_value(meta['threads'])} fils torch" if meta.get("threads") and kind == "CPU" else ""
+    return md_escape(f"{kind} {meta.get('device_name') or '?'}{threads}"), None
+
+@dataclasses.dataclass
+class BenchmarkResult(Config):
+    "One result file of bench/results, ready for the report (Markdown)."
+    benchmark: str                # a key of BENCHMARKS
+    file: str                     # file name, e.g. "unet_cuda.json"
+    machine: str                  # what it ran on (French Markdown)
+    date: str | None              # 'DD/MM/YYYY', None when the file does not say
+    measured: str                 # the headline numbers (French Markdown)
+    targets: list[str]            # each target (French Markdown), see target_texts
+    met: list[bool | None]        # whether each target is met (None: it does not apply, e.g. the CPU target on a GPU)
+
+@dataclasses.dataclass
+class BenchmarkResults(Config):
+    "What bench/results holds: readable results in BENCHMARKS order, and the files skipped."
+    folder: str                   # the folder read
+    results: list[BenchmarkResult] # one per readable result file
+    skipped: list[tuple[str, str]] # (file name, why) of the files that could not be read
+
+    def of(self, name: str) -> list[BenchmarkResult]: return [r for r in self.results if r.benchmark == name]
+
+# %% ../nbs/13_report.ipynb #4ff0e7f4
+class BenchmarkFileError(ValueError):
+    "A benchmark result file that cannot be read: names the file and says why."
+    def __init__(self, file: str, reason: str):
+        super().__init__(f"{file}: {reason}")
+        self.file, self.reason = file, reason
+
+def read_benchmark(name: str, # a key of BENCHMARKS
+                   path: str | Path, # a result file bench/results/<name>_<device>[...].json
+                  ) -> BenchmarkResult:
+    "Read one benchmark result file; raises BenchmarkFileError naming the file when it is not valid JSON or lacks a field."
+    path = Path(path)
+    if name not in BENCHMARKS: raise ValueError(f"Unknown benchmark {name!r}; expected one of {list(BENCHMARKS)}")
+    try: result = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e: raise BenchmarkFileError(path.name, f"not a readable JSON file ({e})") from None
+    if not isinstance(result, Mapping): raise BenchmarkFileError(path.name, f"expected a JSON object, got {type(result).__name__}")
+    try:
+        t = benchmark_targets(name, _RECORDED_TARGETS[name](result))
+        measured, met = _RESULT_READERS[name](result, t)
+    except KeyError as e: raise BenchmarkFileError(path.name, f"missing field {e} in a '{name}' result") from None
+    except (TypeError, ValueError, AttributeError, IndexError, ZeroDivisionError) as e:
+        raise BenchmarkFileError(path.name, f"unexpected content for a '{name}' result ({type(e).__name__}: {e})") from None
+    machine, date = benchmark_machine(result)
+    return BenchmarkResult(name, path.name, machine, date, measured, target_texts(name, t), met)
+
+def read_benchmarks(results_dir: str | Path, # bench/results of the repository (repo_root() / "bench" / "results")
+                   ) -> BenchmarkResults:
+    "Every result file <name>_*.json of the BENCHMARKS in `results_dir`; an unreadable one is skipped with a warning naming it."
+    results_dir = Path(results_dir)
+    results, skipped = [], []
+    for name in BENCHMARKS:
+        for path in sorted(results_dir.glob(f"{name}_*.json")) if results_dir.is_dir() else []:
+            try: results.append(read_benchmark(name, path))
+            except BenchmarkFileError as e:
+                warnings.warn(f"Benchmark result skipped: {path}: {e.reason}", stacklevel=2)
+                skipped.append((e.file, e.reason))
+    return BenchmarkResults(str(results_dir), results, skipped)
+
+# %% ../nbs/13_report.ipynb #37078940
+def _verdicts(result: BenchmarkResult) -> str:
+    "Each target of a result with its French verdict, e.g. '≥ 4× plus rapide par pas : **atteint**'."
+    return " ; ".join(f"{target} : **{VERDICTS[met]}**" + (" (mesure sur GPU)" if met is None else "")
+                      for target, met in zip(result.targets, result.met))
+
+@patch(as_prop=True)
+def benchmark_goals(self: ReportContext) -> list[tuple[str, str, str]]:
+    "(French title, what it measures, targets) of every benchmark of BENCHMARKS, measured or not."
+    return [(title, BENCHMARK_DESCRIPTIONS[name], " et ".join(target_texts(name))) for name, title in BENCHMARKS.items()]
+
+@patch
+def benchmark_table(self: ReportContext, label: str, # unique label
+                   ) -> str:
+    "One row per benchmark result file (machine, date, measure, targets and verdicts); 'non mesuré' for a benchmark without one."
+    caption = "Bancs d'essai : une ligne par fichier de résultats de bench/results, objectifs jugés sur les chiffres du fichier"
+    bench = self.benchmarks or BenchmarkResults("bench/results", [], [])
+    rows, absent = [], []
+    for name, title in BENCHMARKS.items():
+        results = bench.of(name)
+        if not results:
+            absent.append(name)
+            rows.append([title, "aucun", "—", "non mesuré (commande sous le tableau)",  # a command in a narrow PDF column would overflow
+                         " ; ".join(f"{t} : **non mesuré**" for t in target_texts(name))])
+        for i, r in enumerate(results):
+            where = r.machine + f" ; {r.date or 'date non enregistrée'}"
+            rows.append([title if i == 0 else "", _breakable(r.file), where, r.measured, _verdicts(r)])
+    table = self.table(label, ["banc d'essai", "fichier", "machine ; date", "mesure", "objectif : verdict"], rows, caption, align="lllll")
+    notes = []  # plain text and code blocks: a long inline command could stick out of a PDF line
+    if absent:
+        needs = [f"Le banc d'essai « {BENCHMARKS[n]} » {BENCHMARK_NEEDS[n]}. " for n in absent if n in BENCHMARK_NEEDS]
+        commands = [BENCH_COMMAND] + ([f"{BENCH_COMMAND} --only {','.join(absent)}"] if len(absent) < len(BENCHMARKS) else [])
+        notes.append(f"Sans résultat pour l'instant : {', '.join(BENCHMARKS[n] for n in absent)}. " + "".join(needs)
+                     + f"Pour {'le' if len(absent) == 1 else 'les'} mesurer, lancer "
+                     + ("l'une de ces commandes" if len(commands) > 1 else "cette commande") + ", puis reconstruire le rapport :")
+        notes.append("```\n" + "\n".join(commands) + "\n```")
+    if bench.skipped:
+        notes.append("Fichiers écartés car illisibles : " + " ; ".join(f"{_breakable(f)} ({md_escape(why)})" for f, why in bench.skipped) + ".")
+    return table + "".join("\n\n" + n for n in notes)
+
 # %% ../nbs/13_report.ipynb #3be93b91
 @patch
 def method_sentence(self: ReportContext, method: str, # "additive" or "cross_attention"
@@ -1336,6 +1549,7 @@ def build_report(profile: str = "auto", # run profile whose metrics and figures 
                  out_dir: str | Path | None = None, # output folder (default: report_dir(profile))
                  template: str | Path | None = None, # Jinja2 + Pandoc Markdown template (default: reports/rapport.md)
                  pdf: bool | None = None, # True: PDF required; False: HTML only; None: PDF when latexmk is installed
+                 bench_dir: str | Path | None = None, # benchmark results (default: bench/results of the repository)
                 ) -> ReportFiles:
     "Render the French report from the metrics and figures of a profile to HTML (always) and PDF (with TeX)."
     profile = resolve_profile(profile)
@@ -1346,7 +1560,8 @@ def build_report(profile: str = "auto", # run profile whose metrics and figures 
     out_dir = Path(out_dir) if out_dir else report_dir(profile)
     metrics = load_metrics(profile)
     drawn = draw_report_figures(metrics, profile)
-    report = ReportContext(profile, metrics, figures_dir(profile), drawn, pipeline_stages(profile))
+    benchmarks = read_benchmarks(bench_dir if bench_dir else repo_root() / "bench" / "results")
+    report = ReportContext(profile, metrics, figures_dir(profile), drawn, pipeline_stages(profile), benchmarks)
     markdown = render_report(template, report)
     build = out_dir / "build"
     build.mkdir(parents=True, exist_ok=True)

@@ -1,5 +1,6 @@
 """The report (chapter 13): built from a temporary metrics + figures folder, it must be a self-contained French HTML
 page and a non-blank PDF that show the measured numbers, say "non mesuré" for the missing ones, and fail clearly."""
+import json
 import re
 import shutil
 
@@ -280,6 +281,29 @@ EVAL_11 = {
 }
 
 
+def _bench_machine(gpu=None):
+    return {"date": "2026-11-26T01:49:28+00:00", "cpu_model": "AMD EPYC", "cpu_cores": 2, "torch_threads": 2,
+            "load_average_1min": 1.5, "torch": "2.14.1", "python": "3.11.7", "device": "cuda" if gpu else "cpu", "gpu": gpu}
+
+
+BENCH_FILES = {  # bench/results in the shape bench/*.py write it: a missed, a met, a CPU-only target, no sampling, a broken file
+    "unet_cpu.json": {"machine": _bench_machine(), "results": [{"name": "latent", "timings": {
+        "ours channels_last": {"images_per_s_median": 54.4}, "diffusers contiguous": {"images_per_s_median": 48.0}}}]},
+    "latent_vs_pixel_cuda.json": {"machine": _bench_machine("NVIDIA H200"), "speedup": 7.51, "target_speedup": 4.0, "results": []},
+    "flops_cpu.json": {"machine": _bench_machine(), "matmul_peak_gflops": 166.3, "target_fraction": 0.35,
+                       "best": {"config_name": "latent", "memory_format": "contiguous", "optimizer": "fused",
+                                "attained_gflops": 160.8, "fraction_of_peak": 0.967}},
+    "flops_cuda_2threads_compile.json": '{"machine": {"gpu": "NVIDIA H200"',
+}
+
+
+def _write_bench(folder):
+    folder.mkdir(parents=True)
+    for name, content in BENCH_FILES.items():
+        (folder / name).write_text(content if isinstance(content, str) else json.dumps(content), encoding="utf-8")
+    return folder
+
+
 @pytest.fixture(scope="module")
 def latent(tmp_path_factory):
     "A cpu-like report with every latent chapter's metrics (chapter 06 missing, so chapter 11 skipped CIFAR10)."
@@ -292,7 +316,8 @@ def latent(tmp_path_factory):
             save_metrics(stem, values, "smoke")
         for i, name in enumerate(("fig4_evolution_debruitage.png", "fig_qualite_vs_pas.png", "fig_additif_vs_cross_attention.png")):
             _png(name, 10 + i)
-        files = R.build_report("smoke", out_dir=tmp / "out")
+        with pytest.warns(UserWarning, match=r"Benchmark result skipped: .*flops_cuda_2threads_compile\.json: not a readable JSON"):
+            files = R.build_report("smoke", out_dir=tmp / "out", bench_dir=_write_bench(tmp / "bench"))
         yield {"files": files, "markdown": files.markdown.read_text(encoding="utf-8"),
                "text": _text(files.html.read_text(encoding="utf-8"))}
 
@@ -385,3 +410,50 @@ def test_partial_and_older_metrics_do_not_crash(tmp_path, monkeypatch):
     assert _rows(md, "paramètres du U-Net", "non mesuré (chapitre 09)", "non mesuré (chapitre 10)")
     assert "la fidélité au texte (alignment) ne figure pas dans ses mesures" in text
     assert "la FID ne figure pas dans ses mesures" in text and "la courbe qualité/pas (steps_curve) ne figure pas" in text
+
+
+def _bench_section(text: str) -> str:
+    return text[text.index("Performances : bancs d'essai</h2>"):text.index("Résumé des entraînements</h2>")]
+
+
+def test_benchmark_section_reads_the_result_files(latent):
+    "Each result file is a row with its machine, date, measure and verdict; a benchmark without a file says how to make one."
+    md, section = latent["markdown"], _bench_section(latent["text"])
+    assert _rows(md, "notre U-Net contre celui de diffusers", "unet\\_\u200bcpu.\u200bjson", "CPU AMD EPYC, 2 cœurs, charge 1,5 ; 26/11/2026",
+                 "latent 1,13× (54,4 contre 48 img/s)", "≥ 1,3× sur chaque configuration : **manqué**")
+    assert _rows(md, "espace latent contre pixels", "latent\\_\u200bvs\\_\u200bpixel\\_\u200bcuda.\u200bjson",
+                 "GPU NVIDIA H200 ; 26/11/2026", "7,51× plus rapide par pas d'entraînement", "≥ 4× plus rapide par pas : **atteint**")
+    assert _rows(md, "FLOP/s atteints à l'entraînement", "flops\\_\u200bcpu.\u200bjson", "CPU AMD EPYC, 2 cœurs, charge 1,5 ; 26/11/2026",
+                 "160,8 GFLOP/s, soit 96,7\u00a0% du pic fp32 mesuré de 166,3 GFLOP/s (latent, contiguous, AdamW fused)",
+                 "≥ 35\u00a0% du pic, sur CPU : **atteint**")
+    assert _rows(md, "DDIM-50 contre DDPM-1000", "aucun", "—", "non mesuré (commande sous le tableau)",
+                 "≥ 18× plus rapide : **non mesuré** ; ≤ 3 points de fidélité au texte perdus : **non mesuré**")
+    assert "Sans résultat pour l'instant : DDIM-50 contre DDPM-1000" in section
+    assert "<code>python bench/run_all.py python bench/run_all.py --only sampling</code>" in section     # the commands to run
+    assert "flops_cuda_2threads_compile.json (not a readable JSON file" in section.replace("\u200b", "")  # skipped, and said so
+    for goal in ("≥ 1,3× sur chaque configuration", "≥ 18× plus rapide et ≤ 3 points de fidélité au texte perdus",
+                 "≥ 4× plus rapide par pas", "≥ 35\u00a0% du pic, sur CPU"):   # the course's five targets, measured or not
+        assert f"objectif {goal}" in section, goal
+
+
+def test_benchmark_section_of_the_repository(built):
+    "The default build reads the repository's bench/results: every benchmark is there, with each of its files or 'non mesuré'."
+    section = _bench_section(_text(built["html"])).replace("\u200b", "")
+    results = R.repo_root() / "bench" / "results"
+    for name, title in R.BENCHMARKS.items():
+        files = sorted(results.glob(f"{name}_*.json"))
+        assert title in section, title
+        assert all(f.name in section for f in files), (name, files)
+        if not files: assert "Sans résultat pour l'instant" in section and "<code>python bench/run_all.py" in section, name
+
+
+def test_unreadable_benchmark_files_are_skipped_with_a_warning(tmp_path):
+    (tmp_path / "unet_cpu.json").write_text("{not json", encoding="utf-8")
+    (tmp_path / "sampling_cuda.json").write_text(json.dumps({"machine": _bench_machine("NVIDIA H200"), "speedup": 20.0}), encoding="utf-8")
+    (tmp_path / "summary.json").write_text("{}", encoding="utf-8")                  # run_all's summary: not a result file
+    with pytest.warns(UserWarning) as caught:
+        bench = R.read_benchmarks(tmp_path)
+    messages = [str(w.message) for w in caught]
+    assert any("unet_cpu.json: not a readable JSON file" in m for m in messages), messages
+    assert any("sampling_cuda.json: missing field 'accuracy_loss'" in m for m in messages), messages
+    assert bench.results == [] and [f for f, _ in bench.skipped] == ["unet_cpu.json", "sampling_cuda.json"]
