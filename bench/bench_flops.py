@@ -28,7 +28,7 @@ import torch.nn.functional as F
 from torch.utils.flop_counter import FlopCounterMode
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from machine import RESULTS_DIR, describe, machine_description, matmul_peak, median_seconds, pick_device, strict_fp32, verdict, write_result  # noqa: E402
+from machine import add_machine_arguments, describe, matmul_peak, median_seconds, out_dir, setup, strict_fp32, verdict, write_result  # noqa: E402
 
 from ldm_course.unet import UNet, count_parameters, unet_preset  # noqa: E402
 
@@ -87,26 +87,19 @@ def markdown(rows: list[dict], peak: float, info: dict) -> str:
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--configs", default="latent,cifar10", help=f"comma-separated among {list(INPUTS)}")
-    p.add_argument("--device", default=None, help="cpu, cuda (default: cuda when present, else cpu)")
-    p.add_argument("--profile", default=None, help="U-Net presets of this profile (default: gpu on CUDA, else cpu)")
-    p.add_argument("--batch-size", type=int, default=None, help="default 32 on CPU, 128 on GPU")
+    add_machine_arguments(p, profile_help="U-Net presets of this profile (default: gpu on CUDA, else cpu)",
+                          batch_help="default 32 on CPU, 128 on GPU")
     p.add_argument("--repeats", type=int, default=3, help="timed steps per variant (median reported)")
     p.add_argument("--formats", default="contiguous,channels_last", help="memory formats to try")
     p.add_argument("--optimizers", default="foreach,fused", help="AdamW implementations to try")
     p.add_argument("--peak-sizes", default="1024,2048", help="sizes n of the n×n fp32 matmuls that measure the peak")
-    p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
-    p.add_argument("--out-dir", default=None, help="default bench/results")
     args = p.parse_args(argv)
-    device = pick_device(args.device)
     peak_sizes = tuple(int(n) for n in args.peak_sizes.split(","))
-    if args.threads: torch.set_num_threads(args.threads)
-    profile = args.profile or ("gpu" if device.type == "cuda" else "cpu")
-    batch_size = args.batch_size or (128 if device.type == "cuda" else 32)
     names = [n.strip() for n in args.configs.split(",") if n.strip()]
     unknown = [n for n in names if n not in INPUTS]
     if unknown: p.error(f"unknown configs {unknown}; expected some of {list(INPUTS)}")
-    info = machine_description(device)
-    print(describe(info), flush=True)
+    device, profile, info = setup(args, cpu_batch=32, gpu_batch=128)
+    batch_size = args.batch_size
 
     start = time.perf_counter()
     strict_fp32()   # step and peak in the same arithmetic: true fp32, no TF32 (NVIDIA's cuDNN default)
@@ -133,7 +126,7 @@ def main(argv=None):
     payload = {"benchmark": "flops", "machine": info, "profile": profile, "matmul_peak_gflops": peak, "peaks": peaks,
                "target_fraction": TARGET_FRACTION, "best": {k: best[k] for k in ("config_name", "memory_format", "optimizer", "attained_gflops", "fraction_of_peak")},
                "target_met": best["fraction_of_peak"] >= TARGET_FRACTION, "results": rows, "seconds": round(time.perf_counter() - start, 1)}
-    paths = write_result(f"flops_{device.type}", payload, table, Path(args.out_dir) if args.out_dir else RESULTS_DIR)
+    paths = write_result(f"flops_{device.type}", payload, table, out_dir(args))
     print(f"wrote {paths[0]} and {paths[1].name}")
     return 0
 

@@ -25,7 +25,7 @@ import torch
 import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from machine import RESULTS_DIR, describe, machine_description, pick_device, seconds_of, verdict, write_result  # noqa: E402
+from machine import add_machine_arguments, describe, out_dir, seconds_of, setup, verdict, write_result  # noqa: E402
 
 from ldm_course.unet import UNet, count_parameters, unet_preset  # noqa: E402
 from ldm_course.vae import build_vae, vae_config  # noqa: E402
@@ -96,19 +96,12 @@ def markdown(results: list[dict], encode: dict, info: dict) -> str:
 
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--device", default=None, help="cpu, cuda (default: cuda when present, else cpu)")
-    p.add_argument("--profile", default=None, help="U-Net preset: smoke, cpu or gpu (default: gpu on CUDA, else cpu)")
-    p.add_argument("--batch-size", type=int, default=None, help="default 16 on CPU, 128 on GPU")
+    add_machine_arguments(p, profile_help="U-Net preset: smoke, cpu or gpu (default: gpu on CUDA, else cpu)",
+                          batch_help="default 16 on CPU, 128 on GPU")
     p.add_argument("--repeats", type=int, default=3, help="timed steps per model (median reported)")
-    p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
-    p.add_argument("--out-dir", default=None, help="default bench/results")
     args = p.parse_args(argv)
-    device = pick_device(args.device)
-    if args.threads: torch.set_num_threads(args.threads)
-    profile = args.profile or ("gpu" if device.type == "cuda" else "cpu")
-    batch_size = args.batch_size or (128 if device.type == "cuda" else 16)
-    info = machine_description(device)
-    print(describe(info), flush=True)
+    device, profile, info = setup(args, cpu_batch=16, gpu_batch=128)
+    batch_size = args.batch_size
 
     start = time.perf_counter()
     config = unet_preset("latent", profile)
@@ -124,7 +117,7 @@ def main(argv=None):
     payload = {"benchmark": "latent_vs_pixel", "machine": info, "profile": profile, "target_speedup": TARGET_SPEEDUP,
                "speedup": results[0]["speedup"], "target_met": results[0]["speedup"] >= TARGET_SPEEDUP,
                "results": results, "vae_encode": encode, "seconds": round(time.perf_counter() - start, 1)}
-    paths = write_result(f"latent_vs_pixel_{device.type}", payload, table, Path(args.out_dir) if args.out_dir else RESULTS_DIR)
+    paths = write_result(f"latent_vs_pixel_{device.type}", payload, table, out_dir(args))
     print(f"wrote {paths[0]} and {paths[1].name}")
     return 0
 

@@ -33,7 +33,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from machine import RESULTS_DIR, describe, machine_description, pick_device, synchronize, verdict, write_result  # noqa: E402
+from machine import add_machine_arguments, describe, out_dir, setup, synchronize, verdict, write_result  # noqa: E402
 
 from ldm_course.core import make_generator  # noqa: E402
 from ldm_course.data import load_fashion  # noqa: E402
@@ -77,25 +77,17 @@ def heldout_photos(judge_meta: dict, profile: str, image_size: int, n: int):
 
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--device", default=None, help="cpu, cuda (default: cuda when present, else cpu)")
-    p.add_argument("--profile", default=None, help="whose checkpoints: smoke, cpu or gpu (default: gpu on CUDA, else cpu)")
+    add_machine_arguments(p, profile_help="whose checkpoints: smoke, cpu or gpu (default: gpu on CUDA, else cpu)",
+                          batch_help="prompts per generation call (default 24 on CPU, 250 on GPU)")
     p.add_argument("--chapter", default=None, help="10_cross_attention or 09_ldm_additive (default: 10 if present, else 09)")
     p.add_argument("--num-images", type=int, default=None, help="images per sampler (default 24 on CPU, 500 on GPU)")
     p.add_argument("--ddim-steps", type=int, default=50)
     p.add_argument("--ddpm-steps", type=int, default=1000)
     p.add_argument("--guidance-scale", type=float, default=None, help="w (default: the pipeline's)")
-    p.add_argument("--batch-size", type=int, default=None, help="prompts per generation call (default 24 on CPU, 250 on GPU)")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
-    p.add_argument("--out-dir", default=None, help="default bench/results")
     args = p.parse_args(argv)
-    device = pick_device(args.device)
-    if args.threads: torch.set_num_threads(args.threads)
-    profile = args.profile or ("gpu" if device.type == "cuda" else "cpu")
-    n = args.num_images or (500 if device.type == "cuda" else 24)
-    batch_size = args.batch_size or (250 if device.type == "cuda" else 24)
-    info = machine_description(device)
-    print(describe(info), flush=True)
+    device, profile, info = setup(args, cpu_batch=24, gpu_batch=250)
+    n, batch_size = args.num_images or (500 if device.type == "cuda" else 24), args.batch_size
 
     chapters = [args.chapter] if args.chapter else ["10_cross_attention", "09_ldm_additive"]
     path = next((ldm_checkpoint_path(c, profile) for c in chapters if ldm_checkpoint_path(c, profile).is_file()), None)
@@ -153,7 +145,7 @@ def main(argv=None):
                "targets": {"speedup": TARGET_SPEEDUP, "accuracy_loss": TARGET_ACCURACY_LOSS},
                "target_met": {"speedup": speedup >= TARGET_SPEEDUP, "accuracy_loss": loss <= TARGET_ACCURACY_LOSS},
                "seconds": round(time.perf_counter() - start, 1)}
-    paths = write_result(f"sampling_{device.type}", payload, table + "\n", Path(args.out_dir) if args.out_dir else RESULTS_DIR)
+    paths = write_result(f"sampling_{device.type}", payload, table + "\n", out_dir(args))
     print(f"wrote {paths[0]} and {paths[1].name}")
     return 0
 

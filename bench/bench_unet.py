@@ -20,9 +20,7 @@ Writes bench/results/unet_<device>[_<n>threads][_compile].json and .md, and prin
 from __future__ import annotations
 
 import argparse
-import json
 import os
-import platform
 import statistics
 import sys
 import time
@@ -32,6 +30,9 @@ import torch
 import torch.nn.functional as F
 
 from ldm_course.unet import UNet, UNetConfig, count_parameters
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from machine import add_machine_arguments, describe_device, out_dir, setup, write_result  # noqa: E402
 
 # The three configurations of the course (28×28×1 MNIST, 32×32×3 CIFAR10, 16×16×4 VAE latents).
 CONFIGS = {
@@ -162,19 +163,13 @@ def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--configs", default=",".join(CONFIGS), help=f"comma-separated, among {list(CONFIGS)}")
     p.add_argument("--formats", default="contiguous,channels_last", help=f"comma-separated, among {list(FORMATS)}")
-    p.add_argument("--device", default=None, help="cpu, cuda, mps (default: cuda when present, else cpu)")
-    p.add_argument("--batch-size", type=int, default=None, help="default 32 on CPU, 128 on GPU")
+    add_machine_arguments(p, batch_help="default 32 on CPU, 128 on GPU")
     p.add_argument("--repeats", type=int, default=5, help="timed repeats per contender (median reported)")
     p.add_argument("--steps", type=int, default=2, help="training steps per repeat")
     p.add_argument("--warmup", type=int, default=2, help="untimed steps per contender before timing")
     p.add_argument("--compile", action="store_true", help="also time every contender through torch.compile")
-    p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
-    p.add_argument("--out-dir", default=str(Path(__file__).resolve().parent / "results"))
     args = p.parse_args(argv)
-
-    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
-    if args.threads: torch.set_num_threads(args.threads)
-    if args.batch_size is None: args.batch_size = 128 if device.type == "cuda" else 32
+    device, _, info = setup(args, cpu_batch=32, gpu_batch=128)
     names = [n.strip() for n in args.configs.split(",") if n.strip()]
     args.formats = [f.strip() for f in args.formats.split(",") if f.strip()]
     unknown = [n for n in names if n not in CONFIGS] + [f for f in args.formats if f not in FORMATS]
@@ -185,8 +180,7 @@ def main(argv=None):
     meta = {"device": device.type, "threads": torch.get_num_threads(), "batch_size": args.batch_size,
             "repeats": args.repeats, "steps": args.steps, "warmup": args.warmup, "compile": args.compile,
             "formats": args.formats, "load_average_start": os.getloadavg(),
-            "device_name": torch.cuda.get_device_name(device) if device.type == "cuda" else f"{os.cpu_count()}-core {platform.machine()} CPU",
-            "torch": torch.__version__, "diffusers": diffusers.__version__, "python": platform.python_version(),
+            "device_name": describe_device(info), "torch": torch.__version__, "diffusers": diffusers.__version__,
             "command": " ".join(["bench/bench_unet.py", *(sys.argv[1:] if argv is None else argv)])}
     results = []
     for name in names:
@@ -200,12 +194,9 @@ def main(argv=None):
     meta["load_average_end"] = os.getloadavg()
     table = markdown_table(results, meta)
     print("\n" + table)
-    out = Path(args.out_dir)
-    out.mkdir(parents=True, exist_ok=True)
     stem = f"unet_{device.type}" + (f"_{args.threads}threads" if args.threads else "") + ("_compile" if args.compile else "")
-    (out / f"{stem}.json").write_text(json.dumps({"meta": meta, "results": results}, indent=2) + "\n", encoding="utf-8")
-    (out / f"{stem}.md").write_text(table, encoding="utf-8")
-    print(f"wrote {out / stem}.json and .md")
+    paths = write_result(stem, {"benchmark": "unet", "machine": info, "meta": meta, "results": results}, table, out_dir(args))
+    print(f"wrote {paths[0]} and {paths[1].name}")
 
 
 if __name__ == "__main__":

@@ -4,6 +4,7 @@ timing helpers, and writing a result as JSON + a markdown table under bench/resu
 Not a benchmark itself (run_all.py runs the bench_*.py scripts)."""
 from __future__ import annotations
 
+import argparse
 import datetime
 import json
 import os
@@ -37,9 +38,14 @@ def machine_description(device: torch.device) -> dict:
     return info
 
 
+def describe_device(info: dict) -> str:
+    "The device in a few words: the GPU's name, else the CPU model with its cores and torch threads."
+    return info["gpu"] or f"{info['cpu_model']} ({info['cpu_cores']} cores, {info['torch_threads']} torch threads)"
+
+
 def describe(info: dict) -> str:
     "One line for the console and the markdown tables."
-    where = info["gpu"] or f"{info['cpu_model']} ({info['cpu_cores']} cores, {info['torch_threads']} torch threads)"
+    where = describe_device(info)
     load = f", load average {info['load_average_1min']}" if info.get("load_average_1min") is not None else ""
     return f"{where}; torch {info['torch']}, Python {info['python']}; {info['date']}{load}"
 
@@ -47,6 +53,33 @@ def describe(info: dict) -> str:
 def pick_device(name: str | None) -> torch.device:
     "The requested device, else CUDA when present, else the CPU."
     return torch.device(name or ("cuda" if torch.cuda.is_available() else "cpu"))
+
+
+def add_machine_arguments(parser: argparse.ArgumentParser, profile_help: str | None = None, batch_help: str | None = None) -> None:
+    "The options every benchmark shares: --device, --threads, --out-dir, and --profile / --batch-size when asked for."
+    parser.add_argument("--device", default=None, help="cpu, cuda (default: cuda when present, else cpu)")
+    if profile_help: parser.add_argument("--profile", default=None, help=profile_help)
+    if batch_help: parser.add_argument("--batch-size", type=int, default=None, help=batch_help)
+    parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
+    parser.add_argument("--out-dir", default=None, help="default bench/results")
+
+
+def setup(args: argparse.Namespace, cpu_batch: int | None = None, gpu_batch: int | None = None,
+          ) -> tuple[torch.device, str, dict]:
+    "Apply the shared options: (device, profile, machine description); fills args.batch_size and prints the machine."
+    device = pick_device(args.device)
+    if args.threads: torch.set_num_threads(args.threads)
+    profile = getattr(args, "profile", None) or ("gpu" if device.type == "cuda" else "cpu")
+    if getattr(args, "batch_size", 0) is None and cpu_batch is not None:
+        args.batch_size = gpu_batch if device.type == "cuda" else cpu_batch
+    info = machine_description(device)
+    print(describe(info), flush=True)
+    return device, profile, info
+
+
+def out_dir(args: argparse.Namespace) -> Path:
+    "Where a benchmark writes: --out-dir, else bench/results."
+    return Path(args.out_dir) if args.out_dir else RESULTS_DIR
 
 
 def synchronize(device: torch.device) -> None:

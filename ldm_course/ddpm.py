@@ -190,7 +190,7 @@ def _mnist_preset(profile: str) -> DDPMConfig:
     unet = unet_preset("mnist", profile).replace(num_classes=10)
     if profile == "cpu": unet = unet.replace(layers_per_block=1, attention_levels=(), mid_attention=False)
     train = {"smoke": train_config("smoke", lr=2e-3, max_steps=30, warmup_steps=5, checkpoint_every=0, sample_every=0),
-             "cpu": train_config("cpu", lr=2e-3, max_steps=320, warmup_steps=30, batch_size=64, ema_decay=0.995,
+             "cpu": train_config("cpu", lr=2e-3, max_steps=360, warmup_steps=30, batch_size=64, ema_decay=0.995,
                                  checkpoint_every=0, sample_every=0),
              "gpu": train_config("gpu", lr=5e-4, max_steps=20_000, warmup_steps=500, batch_size=128, ema_decay=0.9995,
                                  checkpoint_every=2_500, sample_every=0)}[profile]
@@ -199,7 +199,7 @@ def _mnist_preset(profile: str) -> DDPMConfig:
                    "gpu": TrainConfig(lr=3e-3, max_steps=3_000, warmup_steps=100, batch_size=128, ema_decay=0.999)}[profile]
     sizes = {"smoke": dict(num_train_images=512, ddpm_steps=50, ddim_steps=10, num_compare=4, guidance_scales=(0.0, 1.0, 3.0),
                            sweep_steps=5, samples_per_class=2),
-             "cpu": dict(num_train_images=20_000, ddpm_steps=1000, ddim_steps=50, num_compare=4,
+             "cpu": dict(num_train_images=20_000, ddpm_steps=1000, ddim_steps=50, num_compare=2,
                          guidance_scales=(0.0, 1.0, 2.0, 3.0, 5.0), sweep_steps=20, samples_per_class=6),
              "gpu": dict(num_train_images=0, ddpm_steps=1000, ddim_steps=50, num_compare=64,
                          guidance_scales=(0.0, 0.5, 1.0, 1.5, 2.0, 3.0, 5.0, 8.0), sweep_steps=50, samples_per_class=100)}[profile]
@@ -211,7 +211,7 @@ def _cifar10_preset(profile: str) -> DDPMConfig:
     unet = unet_preset("cifar10", profile).replace(num_classes=10)
     if profile == "cpu": unet = unet.replace(block_out_channels=(32, 64, 64), layers_per_block=1, mid_attention=False)
     train = {"smoke": train_config("smoke", lr=2e-3, max_steps=30, warmup_steps=5, checkpoint_every=0, sample_every=0),
-             "cpu": train_config("cpu", lr=2e-3, max_steps=300, warmup_steps=30, batch_size=48, ema_decay=0.995,
+             "cpu": train_config("cpu", lr=2e-3, max_steps=280, warmup_steps=30, batch_size=48, ema_decay=0.995,
                                  checkpoint_every=0, sample_every=0),
              "gpu": train_config("gpu", lr=2e-4, max_steps=80_000, warmup_steps=1_000, batch_size=128, ema_decay=0.9999,
                                  checkpoint_every=5_000, sample_every=0)}[profile]
@@ -220,7 +220,7 @@ def _cifar10_preset(profile: str) -> DDPMConfig:
                    "gpu": TrainConfig(lr=3e-3, max_steps=5_000, warmup_steps=200, batch_size=128, ema_decay=0.999)}[profile]
     sizes = {"smoke": dict(num_train_images=500, ddpm_steps=100, ddim_steps=10, num_compare=4, guidance_scales=(0.0, 1.0, 3.0),
                            sweep_steps=5, samples_per_class=2),
-             "cpu": dict(num_train_images=10_000, ddpm_steps=1000, ddim_steps=50, num_compare=4,
+             "cpu": dict(num_train_images=10_000, ddpm_steps=1000, ddim_steps=50, num_compare=2,
                          guidance_scales=(0.0, 1.0, 3.0), sweep_steps=20, samples_per_class=6),
              "gpu": dict(num_train_images=0, ddpm_steps=1000, ddim_steps=50, num_compare=64,
                          guidance_scales=(0.0, 1.0, 2.0, 3.0, 5.0), sweep_steps=50, samples_per_class=100)}[profile]

@@ -140,7 +140,7 @@ def ldm_config(profile: str = "auto", # "auto", "smoke", "cpu" or "gpu"
             "gpu": unet_preset("latent", "gpu")}[profile].replace(cond_dim=cond_dim)
     train = {"smoke": train_config("smoke", lr=2e-3, max_steps=30, warmup_steps=5, batch_size=16, ema_decay=0.9,
                                    checkpoint_every=0, sample_every=0),
-             "cpu": train_config("cpu", lr=2e-3, max_steps=800, warmup_steps=50, batch_size=64, ema_decay=0.995,
+             "cpu": train_config("cpu", lr=2e-3, max_steps=600, warmup_steps=50, batch_size=64, ema_decay=0.995,
                                  checkpoint_every=0, sample_every=0),
              "gpu": train_config("gpu", lr=2e-4, max_steps=30_000, warmup_steps=500, batch_size=128, ema_decay=0.9999,
                                  checkpoint_every=2_500, sample_every=0)}[profile]

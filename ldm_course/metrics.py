@@ -321,7 +321,7 @@ EVAL_PRESETS = {
                         judge_train=TrainConfig(lr=3e-3, max_steps=80, warmup_steps=10, batch_size=32, ema_decay=0.9),
                         batch_size=64),
     "cpu": EvalConfig(num_fid_samples=200, fid_steps=20, steps_curve=(10, 20, 50, 100, 1000), curve_samples=40,
-                      curve_samples_1000=10, prompt_samples=4, prompt_steps=50, guidance_scales=(1.0, 3.0, 5.0),
+                      curve_samples_1000=4, prompt_samples=4, prompt_steps=50, guidance_scales=(1.0, 3.0, 5.0),
                       num_catalogue_prompts=6, num_clothing_fid=100, judge_image_size=64, judge_channels=(16, 32, 64, 128),
                       judge_train=TrainConfig(lr=3e-3, max_steps=800, warmup_steps=30, batch_size=64, ema_decay=0.99), batch_size=100),
     "gpu": EvalConfig(num_fid_samples=5000, fid_steps=50, curve_samples=1000, curve_samples_1000=1000, prompt_samples=64,
