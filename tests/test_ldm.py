@@ -190,18 +190,19 @@ def tiny_pipeline(text_encoder):
     return LatentDiffusionPipeline(build_vae(vae_config("kl", "smoke")), unet, text_encoder, build_ldm_scheduler(cfg), cfg)
 
 
-def test_pipeline_guidance_one_is_plain_conditional_sampling(tiny_pipeline):
+@pytest.mark.parametrize("eta", [0.0, 1.0])   # deterministic DDIM, and the pipeline's default (stochastic, eta = 1)
+def test_pipeline_guidance_one_is_plain_conditional_sampling(tiny_pipeline, eta):
     pipe, prompts = tiny_pipeline, ["a red dress", "black dress"]
     emb = pipe.encode_prompts(prompts)
     cond = text_condition(pipe.unet.config, emb, pipe.config.pooled_scale)
-    sampler = DDIMSampler(pipe.scheduler, eta=0.0, clip_sample=False, timestep_spacing=pipe.config.timestep_spacing)
+    sampler = DDIMSampler(pipe.scheduler, eta=eta, clip_sample=False, timestep_spacing=pipe.config.timestep_spacing)
     shape = (2, *pipe.latent_shape)
-    with torch.no_grad():   # the conditional model alone, no null prompt anywhere
+    with torch.no_grad():   # the conditional model alone, no null prompt anywhere; same generator for z_T and the step noise
         z0 = sampler.sample(lambda x, t: pipe.unet(x, t, **cond), shape, make_generator(5), num_inference_steps=3)
         expected = pipe.decode(z0).cpu()
-    out = pipe(prompts, guidance_scale=1.0, num_inference_steps=3, seed=5)
+    out = pipe(prompts, guidance_scale=1.0, num_inference_steps=3, seed=5, eta=None if eta == pipe.config.eta else eta)
     torch.testing.assert_close(out.images, expected, atol=1e-5, rtol=0)
-    assert not torch.allclose(pipe(prompts, guidance_scale=3.0, num_inference_steps=3, seed=5).images, expected, atol=1e-4)
+    assert not torch.allclose(pipe(prompts, guidance_scale=3.0, num_inference_steps=3, seed=5, eta=eta).images, expected, atol=1e-4)
 
 
 @pytest.mark.parametrize("kwargs, error, match", [
