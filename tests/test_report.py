@@ -141,6 +141,18 @@ def test_latex_error_names_the_first_error_and_the_log(built, tmp_path, monkeypa
     assert not (tmp_path / "out" / "rapport.pdf").exists()    # nothing published on failure
 
 
+@pytest.mark.skipif(not HAS_TEX, reason="latexmk not installed")
+def test_greek_letters_from_metrics_build_the_pdf(built, tmp_path, monkeypatch):
+    "Metrics strings may carry Greek letters (a sampler 'DDIM, η = 1', σ, ∅): pdflatex must not stop on them."
+    monkeypatch.setenv("LDM_COURSE_RUNS", str(built["tmp"] / "runs"))
+    monkeypatch.setenv("LDM_COURSE_FIGURES", str(built["tmp"] / "figures"))
+    template = tmp_path / "rapport.md"
+    template.write_text("---\ntitle: Test\n---\n\n# Introduction\n\n"
+                        "((( md_escape('ddim-50, η = 1 ; α, β, σ, λ, μ, ε, θ, τ, ∅ ; ≤ ≥ ≈ →') )))\n", encoding="utf-8")
+    files = R.build_report("smoke", out_dir=tmp_path / "out", template=template)
+    assert files.pdf is not None and files.pdf.stat().st_size > 0
+
+
 def test_html_only_build_and_unknown_label(built, tmp_path, monkeypatch):
     monkeypatch.setenv("LDM_COURSE_RUNS", str(built["tmp"] / "runs"))
     monkeypatch.setenv("LDM_COURSE_FIGURES", str(built["tmp"] / "figures"))
