@@ -103,7 +103,7 @@ def median_seconds(fn: Callable[[], object], device: torch.device, repeats: int,
 
 
 def strict_fp32() -> None:
-    "Turn TF32 off for matmuls and cuDNN convolutions: cuDNN allows it by default, which would let an 'fp32'\n    training step outrun an fp32 matmul peak on NVIDIA GPUs. No effect on CPU."
+    "Turn TF32 off for matmuls and cuDNN convolutions (cuDNN's default is on: an 'fp32' step would outrun the fp32 peak)."
     torch.backends.cuda.matmul.allow_tf32 = False
     torch.backends.cudnn.allow_tf32 = False
 
