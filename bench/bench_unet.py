@@ -8,6 +8,11 @@ the median images/s over the repeats. Each model runs in each requested memory f
 channels_last NHWC); speed-ups are against diffusers in its default (contiguous) format and, in brackets, against
 diffusers in the same format.
 
+Roofline: the FLOPs of forward + backward per image are counted for both models (torch.utils.flop_counter; they
+match when the architectures do) and the machine's fp32 matmul peak is measured after the timings, so each contender
+also gets its attained GFLOP/s and share of the peak. At equal FLOPs no implementation can beat diffusers by more
+than peak / (diffusers' attained GFLOP/s): the table states that ceiling next to the ≥ 1.3× target.
+
     python bench/bench_unet.py                              # CPU (or CUDA when present), 3 configs, both formats
     python bench/bench_unet.py --formats contiguous         # only the default memory format
     python bench/bench_unet.py --compile --configs mnist    # every contender through torch.compile (slow to build)
@@ -32,7 +37,8 @@ import torch.nn.functional as F
 from ldm_course.unet import UNet, UNetConfig, count_parameters
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from machine import add_machine_arguments, describe_device, out_dir, setup, write_result  # noqa: E402
+from machine import add_machine_arguments, describe_device, matmul_peak, out_dir, setup, write_result  # noqa: E402
+from torch.utils.flop_counter import FlopCounterMode  # noqa: E402
 
 # The three configurations of the course (28×28×1 MNIST, 32×32×3 CIFAR10, 16×16×4 VAE latents).
 CONFIGS = {
@@ -73,6 +79,16 @@ def make_step(model: torch.nn.Module, batch: tuple, returns_dict: bool, compile_
     return step
 
 
+def flops_per_image(model: torch.nn.Module, batch: tuple, returns_dict: bool) -> float:
+    "FLOPs of forward + backward for one image (convolutions, matmuls, attention; elementwise work is not counted)."
+    x, t, target = batch
+    with FlopCounterMode(display=False) as counter:
+        out = model(x, t)
+        F.mse_loss(out.sample if returns_dict else out, target).backward()
+    model.zero_grad(set_to_none=True)
+    return counter.get_total_flops() / len(x)
+
+
 def timed(step, n_steps: int, device: torch.device) -> float:
     "Seconds taken by n_steps calls of step (synchronising CUDA)."
     if device.type == "cuda": torch.cuda.synchronize(device)
@@ -99,7 +115,7 @@ def bench_config(name: str, args, device: torch.device) -> dict:
     builders = {"ours": lambda: UNet(config), "diffusers": lambda: diffusers_unet(config)}
     x = torch.randn(args.batch_size, *shape, device=device)
     t, target = torch.randint(0, 1000, (args.batch_size,), device=device), torch.randn_like(x)
-    steps, parameters = {}, {}
+    steps, parameters, flops = {}, {}, {}
     modes = ("eager", "compile") if args.compile else ("eager",)  # compiled contenders run beside the eager ones
     for model_name, build in builders.items():
         for fmt in args.formats:
@@ -108,6 +124,7 @@ def bench_config(name: str, args, device: torch.device) -> dict:
                 model = build().to(device=device, memory_format=FORMATS[fmt]).train()
                 parameters[model_name] = count_parameters(model)
                 batch = tuple(v.to(memory_format=FORMATS[fmt]) for v in (x, t, target)[::2])
+                if model_name not in flops: flops[model_name] = flops_per_image(model, (batch[0], t, batch[1]), model_name == "diffusers")
                 steps[_label(model_name, fmt, mode)] = make_step(model, (batch[0], t, batch[1]), model_name == "diffusers",
                                                                  mode == "compile")
     compile_seconds = {}
@@ -130,8 +147,21 @@ def bench_config(name: str, args, device: torch.device) -> dict:
         tm["speedup_vs_diffusers_default"] = tm["images_per_s_median"] / baseline
         tm["speedup_vs_diffusers_same_format"] = (tm["images_per_s_median"] /
                                                   timings[_label("diffusers", fmt, mode)]["images_per_s_median"])
+    for label, tm in timings.items():
+        tm["gflops_attained"] = tm["images_per_s_median"] * flops[_parse_label(label)[0]] / 1e9
     return {"name": name, "input_shape": list(shape), "config": config.to_dict(), "parameters": parameters,
-            "timings": timings}
+            "gflop_per_image": {k: v / 1e9 for k, v in flops.items()}, "timings": timings}
+
+
+def add_roofline(results: list[dict], peak_gflops: float, baseline_format: str) -> None:
+    "Share of the matmul peak of every contender, and the largest speed-up over diffusers that equal FLOPs allow."
+    for r in results:
+        for tm in r["timings"].values(): tm["fraction_of_peak"] = tm["gflops_attained"] / peak_gflops
+        best_diffusers = max(tm["gflops_attained"] for label, tm in r["timings"].items()
+                             if _parse_label(label)[0] == "diffusers" and _parse_label(label)[2] == "eager")
+        baseline = r["timings"][_label("diffusers", baseline_format, "eager")]
+        r["speedup_ceiling"] = peak_gflops / baseline["gflops_attained"]
+        r["diffusers_best_fraction_of_peak"] = best_diffusers / peak_gflops
 
 
 def markdown_table(results: list[dict], meta: dict) -> str:
@@ -142,8 +172,8 @@ def markdown_table(results: list[dict], meta: dict) -> str:
              f"{meta['formats'][0]} eager (against diffusers in the same format and mode). Load average "
              f"{meta['load_average_start'][0]:.1f} at the start, {meta['load_average_end'][0]:.1f} at the end; "
              f"torch {meta['torch']}, diffusers {meta['diffusers']}.", "",
-             "| config | input | params (ours = diffusers) | model | memory format | img/s | speed-up |",
-             "|---|---|---|---|---|---|---|"]
+             "| config | input | params (ours = diffusers) | model | memory format | img/s | speed-up | GFLOP/s | % of peak |",
+             "|---|---|---|---|---|---|---|---|---|"]
     for r in results:
         c, p = r["config"], r["parameters"]
         same = "=" if p["ours"] == p["diffusers"] else f"≠ {p['diffusers'] / 1e6:.3f} M"
@@ -155,7 +185,13 @@ def markdown_table(results: list[dict], meta: dict) -> str:
             lines.append((head if i == 0 else "| | | ") +
                          f"| {model_name} | {fmt} | {tm['images_per_s_median']:.1f} "
                          f"({tm['images_per_s_min']:.0f}–{tm['images_per_s_max']:.0f}) "
-                         f"| {tm['speedup_vs_diffusers_default']:.2f}× ({tm['speedup_vs_diffusers_same_format']:.2f}×) |")
+                         f"| {tm['speedup_vs_diffusers_default']:.2f}× ({tm['speedup_vs_diffusers_same_format']:.2f}×) "
+                         f"| {tm['gflops_attained']:.1f} | {100 * tm['fraction_of_peak']:.0f} % |")
+    lines += ["", f"Roofline: fp32 matmul peak {meta['matmul_peak_gflops']:.1f} GFLOP/s, measured after the timings; FLOPs per image "
+              "(forward + backward) counted by torch.utils.flop_counter. At equal FLOPs, the largest possible speed-up over "
+              "diffusers " + meta["formats"][0] + " eager is peak / its attained GFLOP/s: " +
+              ", ".join(f"{r['name']} {r['speedup_ceiling']:.2f}×" for r in results) + " (target ≥ 1.3×)."
+              + (" On CUDA, convolutions may use TF32 (cuDNN's default) while the peak is true fp32." if meta["device"] == "cuda" else "")]
     return "\n".join(lines) + "\n"
 
 
@@ -192,6 +228,9 @@ def main(argv=None):
               f"img/s: {rates} ({time.perf_counter() - start:.0f} s)", flush=True)
 
     meta["load_average_end"] = os.getloadavg()
+    peak = matmul_peak(device)  # after the timings: it turns TF32 off on CUDA, which must not change the contenders
+    meta["matmul_peak_gflops"], meta["matmul_peak"] = peak["gflops"], peak
+    add_roofline(results, peak["gflops"], args.formats[0])
     table = markdown_table(results, meta)
     print("\n" + table)
     stem = f"unet_{device.type}" + (f"_{args.threads}threads" if args.threads else "") + ("_compile" if args.compile else "")

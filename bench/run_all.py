@@ -72,8 +72,9 @@ def headline(name: str, result: dict) -> tuple[str, str]:
             ours = max((k for k in timings if k.startswith("ours")), key=lambda k: timings[k]["images_per_s_median"])
             base = "diffusers contiguous" if "diffusers contiguous" in timings else min(k for k in timings if k.startswith("diffusers"))
             speedups.append(timings[ours]["images_per_s_median"] / timings[base]["images_per_s_median"])
+            ceiling = f", ceiling at equal FLOPs {r['speedup_ceiling']:.2f}×" if "speedup_ceiling" in r else ""  # roofline, see bench_unet.py
             parts.append(f"{r['name']}: {timings[ours]['images_per_s_median']:.1f} img/s ({ours}) vs "
-                         f"{timings[base]['images_per_s_median']:.1f} ({base}), {speedups[-1]:.2f}×")
+                         f"{timings[base]['images_per_s_median']:.1f} ({base}), {speedups[-1]:.2f}×{ceiling}")
         return "; ".join(parts), f"≥ {TARGET_UNET_SPEEDUP:g}× (best of ours vs diffusers contiguous): {'met' if min(speedups) >= TARGET_UNET_SPEEDUP else 'missed'}"
     if name == "sampling":
         met = result["target_met"]

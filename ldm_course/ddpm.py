@@ -441,9 +441,11 @@ def train_classifier(images: Tensor, # (N, C, H, W) in [-1, 1]
     if len(images) != len(labels): raise ValueError(f"{len(images)} images but {len(labels)} labels")
     if int(labels.max()) >= config.num_classes or int(labels.min()) < 0:
         raise ValueError(f"labels must be in [0, {config.num_classes}), got {int(labels.min())}..{int(labels.max())}")
-    trainer = Trainer(ImageClassifier(config), TensorDataset(images, labels.long()), ClassificationLoss(max_shift), cfg,
-                      device=device)
-    history = trainer.fit(resume=False)
+    with torch.random.fork_rng():  # weights, dropout and shifts drawn from cfg.seed: the same judge whatever ran before
+        torch.manual_seed(cfg.seed)
+        trainer = Trainer(ImageClassifier(config), TensorDataset(images, labels.long()), ClassificationLoss(max_shift), cfg,
+                          device=device)
+        history = trainer.fit(resume=False)
     return trainer.ema_model.eval(), history
 
 @torch.inference_mode()

@@ -197,10 +197,12 @@ def train_garment_judge(images: Tensor, # (N, 3, H, W) in [-1, 1]: real catalogu
         raise ValueError(f"{len(images)} images but {len(type_labels)} type and {len(colour_labels)} colour labels")
     for name, labels, k in (("type", type_labels, len(config.type_names)), ("colour", colour_labels, len(config.colour_names))):
         if int(labels.max()) >= k or int(labels.min()) < -1: raise ValueError(f"{name} labels must be in [-1, {k}), got {int(labels.min())}..{int(labels.max())}")
-    model = GarmentJudge(config)
-    with torch.no_grad(): small = torch.cat([model.resize(images[i:i + 1024].float()) for i in range(0, len(images), 1024)])
-    trainer = Trainer(model, TensorDataset(small, type_labels.long(), colour_labels.long()), GarmentJudgeLoss(max_shift), cfg, device=device)
-    history = trainer.fit(resume=False)
+    with torch.random.fork_rng():  # initial weights, dropout and shifts drawn from cfg.seed: the judge is the same whatever ran before
+        torch.manual_seed(cfg.seed)
+        model = GarmentJudge(config)
+        with torch.no_grad(): small = torch.cat([model.resize(images[i:i + 1024].float()) for i in range(0, len(images), 1024)])
+        trainer = Trainer(model, TensorDataset(small, type_labels.long(), colour_labels.long()), GarmentJudgeLoss(max_shift), cfg, device=device)
+        history = trainer.fit(resume=False)
     return trainer.ema_model.eval(), history
 
 @torch.no_grad()

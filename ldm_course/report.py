@@ -1168,8 +1168,9 @@ def _unet_result(result: Mapping, t: Mapping) -> tuple[str, list[bool | None]]:
         ours = max((k for k in timings if k.startswith("ours")), key=ips)
         base = "diffusers contiguous" if "diffusers contiguous" in timings else min(k for k in timings if k.startswith("diffusers"))
         speedups.append(ips(ours) / ips(base))
+        ceiling = (f", plafond à FLOPs égales {_speedup(float(r['speedup_ceiling']))}" if "speedup_ceiling" in r else "")  # bench_unet roofline
         parts.append(f"{md_escape(r['name'])} {_speedup(speedups[-1])} ({md_escape(format_value(ips(ours), 3))} contre "
-                     f"{md_escape(format_value(ips(base), 3))} img/s)")
+                     f"{md_escape(format_value(ips(base), 3))} img/s{ceiling})")
     if not speedups: raise ValueError("no configuration in 'results'")
     return " ; ".join(parts), [min(speedups) >= t["speedup"]]
 

@@ -141,3 +141,21 @@ def test_sampling_benchmark_with_a_tiny_untrained_pipeline_and_judge(tmp_path, m
     assert r["speedup"] > 1   # 20 steps cost more than 4, even at this size
     assert r["results"]["ddim-4"]["num_fake"] == 3 and r["real_vs_real"]["num_real"] == 3
     assert "real vs real" in (out / "sampling_cpu.md").read_text()
+
+
+def test_unet_benchmark_counts_equal_flops_and_states_the_roofline_ceiling(tmp_path, one_thread):
+    "Ours and diffusers at the same architecture do the same FLOPs; shares of the peak and the ceiling follow from them."
+    status = bench_module("bench_unet").main(["--device", "cpu", "--configs", "mnist", "--formats", "contiguous", "--batch-size", "2",
+                                              "--repeats", "1", "--steps", "1", "--warmup", "1", "--out-dir", str(tmp_path)])
+    assert status in (0, None)
+    r = json.loads((tmp_path / "unet_cpu.json").read_text())
+    peak, row = r["meta"]["matmul_peak_gflops"], r["results"][0]
+    flops = row["gflop_per_image"]
+    assert flops["ours"] > 0 and flops["ours"] == pytest.approx(flops["diffusers"], rel=0.02)   # same work per image
+    for label, tm in row["timings"].items():
+        model = label.split()[0]
+        assert tm["gflops_attained"] == pytest.approx(tm["images_per_s_median"] * flops[model])
+        assert tm["fraction_of_peak"] == pytest.approx(tm["gflops_attained"] / peak)
+    assert row["speedup_ceiling"] == pytest.approx(peak / row["timings"]["diffusers contiguous"]["gflops_attained"])
+    md = (tmp_path / "unet_cpu.md").read_text()
+    assert "% of peak" in md and f"mnist {row['speedup_ceiling']:.2f}×" in md
