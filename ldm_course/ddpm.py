@@ -443,7 +443,8 @@ def train_classifier(images: Tensor, # (N, C, H, W) in [-1, 1]
         raise ValueError(f"labels must be in [0, {config.num_classes}), got {int(labels.min())}..{int(labels.max())}")
     with torch.random.fork_rng():  # weights, dropout and shifts drawn from cfg.seed: the same judge whatever ran before
         torch.manual_seed(cfg.seed)
-        trainer = Trainer(ImageClassifier(config), TensorDataset(images, labels.long()), ClassificationLoss(max_shift), cfg,
+        model = ImageClassifier(config).to(memory_format=torch.channels_last)  # faster convolutions on CPU (oneDNN)
+        trainer = Trainer(model, TensorDataset(images, labels.long()), ClassificationLoss(max_shift), cfg,
                           device=device)
         history = trainer.fit(resume=False)
     return trainer.ema_model.eval(), history
@@ -491,7 +492,7 @@ def load_classifier(path: str | Path, # a file written by `save_classifier`
     if meta.get("format") != CLASSIFIER_FORMAT:
         raise ValueError(f"{path} is not a classifier file: format {meta.get('format')!r}, expected {CLASSIFIER_FORMAT!r}")
     state, _ = load_checkpoint(path, device=device)
-    classifier = ImageClassifier(ClassifierConfig.from_dict(meta["config"])).to(device)
+    classifier = ImageClassifier(ClassifierConfig.from_dict(meta["config"])).to(device, memory_format=torch.channels_last)  # as trained
     classifier.load_state_dict(state["model"])
     return classifier.eval(), meta
 

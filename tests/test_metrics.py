@@ -212,7 +212,9 @@ def test_judge_checkpoint_round_trip_and_cache_key(tmp_path):
     judge = GarmentJudge(cfg).eval()
     again, meta = load_judge(save_judge(tmp_path / "j.safetensors", judge, {"note": 1}))
     x = torch.randn(2, 3, 8, 8)
-    assert torch.equal(again(x)[1], judge(x)[1]) and meta["note"] == 1 and again.config == cfg
+    assert all(torch.equal(a, b) for a, b in zip(again.state_dict().values(), judge.state_dict().values()))
+    # same weights; reloaded in channels_last (the training format), so the sums may be ordered differently
+    assert torch.allclose(again(x)[1], judge(x)[1], atol=1e-6) and meta["note"] == 1 and again.config == cfg
     calls = []
     def train():
         calls.append(1)
