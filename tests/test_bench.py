@@ -159,3 +159,10 @@ def test_unet_benchmark_counts_equal_flops_and_states_the_roofline_ceiling(tmp_p
     assert row["speedup_ceiling"] == pytest.approx(peak / row["timings"]["diffusers contiguous"]["gflops_attained"])
     md = (tmp_path / "unet_cpu.md").read_text()
     assert "% of peak" in md and f"mnist {row['speedup_ceiling']:.2f}×" in md
+
+
+def test_sampling_time_per_image_is_the_median_over_calls():
+    "One batch slowed by other work on the machine must not move the DDIM/DDPM ratio."
+    sampling = bench_module("bench_sampling")
+    assert sampling.seconds_per_image([(2.4, 24), (2.5, 24), (9.0, 24)]) == pytest.approx(2.5 / 24)
+    assert sampling.seconds_per_image([(1.0, 10), (0.5, 4)]) == pytest.approx((0.1 + 0.125) / 2)
