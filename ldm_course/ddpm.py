@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
+import json
 import math
 import time
 from collections.abc import Callable, Mapping, Sequence
@@ -34,8 +35,8 @@ __all__ = ['ModelFn', 'DDPM_PRESETS', 'SAMPLERS', 'DDPM_FORMAT', 'CLASSIFIER_FOR
            'ddpm_config', 'build_scheduler', 'build_unet', 'config_fingerprint', 'make_sampler', 'sample_images',
            'sample_evolution', 'ddpm_checkpoint_path', 'save_ddpm', 'LoadedDDPM', 'load_ddpm', 'ImageClassifier',
            'random_shift', 'ClassificationLoss', 'train_classifier', 'predict_labels', 'classifier_accuracy',
-           'judge_checkpoint_path', 'save_classifier', 'load_classifier', 'GuidanceSweep', 'guidance_sweep',
-           'plot_forward_noising', 'plot_evolution', 'plot_guidance_grid', 'plot_guidance_accuracy']
+           'judge_checkpoint_path', 'save_classifier', 'judge_training_key', 'load_classifier', 'GuidanceSweep',
+           'guidance_sweep', 'plot_forward_noising', 'plot_evolution', 'plot_guidance_grid', 'plot_guidance_accuracy']
 
 # %% ../nbs/05_ddpm_mnist.ipynb #a1aac510
 def diffusion_loss(model: nn.Module, # ε_θ(x_t, t, **model_kwargs) (or v_θ): same shape as x_t
@@ -483,6 +484,18 @@ def save_classifier(path: str | Path, # destination .safetensors file
     "Save an ImageClassifier (weights + config) in one safetensors file, atomically."
     meta = {"format": CLASSIFIER_FORMAT, "config": classifier.config.to_dict(), **dict(metadata or {})}
     return save_checkpoint(path, {"model": classifier.state_dict()}, meta)
+
+def judge_training_key(dataset: str, # "mnist", "cifar10"...
+                       data: Mapping[str, Any], # DataSource.to_dict() of the data the judge learnt from
+                       num_train_images: int, # how many of its images
+                       config: ClassifierConfig, # architecture
+                       recipe: TrainConfig, # training recipe, seed included
+                      ) -> dict:
+    "What makes a judge: stored with it by chapters 05/06, compared by chapter 11 before it reuses that judge."
+    data = {k: v for k, v in data.items() if k != "note"}  # the note says why (e.g. network down), not what the data is
+    key = {"dataset": dataset, "data": data, "num_train_images": int(num_train_images), "judge": config.to_dict(),
+           "recipe": recipe.to_dict(), "rng": "seeded from recipe.seed"}
+    return json.loads(json.dumps(key, default=str))  # the form it takes once stored: tuples become lists
 
 def load_classifier(path: str | Path, # a file written by `save_classifier`
                     device: str | torch.device = "cpu", # where to put the model

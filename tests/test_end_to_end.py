@@ -98,3 +98,13 @@ def test_report_pdf_pages_are_not_blank(smoke_run, pdf_pages_look_filled):
 def test_second_run_skips_every_completed_stage(smoke_run):
     again = cli(["run", "--profile", "smoke"], smoke_run["env"], timeout=300)
     assert statuses(again.stdout) == {name: "skipped" for name in stage_names()}, again.stdout
+
+
+def test_evaluation_reuses_the_judges_chapters_05_and_06_trained(smoke_run):
+    "Chapter 11 takes the pixel judges of 05/06 when their stored training key (data, architecture, recipe, seed) matches."
+    from ldm_course.core import read_checkpoint_metadata
+    for dataset, chapter in (("mnist", "05_ddpm_mnist"), ("cifar10", "06_ddpm_cifar10")):
+        meta = read_checkpoint_metadata(smoke_run["runs"] / "checkpoints" / "11_judge" / f"{dataset}.safetensors")
+        assert meta["trained_in"] == chapter, (dataset, meta["trained_in"])
+        chapter_meta = read_checkpoint_metadata(smoke_run["runs"] / "checkpoints" / chapter / "judge.safetensors")
+        assert chapter_meta["training_key"] == meta["cache_key"]
