@@ -1178,7 +1178,8 @@ def _sampling_result(result: Mapping, t: Mapping) -> tuple[str, list[bool | None
     speedup, loss, se = float(result["speedup"]), float(result["accuracy_loss"]), result.get("accuracy_loss_std_error")
     signed = ("+" if loss > 0 else "") + md_escape(format_value(100 * loss, 2))
     error = f" ± {md_escape(format_value(100 * float(se), 2))}" if se is not None else ""
-    n = f" ({format_value(result['num_images'])} images)" if result.get("num_images") else ""
+    unresolved = ", écart non résolu à cet effectif" if se is not None and float(se) > 0.015 else ""  # bench_sampling's rule
+    n = f" ({format_value(result['num_images'])} images{unresolved})" if result.get("num_images") else ""
     return (f"{_speedup(speedup)} plus rapide ; fidélité au texte perdue : {signed}{error} points{n}",
             [speedup >= t["speedup"], loss <= t["accuracy_loss"]])
 
