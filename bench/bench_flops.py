@@ -25,10 +25,9 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
-from torch.utils.flop_counter import FlopCounterMode
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from machine import add_machine_arguments, describe, matmul_peak, median_seconds, out_dir, setup, strict_fp32, verdict, write_result  # noqa: E402
+from machine import add_machine_arguments, describe, matmul_peak, median_seconds, out_dir, setup, step_flops, strict_fp32, verdict, write_result  # noqa: E402
 
 from ldm_course.unet import UNet, count_parameters, unet_preset  # noqa: E402
 
@@ -46,14 +45,6 @@ def step_closure(model, x, t, optimizer: str):
         loss.backward()
         opt.step()
     return step
-
-
-def step_flops(model, x, t) -> int:
-    "FLOPs of forward + backward, counted once (no optimizer step)."
-    with FlopCounterMode(display=False) as counter:
-        F.mse_loss(model(x, t), x).backward()
-    model.zero_grad(set_to_none=True)
-    return counter.get_total_flops()
 
 
 def measure(name: str, profile: str, batch_size: int, memory_format: str, optimizer: str, repeats: int, device) -> dict:

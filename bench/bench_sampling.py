@@ -40,6 +40,7 @@ from machine import add_machine_arguments, describe, out_dir, setup, synchronize
 from ldm_course.core import make_generator  # noqa: E402
 from ldm_course.data import load_fashion  # noqa: E402
 from ldm_course.ldm import LatentDiffusionPipeline, ldm_checkpoint_path  # noqa: E402
+from ldm_course.report import UNRESOLVED_STD_ERROR  # noqa: E402  (the report words the same rule)
 from ldm_course.metrics import (  # noqa: E402
     ClassifierFeatures, PromptSpec, fid_kid, judge_checkpoint_path, load_judge, prompt_alignment, real_baseline,
 )
@@ -149,7 +150,7 @@ def main(argv=None):
         f"Speed-up DDIM-{args.ddim_steps} over DDPM-{args.ddpm_steps}: {speedup:.1f}× (target ≥ {TARGET_SPEEDUP:g}×: {verdict(speedup, TARGET_SPEEDUP)}). "
         f"Prompt accuracy lost by DDIM: {100 * loss:+.1f} points ± {100 * se:.1f} (paired std error at N = {n}, "
         f"{int((diff != 0).sum())} discordant images; target ≤ 3 points: "
-        f"{verdict(loss, TARGET_ACCURACY_LOSS, higher_is_better=False)}" + ("" if se <= 0.015 else ", not resolved at this N") + "). "
+        f"{verdict(loss, TARGET_ACCURACY_LOSS, higher_is_better=False)}" + ("" if se <= UNRESOLVED_STD_ERROR else ", not resolved at this N") + "). "
         f"FID difference (DDIM − DDPM): {ddim['fid'] - ddpm['fid']:+.2f}."])
     print("\n" + table)
     payload = {"benchmark": "sampling", "machine": info, "profile": profile, "pipeline": str(path), "conditioning": pipe.config.conditioning,

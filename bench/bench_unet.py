@@ -37,8 +37,7 @@ import torch.nn.functional as F
 from ldm_course.unet import UNet, UNetConfig, count_parameters
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from machine import add_machine_arguments, describe_device, matmul_peak, out_dir, setup, write_result  # noqa: E402
-from torch.utils.flop_counter import FlopCounterMode  # noqa: E402
+from machine import add_machine_arguments, describe_device, matmul_peak, out_dir, setup, step_flops, write_result  # noqa: E402
 
 # The three configurations of the course (28×28×1 MNIST, 32×32×3 CIFAR10, 16×16×4 VAE latents).
 CONFIGS = {
@@ -79,16 +78,6 @@ def make_step(model: torch.nn.Module, batch: tuple, returns_dict: bool, compile_
     return step
 
 
-def flops_per_image(model: torch.nn.Module, batch: tuple, returns_dict: bool) -> float:
-    "FLOPs of forward + backward for one image (convolutions, matmuls, attention; elementwise work is not counted)."
-    x, t, target = batch
-    with FlopCounterMode(display=False) as counter:
-        out = model(x, t)
-        F.mse_loss(out.sample if returns_dict else out, target).backward()
-    model.zero_grad(set_to_none=True)
-    return counter.get_total_flops() / len(x)
-
-
 def timed(step, n_steps: int, device: torch.device) -> float:
     "Seconds taken by n_steps calls of step (synchronising CUDA)."
     if device.type == "cuda": torch.cuda.synchronize(device)
@@ -124,7 +113,7 @@ def bench_config(name: str, args, device: torch.device) -> dict:
                 model = build().to(device=device, memory_format=FORMATS[fmt]).train()
                 parameters[model_name] = count_parameters(model)
                 batch = tuple(v.to(memory_format=FORMATS[fmt]) for v in (x, t, target)[::2])
-                if model_name not in flops: flops[model_name] = flops_per_image(model, (batch[0], t, batch[1]), model_name == "diffusers")
+                if model_name not in flops: flops[model_name] = step_flops(model, batch[0], t, batch[1]) / len(x)  # per image; elementwise work not counted
                 steps[_label(model_name, fmt, mode)] = make_step(model, (batch[0], t, batch[1]), model_name == "diffusers",
                                                                  mode == "compile")
     compile_seconds = {}
@@ -157,11 +146,8 @@ def add_roofline(results: list[dict], peak_gflops: float, baseline_format: str) 
     "Share of the matmul peak of every contender, and the largest speed-up over diffusers that equal FLOPs allow."
     for r in results:
         for tm in r["timings"].values(): tm["fraction_of_peak"] = tm["gflops_attained"] / peak_gflops
-        best_diffusers = max(tm["gflops_attained"] for label, tm in r["timings"].items()
-                             if _parse_label(label)[0] == "diffusers" and _parse_label(label)[2] == "eager")
         baseline = r["timings"][_label("diffusers", baseline_format, "eager")]
         r["speedup_ceiling"] = peak_gflops / baseline["gflops_attained"]
-        r["diffusers_best_fraction_of_peak"] = best_diffusers / peak_gflops
 
 
 def markdown_table(results: list[dict], meta: dict) -> str:

@@ -15,6 +15,8 @@ from pathlib import Path
 from typing import Callable
 
 import torch
+import torch.nn.functional as F
+from torch.utils.flop_counter import FlopCounterMode
 
 RESULTS_DIR = Path(__file__).resolve().parent / "results"
 
@@ -119,6 +121,15 @@ def matmul_peak(device: torch.device, sizes: tuple[int, ...] = (1024, 2048), rep
         per_size[n] = 2 * n**3 * reps / seconds / 1e9
         best = max(best, per_size[n])
     return {"gflops": best, "per_size": per_size}
+
+
+def step_flops(model: torch.nn.Module, x: torch.Tensor, t: torch.Tensor, target: torch.Tensor | None = None) -> int:
+    "FLOPs of forward + MSE backward of model(x, t) against target (default x), counted once; a diffusers output's .sample is used."
+    with FlopCounterMode(display=False) as counter:
+        out = model(x, t)
+        F.mse_loss(getattr(out, "sample", out), x if target is None else target).backward()
+    model.zero_grad(set_to_none=True)
+    return counter.get_total_flops()
 
 
 def write_result(stem: str, payload: dict, table: str, out_dir: Path = RESULTS_DIR) -> tuple[Path, Path]:

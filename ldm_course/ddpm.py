@@ -488,7 +488,7 @@ def save_classifier(path: str | Path, # destination .safetensors file
 def judge_training_key(dataset: str, # "mnist", "cifar10"...
                        data: Mapping[str, Any], # DataSource.to_dict() of the data the judge learnt from
                        num_train_images: int, # how many of its images
-                       config: ClassifierConfig, # architecture
+                       config: Config, # architecture (ClassifierConfig, or chapter 11's GarmentJudgeConfig)
                        recipe: TrainConfig, # training recipe, seed included
                       ) -> dict:
     "What makes a judge: stored with it by chapters 05/06, compared by chapter 11 before it reuses that judge."
