@@ -78,6 +78,14 @@ def make_step(model: torch.nn.Module, batch: tuple, returns_dict: bool, compile_
     return step
 
 
+def dynamo_graphs(model: torch.nn.Module, x: torch.Tensor, t: torch.Tensor, **kwargs) -> dict:
+    "How torch.compile's front end (dynamo) splits a forward: graphs, graph breaks and their reasons, FX ops traced."
+    explanation = torch._dynamo.explain(model)(x, t, **kwargs)
+    torch._dynamo.reset()  # leave no traced state to the timed contenders
+    return {"graphs": explanation.graph_count, "graph_breaks": explanation.graph_break_count, "fx_ops": explanation.op_count,
+            "break_reasons": [b.reason for b in explanation.break_reasons]}
+
+
 def timed(step, n_steps: int, device: torch.device) -> float:
     "Seconds taken by n_steps calls of step (synchronising CUDA)."
     if device.type == "cuda": torch.cuda.synchronize(device)
@@ -104,7 +112,7 @@ def bench_config(name: str, args, device: torch.device) -> dict:
     builders = {"ours": lambda: UNet(config), "diffusers": lambda: diffusers_unet(config)}
     x = torch.randn(args.batch_size, *shape, device=device)
     t, target = torch.randint(0, 1000, (args.batch_size,), device=device), torch.randn_like(x)
-    steps, parameters, flops = {}, {}, {}
+    steps, parameters, flops, graphs = {}, {}, {}, {}
     modes = ("eager", "compile") if args.compile else ("eager",)  # compiled contenders run beside the eager ones
     for model_name, build in builders.items():
         for fmt in args.formats:
@@ -114,6 +122,7 @@ def bench_config(name: str, args, device: torch.device) -> dict:
                 parameters[model_name] = count_parameters(model)
                 batch = tuple(v.to(memory_format=FORMATS[fmt]) for v in (x, t, target)[::2])
                 if model_name not in flops: flops[model_name] = step_flops(model, batch[0], t, batch[1]) / len(x)  # per image; elementwise work not counted
+                if mode == "compile" and model_name not in graphs: graphs[model_name] = dynamo_graphs(model, batch[0], t)
                 steps[_label(model_name, fmt, mode)] = make_step(model, (batch[0], t, batch[1]), model_name == "diffusers",
                                                                  mode == "compile")
     compile_seconds = {}
@@ -139,7 +148,8 @@ def bench_config(name: str, args, device: torch.device) -> dict:
     for label, tm in timings.items():
         tm["gflops_attained"] = tm["images_per_s_median"] * flops[_parse_label(label)[0]] / 1e9
     return {"name": name, "input_shape": list(shape), "config": config.to_dict(), "parameters": parameters,
-            "gflop_per_image": {k: v / 1e9 for k, v in flops.items()}, "timings": timings}
+            "gflop_per_image": {k: v / 1e9 for k, v in flops.items()}, "timings": timings,
+            **({"dynamo": graphs} if graphs else {})}
 
 
 def add_roofline(results: list[dict], peak_gflops: float, baseline_format: str) -> None:
@@ -178,6 +188,11 @@ def markdown_table(results: list[dict], meta: dict) -> str:
               "diffusers " + meta["formats"][0] + " eager is peak / its attained GFLOP/s: " +
               ", ".join(f"{r['name']} {r['speedup_ceiling']:.2f}×" for r in results) + " (target ≥ 1.3×)."
               + (" On CUDA, convolutions may use TF32 (cuDNN's default) while the peak is true fp32." if meta["device"] == "cuda" else "")]
+    traced = [r for r in results if "dynamo" in r]   # with --compile: a graph break would leave part of the forward eager
+    if traced: lines.append("")
+    for r in traced:
+        lines.append(f"torch.compile front end, {r['name']}: " + "; ".join(
+            f"{m} {g['graphs']} graph(s), {g['graph_breaks']} break(s), {g['fx_ops']} FX ops" for m, g in r["dynamo"].items()) + ".")
     return "\n".join(lines) + "\n"
 
 

@@ -29,6 +29,8 @@ BENCH_DIR = Path(__file__).resolve().parent
 sys.path.insert(0, str(BENCH_DIR))
 from machine import RESULTS_DIR, describe, machine_description, pick_device  # noqa: E402
 
+from ldm_course.report import BENCHMARK_TARGETS, unet_speedups  # noqa: E402  (the report states the same verdicts)
+
 SCRIPTS = {"unet": "bench_unet.py", "sampling": "bench_sampling.py", "latent_vs_pixel": "bench_latent_vs_pixel.py",
            "flops": "bench_flops.py"}
 QUICK_ARGS = {  # the tiniest settings of each script: they check that it runs, their numbers mean nothing
@@ -39,7 +41,6 @@ QUICK_ARGS = {  # the tiniest settings of each script: they check that it runs, 
               "--optimizers", "foreach", "--peak-sizes", "256"],
 }
 QUICK_DIR = Path("/tmp/ldm_course_bench_quick")
-TARGET_UNET_SPEEDUP = 1.3  # issue 6: ours vs diffusers UNet2DModel at a matched configuration
 MISSING_INPUTS = 2  # exit status of a script that found nothing to measure (e.g. no trained pipeline): reported, not a crash
 TITLES = {"unet": "U-Net training speed: ours vs diffusers", "sampling": "Sampling: DDIM-50 vs DDPM-1000",
           "latent_vs_pixel": "Latent vs pixel diffusion: training step", "flops": "Attained FLOP/s of a training step"}
@@ -66,16 +67,12 @@ def run_script(name: str, timeout: float, extra: list[str]) -> dict:
 def headline(name: str, result: dict) -> tuple[str, str]:
     "(measured, target and verdict) in one line each, from a result file."
     if name == "unet":
-        parts, speedups = [], []
-        for r in result["results"]:
-            timings = r["timings"]   # "<ours|diffusers> <memory format>[ compiled]" -> images_per_s_median, ...
-            ours = max((k for k in timings if k.startswith("ours")), key=lambda k: timings[k]["images_per_s_median"])
-            base = "diffusers contiguous" if "diffusers contiguous" in timings else min(k for k in timings if k.startswith("diffusers"))
-            speedups.append(timings[ours]["images_per_s_median"] / timings[base]["images_per_s_median"])
-            ceiling = f", ceiling at equal FLOPs {r['speedup_ceiling']:.2f}×" if "speedup_ceiling" in r else ""  # roofline, see bench_unet.py
-            parts.append(f"{r['name']}: {timings[ours]['images_per_s_median']:.1f} img/s ({ours}) vs "
-                         f"{timings[base]['images_per_s_median']:.1f} ({base}), {speedups[-1]:.2f}×{ceiling}")
-        return "; ".join(parts), f"≥ {TARGET_UNET_SPEEDUP:g}× (best of ours vs diffusers contiguous): {'met' if min(speedups) >= TARGET_UNET_SPEEDUP else 'missed'}"
+        rows = unet_speedups(result)   # the report's rule: our fastest variant over diffusers contiguous
+        target = BENCHMARK_TARGETS["unet"]["speedup"]
+        ceiling = lambda r: f", ceiling at equal FLOPs {r['ceiling']:.2f}×" if r["ceiling"] is not None else ""  # roofline, see bench_unet.py
+        parts = [f"{r['name']}: {r['ours_ips']:.1f} img/s ({r['ours']}) vs {r['base_ips']:.1f} ({r['base']}), {r['speedup']:.2f}×{ceiling(r)}"
+                 for r in rows]
+        return "; ".join(parts), f"≥ {target:g}× (best of ours vs diffusers contiguous): {'met' if min(r['speedup'] for r in rows) >= target else 'missed'}"
     if name == "sampling":
         met = result["target_met"]
         return (f"{result['speedup']:.1f}× faster; accuracy lost {100 * result['accuracy_loss']:+.1f} ± "

@@ -127,7 +127,8 @@ class SpatialTransformer(nn.Module):
                ) -> Tensor: # (B, C, H, W)
         if x.ndim != 4 or x.shape[1] != self.channels:
             raise ValueError(f"x must be a feature map (B, {self.channels}, H, W), got {tuple(x.shape)}")
-        if context_mask is not None and context_mask.dtype == torch.bool and not bool(context_mask.any(-1).all()):
+        if (context_mask is not None and context_mask.dtype == torch.bool and not torch.compiler.is_compiling()  # eager only: reads the tensor
+                and not bool(context_mask.any(-1).all())):
             raise ValueError("every sample needs at least one real token in context_mask (the null prompt '' has two)")
         B, C, H, W = x.shape
         h = self.proj_in(self.norm(x)).flatten(2).transpose(1, 2)   # (B, HW, C): one token per position

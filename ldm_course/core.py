@@ -22,10 +22,10 @@ from torch import Tensor
 
 # %% auto #0
 __all__ = ['PROFILES', 'RUN_PROFILES', 'CHECKPOINT_FORMAT', 'get_device', 'seed_everything', 'make_generator',
-           'capture_rng_state', 'restore_rng_state', 'Config', 'RunProfile', 'resolve_profile', 'get_profile',
-           'repo_root', 'data_dir', 'runs_dir', 'figures_dir', 'atomic_path', 'atomic_write', 'save_checkpoint',
-           'read_checkpoint_metadata', 'load_checkpoint', 'save_metrics', 'load_metrics', 'progress', 'image_grid',
-           'show_images', 'save_figure']
+           'capture_rng_state', 'restore_rng_state', 'torch_seeded', 'Config', 'RunProfile', 'resolve_profile',
+           'get_profile', 'repo_root', 'data_dir', 'runs_dir', 'figures_dir', 'atomic_path', 'atomic_write',
+           'save_checkpoint', 'read_checkpoint_metadata', 'load_checkpoint', 'save_metrics', 'load_metrics', 'progress',
+           'image_grid', 'show_images', 'save_figure']
 
 # %% ../nbs/00_core.ipynb #9d057792
 def _mps_available() -> bool:
@@ -84,6 +84,16 @@ def restore_rng_state(state: dict, # as returned by `capture_rng_state` (possibl
     torch.set_rng_state(state["torch"].cpu().to(torch.uint8))
     if "cuda" in state and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(list(state["cuda"].cpu().to(torch.uint8)))
+
+# %% ../nbs/00_core.ipynb #d99967fd
+@contextlib.contextmanager
+def torch_seeded(seed: int, # seed of torch's global generator inside the block
+                ) -> Iterator[None]:
+    "Run a block with torch's global generator seeded by `seed`; the state from before comes back afterwards (CPU and CUDA)."
+    if not isinstance(seed, int) or seed < 0: raise ValueError(f"seed must be a non-negative int, got {seed!r}")
+    with torch.random.fork_rng():
+        torch.manual_seed(seed)
+        yield
 
 # %% ../nbs/00_core.ipynb #c7e204ba
 def _jsonable(value: Any) -> Any:

@@ -23,7 +23,7 @@ from torch.utils.data import TensorDataset
 
 from ldm_course.core import (
     Config, image_grid, load_checkpoint, make_generator, read_checkpoint_metadata, resolve_profile, runs_dir,
-    save_checkpoint,
+    save_checkpoint, torch_seeded,
 )
 from .scheduler import DDIMSampler, DDPMSampler, DiffusionSampler, NoiseScheduler, SamplingTrajectory
 from .training import TrainConfig, TrainHistory, Trainer, drop_condition, train_config
@@ -245,8 +245,8 @@ def build_scheduler(cfg: DDPMConfig, # the experiment
 
 def build_unet(cfg: DDPMConfig, # the experiment
               ) -> UNet:
-    "A freshly initialised U-Net for an experiment."
-    return UNet(cfg.unet)
+    "A freshly initialised U-Net for an experiment: its weights are drawn from cfg.train.seed, whatever ran before."
+    with torch_seeded(cfg.train.seed): return UNet(cfg.unet)
 
 def config_fingerprint(cfg: Config, # any Config
                       ) -> str:
@@ -442,8 +442,7 @@ def train_classifier(images: Tensor, # (N, C, H, W) in [-1, 1]
     if len(images) != len(labels): raise ValueError(f"{len(images)} images but {len(labels)} labels")
     if int(labels.max()) >= config.num_classes or int(labels.min()) < 0:
         raise ValueError(f"labels must be in [0, {config.num_classes}), got {int(labels.min())}..{int(labels.max())}")
-    with torch.random.fork_rng():  # weights, dropout and shifts drawn from cfg.seed: the same judge whatever ran before
-        torch.manual_seed(cfg.seed)
+    with torch_seeded(cfg.seed):  # weights, dropout and shifts drawn from cfg.seed: the same judge whatever ran before
         model = ImageClassifier(config).to(memory_format=torch.channels_last)  # faster convolutions on CPU (oneDNN)
         trainer = Trainer(model, TensorDataset(images, labels.long()), ClassificationLoss(max_shift), cfg,
                           device=device)

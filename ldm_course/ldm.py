@@ -26,7 +26,7 @@ from torch.utils.data import Subset
 
 from ldm_course.core import (
     Config, get_device, load_checkpoint, make_generator, read_checkpoint_metadata, resolve_profile, runs_dir,
-    save_checkpoint,
+    save_checkpoint, torch_seeded,
 )
 from .data import GARMENT_TYPES, SEED_PROMPTS, load_fashion, to_tensors
 from .ddpm import ModelFn, classifier_free_guidance, diffusion_loss
@@ -190,7 +190,7 @@ def load_or_train_vae(images_fn: Callable[[int], Tensor | Dataset], # image_size
     cfg, train_cfg = vae_config("kl", profile), vae_train_config("kl", profile, seed=seed)
     images = images_fn(cfg.image_size)
     train_set = TensorDataset(images) if isinstance(images, Tensor) else images
-    trainer = Trainer(build_vae(cfg), train_set, VAELoss(cfg), train_cfg, device=str(device))
+    trainer = Trainer(build_vae(cfg, train_cfg.seed), train_set, VAELoss(cfg), train_cfg, device=str(device))
     trainer.fit(resume=False)
     vae = trainer.ema_model.eval()
     sample = images[:1000] if isinstance(images, Tensor) else torch.stack([images[i][0] for i in range(min(1000, len(images)))])
@@ -337,8 +337,9 @@ def cross_attention_factory(spec: Mapping[str, Any] | None, # {"class": "ldm_cou
 
 def build_ldm_unet(cfg: LDMConfig, # the experiment
                   ) -> UNet:
-    "A freshly initialised latent U-Net for an experiment (with its cross-attention blocks, if any)."
-    return UNet(cfg.unet, cross_attention_block=cross_attention_factory(cfg.cross_attention_block))
+    "A freshly initialised latent U-Net for an experiment (with its cross-attention blocks, if any), drawn from cfg.train.seed."
+    with torch_seeded(cfg.train.seed):   # the weights depend on the experiment, not on what ran before
+        return UNet(cfg.unet, cross_attention_block=cross_attention_factory(cfg.cross_attention_block))
 
 def build_ldm_scheduler(cfg: LDMConfig, # the experiment
                        ) -> NoiseScheduler:

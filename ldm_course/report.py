@@ -41,10 +41,10 @@ __all__ = ['CHAPTER_TITLES', 'SHORT_TITLES', 'NBSP', 'DATASET_NAMES', 'SOURCE_NA
            'draw_unet', 'draw_ldm_architecture', 'ModelConfig', 'unet_config_in', 'find_unet_config',
            'text_encoder_name', 'flatten_metrics', 'metric_label', 'ReportContext', 'percent', 'method_key',
            'alignment_rows', 'best_alignment', 'colour_rows', 'steps_rows', 'benchmark_targets', 'target_texts',
-           'benchmark_machine', 'BenchmarkResult', 'BenchmarkResults', 'BenchmarkFileError', 'read_benchmark',
-           'read_benchmarks', 'run_conditions', 'pipeline_stages', 'report_environment', 'render_report',
-           'ReportBuildError', 'pandoc_path', 'run_pandoc', 'first_latex_error', 'run_latexmk', 'report_dir',
-           'draw_report_figures', 'ReportFiles', 'build_report']
+           'unet_speedups', 'benchmark_machine', 'BenchmarkResult', 'BenchmarkResults', 'BenchmarkFileError',
+           'read_benchmark', 'read_benchmarks', 'run_conditions', 'pipeline_stages', 'report_environment',
+           'render_report', 'ReportBuildError', 'pandoc_path', 'run_pandoc', 'first_latex_error', 'run_latexmk',
+           'report_dir', 'draw_report_figures', 'ReportFiles', 'build_report']
 
 # %% ../nbs/13_report.ipynb #aa1823a3
 CHAPTER_TITLES = {  # chapter number -> what it is about (French), to say which chapter will produce a missing value
@@ -1160,19 +1160,26 @@ def target_texts(name: str, # a key of BENCHMARKS
     return [f"≥ {percent(t['fraction_of_peak'])} du pic, sur CPU"]
 
 # %% ../nbs/13_report.ipynb #adab03b8
-def _unet_result(result: Mapping, t: Mapping) -> tuple[str, list[bool | None]]:
-    parts, speedups = [], []
+def unet_speedups(result: Mapping, # a bench/bench_unet.py result: {"results": [{"name", "timings", ...}, ...]}
+                 ) -> list[dict]: # per configuration: name, ours, base (timing keys), ours_ips, base_ips, speedup, ceiling
+    "The U-Net verdict's rule, written once (the report and bench/run_all.py use it): our fastest variant over diffusers contiguous."
+    rows = []
     for r in result["results"]:
         timings = r["timings"]  # "<ours|diffusers> <memory format>[ compile]" -> {"images_per_s_median": ...}
         ips = lambda k: float(timings[k]["images_per_s_median"])
         ours = max((k for k in timings if k.startswith("ours")), key=ips)
         base = "diffusers contiguous" if "diffusers contiguous" in timings else min(k for k in timings if k.startswith("diffusers"))
-        speedups.append(ips(ours) / ips(base))
-        ceiling = (f", plafond à FLOPs égales {_speedup(float(r['speedup_ceiling']))}" if "speedup_ceiling" in r else "")  # bench_unet roofline
-        parts.append(f"{md_escape(r['name'])} {_speedup(speedups[-1])} ({md_escape(format_value(ips(ours), 3))} contre "
-                     f"{md_escape(format_value(ips(base), 3))} img/s{ceiling})")
-    if not speedups: raise ValueError("no configuration in 'results'")
-    return " ; ".join(parts), [min(speedups) >= t["speedup"]]
+        rows.append({"name": r["name"], "ours": ours, "base": base, "ours_ips": ips(ours), "base_ips": ips(base),
+                     "speedup": ips(ours) / ips(base), "ceiling": float(r["speedup_ceiling"]) if "speedup_ceiling" in r else None})
+    if not rows: raise ValueError("no configuration in 'results'")
+    return rows
+
+def _unet_result(result: Mapping, t: Mapping) -> tuple[str, list[bool | None]]:
+    rows = unet_speedups(result)
+    ceiling = lambda r: f", plafond à FLOPs égales {_speedup(r['ceiling'])}" if r["ceiling"] is not None else ""  # bench_unet roofline
+    parts = [f"{md_escape(r['name'])} {_speedup(r['speedup'])} ({md_escape(format_value(r['ours_ips'], 3))} contre "
+             f"{md_escape(format_value(r['base_ips'], 3))} img/s{ceiling(r)})" for r in rows]
+    return " ; ".join(parts), [min(r["speedup"] for r in rows) >= t["speedup"]]
 
 # A measured accuracy difference whose standard error is larger than this (1.5 points) is called unresolved, here and by
 # bench/bench_sampling.py, which imports it.

@@ -265,7 +265,8 @@ def _check_unet_inputs(c: UNetConfig, x: Tensor, timesteps: Tensor | int | float
         if c.num_classes is None: raise ValueError("class_labels given but config.num_classes is None (unconditional model)")
         if class_labels.shape != (B,) or class_labels.dtype.is_floating_point:
             raise ValueError(f"class_labels must be integers of shape ({B},), got {class_labels.dtype} {tuple(class_labels.shape)}")
-        if bool(((class_labels < 0) | (class_labels > c.num_classes)).any()):
+        # a value check reads the tensor (a GPU sync, a graph break under torch.compile): eager mode only
+        if not torch.compiler.is_compiling() and bool(((class_labels < 0) | (class_labels > c.num_classes)).any()):
             raise ValueError(f"class_labels must be in [0, {c.num_classes}] ({c.num_classes} = null label), "
                              f"got {class_labels.unique().tolist()}")
     if cond is not None:

@@ -22,7 +22,7 @@ from torch.utils.data import DataLoader, Dataset
 
 from ldm_course.core import (
     Config, image_grid, load_checkpoint, read_checkpoint_metadata, resolve_profile, runs_dir,
-    save_checkpoint,
+    save_checkpoint, torch_seeded,
 )
 from .data import GARMENT_COLOURS
 from .training import TrainConfig, train_config
@@ -439,9 +439,10 @@ class VQVAE(Autoencoder):
     def latents_to_image(self, z: Tensor) -> Tensor: return self.decode(self.quantizer(z).z_q)
 
 def build_vae(cfg: VAEConfig, # architecture and loss (cfg.kind chooses the model)
+              seed: int = 0, # initial weights (the training recipe's seed): the same model whatever ran before
              ) -> Autoencoder:
     "A freshly initialised AutoencoderKL (kind 'kl') or VQVAE (kind 'vq'), in channels_last memory format."
-    model = AutoencoderKL(cfg) if cfg.kind == "kl" else VQVAE(cfg)
+    with torch_seeded(seed): model = AutoencoderKL(cfg) if cfg.kind == "kl" else VQVAE(cfg)
     return model.to(memory_format=torch.channels_last)   # ~1.6× faster convolutions on CPU (oneDNN), tensor cores on GPU
 
 # %% ../nbs/07_vae.ipynb #a3b18bad

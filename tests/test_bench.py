@@ -166,3 +166,39 @@ def test_sampling_time_per_image_is_the_median_over_calls():
     sampling = bench_module("bench_sampling")
     assert sampling.seconds_per_image([(2.4, 24), (2.5, 24), (9.0, 24)]) == pytest.approx(2.5 / 24)
     assert sampling.seconds_per_image([(1.0, 10), (0.5, 4)]) == pytest.approx((0.1 + 0.125) / 2)
+
+
+def test_our_unet_traces_into_one_graph_for_torch_compile():
+    "A data-dependent check in UNet.forward would break torch.compile's graph (and sync the GPU): there must be none."
+    from ldm_course.unet import UNet, UNetConfig
+    dynamo_graphs = bench_module("bench_unet").dynamo_graphs
+    conditional = UNetConfig(4, 4, (8, 16), attention_head_dim=8, norm_num_groups=4, num_classes=3, cond_dim=5)
+    from ldm_course.attention import SpatialTransformer
+    text = conditional.replace(num_classes=None, cross_attention_levels=(1,), context_dim=6)
+    tokens = {"context": torch.randn(2, 3, 6), "context_mask": torch.tensor([[True, True, False], [True, False, False]])}
+    for config, kwargs in ((UNetConfig(1, 1, (8, 16), attention_levels=(1,), attention_head_dim=8, norm_num_groups=4), {}),
+                           (conditional, {"class_labels": torch.tensor([0, 3]), "cond": torch.randn(2, 5)}),   # chapters 05/06
+                           (text, {"cond": torch.randn(2, 5), **tokens})):                                     # chapter 10
+        block = (lambda channels, context_dim: SpatialTransformer(channels, context_dim, head_dim=8, groups=4)) if config.cross_attention_levels else None
+        model = UNet(config, cross_attention_block=block)
+        assert any(isinstance(m, SpatialTransformer) for m in model.modules()) == (block is not None)
+        g = dynamo_graphs(model, torch.randn(2, config.in_channels, 8, 8), torch.tensor([3, 900]), **kwargs)
+        assert (g["graphs"], g["graph_breaks"], g["break_reasons"]) == (1, 0, []), g
+        assert g["fx_ops"] > 10
+
+
+def test_run_all_and_the_report_give_the_same_unet_verdict():
+    "The verdict rule lives in report.unet_speedups; run_all's headline must agree with the report's reading."
+    from ldm_course.report import BENCHMARK_TARGETS, unet_speedups
+    timing = lambda ips: {"images_per_s_median": ips}
+    result = {"results": [{"name": "mnist", "speedup_ceiling": 1.5, "timings": {
+        "ours contiguous": timing(10.0), "ours channels_last": timing(14.0), "diffusers contiguous": timing(10.0),
+        "diffusers channels_last": timing(20.0)}}]}
+    rows = unet_speedups(result)
+    assert [(r["ours"], r["base"], r["speedup"]) for r in rows] == [("ours channels_last", "diffusers contiguous", 1.4)]
+    measured, verdict = bench_module("run_all").headline("unet", result)
+    assert "1.40×" in measured and "ceiling at equal FLOPs 1.50×" in measured
+    assert verdict.endswith("met") and f"≥ {BENCHMARK_TARGETS['unet']['speedup']:g}×" in verdict
+    result["results"][0]["timings"]["ours channels_last"] = timing(12.0)
+    assert bench_module("run_all").headline("unet", result)[1].endswith("missed")   # 1.2× < 1.3×
+    with pytest.raises(ValueError, match="no configuration"): unet_speedups({"results": []})
