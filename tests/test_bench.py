@@ -202,3 +202,38 @@ def test_run_all_and_the_report_give_the_same_unet_verdict():
     result["results"][0]["timings"]["ours channels_last"] = timing(12.0)
     assert bench_module("run_all").headline("unet", result)[1].endswith("missed")   # 1.2× < 1.3×
     with pytest.raises(ValueError, match="no configuration"): unet_speedups({"results": []})
+
+
+def test_text_budget_ablation_says_what_is_missing_and_writes_nothing(tmp_path, monkeypatch, capsys):
+    monkeypatch.setenv("LDM_COURSE_RUNS", str(tmp_path / "runs"))   # no judge there
+    status = bench_module("ablation_text_budget").main(["--device", "cpu", "--profile", "smoke", "--out-dir", str(tmp_path / "out")])
+    assert status == 2 and "no clothing judge" in capsys.readouterr().err
+    assert not (tmp_path / "out").exists()
+
+
+def test_text_budget_ablation_trains_and_scores_each_variant(tmp_path, monkeypatch, one_thread):
+    "Smoke-sized end to end: a variant is chapter 10's config with one change, trained, sampled and judged."
+    from ldm_course.attention import cross_attention_config
+    from ldm_course.data import load_fashion
+    from ldm_course.metrics import GarmentJudge, GarmentJudgeConfig, judge_checkpoint_path, save_judge
+    ablation = bench_module("ablation_text_budget")
+    base = cross_attention_config("cpu", context_dim=8)
+    changed = ablation.variant_config("cpu", 8, 6, {"max_steps": 900, "pooled": True, "levels": (2,)}, seed=3)
+    assert (changed.train.max_steps, changed.train.seed, changed.unet.cond_dim, changed.unet.cross_attention_levels) == (900, 3, 6, (2,))
+    assert changed.train.replace(max_steps=base.train.max_steps, seed=0) == base.train   # nothing else moved
+    assert ablation.variant_config("cpu", 8, 6, {}, seed=0) == base
+    monkeypatch.setenv("LDM_COURSE_RUNS", str(tmp_path / "runs"))
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    catalogue, _ = load_fashion(profile="smoke", verbose=False)
+    judge = GarmentJudge(GarmentJudgeConfig(tuple(sorted(set(catalogue.records["articleType"]))),
+                                            tuple(sorted(set(catalogue.records["baseColour"]))), image_size=16, channels=(4,), feature_dim=8))
+    save_judge(judge_checkpoint_path("fashion", "smoke"), judge, {})
+    out = tmp_path / "out"
+    assert ablation.main(["--device", "cpu", "--profile", "smoke", "--variants", "chapter10", "--seeds", "0,1",
+                          "--num-samples", "1", "--out-dir", str(out)]) == 0
+    r = json.loads((out / "ablation_text_cpu.json").read_text())
+    assert [(row["variant"], row["seed"]) for row in r["results"]] == [("chapter10", 0), ("chapter10", 1)]
+    for row in r["results"]:
+        assert {"seed", "held-out", "overall"} <= set(row["alignment"]) and row["train_seconds"] > 0
+        assert row["alignment"]["overall"]["num_images"] == len(row["per_prompt"])   # one image per prompt
+    assert "| chapter10: chapter 10 as it is | 1 |" in (out / "ablation_text_cpu.md").read_text()
