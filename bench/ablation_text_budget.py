@@ -97,16 +97,17 @@ def main(argv=None):
         return MISSING_INPUTS
     judge, _ = load_judge(judge_path, device)
     encoder = load_text_encoder(args.encoder, device=device, verbose=False)
-    ecfg = eval_config(profile)
+    # No variant changes the data (held-out pairs, items, tokens): prepare it and draw the prompts once.
+    base = variant_config(profile, encoder.token_dim, encoder.dim, {}, 0)
+    data = prepare_ldm_data(base, encoder, profile, "auto", 0, device, with_tokens=True)   # cached latents and captions
+    records = data.dataset.records
+    pairs = sorted(set(zip(records["articleType"], records["baseColour"])))
+    prompts = evaluation_prompts(pairs, base.held_out_pairs, eval_config(profile).num_catalogue_prompts, 0)   # chapter 11's draw
     rows = []
     for name in names:
         description, changes = VARIANTS[name]
         for seed in seeds:
             cfg = variant_config(profile, encoder.token_dim, encoder.dim, changes, seed)
-            data = prepare_ldm_data(cfg, encoder, profile, "auto", 0, device, with_tokens=True)   # cached latents and captions
-            records = data.dataset.records
-            pairs = sorted(set(zip(records["articleType"], records["baseColour"])))
-            prompts = evaluation_prompts(pairs, cfg.held_out_pairs, ecfg.num_catalogue_prompts, 0)   # chapter 11's draw
             unet, history, seconds = train_ldm(cfg, data.train_set, data.null, device=str(device))
             pipe = LatentDiffusionPipeline(data.vae, unet, encoder, build_ldm_scheduler(cfg), cfg)
             start = time.perf_counter()

@@ -222,6 +222,9 @@ def test_text_budget_ablation_trains_and_scores_each_variant(tmp_path, monkeypat
     assert (changed.train.max_steps, changed.train.seed, changed.unet.cond_dim, changed.unet.cross_attention_levels) == (900, 3, 6, (2,))
     assert changed.train.replace(max_steps=base.train.max_steps, seed=0) == base.train   # nothing else moved
     assert ablation.variant_config("cpu", 8, 6, {}, seed=0) == base
+    for _, changes in ablation.VARIANTS.values():   # the script prepares the data once: no variant may change it
+        c = ablation.variant_config("cpu", 8, 6, changes, seed=1)
+        assert (c.held_out_pairs, c.num_train_images) == (base.held_out_pairs, base.num_train_images)
     monkeypatch.setenv("LDM_COURSE_RUNS", str(tmp_path / "runs"))
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     catalogue, _ = load_fashion(profile="smoke", verbose=False)
