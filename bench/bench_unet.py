@@ -17,10 +17,14 @@ than peak / (diffusers' attained GFLOP/s): the table states that ceiling next to
     python bench/bench_unet.py --formats contiguous         # only the default memory format
     python bench/bench_unet.py --compile --configs mnist    # every contender through torch.compile (slow to build)
     python bench/bench_unet.py --configs mnist --batch-size 128 --repeats 9
+    python bench/bench_unet.py --configs latent --formats contiguous --compile --compile-modes default,reduce-overhead --trace
 
-With --compile, each contender is also timed through torch.compile, beside its eager self.
+With --compile, each contender is also timed through torch.compile, beside its eager self (--compile-modes adds
+torch.compile's other modes, e.g. reduce-overhead, which replays CUDA graphs). With --trace, a few more steps of each
+contender run under torch.profiler: wall time, CUDA kernels launched and GPU-busy time per step say whether a step
+waits on the GPU or on the Python/launch side (on the CPU: aten operators per step).
 
-Writes bench/results/unet_<device>[_<n>threads][_compile].json and .md, and prints the table.
+Writes bench/results/unet_<device>[_<n>threads][_compile][_trace].json and .md, and prints the table.
 """
 from __future__ import annotations
 
@@ -63,13 +67,19 @@ def diffusers_unet(c: UNetConfig):
 FORMATS = {"contiguous": torch.contiguous_format, "channels_last": torch.channels_last}
 
 
-def make_step(model: torch.nn.Module, batch: tuple, returns_dict: bool, compile_model: bool):
-    "A closure running one optimisation step of `model` on `batch`."
+COMPILE_MODES = ("default", "reduce-overhead", "max-autotune-no-cudagraphs")   # torch.compile's modes
+
+
+def make_step(model: torch.nn.Module, batch: tuple, returns_dict: bool, mode: str = "eager"):
+    "A closure running one optimisation step of `model` on `batch`; mode 'eager', 'compile' or 'compile-<torch.compile mode>'."
     x, t, target = batch
     opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
-    forward = torch.compile(model) if compile_model else model
+    compile_mode = _compile_mode(mode)
+    forward = model if compile_mode is None else torch.compile(model, mode=compile_mode)
+    graphs = compile_mode == "reduce-overhead"   # CUDA graphs: each step is a new iteration of the replayed graph
 
     def step():
+        if graphs: torch.compiler.cudagraph_mark_step_begin()
         out = forward(x, t)
         loss = F.mse_loss(out.sample if returns_dict else out, target)
         opt.zero_grad(set_to_none=True)
@@ -86,6 +96,52 @@ def dynamo_graphs(model: torch.nn.Module, x: torch.Tensor, t: torch.Tensor, **kw
             "break_reasons": [b.reason for b in explanation.break_reasons]}
 
 
+def _compile_mode(mode: str) -> str | None:
+    "torch.compile's mode of a contender's mode ('compile' is torch.compile's default), None when eager."
+    if mode == "eager": return None
+    return "default" if mode == "compile" else mode.removeprefix("compile-")
+
+
+def _mode_name(compile_mode: str) -> str:
+    "A contender's mode from torch.compile's mode: 'compile' for the default, else 'compile-<mode>'."
+    return "compile" if compile_mode == "default" else f"compile-{compile_mode}"
+
+
+def _kernel_busy_us(intervals: list[tuple[float, float]]) -> float:
+    "Microseconds covered by the union of [start, end) intervals: overlapping kernels count once."
+    busy, end = 0.0, float("-inf")
+    for a, b in sorted(intervals):
+        if b <= end: continue
+        busy += b - max(a, end)
+        end = b
+    return busy
+
+
+def trace_steps(step, n_steps: int, device: torch.device, top: int = 5) -> dict:
+    "One profiled run of n_steps calls of step: wall, operators, and on CUDA kernels launched and GPU-busy time, per step."
+    from torch.autograd import DeviceType
+    from torch.profiler import ProfilerActivity, profile
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
+    step()  # outside the trace: the profiler's own start-up must not land on the first step
+    if device.type == "cuda": torch.cuda.synchronize(device)
+    with profile(activities=activities) as prof:
+        wall = timed(step, n_steps, device)
+    events = prof.events()
+    kernels = [e for e in events if e.device_type == DeviceType.CUDA]
+    is_aten = lambda e: e is not None and e.name.startswith("aten::")
+    ops = [e for e in events if e.device_type == DeviceType.CPU and is_aten(e) and not is_aten(e.cpu_parent)]  # dispatched ones
+    per_kernel: dict[str, float] = {}
+    for k in kernels: per_kernel[k.name] = per_kernel.get(k.name, 0.0) + k.time_range.elapsed_us()
+    result = {"steps": n_steps, "wall_ms_per_step": 1e3 * wall / n_steps, "aten_ops_per_step": len(ops) / n_steps,
+              "kernels_per_step": len(kernels) / n_steps}
+    if device.type == "cuda":
+        busy = _kernel_busy_us([(k.time_range.start, k.time_range.end) for k in kernels])
+        result.update(gpu_busy_ms_per_step=busy / 1e3 / n_steps, gpu_busy_fraction=busy / 1e6 / wall,
+                      top_kernels=[{"name": name[:120], "ms_per_step": us / 1e3 / n_steps}
+                                   for name, us in sorted(per_kernel.items(), key=lambda kv: -kv[1])[:top]])
+    return result
+
+
 def timed(step, n_steps: int, device: torch.device) -> float:
     "Seconds taken by n_steps calls of step (synchronising CUDA)."
     if device.type == "cuda": torch.cuda.synchronize(device)
@@ -96,12 +152,12 @@ def timed(step, n_steps: int, device: torch.device) -> float:
 
 
 def _label(model_name: str, fmt: str, mode: str) -> str:
-    "Contender name: 'ours channels_last' or 'ours channels_last compile'."
-    return f"{model_name} {fmt}" + (" compile" if mode == "compile" else "")
+    "Contender name: 'ours channels_last', 'ours channels_last compile' or 'ours contiguous compile-reduce-overhead'."
+    return f"{model_name} {fmt}" + ("" if mode == "eager" else f" {mode}")
 
 
 def _parse_label(label: str) -> tuple[str, str, str]:
-    "(model, memory format, 'eager' | 'compile') from a contender name."
+    "(model, memory format, 'eager' | 'compile' | 'compile-<mode>') from a contender name."
     words = label.split()
     return words[0], words[1], words[2] if len(words) > 2 else "eager"
 
@@ -113,7 +169,7 @@ def bench_config(name: str, args, device: torch.device) -> dict:
     x = torch.randn(args.batch_size, *shape, device=device)
     t, target = torch.randint(0, 1000, (args.batch_size,), device=device), torch.randn_like(x)
     steps, parameters, flops, graphs = {}, {}, {}, {}
-    modes = ("eager", "compile") if args.compile else ("eager",)  # compiled contenders run beside the eager ones
+    modes = ("eager", *map(_mode_name, args.compile_modes)) if args.compile else ("eager",)  # compiled beside eager
     for model_name, build in builders.items():
         for fmt in args.formats:
             for mode in modes:
@@ -122,9 +178,8 @@ def bench_config(name: str, args, device: torch.device) -> dict:
                 parameters[model_name] = count_parameters(model)
                 batch = tuple(v.to(memory_format=FORMATS[fmt]) for v in (x, t, target)[::2])
                 if model_name not in flops: flops[model_name] = step_flops(model, batch[0], t, batch[1]) / len(x)  # per image; elementwise work not counted
-                if mode == "compile" and model_name not in graphs: graphs[model_name] = dynamo_graphs(model, batch[0], t)
-                steps[_label(model_name, fmt, mode)] = make_step(model, (batch[0], t, batch[1]), model_name == "diffusers",
-                                                                 mode == "compile")
+                if mode != "eager" and model_name not in graphs: graphs[model_name] = dynamo_graphs(model, batch[0], t)
+                steps[_label(model_name, fmt, mode)] = make_step(model, (batch[0], t, batch[1]), model_name == "diffusers", mode)
     compile_seconds = {}
     for label, step in steps.items():  # warm-up: allocator, oneDNN/cuDNN plans, compilation
         compile_seconds[label] = timed(step, args.warmup, device)
@@ -147,6 +202,12 @@ def bench_config(name: str, args, device: torch.device) -> dict:
                                                   timings[_label("diffusers", fmt, mode)]["images_per_s_median"])
     for label, tm in timings.items():
         tm["gflops_attained"] = tm["images_per_s_median"] * flops[_parse_label(label)[0]] / 1e9
+    if args.trace:  # after the timings, so the profiler cannot slow them down
+        for label, step in steps.items():
+            try: timings[label]["trace"] = trace_steps(step, max(args.steps, 3), device)
+            except Exception as e:  # a profiler failure must not lose the timings
+                timings[label]["trace"] = {"error": f"{type(e).__name__}: {e}"}
+                print(f"trace of {label} failed: {e}", file=sys.stderr)
     return {"name": name, "input_shape": list(shape), "config": config.to_dict(), "parameters": parameters,
             "gflop_per_image": {k: v / 1e9 for k, v in flops.items()}, "timings": timings,
             **({"dynamo": graphs} if graphs else {})}
@@ -177,7 +238,7 @@ def markdown_table(results: list[dict], meta: dict) -> str:
                 f"| {'×'.join(map(str, r['input_shape'][1:]))}×{r['input_shape'][0]} | {p['ours'] / 1e6:.3f} M {same} ")
         for i, (label, tm) in enumerate(r["timings"].items()):
             model_name, fmt, mode = _parse_label(label)
-            if mode == "compile": fmt += " + torch.compile"
+            if mode != "eager": fmt += " + torch.compile" + ("" if mode == "compile" else f" ({_compile_mode(mode)})")
             lines.append((head if i == 0 else "| | | ") +
                          f"| {model_name} | {fmt} | {tm['images_per_s_median']:.1f} "
                          f"({tm['images_per_s_min']:.0f}–{tm['images_per_s_max']:.0f}) "
@@ -193,7 +254,31 @@ def markdown_table(results: list[dict], meta: dict) -> str:
     for r in traced:
         lines.append(f"torch.compile front end, {r['name']}: " + "; ".join(
             f"{m} {g['graphs']} graph(s), {g['graph_breaks']} break(s), {g['fx_ops']} FX ops" for m, g in r["dynamo"].items()) + ".")
-    return "\n".join(lines) + "\n"
+    return "\n".join(lines + trace_table(results, meta)) + "\n"
+
+
+def trace_table(results: list[dict], meta: dict) -> list[str]:
+    "Markdown lines of the --trace section: where each contender's step time goes (empty without traces)."
+    rows = [(r["name"], label, tm["trace"]) for r in results for label, tm in r["timings"].items() if "trace" in tm]
+    if not rows: return []
+    cuda = meta["device"] == "cuda"
+    lines = ["", "torch.profiler, one traced run per contender after the timings (the profiler adds its own overhead): "
+             + ("per training step, wall time, CUDA kernels launched, time the GPU runs at least one kernel (union of kernel "
+                "intervals), and that time over the wall time; a step whose GPU is busy a small part of its wall time waits on "
+                "Python and kernel launches, not on the GPU." if cuda else "per training step, wall time and aten operators dispatched (not counting those an operator calls)."), "",
+             "| config | contender | wall ms/step | " + ("kernels/step | GPU-busy ms/step | GPU busy | top kernel |" if cuda else "aten ops/step |"),
+             "|---|---|---|" + ("---|---|---|---|" if cuda else "---|")]
+    for name, label, tr in rows:
+        if "error" in tr:
+            lines.append(f"| {name} | {label} | trace failed: {tr['error'][:80]} |" + (" | | | |" if cuda else " |")); continue
+        cells = f"| {name} | {label} | {tr['wall_ms_per_step']:.2f} | "
+        if cuda:
+            top = tr["top_kernels"][0] if tr.get("top_kernels") else {"name": "–", "ms_per_step": 0.0}
+            cells += (f"{tr['kernels_per_step']:.0f} | {tr['gpu_busy_ms_per_step']:.2f} | {100 * tr['gpu_busy_fraction']:.0f} % "
+                      f"| {top['name'][:50]} ({top['ms_per_step']:.2f} ms) |")
+        else: cells += f"{tr['aten_ops_per_step']:.0f} |"
+        lines.append(cells)
+    return lines
 
 
 def main(argv=None):
@@ -205,17 +290,23 @@ def main(argv=None):
     p.add_argument("--steps", type=int, default=2, help="training steps per repeat")
     p.add_argument("--warmup", type=int, default=2, help="untimed steps per contender before timing")
     p.add_argument("--compile", action="store_true", help="also time every contender through torch.compile")
+    p.add_argument("--compile-modes", default="default",
+                   help=f"with --compile: comma-separated torch.compile modes, among {list(COMPILE_MODES)} (default: default)")
+    p.add_argument("--trace", action="store_true", help="also profile a few steps of every contender with torch.profiler")
     args = p.parse_args(argv)
     device, _, info = setup(args, cpu_batch=32, gpu_batch=128)
     names = [n.strip() for n in args.configs.split(",") if n.strip()]
     args.formats = [f.strip() for f in args.formats.split(",") if f.strip()]
-    unknown = [n for n in names if n not in CONFIGS] + [f for f in args.formats if f not in FORMATS]
-    if unknown: p.error(f"unknown configs or formats {unknown}; expected configs among {list(CONFIGS)}, "
-                        f"formats among {list(FORMATS)}")
+    args.compile_modes = [m.strip() for m in args.compile_modes.split(",") if m.strip()]
+    unknown = ([n for n in names if n not in CONFIGS] + [f for f in args.formats if f not in FORMATS]
+               + [m for m in args.compile_modes if m not in COMPILE_MODES])
+    if unknown: p.error(f"unknown configs, formats or compile modes {unknown}; expected configs among {list(CONFIGS)}, "
+                        f"formats among {list(FORMATS)}, compile modes among {list(COMPILE_MODES)}")
 
     import diffusers
     meta = {"device": device.type, "threads": torch.get_num_threads(), "batch_size": args.batch_size,
             "repeats": args.repeats, "steps": args.steps, "warmup": args.warmup, "compile": args.compile,
+            "compile_modes": args.compile_modes if args.compile else [], "trace": args.trace,
             "formats": args.formats, "load_average_start": os.getloadavg(),
             "device_name": describe_device(info), "torch": torch.__version__, "diffusers": diffusers.__version__,
             "command": " ".join(["bench/bench_unet.py", *(sys.argv[1:] if argv is None else argv)])}
@@ -234,7 +325,7 @@ def main(argv=None):
     add_roofline(results, peak["gflops"], args.formats[0])
     table = markdown_table(results, meta)
     print("\n" + table)
-    stem = f"unet_{device.type}" + (f"_{args.threads}threads" if args.threads else "") + ("_compile" if args.compile else "")
+    stem = f"unet_{device.type}" + (f"_{args.threads}threads" if args.threads else "") + ("_compile" if args.compile else "") + ("_trace" if args.trace else "")
     paths = write_result(stem, {"benchmark": "unet", "machine": info, "meta": meta, "results": results}, table, out_dir(args))
     print(f"wrote {paths[0]} and {paths[1].name}")
 

@@ -240,3 +240,33 @@ def test_text_budget_ablation_trains_and_scores_each_variant(tmp_path, monkeypat
         assert {"seed", "held-out", "overall"} <= set(row["alignment"]) and row["train_seconds"] > 0
         assert row["alignment"]["overall"]["num_images"] == len(row["per_prompt"])   # one image per prompt
     assert "| chapter10: chapter 10 as it is | 1 |" in (out / "ablation_text_cpu.md").read_text()
+
+
+def test_unet_benchmark_trace_says_where_a_step_goes(tmp_path, one_thread):
+    "--trace profiles every contender after the timings; its own result file, the timings untouched."
+    status = bench_module("bench_unet").main(["--device", "cpu", "--configs", "mnist", "--formats", "contiguous", "--batch-size", "2",
+                                              "--repeats", "1", "--steps", "1", "--warmup", "1", "--trace", "--out-dir", str(tmp_path)])
+    assert status in (0, None)
+    assert not (tmp_path / "unet_cpu.json").exists()   # a traced run never replaces the plain timing result
+    r = json.loads((tmp_path / "unet_cpu_trace.json").read_text())
+    assert r["meta"]["trace"] is True and r["meta"]["compile_modes"] == []
+    for label, tm in r["results"][0]["timings"].items():
+        tr = tm["trace"]
+        assert tr["steps"] == 3 and tr["wall_ms_per_step"] > 0, label
+        assert tr["aten_ops_per_step"] > 50, label   # forward + backward + AdamW of a U-Net: many operators
+        assert tr["kernels_per_step"] == 0 and "gpu_busy_fraction" not in tr   # no CUDA here
+    md = (tmp_path / "unet_cpu_trace.md").read_text()
+    assert "aten ops/step" in md and md.count("| mnist | ") == 2
+
+
+def test_unet_benchmark_compile_modes_and_gpu_busy_time():
+    "Contender names round-trip with torch.compile's modes; overlapping kernels count once in the GPU-busy time."
+    bench = bench_module("bench_unet")
+    for mode, compile_mode in (("eager", None), ("compile", "default"), ("compile-reduce-overhead", "reduce-overhead")):
+        assert bench._parse_label(bench._label("ours", "channels_last", mode)) == ("ours", "channels_last", mode)
+        assert bench._compile_mode(mode) == compile_mode
+        if compile_mode: assert bench._mode_name(compile_mode) == mode
+    assert bench._kernel_busy_us([(0, 10), (5, 12), (20, 25), (21, 22)]) == 17
+    assert bench._kernel_busy_us([]) == 0
+    with pytest.raises(SystemExit):
+        bench.main(["--device", "cpu", "--compile", "--compile-modes", "fastest"])
