@@ -127,13 +127,18 @@ def trace_steps(step, n_steps: int, device: torch.device, top: int = 5) -> dict:
     with profile(activities=activities) as prof:
         wall = timed(step, n_steps, device)
     events = prof.events()
-    kernels = [e for e in events if e.device_type == DeviceType.CUDA]
+    # GPU-side ranges of profiler annotations (e.g. "Optimizer.step#AdamW.step") span many kernels: not kernels themselves
+    kernels = [e for e in events if e.device_type == DeviceType.CUDA and not getattr(e, "is_user_annotation", False)]
     is_aten = lambda e: e is not None and e.name.startswith("aten::")
     ops = [e for e in events if e.device_type == DeviceType.CPU and is_aten(e) and not is_aten(e.cpu_parent)]  # dispatched ones
     per_kernel: dict[str, float] = {}
     for k in kernels: per_kernel[k.name] = per_kernel.get(k.name, 0.0) + k.time_range.elapsed_us()
+    cpu_rows = [e for e in prof.key_averages() if e.device_type == DeviceType.CPU and not getattr(e, "is_user_annotation", False)]
     result = {"steps": n_steps, "wall_ms_per_step": 1e3 * wall / n_steps, "aten_ops_per_step": len(ops) / n_steps,
-              "kernels_per_step": len(kernels) / n_steps}
+              "kernels_per_step": len(kernels) / n_steps,
+              "cpu_self_ms_per_step": sum(e.self_cpu_time_total for e in cpu_rows) / 1e3 / n_steps,
+              "top_cpu": [{"name": e.key[:120], "calls_per_step": e.count / n_steps, "self_ms_per_step": e.self_cpu_time_total / 1e3 / n_steps}
+                          for e in sorted(cpu_rows, key=lambda e: -e.self_cpu_time_total)[:top]]}
     if device.type == "cuda":
         busy = _kernel_busy_us([(k.time_range.start, k.time_range.end) for k in kernels])
         result.update(gpu_busy_ms_per_step=busy / 1e3 / n_steps, gpu_busy_fraction=busy / 1e6 / wall,
@@ -263,15 +268,17 @@ def trace_table(results: list[dict], meta: dict) -> list[str]:
     if not rows: return []
     cuda = meta["device"] == "cuda"
     lines = ["", "torch.profiler, one traced run per contender after the timings (the profiler adds its own overhead): "
-             + ("per training step, wall time, CUDA kernels launched, time the GPU runs at least one kernel (union of kernel "
+             + ("per training step, wall time, CPU time of the traced threads (self time summed over operators, and the largest), CUDA kernels launched, time the GPU runs at least one kernel (union of kernel "
                 "intervals), and that time over the wall time; a step whose GPU is busy a small part of its wall time waits on "
-                "Python and kernel launches, not on the GPU." if cuda else "per training step, wall time and aten operators dispatched (not counting those an operator calls)."), "",
-             "| config | contender | wall ms/step | " + ("kernels/step | GPU-busy ms/step | GPU busy | top kernel |" if cuda else "aten ops/step |"),
-             "|---|---|---|" + ("---|---|---|---|" if cuda else "---|")]
+                "Python and kernel launches, not on the GPU." if cuda else "per training step, wall time, CPU time of the traced threads (self time summed over operators, and the largest) and aten operators dispatched (not counting those an operator calls)."), "",
+             "| config | contender | wall ms/step | CPU ms/step (top operator) | " + ("kernels/step | GPU-busy ms/step | GPU busy | top kernel |" if cuda else "aten ops/step |"),
+             "|---|---|---|---|" + ("---|---|---|---|" if cuda else "---|")]
     for name, label, tr in rows:
         if "error" in tr:
-            lines.append(f"| {name} | {label} | trace failed: {tr['error'][:80]} |" + (" | | | |" if cuda else " |")); continue
-        cells = f"| {name} | {label} | {tr['wall_ms_per_step']:.2f} | "
+            lines.append(f"| {name} | {label} | trace failed: {tr['error'][:80]} | |" + (" | | | |" if cuda else " |")); continue
+        top_cpu = tr["top_cpu"][0] if tr.get("top_cpu") else {"name": "–", "self_ms_per_step": 0.0}
+        cells = (f"| {name} | {label} | {tr['wall_ms_per_step']:.2f} | {tr['cpu_self_ms_per_step']:.2f} "
+                 f"({top_cpu['name'][:40]}: {top_cpu['self_ms_per_step']:.2f}) | ")
         if cuda:
             top = tr["top_kernels"][0] if tr.get("top_kernels") else {"name": "–", "ms_per_step": 0.0}
             cells += (f"{tr['kernels_per_step']:.0f} | {tr['gpu_busy_ms_per_step']:.2f} | {100 * tr['gpu_busy_fraction']:.0f} % "
