@@ -5,6 +5,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 from PIL import Image
 
 
@@ -22,3 +23,12 @@ def pdf_pages_look_filled(tmp_path):
             assert pixels.std() > 0.05, f"{page.name} looks blank (std {pixels.std():.3f})"
         return len(pages)
     return check
+
+
+@pytest.fixture(scope="module")
+def one_thread():
+    "Tiny models on a shared 2-core machine: one thread avoids OpenMP oversubscription (10-20× slower when busy)."
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)

@@ -21,15 +21,6 @@ def bench_module(name: str):
 
 
 @pytest.fixture(scope="module")
-def one_thread():
-    "Tiny models on a shared 2-core machine: one thread avoids OpenMP oversubscription (10-20× slower when busy)."
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
-@pytest.fixture(scope="module")
 def results(tmp_path_factory, one_thread):
     "Run bench_flops and bench_latent_vs_pixel once with the tiniest settings; their output folder."
     out = tmp_path_factory.mktemp("bench")

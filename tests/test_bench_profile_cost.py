@@ -36,15 +36,6 @@ def smoke_recipes() -> dict:
 
 
 @pytest.fixture(scope="module")
-def one_thread():
-    "Tiny models on a shared 2-core machine: one thread avoids OpenMP oversubscription."
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
-@pytest.fixture(scope="module")
 def smoke_run(tmp_path_factory, one_thread):
     "Every chapter on the smoke profile, beside a fake notebook run of chapter 05 in runs/smoke; the output folder."
     runs, out = tmp_path_factory.mktemp("runs"), tmp_path_factory.mktemp("bench")

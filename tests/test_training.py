@@ -23,13 +23,7 @@ WORKER = ROOT / "tests" / "train_worker.py"
 os.environ.setdefault("LDM_COURSE_NO_PROGRESS", "1")
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    "Tiny models: one thread is faster, and other tests' subprocesses need the second core."
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")   # tiny models; other tests' subprocesses need the second core
 
 
 def regression_data(n: int = 256) -> torch.utils.data.TensorDataset:
