@@ -263,7 +263,8 @@ def make_sampler(scheduler: NoiseScheduler, # the model's schedule
                 ) -> DiffusionSampler:
     "A DDPM or DDIM sampler over `scheduler`."
     if sampler == "ddpm": return DDPMSampler(scheduler, clip_sample=clip_sample)
-    if sampler == "ddim": return DDIMSampler(scheduler, eta=eta, clip_sample=clip_sample)
+    # with clipping, ε̂ is re-derived from the clipped x̂0: otherwise deterministic DDIM drifts more with more steps (chapter 02)
+    if sampler == "ddim": return DDIMSampler(scheduler, eta=eta, clip_sample=clip_sample, use_clipped_model_output=clip_sample)
     raise ValueError(f"Unknown sampler {sampler!r}; expected one of {SAMPLERS}")
 
 def _model_device(model: nn.Module) -> torch.device:

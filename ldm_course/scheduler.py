@@ -303,12 +303,14 @@ class DDIMSampler(DiffusionSampler):
                  set_alpha_to_one: bool = True, # last step: ᾱ_prev = 1 (True) or ᾱ_0 (False)
                  clip_sample_range: float = 1.0, # bound of that clamp
                  timestep_spacing: str = "leading", # "leading" (diffusers' default) or "trailing"
+                 use_clipped_model_output: bool = False, # with clip_sample, ε̂ re-derived from the clipped x̂0 (diffusers' flag)
                 ):
         if not eta >= 0: raise ValueError(f"eta must be >= 0, got {eta!r}")
-        self.eta, self.set_alpha_to_one = eta, set_alpha_to_one
+        self.eta, self.set_alpha_to_one, self.use_clipped_model_output = eta, set_alpha_to_one, use_clipped_model_output
         super().__init__(scheduler, clip_sample, clip_sample_range, timestep_spacing)
 
-    def _options(self) -> dict: return dict(eta=self.eta, set_alpha_to_one=self.set_alpha_to_one, **super()._options())
+    def _options(self) -> dict: return dict(eta=self.eta, set_alpha_to_one=self.set_alpha_to_one,
+                                            use_clipped_model_output=self.use_clipped_model_output, **super()._options())
 
     def _final_alpha_cumprod(self) -> Tensor:
         ac = self.scheduler.alphas_cumprod
@@ -322,6 +324,8 @@ class DDIMSampler(DiffusionSampler):
             ) -> Tensor | tuple[Tensor, Tensor]: # x_prev, or (x_prev, x̂0)
         "One DDIM update: √ᾱ_prev·x̂0 + √(1-ᾱ_prev-σ²)·ε̂ + σ·z (Song et al. 2021, eqs. 12 and 16)."
         t, prev, a_t, a_prev, x0, eps = self._prepare_step(model_output, t, x_t)
+        if self.clip_sample and self.use_clipped_model_output:  # the ε̂ that, with the clipped x̂0, gives back x_t
+            eps = (x_t - a_t.sqrt() * x0) / (1 - a_t).sqrt()
         sigma = self.eta * ((1 - a_prev) / (1 - a_t) * (1 - a_t / a_prev)).sqrt()  # eq. 16
         x_prev = a_prev.sqrt() * x0 + (1 - a_prev - sigma**2).clamp(min=0).sqrt() * eps  # eq. 12
         if self.eta > 0:

@@ -149,11 +149,12 @@ def test_ddim_step(schedule, prediction_type, n, eta, set_alpha_to_one):
 
 @pytest.mark.parametrize("prediction_type", PREDICTION_TYPES)
 @pytest.mark.parametrize("eta", [0.0, 0.5])
-def test_ddim_step_with_clipping(prediction_type, eta):
+@pytest.mark.parametrize("use_clipped_model_output", [False, True])
+def test_ddim_step_with_clipping(prediction_type, eta, use_clipped_model_output):
     ours, ref = make_pair(DDIMScheduler, "linear", prediction_type, clip_sample=True, clip_sample_range=1.5)
-    sampler = DDIMSampler(ours, eta=eta, clip_sample=True, clip_sample_range=1.5)
+    sampler = DDIMSampler(ours, eta=eta, clip_sample=True, clip_sample_range=1.5, use_clipped_model_output=use_clipped_model_output)
     ref.set_timesteps(20); sampler.set_timesteps(20)
-    compare_every_step(sampler, ref, seed=7, scale=3.0, eta=eta)
+    compare_every_step(sampler, ref, seed=7, scale=3.0, eta=eta, use_clipped_model_output=use_clipped_model_output)
 
 
 @pytest.mark.parametrize("sampler_cls, reference_cls", [(DDPMSampler, DDPMScheduler), (DDIMSampler, DDIMScheduler)])
