@@ -36,8 +36,8 @@ __all__ = ['MIXED_PRECISIONS', 'TRAIN_PROFILES', 'LossFn', 'SampleFn', 'TrainCon
            'warmup_cosine', 'make_lr_scheduler', 'ema_decay_at', 'EMA', 'condition_dropout_mask', 'drop_condition',
            'epoch_permutation', 'ResumableBatchSampler', 'preserved_rng_state', 'checkpoint_path', 'list_checkpoints',
            'latest_checkpoint', 'prune_checkpoints', 'non_finite_tensors', 'TrainHistory', 'plot_training_curves',
-           'NonFiniteLossError', 'check_resumable', 'gather_rng_states', 'restore_process_rng', 'make_accelerator',
-           'Trainer', 'train', 'load_trained_weights']
+           'NonFiniteLossError', 'check_resumable', 'gather_rng_states', 'restore_process_rng',
+           'accelerate_state_differs', 'make_accelerator', 'Trainer', 'train', 'load_trained_weights']
 
 # %% ../nbs/04_training.ipynb #495280ba
 MIXED_PRECISIONS = ("no", "bf16", "fp16")
@@ -378,20 +378,26 @@ def restore_process_rng(rng_states: Sequence[dict], # as returned by `gather_rng
     else: seed_everything(fallback_seed + accelerator.process_index)
 
 # %% ../nbs/04_training.ipynb #c4843a9e
+def accelerate_state_differs(mixed_precision: str, # "no", "bf16" or "fp16"
+                             device: torch.device, # where the Trainer runs
+                            ) -> bool:
+    "Whether Accelerate's per-process state is set, to another precision or device than these."
+    if not accelerate_state_initialized(): return False
+    state = AcceleratorState()
+    return state.mixed_precision != mixed_precision or state.device.type != device.type
+
 def make_accelerator(mixed_precision: str, # "no", "bf16" or "fp16"
                      device: torch.device, # where the Trainer runs
                      grad_accum: int = 1, # micro-batches per optimizer step
                     ) -> Accelerator:
     "An Accelerator with this precision on this device, starting Accelerate's per-process state afresh if an earlier one set others."
-    if accelerate_state_initialized():
+    if accelerate_state_differs(mixed_precision, device):
         state = AcceleratorState()
-        same_device = state.device.type == device.type
-        if state.mixed_precision != mixed_precision or not same_device:
-            if state.num_processes > 1:
-                raise RuntimeError(f"Accelerate runs {state.num_processes} processes with mixed_precision={state.mixed_precision!r} on "
-                                   f"{state.device.type}, and a Trainer asks for {mixed_precision!r} on {device.type}: under "
-                                   "`accelerate launch` every Trainer of the run must use the same precision and device")
-            AcceleratorState._reset_state(reset_partial_state=not same_device)  # one process: nothing else lives there
+        if state.num_processes > 1:
+            raise RuntimeError(f"Accelerate runs {state.num_processes} processes with mixed_precision={state.mixed_precision!r} on "
+                               f"{state.device.type}, and a Trainer asks for {mixed_precision!r} on {device.type}: under "
+                               "`accelerate launch` every Trainer of the run must use the same precision and device")
+        AcceleratorState._reset_state(reset_partial_state=state.device.type != device.type)  # one process: nothing else lives there
     return Accelerator(mixed_precision=mixed_precision, gradient_accumulation_steps=grad_accum, cpu=device.type == "cpu")
 
 # %% ../nbs/04_training.ipynb #ac3e56a9
@@ -432,7 +438,8 @@ class Trainer:
             until_step: int | None = None, # stop after this step (the LR schedule still ends at cfg.max_steps)
            ) -> TrainHistory:
         "Train up to cfg.max_steps (or `until_step`), starting or resuming; returns the history."
-        make_accelerator(self.cfg.mixed_precision, self.device)  # resets the shared state if another Trainer changed it
+        if accelerate_state_differs(self.cfg.mixed_precision, self.device):  # another Trainer ran since __init__
+            make_accelerator(self.cfg.mixed_precision, self.device)          # resets the shared state to this one's
         self._start(resume)
         # Accelerate keeps the accumulation count in a process-wide singleton that the last Trainer built has set
         self.accelerator.gradient_accumulation_steps, self.accelerator.step = self.cfg.grad_accum, 0
