@@ -10,6 +10,7 @@ import dataclasses
 import functools
 import gzip
 import json
+import math
 import os
 import pickle
 import shutil
@@ -18,6 +19,7 @@ import struct
 import threading
 import time
 import warnings
+import zlib
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
@@ -32,18 +34,18 @@ from torchvision.datasets import CIFAR10, MNIST
 from fastcore.basics import patch
 from torchvision.datasets.utils import check_integrity
 
-from .core import Config, atomic_write, data_dir, resolve_profile
+from .core import Config, atomic_path, atomic_write, data_dir, resolve_profile
 
 # %% auto #0
 __all__ = ['SOURCES', 'REACHABILITY_TTL', 'SYNTHETIC_FORMAT', 'GENERATOR_VERSION', 'SYNTHETIC_SIZES', 'MNIST_FILES', 'MNIST_HOST',
            'DIGIT_FONTS', 'CIFAR10_HOST', 'SCENE_CLASSES', 'KAGGLE_COLUMNS', 'SKIP_REASONS', 'FASHION_DIRNAMES',
            'KAGGLE_URL', 'GARMENT_COLOURS', 'GARMENT_TYPES', 'SEED_PROMPTS', 'BRANDS', 'pil_to_signed',
-           'SyntheticDataWarning', 'DataSource', 'network_available', 'synthetic_size', 'read_manifest', 'write_idx',
-           'read_idx', 'write_mnist', 'digit_templates', 'balanced_labels', 'generate_digits', 'make_synthetic_mnist',
-           'load_mnist', 'LocalCIFAR10', 'write_cifar10', 'draw_scene', 'generate_scenes', 'make_synthetic_cifar10',
-           'load_cifar10', 'read_styles', 'caption_of', 'to_rgb', 'pad_to_square', 'FashionProducts', 'GarmentType',
-           'draw_garment', 'catalogue_plan', 'make_synthetic_fashion', 'find_fashion_root', 'load_fashion',
-           'to_tensors']
+           'SyntheticDataWarning', 'DataFormatError', 'DataSource', 'network_available', 'synthetic_size',
+           'read_manifest', 'write_idx', 'write_mnist', 'idx_shape', 'read_idx', 'digit_templates', 'balanced_labels',
+           'generate_digits', 'make_synthetic_mnist', 'check_mnist', 'load_mnist', 'LocalCIFAR10', 'write_cifar10',
+           'draw_scene', 'generate_scenes', 'make_synthetic_cifar10', 'load_cifar10', 'read_styles', 'caption_of',
+           'to_rgb', 'pad_to_square', 'FashionProducts', 'GarmentType', 'draw_garment', 'catalogue_plan',
+           'make_synthetic_fashion', 'find_fashion_root', 'load_fashion', 'to_tensors']
 
 # %% ../nbs/01_data.ipynb #ca9132a2
 def pil_to_signed(image: Image.Image, # a PIL image (mode L or RGB)
@@ -58,6 +60,9 @@ SOURCES = ("auto", "real", "synthetic")
 
 class SyntheticDataWarning(UserWarning):
     "Raised when a loader falls back to generated data instead of the real dataset."
+
+class DataFormatError(ValueError):
+    "A data file is present but damaged or not in its format; the message names the file, what was expected and what was found."
 
 @dataclasses.dataclass
 class DataSource(Config):
@@ -176,17 +181,6 @@ def write_idx(path: str | Path, # destination file
     header = struct.pack(">I", 0x0800 | array.ndim) + struct.pack(f">{array.ndim}I", *array.shape)
     return atomic_write(path, header + np.ascontiguousarray(array).tobytes())
 
-def read_idx(path: str | Path, # an IDX file (uint8 data)
-            ) -> np.ndarray:
-    "Read a uint8 IDX file back into an array."
-    data = Path(path).read_bytes()
-    magic, = struct.unpack(">I", data[:4])
-    if magic >> 8 != 0x08 or not 1 <= magic & 0xFF <= 3:
-        raise ValueError(f"{path} is not a uint8 IDX file: magic {magic:#010x}, expected 0x0000080N")
-    ndim = magic & 0xFF
-    shape = struct.unpack(f">{ndim}I", data[4:4 + 4 * ndim])
-    return np.frombuffer(data, np.uint8, offset=4 + 4 * ndim).reshape(shape)
-
 def write_mnist(root: str | Path, # dataset root: files go to <root>/MNIST/raw
                 train_images: np.ndarray, train_labels: np.ndarray, # (N, 28, 28) and (N,) uint8
                 test_images: np.ndarray, test_labels: np.ndarray,   # (M, 28, 28) and (M,) uint8
@@ -198,6 +192,35 @@ def write_mnist(root: str | Path, # dataset root: files go to <root>/MNIST/raw
         write_idx(raw / MNIST_FILES[split][0], images)
         write_idx(raw / MNIST_FILES[split][1], np.asarray(labels, np.uint8))
     return raw
+
+# %% ../nbs/01_data.ipynb #f1068ca5
+def idx_shape(path: str | Path, # an IDX file (uint8 data)
+              ndim: int | None = None, # expected number of dimensions (3 for images, 1 for labels); None accepts 1 to 3
+             ) -> tuple[int, ...]: # the shape its header declares
+    "Read and check an IDX header: magic number, dimensions, and a file size that matches them."
+    path = Path(path)
+    with open(path, "rb") as f: head = f.read(16)
+    want = f"{0x0800 | ndim:#010x}" if ndim else "0x0000080N (uint8 data, N = 1 to 3 dimensions)"
+    if len(head) < 4: raise DataFormatError(f"{path}: {len(head)} bytes, shorter than an IDX header (4-byte magic number {want})")
+    magic, = struct.unpack(">I", head[:4])
+    if magic >> 8 != 0x08 or not 1 <= magic & 0xFF <= 3 or (ndim and magic & 0xFF != ndim):
+        hint = "; it is gzip-compressed: name it .gz or gunzip it" if head[:2] == b"\x1f\x8b" else ""
+        raise DataFormatError(f"{path}: magic {magic:#010x}, expected {want} (MNIST images 0x00000803, labels 0x00000801){hint}")
+    n = magic & 0xFF
+    if len(head) < 4 + 4 * n: raise DataFormatError(f"{path}: header cut short, {len(head)} bytes, expected {4 + 4 * n} (magic + {n} dimensions)")
+    shape = struct.unpack(f">{n}I", head[4:4 + 4 * n])
+    expected, found = 4 + 4 * n + math.prod(shape), path.stat().st_size
+    if found != expected:
+        raise DataFormatError(f"{path}: expected {expected:,} bytes for shape {shape} ({4 + 4 * n}-byte header + data), found {found:,}; "
+                              "the file is truncated or has extra data: download it again")
+    return shape
+
+def read_idx(path: str | Path, # an IDX file (uint8 data)
+             ndim: int | None = None, # expected number of dimensions, None accepts 1 to 3
+            ) -> np.ndarray:
+    "Read a uint8 IDX file into an array, after checking its header against its size."
+    shape = idx_shape(path, ndim)
+    return np.frombuffer(Path(path).read_bytes(), np.uint8, offset=4 + 4 * len(shape)).reshape(shape)
 
 # %% ../nbs/01_data.ipynb #9fd7013d
 DIGIT_FONTS = (  # (family, style, weight) from the fonts matplotlib ships; upright serifs look too typographic
@@ -318,13 +341,32 @@ def make_synthetic_mnist(root: str | Path | None = None, # data root (default da
         write_mnist(tmp, images[:size], labels[:size], images[size:], labels[size:])
     return folder, _generate_once(folder, {"dataset": "mnist", "seed": seed, "num_train": size, "num_test": num_test}, write)
 
+def _gunzip(gz: Path, dest: Path) -> None:
+    "Decompress gz to dest atomically; a damaged archive raises DataFormatError naming it and leaves no dest."
+    try:
+        with gzip.open(gz, "rb") as src, atomic_path(dest) as tmp, open(tmp, "wb") as out: shutil.copyfileobj(src, out)
+    except (gzip.BadGzipFile, EOFError, zlib.error) as e:
+        raise DataFormatError(f"{gz}: not a valid gzip file ({type(e).__name__}: {e}); expected the gzip-compressed "
+                              f"IDX file {dest.name}: download it again") from e
+
 def _mnist_present(root: Path) -> bool:
     "Whether the four raw MNIST files are under root/MNIST/raw (decompressing .gz files found there)."
     raw = root / "MNIST" / "raw"
     for name in sum(MNIST_FILES.values(), ()):
-        if not (raw / name).is_file() and (raw / f"{name}.gz").is_file():
-            with gzip.open(raw / f"{name}.gz", "rb") as f: atomic_write(raw / name, f.read())
+        if not (raw / name).is_file() and (raw / f"{name}.gz").is_file(): _gunzip(raw / f"{name}.gz", raw / name)
     return all((raw / name).is_file() for name in sum(MNIST_FILES.values(), ()))
+
+def check_mnist(raw: str | Path, # folder with the four IDX files (<root>/MNIST/raw)
+               ) -> dict[str, int]: # images per split, {"train": N, "test": M}
+    "Check the four MNIST files' headers and sizes (no pixel is read); raises DataFormatError naming the bad file."
+    raw, counts = Path(raw), {}
+    for split, (images, labels) in MNIST_FILES.items():
+        n, *hw = idx_shape(raw / images, ndim=3)
+        if hw != [28, 28]: raise DataFormatError(f"{raw / images}: images of {hw[0]}x{hw[1]} pixels, expected 28x28")
+        m, = idx_shape(raw / labels, ndim=1)
+        if m != n: raise DataFormatError(f"{raw / labels}: {m:,} labels for {n:,} images in {images}; expected one label per image")
+        counts[split] = n
+    return counts
 
 def _mnist_help(root: Path) -> str:
     names = ", ".join(sum(MNIST_FILES.values(), ()))
@@ -356,6 +398,7 @@ def load_mnist(root: str | Path | None = None, # data root (default data_dir()):
     _check_source(source)
     root, split = Path(root or data_dir()), "train" if train else "test"
     if source != "synthetic" and _mnist_present(root):
+        check_mnist(root / "MNIST" / "raw")   # damaged files are an error, never a silent fallback
         ds = MNIST(str(root), train=train, transform=pil_to_signed)
         return ds, _announce(DataSource("mnist", "real", str(root), split, len(ds)), None, verbose)
     if source == "real": raise FileNotFoundError(_mnist_help(root))
@@ -375,6 +418,24 @@ def load_mnist(root: str | Path | None = None, # data root (default data_dir()):
 # %% ../nbs/01_data.ipynb #3a1fb28b
 CIFAR10_HOST = "www.cs.toronto.edu"
 
+def _cifar_pickle_problem(path: Path, meta_key: str | None) -> str | None:
+    "What is wrong with one CIFAR10 pickle (a batch, or batches.meta when meta_key is given), or None."
+    try:
+        with open(path, "rb") as f: entry = pickle.load(f, encoding="latin1")
+    except Exception as e:   # unpickling damaged bytes can raise almost anything
+        return f"cannot be unpickled ({type(e).__name__}: {e}): the file is truncated or corrupt; download it again"
+    if not isinstance(entry, dict): return f"expected a dict, found {type(entry).__name__}"
+    expected = [meta_key] if meta_key else ["data", "labels"]
+    if meta_key is None and "fine_labels" in entry: expected = ["data", "fine_labels"]
+    missing = [k for k in expected if k not in entry]
+    if missing: return f"missing key(s) {missing}; expected {expected}, found {sorted(entry)}"
+    if meta_key: return None
+    data, labels = np.asarray(entry["data"]), entry[expected[1]]
+    if data.dtype != np.uint8 or data.ndim != 2 or data.shape[1] != 3072:
+        return f"'data' is {data.dtype} {data.shape}, expected uint8 (N, 3072): rows of 32x32 R, G, B planes"
+    if len(labels) != len(data): return f"{len(labels)} labels for {len(data)} images; expected one label per image"
+    return None
+
 class LocalCIFAR10(CIFAR10):
     "torchvision's CIFAR10 that can skip the md5 check (generated data, small fixtures) but still requires every file."
     def __init__(self, root: str | Path, # folder that contains cifar-10-batches-py/
@@ -386,7 +447,11 @@ class LocalCIFAR10(CIFAR10):
                 ):
         self.verify_md5 = verify_md5
         if not download: self._require_files(Path(root))
-        super().__init__(str(root), train=train, transform=transform, target_transform=target_transform, download=download)
+        try: super().__init__(str(root), train=train, transform=transform, target_transform=target_transform, download=download)
+        except Exception as e:   # torchvision unpickles without naming the file: name it when one is damaged
+            if download or (error := self._damaged_file(Path(root), train)) is None: raise
+            raise error from e
+        if len(self.data) != len(self.targets) and (error := self._damaged_file(Path(root), train)): raise error
 
     def _file_names(self) -> list[str]:
         return [name for name, _ in self.train_list + self.test_list] + [self.meta["filename"]]
@@ -403,6 +468,14 @@ class LocalCIFAR10(CIFAR10):
             if bad:
                 raise RuntimeError(f"md5 mismatch for {bad} in {folder}: these are not the original CIFAR10 files; "
                                    "pass verify_md5=False for generated data or test fixtures")
+
+    def _damaged_file(self, root: Path, train: bool) -> DataFormatError | None:
+        "An error naming the first batch (or batches.meta) that is not a CIFAR10 pickle; None when all look right."
+        for name, _ in (self.train_list if train else self.test_list) + [[self.meta["filename"], None]]:
+            path = root / self.base_folder / name
+            problem = _cifar_pickle_problem(path, self.meta["key"] if name == self.meta["filename"] else None)
+            if problem: return DataFormatError(f"{path}: {problem}")
+        return None
 
     def _check_integrity(self) -> bool:
         folder = Path(self.root) / self.base_folder
@@ -677,20 +750,25 @@ def _fashion_layout(root: Path) -> str:
     return (f"expected the Kaggle 'Fashion Product Images' layout: {root}/styles.csv (columns {', '.join(KAGGLE_COLUMNS)}) "
             f"and {root}/images/<id>.jpg; download it by hand from {KAGGLE_URL} (a Kaggle account is required)")
 
+def _line_fields(line: str) -> list[str] | None:
+    "The csv fields of one physical line, or None when a quote is left open or a field exceeds csv's limit (128 KiB)."
+    try: fields = next(csv.reader([line + "\n"]))   # lenient like pandas: a stray quote inside a field is kept
+    except csv.Error: return None
+    return None if any("\n" in f for f in fields) else fields   # only a quote left open swallows the line end
+
 def read_styles(path: str | Path, # a styles.csv file
-               ) -> tuple[pd.DataFrame, int]: # (well-formed rows as strings, None where empty; number of malformed lines)
-    "Parse styles.csv with a csv reader; lines with the wrong number of fields (unquoted commas) are dropped and counted."
-    path = Path(path)
-    with open(path, newline="", encoding="utf-8", errors="replace") as f:
-        reader = csv.reader(f)
-        header = [h.strip().lstrip("\ufeff") for h in next(reader, [])]
+               ) -> tuple[pd.DataFrame, list[int]]: # (well-formed rows as strings, None where empty; malformed line numbers)
+    "Parse styles.csv one physical line per record; malformed lines (unquoted commas, open quotes) are dropped and listed."
+    path, rows, malformed = Path(path), [], []
+    with open(path, encoding="utf-8", errors="replace") as f:   # universal newlines: \n, \r\n and \r end a line
+        header = [h.strip().lstrip("\ufeff") for h in _line_fields(f.readline().rstrip("\n")) or []]
         needed = [c for c in ("id", "articleType", "baseColour", "productDisplayName") if c not in header]
-        if needed: raise ValueError(f"{path} lacks column(s) {needed}: header is {header}, expected {list(KAGGLE_COLUMNS)}")
-        rows, malformed = [], 0
-        for fields in reader:
-            if not any(f.strip() for f in fields): continue      # blank line
-            if len(fields) != len(header): malformed += 1; continue
-            rows.append([f.strip() or None for f in fields])
+        if needed: raise DataFormatError(f"{path} lacks column(s) {needed}: header is {header}, expected {list(KAGGLE_COLUMNS)}")
+        for number, line in enumerate(f, start=2):
+            fields = _line_fields(line.rstrip("\n"))
+            if fields is not None and not any(v.strip() for v in fields): continue   # blank line
+            if fields is None or len(fields) != len(header): malformed.append(number); continue
+            rows.append([v.strip() or None for v in fields])
     return pd.DataFrame(rows, columns=header, dtype=object), malformed
 
 def caption_of(row: dict, # one styles.csv row (None for missing values)
@@ -744,8 +822,9 @@ class FashionProducts(Dataset):
         self.root, self.image_size, self.transform, self.require = root, image_size, transform, tuple(require)
         self.skipped = dict.fromkeys(SKIP_REASONS + tuple(f"missing_{c}" for c in self.require), 0)
         self.converted: dict[str, int] = {}   # original image mode -> images converted to RGB
-        table, self.skipped["malformed_line"] = read_styles(root / "styles.csv")
-        self.num_rows = len(table) + self.skipped["malformed_line"]
+        table, self.malformed_lines = read_styles(root / "styles.csv")   # line numbers in styles.csv (header = 1)
+        self.skipped["malformed_line"] = len(self.malformed_lines)
+        self.num_rows = len(table) + len(self.malformed_lines)
         self._set_records(self._usable_rows(table))
         if verify_images: self.verify(verbose=False)
         if len(self) == 0:

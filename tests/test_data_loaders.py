@@ -354,3 +354,111 @@ def test_image_sizes_and_value_range(tmp_path):
         x, caption = D.FashionProducts(folder, image_size=size, verbose=False)[0]
         assert x.shape == (3, size, size) and x.min() >= -1 and x.max() <= 1 and isinstance(caption, str)
     with pytest.raises(ValueError, match="image_size"): D.FashionProducts(folder, image_size=4)
+
+
+# ---------------------------------------------------------------- damaged files: skipped and counted, or named in the error
+def write_catalogue_with_open_quote(root: Path, n: int, bad: int) -> Path:
+    "n valid rows (ids 1..n), row `bad` whose productDisplayName opens a quote it never closes; every id has an image."
+    (root / "images").mkdir(parents=True)
+    lines = [COLUMNS]
+    for i in range(1, n + 1):
+        name = '"Nike' if i == bad else f"Roadster Men Blue Tshirt {i}"
+        lines.append(f"{i},Men,Apparel,Topwear,Tshirts,Blue,Summer,2012,Casual,{name}")
+    Image.new("RGB", (6, 8), "white").save(root / "images" / "1.jpg")
+    data = (root / "images" / "1.jpg").read_bytes()
+    for i in range(2, n + 1): (root / "images" / f"{i}.jpg").write_bytes(data)
+    (root / "styles.csv").write_text("\n".join(lines) + "\n", encoding="utf-8")
+    return root
+
+
+@pytest.mark.parametrize("n", [1_000, 3_000], ids=["under-128KiB", "over-128KiB"])
+def test_kaggle_unclosed_quote_loses_one_row_not_the_rest(tmp_path, n):
+    root = write_catalogue_with_open_quote(tmp_path / "shop", n, bad=10)
+    assert (n > 2_000) == ((root / "styles.csv").stat().st_size > 128 * 1024)   # the csv module's field limit
+    ds = D.FashionProducts(root, verbose=False)
+    assert (len(ds), ds.skipped["malformed_line"], sum(ds.skipped.values()), ds.num_rows) == (n - 1, 1, 1, n)
+    ids = ds.records["id"].tolist()
+    assert ids == [i for i in range(1, n + 1) if i != 10]                      # the rows after the broken one are read
+    assert ds.item_info(ids.index(11))["caption"] == "Roadster Men Blue Tshirt 11"
+    assert max(map(len, ds.captions)) < 40                                       # no caption swallowed the next lines
+    assert ds.malformed_lines == [11]                                            # line 11 of the file (line 1 is the header)
+
+
+def test_read_styles_keeps_legitimate_quotes_and_names_bad_lines(tmp_path):
+    p = tmp_path / "styles.csv"
+    rows = ['1,Men,Apparel,Topwear,Tshirts,Blue,Summer,2012,Casual,"Men ""Cool"" Tee"',     # quoted field, escaped quotes
+            '2,Men,Apparel,Topwear,Tshirts,Blue,Summer,2012,Casual,Men "Cool Tee',           # stray quote inside a field
+            '3,Men,Apparel,Topwear,Tshirts,Blue,Summer,2012,Casual,"Nike Tshirt, Pack of 2"',  # quoted comma
+            '4,Men,Apparel,Topwear,Tshirts,Blue,Summer,2012,Casual,"Nike',                     # quote never closed
+            '5,Men,Apparel,Topwear,Tshirts,Blue,Summer,2012,Casual,Roadster, Blue, Tshirt',    # unquoted commas
+            '6,Men,Apparel,Topwear,Tshirts,Blue,Summer,2012,Casual,' + "x" * 200_000,          # beyond csv's field limit
+            '7,Men,Apparel,Topwear,Tshirts,Blue,Summer,2012,Casual,Last Tee']
+    p.write_text(COLUMNS + "\r\n" + "\r\n".join(rows) + "\r\n", encoding="utf-8")      # Windows line ends
+    table, malformed = D.read_styles(p)
+    assert table["id"].tolist() == ["1", "2", "3", "7"] and malformed == [5, 6, 7]
+    assert table["productDisplayName"].tolist() == ['Men "Cool" Tee', 'Men "Cool Tee', "Nike Tshirt, Pack of 2", "Last Tee"]
+
+
+def test_read_styles_header_error_is_a_data_format_error(tmp_path):
+    (tmp_path / "styles.csv").write_text("a,b\n1,2\n")
+    with pytest.raises(D.DataFormatError, match=r"styles.csv lacks column\(s\)"): D.read_styles(tmp_path / "styles.csv")
+    assert issubclass(D.DataFormatError, ValueError)
+
+
+@pytest.mark.parametrize("damage, expected", [
+    (lambda b: b[:-100], r"train-images-idx3-ubyte.*expected 4,720 bytes.*found 4,620"),              # truncated download
+    (lambda b: bytes([0, 0, 8, 1]) + b[4:], r"train-images-idx3-ubyte.*magic 0x00000801.*expected 0x00000803"),  # labels' magic
+    (lambda b: b"<html>not found</html>", r"train-images-idx3-ubyte.*magic"),                           # an error page saved as the file
+    (lambda b: b[:10], r"train-images-idx3-ubyte.*header"),                                           # shorter than its header
+], ids=["truncated", "wrong-magic", "html", "short-header"])
+def test_mnist_damaged_idx_names_file_and_expectation(tmp_path, damage, expected):
+    write_mnist_fixture(tmp_path)
+    path = tmp_path / "MNIST" / "raw" / "train-images-idx3-ubyte"
+    path.write_bytes(damage(path.read_bytes()))
+    for source in ("real", "auto"):                                              # never a silent fallback to synthetic digits
+        with pytest.raises(D.DataFormatError, match=expected) as e: D.load_mnist(tmp_path, source=source, verbose=False)
+        assert str(path) in str(e.value)
+
+
+def test_mnist_labels_must_match_images(tmp_path):
+    write_mnist_fixture(tmp_path)
+    labels = tmp_path / "MNIST" / "raw" / "t10k-labels-idx1-ubyte"
+    labels.write_bytes(idx_bytes(np.array([2, 6], np.uint8)))                    # 3 test images, 2 labels
+    with pytest.raises(D.DataFormatError, match=r"t10k-labels-idx1-ubyte.*2 labels.*3 images"): D.load_mnist(tmp_path, train=False, source="real", verbose=False)
+    labels.write_bytes(idx_bytes(np.zeros((3, 28, 28), np.uint8)))
+    with pytest.raises(D.DataFormatError, match=r"t10k-labels-idx1-ubyte.*0x00000801"): D.load_mnist(tmp_path, train=False, source="real", verbose=False)
+
+
+@pytest.mark.parametrize("damage", [lambda b: b[: len(b) // 2], lambda b: b[:20] + bytes(64) + b[84:], lambda b: b"not gzip at all"],
+                         ids=["truncated", "corrupt", "not-gzip"])
+def test_mnist_corrupt_gz_names_file_and_leaves_nothing_half_written(tmp_path, damage):
+    write_mnist_fixture(tmp_path, compress=True)
+    raw = tmp_path / "MNIST" / "raw"
+    gz = raw / "train-images-idx3-ubyte.gz"
+    gz.write_bytes(damage(gz.read_bytes()))
+    with pytest.raises(D.DataFormatError, match="gzip") as e: D.load_mnist(tmp_path, source="real", verbose=False)
+    assert str(gz) in str(e.value)
+    assert not (raw / "train-images-idx3-ubyte").exists() and not list(raw.glob(".*"))   # no half-written file, no temp file
+
+
+def test_read_idx_checks_the_size_against_the_header(tmp_path):
+    p = D.write_idx(tmp_path / "x", np.zeros((4, 5), np.uint8))
+    assert D.read_idx(p, ndim=2).shape == (4, 5)
+    with pytest.raises(D.DataFormatError, match="expected 0x00000803"): D.read_idx(p, ndim=3)
+    p.write_bytes(p.read_bytes() + b"\0")
+    with pytest.raises(D.DataFormatError, match=r"expected 32 bytes.*found 33"): D.read_idx(p)
+
+
+@pytest.mark.parametrize("damage, expected", [
+    (lambda b: b[: len(b) // 2], "truncated"),
+    (lambda b: pickle.dumps({"labels": [1, 2]}, protocol=2), "'data'"),
+    (lambda b: pickle.dumps({"data": np.zeros((2, 100), np.uint8), "labels": [1, 2]}, protocol=2), "3072"),
+], ids=["truncated", "no-data-key", "wrong-row-size"])
+def test_cifar10_damaged_batch_is_named(tmp_path, damage, expected):
+    write_cifar_fixture(tmp_path)
+    bad = tmp_path / "cifar-10-batches-py" / "data_batch_2"
+    bad.write_bytes(damage(bad.read_bytes()))
+    with pytest.raises(D.DataFormatError, match=expected) as e: D.LocalCIFAR10(tmp_path, verify_md5=False)
+    assert str(bad) in str(e.value)
+    with pytest.raises(D.DataFormatError, match="data_batch_2"): D.load_cifar10(tmp_path, source="real", verify_md5=False, verbose=False)
+    assert len(D.LocalCIFAR10(tmp_path, train=False, verify_md5=False)) == 4   # the test split does not read data_batch_2
