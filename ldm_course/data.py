@@ -760,7 +760,8 @@ def read_styles(path: str | Path, # a styles.csv file
                ) -> tuple[pd.DataFrame, list[int]]: # (well-formed rows as strings, None where empty; malformed line numbers)
     "Parse styles.csv one physical line per record; malformed lines (unquoted commas, open quotes) are dropped and listed."
     path, rows, malformed = Path(path), [], []
-    with open(path, encoding="utf-8", errors="replace") as f:   # universal newlines: \n, \r\n and \r end a line
+    with open(path, encoding="utf-8", errors="replace") as f:   # \n, \r\n or \r ends a line, and a line is a record:
+        # assumed: Kaggle's writer does not quote (it leaves 22 names' commas bare), so no field spans two lines
         header = [h.strip().lstrip("\ufeff") for h in _line_fields(f.readline().rstrip("\n")) or []]
         needed = [c for c in ("id", "articleType", "baseColour", "productDisplayName") if c not in header]
         if needed: raise DataFormatError(f"{path} lacks column(s) {needed}: header is {header}, expected {list(KAGGLE_COLUMNS)}")
