@@ -8,6 +8,8 @@ from __future__ import annotations
 import contextlib
 import copy
 import dataclasses
+import hashlib
+import json
 import math
 import re
 import time
@@ -35,8 +37,11 @@ from ldm_course.core import (
 __all__ = ['MIXED_PRECISIONS', 'TRAIN_PROFILES', 'LossFn', 'SampleFn', 'TrainConfig', 'train_config', 'make_optimizer',
            'warmup_cosine', 'make_lr_scheduler', 'ema_decay_at', 'EMA', 'condition_dropout_mask', 'drop_condition',
            'epoch_permutation', 'ResumableBatchSampler', 'preserved_rng_state', 'checkpoint_path', 'list_checkpoints',
-           'latest_checkpoint', 'prune_checkpoints', 'non_finite_tensors', 'TrainHistory', 'plot_training_curves',
-           'NonFiniteLossError', 'check_resumable', 'gather_rng_states', 'restore_process_rng',
+           'latest_checkpoint', 'prune_checkpoints', 'non_finite_tensors', 'checkpoint_step',
+           'remove_unfinished_writes', 'set_aside_checkpoints', 'read_training_checkpoint', 'TrainHistory',
+           'plot_training_curves', 'NonFiniteLossError', 'content_digest', 'data_identity', 'model_identity',
+           'recipe_identity', 'identity_fingerprint', 'identity_differences', 'state_dict_differences',
+           'check_state_fits', 'check_resumable', 'gather_rng_states', 'restore_process_rng',
            'accelerate_state_differs', 'make_accelerator', 'Trainer', 'train', 'load_trained_weights']
 
 # %% ../nbs/04_training.ipynb #495280ba
@@ -280,6 +285,45 @@ def non_finite_tensors(state: Mapping[str, Any], # nested dict of tensors (e.g. 
             bad.append(f"{prefix}{name}")
     return bad
 
+# %% ../nbs/04_training.ipynb #d04e6252
+_UNFINISHED_WRITE = re.compile(r"^\.step_\d+\.safetensors\..+\.tmp$")  # core.atomic_path's temporary files
+_TRAINING_STATE = ("model", "ema", "optimizer", "lr_scheduler", "rng", "history")
+
+def checkpoint_step(path: str | Path, # a file named by `checkpoint_path`
+                   ) -> int:
+    "The optimizer step of a checkpoint, read from its file name."
+    m = _CHECKPOINT_NAME.match(Path(path).name)
+    if m is None: raise ValueError(f"{path} is not named like a checkpoint (step_NNNNNNN.safetensors)")
+    return int(m.group(1))
+
+def remove_unfinished_writes(checkpoint_dir: str | Path, # folder of a run's checkpoints
+                            ) -> list[Path]: # the deleted files
+    "Delete the temporary files that a process killed while writing a checkpoint left behind."
+    folder = Path(checkpoint_dir)
+    found = sorted(p for p in folder.iterdir() if _UNFINISHED_WRITE.match(p.name)) if folder.is_dir() else []
+    for path in found: path.unlink(missing_ok=True)
+    return found
+
+def set_aside_checkpoints(paths: Sequence[str | Path], # checkpoints of one folder that the current run does not continue
+                         ) -> Path | None: # the folder they now live in (None: nothing to move)
+    "Move checkpoints into a new `previous-<date-time>` subfolder of their folder: kept, but out of the current run's way."
+    if not paths: return None
+    folder, stamp = Path(paths[0]).parent, time.strftime("%Y%m%d-%H%M%S")
+    aside, n = folder / f"previous-{stamp}", 1
+    while aside.exists(): aside, n = folder / f"previous-{stamp}-{n}", n + 1
+    aside.mkdir()
+    for path in map(Path, paths): path.replace(aside / path.name)
+    return aside
+
+def read_training_checkpoint(path: str | Path, # a file written by `Trainer.save`
+                            ) -> tuple[dict, dict]: # (state, metadata)
+    "Load a training checkpoint; raise if the file is unreadable or lacks part of a training state."
+    state, metadata = load_checkpoint(path)
+    missing = [k for k in _TRAINING_STATE if k not in state]
+    missing += [k for k in ("step", "train_config", "data_position", "num_processes") if k not in metadata]
+    if missing: raise ValueError(f"{path} is not a training checkpoint written by Trainer.save: it lacks {missing}")
+    return state, metadata
+
 # %% ../nbs/04_training.ipynb #cfcd7f79
 _HISTORY_FIELDS = ("step", "loss", "lr", "grad_norm", "images_per_s")
 
@@ -342,23 +386,140 @@ def _loss_scalar(loss: Any) -> Tensor:
                         f"{' of shape ' + str(tuple(loss.shape)) if isinstance(loss, Tensor) else ''}")
     return loss
 
-# %% ../nbs/04_training.ipynb #0a29e301
+# %% ../nbs/04_training.ipynb #5b46d0cf
 _NOT_TRAJECTORY = ("checkpoint_every", "keep_last", "sample_every", "num_workers")
 
+def _digest(h: Any, x: Any) -> None:
+    "Feed a nested structure into the hash `h`, with type markers so that different structures hash differently."
+    if isinstance(x, Tensor):
+        x = x.detach().cpu().contiguous()
+        h.update(f"tensor {x.dtype} {tuple(x.shape)};".encode())
+        h.update(x.reshape(-1).view(torch.uint8).numpy())  # the raw bytes, whatever the dtype, without a copy
+    elif isinstance(x, np.ndarray) or hasattr(x, "__array_interface__"):  # numpy arrays, PIL images
+        a = np.ascontiguousarray(x)
+        h.update(f"array {a.dtype} {a.shape};".encode()); h.update(a.tobytes())
+    elif isinstance(x, Mapping):
+        h.update(b"{")
+        for k in sorted(x, key=str): h.update(f"{k!r}:".encode()); _digest(h, x[k])
+        h.update(b"}")
+    elif isinstance(x, (list, tuple)):
+        h.update(b"[")
+        for v in x: _digest(h, v)
+        h.update(b"]")
+    elif x is None or isinstance(x, (bool, int, float, str, np.generic)): h.update(f"{type(x).__name__} {x!r};".encode())
+    else: h.update(f"object {type(x).__qualname__};".encode())  # nothing stable to read (its repr may hold an address)
+
+def content_digest(obj: Any, # tensors, arrays, numbers, strings, and lists / tuples / dicts of them
+                  ) -> str: # hex SHA-256
+    "SHA-256 of the contents of a nested structure: dtype, shape and bytes of each tensor, and its other values."
+    h = hashlib.sha256()
+    _digest(h, obj)
+    return h.hexdigest()
+
+def _as_json(value: Any) -> Any:
+    "The form a value takes once stored in a checkpoint's JSON metadata (Configs become dicts, tuples lists)."
+    return json.loads(json.dumps(value.to_dict() if isinstance(value, Config) else value, default=str))
+
+def data_identity(dataset: Dataset, # map-style dataset
+                  source: str | None = None, # where it comes from, e.g. "mnist real" (default: the dataset's class name)
+                  num_probes: int = 16, # items hashed when the dataset does not expose its `tensors`
+                 ) -> dict: # {"source", "size", "fingerprint"}
+    "What a run trains on: its origin, its size and a fingerprint of its contents (all its tensors, or evenly spaced items)."
+    content = getattr(dataset, "tensors", None)  # TensorDataset, and any dataset exposing what its items are made of
+    if content is None:
+        n = len(dataset)
+        index = sorted({round(i * (n - 1) / max(1, num_probes - 1)) for i in range(min(n, num_probes))})
+        with preserved_rng_state():
+            seed_everything(0)  # items drawn at random (augmentation, caption choice): the same draws every time
+            content = [dataset[i] for i in index]
+    return {"source": source or type(dataset).__name__, "size": len(dataset), "fingerprint": content_digest(content)[:16]}
+
+def model_identity(model: nn.Module, # the model to train
+                   config: Config | Mapping[str, Any] | None = None, # its config (or its experiment's)
+                  ) -> dict: # {"class", "tensors", "num_parameters", "config"}
+    "What a run trains: the class, a fingerprint of the tensors' names, dtypes and shapes, the size, the config."
+    layout = [[name, str(t.dtype), list(t.shape)] for name, t in model.state_dict().items()]
+    return {"class": type(model).__name__, "tensors": content_digest(layout)[:16],
+            "num_parameters": sum(p.numel() for p in model.parameters()), "config": _as_json(config)}
+
+def recipe_identity(cfg: TrainConfig, # the training recipe
+                   ) -> dict:
+    "The TrainConfig fields that decide the trajectory (all but checkpoint_every, keep_last, sample_every, num_workers)."
+    return {k: v for k, v in cfg.to_dict().items() if k not in _NOT_TRAJECTORY}
+
+def identity_fingerprint(*parts: Any, # Configs, identity dicts, strings: everything a run consumes
+                         length: int = 10, # hex characters kept
+                        ) -> str:
+    "A short hash of what a run consumes: names its checkpoint folder, so new data or a new config opens a new one."
+    return content_digest(_as_json(list(parts)))[:length]
+
+# %% ../nbs/04_training.ipynb #96435fdf
+def _given_data_identity(identity: Mapping[str, Any], # {"source", "fingerprint"[, "size"]} given by a chapter
+                         size: int, # len() of the dataset it describes
+                        ) -> dict:
+    "A caller's data identity, in stored form, with its size checked against (or taken from) the dataset."
+    identity = _as_json(dict(identity))
+    if "fingerprint" not in identity:
+        raise ValueError(f"data_identity needs a 'fingerprint' (see data_identity()), got keys {sorted(identity)}")
+    if identity.setdefault("size", size) != size:
+        raise ValueError(f"data_identity describes {identity['size']} samples but the dataset has {size}")
+    return identity
+
+# %% ../nbs/04_training.ipynb #ac7c1488
+def _short(value: Any, width: int = 60) -> str:
+    text = repr(value)
+    return text if len(text) <= width else text[:width - 3] + "..."
+
+def identity_differences(saved: Any, # identity stored in a checkpoint (or a part of it)
+                         current: Any, # identity of the run now (the same part)
+                         prefix: str = "", # dotted path of these parts, for messages
+                        ) -> list[str]: # "path: <saved> in the checkpoint, <current> now", one per differing leaf
+    "Every leaf where two nested identities differ (a missing branch counts as None)."
+    a, b = ({} if x is None else x for x in (saved, current))
+    if isinstance(a, Mapping) and isinstance(b, Mapping):
+        return [d for k in sorted(set(a) | set(b)) for d in identity_differences(a.get(k), b.get(k), f"{prefix}{k}.")]
+    return [] if saved == current else [f"{prefix.rstrip('.')}: {_short(saved)} in the checkpoint, {_short(current)} now"]
+
+def _names(items: Sequence[str], limit: int = 8) -> str:
+    return ", ".join(items[:limit]) + (f" and {len(items) - limit} more" if len(items) > limit else "")
+
+def state_dict_differences(expected: Mapping[str, Tensor], # the model's state_dict()
+                           saved: Mapping[str, Tensor], # the tensors read from a file
+                          ) -> list[str]: # one entry per kind of difference (empty: it fits)
+    "The tensors that keep `saved` from loading into a model: missing from it, unknown to the model, or of another shape."
+    missing, unexpected = sorted(set(expected) - set(saved)), sorted(set(saved) - set(expected))
+    shapes = [f"{k} {tuple(saved[k].shape)} in the file, {tuple(expected[k].shape)} in the model"
+              for k in expected if k in saved and saved[k].shape != expected[k].shape]
+    return ([f"missing from the file: {_names(missing)}"] * bool(missing) + [f"not in the model: {_names(unexpected)}"] * bool(unexpected)
+            + [f"other shapes: {_names(shapes)}"] * bool(shapes))
+
+def check_state_fits(model: nn.Module, # the model to load into
+                     state: Mapping[str, Tensor], # weights read from `path`
+                     path: str | Path, # where they come from, for the message
+                    ) -> None:
+    "Raise naming the file and every tensor that does not fit, before load_state_dict is tried."
+    differences = state_dict_differences(model.state_dict(), state)
+    if differences: raise ValueError(f"{path} does not fit this {type(model).__name__}: {'; '.join(differences)}")
+
+# %% ../nbs/04_training.ipynb #0a29e301
 def check_resumable(metadata: Mapping[str, Any], # metadata of the checkpoint to resume from
-                    cfg: TrainConfig, # the config of the run that resumes
-                    num_samples: int, # dataset length of the run that resumes
+                    identity: Mapping[str, Any], # `Trainer.identity` of the run that resumes: model, data, recipe
                     num_processes: int, # processes of the run that resumes
+                    path: str | Path = "the checkpoint", # its file, named in messages
                    ) -> None:
-    "Raise if the data order cannot be resumed; warn if the resumed run will differ from an uninterrupted one."
-    saved = metadata["data_position"]["num_samples"]
-    if saved != num_samples:
-        raise ValueError(f"The checkpoint was trained on {saved} samples but the dataset now has {num_samples}; "
-                         "the data order cannot be resumed (start a new run in another checkpoint_dir)")
-    old, new = metadata["train_config"], cfg.to_dict()
-    changed = [k for k in new if k not in _NOT_TRAJECTORY and old.get(k) != new[k]]
-    if changed: warnings.warn(f"Resuming with changed TrainConfig fields {changed} "
-                              f"(was {[old.get(k) for k in changed]}): the run will not match an uninterrupted one")
+    "Raise unless the checkpoint was made by this run (same model, data and recipe); warn if the process count changed."
+    saved = metadata.get("identity")
+    if saved is None:  # written before checkpoints recorded an identity: compare what they do record
+        saved = {"data": {"size": metadata["data_position"]["num_samples"]},
+                 "recipe": {k: v for k, v in metadata["train_config"].items() if k not in _NOT_TRAJECTORY}}
+        identity = {"data": {"size": identity["data"]["size"]}, "recipe": identity["recipe"]}
+        warnings.warn(f"{path} records no identity (an older checkpoint): only its data size and recipe can be checked")
+    differences = identity_differences(saved, identity)
+    if differences:
+        more = f" and {len(differences) - 12} more" if len(differences) > 12 else ""
+        raise ValueError(f"{path} was made by another run and cannot be resumed: {'; '.join(differences[:12])}{more}. "
+                         "Train in another checkpoint_dir (chapters name theirs by identity_fingerprint of what they "
+                         "consume), or fit(resume=False) to move that run aside and start afresh")
     if metadata["num_processes"] != num_processes:
         warnings.warn(f"Resuming on {num_processes} processes a run saved on {metadata['num_processes']}: "
                       "the data split and random draws change")
@@ -411,7 +572,9 @@ class Trainer:
                  sample_fn: SampleFn | None = None, # (ema_model, step) -> images, every cfg.sample_every steps
                  callbacks: Sequence[Callable[["Trainer"], None]] = (), # called with the trainer after each step
                  device: str | None = None, # "cpu" forces the CPU; default: `core.get_device()`
-                 metadata: Mapping[str, Any] | None = None, # JSON extras stored in each checkpoint (model config...)
+                 metadata: Mapping[str, Any] | None = None, # JSON extras stored in each checkpoint (not compared on resume)
+                 model_config: Config | Mapping[str, Any] | None = None, # the model's (or experiment's) config: part of the identity
+                 data_identity: Mapping[str, Any] | None = None, # {"source", "size", "fingerprint"} of dataset (default: `data_identity(dataset)`)
                 ):
         self.cfg, self.dataset, self.loss_fn, self.sample_fn = cfg, dataset, loss_fn, sample_fn
         self.callbacks, self.metadata = list(callbacks), dict(metadata or {})
@@ -426,6 +589,9 @@ class Trainer:
         self.sampler = ResumableBatchSampler(len(dataset), cfg.batch_size, cfg.seed,
                                              rank=self.accelerator.process_index, world_size=self.num_processes)
         self.step, self.history, self.last_checkpoint = 0, TrainHistory(), None
+        self._model_identity = model_identity(model, model_config)
+        self._data_identity = _given_data_identity(data_identity, len(dataset)) if data_identity is not None else None
+        self._identity = None  # computed when a checkpoint is written or read: hashing the data takes a moment
 
     @property
     def num_processes(self) -> int: return self.accelerator.num_processes
@@ -433,6 +599,14 @@ class Trainer:
     def is_main_process(self) -> bool: return self.accelerator.is_main_process
     @property
     def ema_model(self) -> nn.Module: return self.ema.model
+
+    @property
+    def identity(self) -> dict:
+        "What this run trains (model), on what (data) and how (recipe): stored in each checkpoint, compared on resume."
+        if self._identity is None:
+            data = self._data_identity if self._data_identity is not None else data_identity(self.dataset)
+            self._identity = {"model": self._model_identity, "data": data, "recipe": recipe_identity(self.cfg)}
+        return self._identity
 
     def fit(self, resume: str | Path | bool = "auto", # "auto": latest checkpoint if any; a path; False: start afresh
             until_step: int | None = None, # stop after this step (the LR schedule still ends at cfg.max_steps)
@@ -461,15 +635,49 @@ class Trainer:
         return self.history
 
     def _start(self, resume: str | Path | bool) -> None:
-        "Load the checkpoint to resume from, or seed a fresh run."
-        if resume == "auto": path = latest_checkpoint(self.checkpoint_dir) if self.checkpoint_dir else None
-        else: path = Path(resume) if resume else None
-        if path is not None: self.load(path)
-        elif self.step == 0:
-            if self.checkpoint_dir is not None and latest_checkpoint(self.checkpoint_dir) is not None:
-                warnings.warn(f"Starting afresh in {self.checkpoint_dir}, which holds checkpoints of an earlier run: "
-                              "they will be mixed with this run's (use an empty checkpoint_dir)")
-            seed_everything(self.cfg.seed + self.accelerator.process_index)
+        "Clear unfinished writes, resume from a checkpoint or seed a fresh run, then set other runs' checkpoints aside."
+        folder = self.checkpoint_dir
+        if folder is not None and self.is_main_process:
+            removed = remove_unfinished_writes(folder)
+            if removed: warnings.warn(f"Removed {len(removed)} unfinished checkpoint write(s) left in {folder} by an "
+                                      f"interrupted save: {[p.name for p in removed]}")
+        if resume == "auto": start = self._resume_latest() if folder is not None else None
+        elif resume: start = Path(resume); self.load(start)
+        else: start = None
+        if start is None and self.step == 0: seed_everything(self.cfg.seed + self.accelerator.process_index)
+        if folder is not None: self._set_aside_other_runs(start)
+
+    def _resume_latest(self) -> Path | None:
+        "Resume from the newest readable checkpoint of the folder, warning about unreadable ones; None if there is none."
+        skipped, reasons = [], []
+        for path in reversed(list_checkpoints(self.checkpoint_dir)):
+            try: state, metadata = read_training_checkpoint(path)
+            except Exception as e:  # truncated, corrupted, foreign: an earlier one may be good
+                skipped.append(path.name); reasons.append(f"{type(e).__name__}: {' '.join(str(e).split())[:200]}")
+                continue
+            if skipped: warnings.warn(f"Skipped {', '.join(skipped)}, unreadable ({'; '.join(reasons)}): resuming from "
+                                      f"{path.name}, the previous checkpoint")
+            self._restore(path, state, metadata)
+            return path
+        if skipped: warnings.warn(f"Skipped {', '.join(skipped)}, unreadable ({'; '.join(reasons)}), and no earlier "
+                                  "checkpoint is left: starting afresh")
+        return None
+
+    def _set_aside_other_runs(self, start: Path | None) -> None:
+        "Move the folder's checkpoints that this run does not continue to previous-…: it will neither mix with nor prune them."
+        folder = self.checkpoint_dir
+        from_here = start is None or start.resolve().parent == folder.resolve()  # resumed here, or continued in memory
+        past = self.step if from_here and self.step > 0 else -1  # this run's own checkpoints go up to its current step
+        self.accelerator.wait_for_everyone()  # every process has read its checkpoint
+        if self.is_main_process:
+            others = [p for p in list_checkpoints(folder) if checkpoint_step(p) > past]
+            aside = set_aside_checkpoints(others)
+            if aside is not None:
+                n = len(others)
+                warnings.warn(f"{folder}: moved {n} checkpoint{'s' * (n > 1)} that this run does not continue "
+                              f"({', '.join(p.name for p in others)}) to {aside}, so that this run neither mixes with nor "
+                              "prunes them (delete that folder once you no longer need it)")
+        self.accelerator.wait_for_everyone()
 
     def _batches(self) -> Iterator:
         "Batches of this process from the current data position, forever; the loader has its own generator."
@@ -547,8 +755,8 @@ class Trainer:
         return state
 
     def checkpoint_metadata(self) -> dict:
-        "JSON metadata of a checkpoint: step, TrainConfig, data position, processes, chapter extras."
-        return {"step": self.step, "train_config": self.cfg.to_dict(),
+        "JSON metadata of a checkpoint: step, TrainConfig, identity, data position, processes, chapter extras."
+        return {"step": self.step, "train_config": self.cfg.to_dict(), "identity": self.identity,
                 "data_position": self.sampler.position(self.step * self.cfg.grad_accum),
                 "num_processes": self.num_processes, "mixed_precision": self.cfg.mixed_precision,
                 "extra": self.metadata}
@@ -571,9 +779,15 @@ class Trainer:
 
     def load(self, path: str | Path, # a checkpoint written by `save`
             ) -> dict: # its metadata
-        "Restore weights, EMA, optimizer, LR schedule, history, step and random state from a checkpoint."
-        state, metadata = load_checkpoint(path)
-        check_resumable(metadata, self.cfg, len(self.dataset), self.num_processes)
+        "Restore weights, EMA, optimizer, LR schedule, history, step and random state from a checkpoint of this run."
+        state, metadata = read_training_checkpoint(path)
+        self._restore(Path(path), state, metadata)
+        return metadata
+
+    def _restore(self, path: Path, state: dict, metadata: dict) -> None:
+        "Check that the checkpoint fits and comes from this run (model, data, recipe), then take its state."
+        check_state_fits(self.unwrapped_model, state["model"], path)
+        check_resumable(metadata, self.identity, self.num_processes, path)
         self.unwrapped_model.load_state_dict(state["model"])
         self.ema.load_state_dict(state["ema"])
         self.optimizer.load_state_dict(state["optimizer"])
@@ -581,9 +795,8 @@ class Trainer:
         if self.accelerator.scaler is not None and "grad_scaler" in state:
             self.accelerator.scaler.load_state_dict(state["grad_scaler"])
         self.history = TrainHistory.from_state_dict(state["history"])
-        self.step, self.last_checkpoint = int(metadata["step"]), Path(path)
+        self.step, self.last_checkpoint = int(metadata["step"]), path
         restore_process_rng(state["rng"], self.accelerator, self.cfg.seed)
-        return metadata
 
 # %% ../nbs/04_training.ipynb #3450161d
 def train(model: nn.Module, # the model to train (trained in place)
@@ -597,16 +810,21 @@ def train(model: nn.Module, # the model to train (trained in place)
           until_step: int | None = None, # stop early (simulated interruption)
           device: str | None = None, # "cpu" forces the CPU
           metadata: Mapping[str, Any] | None = None, # JSON extras for the checkpoints
+          model_config: Config | Mapping[str, Any] | None = None, # the model's config: part of the run's identity
+          data_identity: Mapping[str, Any] | None = None, # {"source", "size", "fingerprint"} (default: computed)
          ) -> TrainHistory:
     "Build a `Trainer` and run it; returns the history (use `Trainer` to reach the EMA model)."
-    trainer = Trainer(model, dataset, loss_fn, cfg, checkpoint_dir, sample_fn, callbacks, device, metadata)
+    trainer = Trainer(model, dataset, loss_fn, cfg, checkpoint_dir, sample_fn, callbacks, device, metadata, model_config,
+                      data_identity)
     return trainer.fit(resume=resume, until_step=until_step)
 
 def load_trained_weights(model: nn.Module, # same architecture as the trained one
                          path: str | Path, # a checkpoint written by `Trainer.save`
                          ema: bool = True, # the EMA weights θ̄ (True) or the raw weights θ (False)
                         ) -> nn.Module:
-    "Load the weights of a training checkpoint into `model`; returns it."
+    "Load the weights of a training checkpoint into `model` (naming the tensors that do not fit); returns it."
     state, _ = load_checkpoint(path)
-    model.load_state_dict(state["ema"]["model"] if ema else state["model"])
+    weights = state["ema"]["model"] if ema else state["model"]
+    check_state_fits(model, weights, path)
+    model.load_state_dict(weights)
     return model

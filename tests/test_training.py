@@ -13,7 +13,7 @@ import pytest
 import torch
 from torch import nn
 
-from ldm_course.core import load_checkpoint, make_generator, read_checkpoint_metadata
+from ldm_course.core import load_checkpoint, make_generator, read_checkpoint_metadata, save_checkpoint
 from ldm_course.training import (EMA, NonFiniteLossError, ResumableBatchSampler, TrainConfig, Trainer, drop_condition,
                                  ema_decay_at, epoch_permutation, latest_checkpoint, list_checkpoints,
                                  load_trained_weights, train, train_config, warmup_cosine)
@@ -290,13 +290,23 @@ def test_resume_of_a_finished_run_does_nothing(tmp_path):
     assert len(history) == 6 and latest_checkpoint(tmp_path).stat().st_mtime_ns == mtime
 
 
-def test_resume_refuses_a_different_dataset_and_warns_on_a_changed_config(tmp_path):
+def test_checkpoint_without_identity_still_checks_data_size_and_recipe(tmp_path):
+    # a checkpoint written before checkpoints recorded their identity: what it does record is still compared
     cfg = small_cfg(max_steps=6)
     train(mlp(), regression_data(), noisy_mse, cfg, tmp_path, until_step=3, device="cpu")
-    with pytest.raises(ValueError, match="256 samples but the dataset now has 128"):
+    path = latest_checkpoint(tmp_path)
+    state, meta = load_checkpoint(path)
+    del meta["identity"]
+    save_checkpoint(path, state, meta)
+    with pytest.warns(UserWarning, match="records no identity"), \
+         pytest.raises(ValueError, match="data.size: 256 in the checkpoint, 128 now"):
         train(mlp(), regression_data(128), noisy_mse, cfg, tmp_path, device="cpu")
-    with pytest.warns(UserWarning, match="changed TrainConfig fields \\['lr'\\]"):
+    with pytest.warns(UserWarning, match="records no identity"), \
+         pytest.raises(ValueError, match="recipe.lr: 0.01 in the checkpoint, 0.001 now"):
         train(mlp(), regression_data(), noisy_mse, cfg.replace(lr=1e-3), tmp_path, device="cpu")
+    with pytest.warns(UserWarning, match="records no identity"):
+        history = train(mlp(), regression_data(), noisy_mse, cfg, tmp_path, device="cpu")
+    assert len(history) == 6
 
 
 # ---------------------------------------------------------------- subprocesses: SIGKILL, accelerate launch
@@ -376,3 +386,113 @@ def test_bf16_mixed_precision_on_cpu(tmp_path):
     assert meta["mixed_precision"] == "bf16" and meta["step"] == 10
     assert all(t.dtype == torch.float32 for t in state["model"].values())  # weights stay fp32 under autocast
     assert all(math.isfinite(v) for v in state["history"]["loss"].tolist())
+
+
+# ---------------------------------------------------------------- checkpoint identity and clean-up (issue 14, items 2 and 8)
+
+def linear_loss(model, batch):
+    x, y = batch
+    return nn.functional.mse_loss(model(x), y)
+
+
+def pair_data(seed: int, n: int = 64) -> torch.utils.data.TensorDataset:
+    g = make_generator(seed)
+    return torch.utils.data.TensorDataset(torch.randn(n, 2, generator=g), torch.randn(n, 1, generator=g))
+
+
+def linear(seed: int = 0) -> nn.Module:
+    torch.manual_seed(seed)
+    return nn.Linear(2, 1)
+
+
+def test_resume_refuses_a_checkpoint_trained_on_other_data_of_the_same_size(tmp_path):
+    # the repro of issue 14.2: same config, same number of samples, other tensors, same folder
+    cfg = TrainConfig(lr=1e-2, warmup_steps=1, max_steps=5, batch_size=16, ema_decay=0.9)
+    first = train(linear(), pair_data(0), linear_loss, cfg, tmp_path, device="cpu")
+    with pytest.raises(ValueError) as err:
+        second = train(linear(), pair_data(1), linear_loss, cfg, tmp_path, device="cpu")
+        assert second.loss != first.loss, "the second run resumed the first one's finished checkpoint"
+    message = str(err.value)
+    assert "step_0000005.safetensors" in message and "data.fingerprint" in message, message
+    saved = read_checkpoint_metadata(tmp_path / "step_0000005.safetensors")["identity"]["data"]["fingerprint"]
+    assert saved in message  # both identities are named
+    assert list_checkpoints(tmp_path) == [tmp_path / "step_0000005.safetensors"]  # nothing was overwritten
+
+
+def test_resume_refuses_another_model_or_recipe_and_names_the_tensors(tmp_path):
+    cfg = small_cfg(max_steps=6)
+    train(mlp(), regression_data(), noisy_mse, cfg, tmp_path, until_step=3, device="cpu")
+    wider = nn.Sequential(nn.Linear(8, 48), nn.SiLU(), nn.Dropout(0.1), nn.Linear(48, 2))
+    with pytest.raises(ValueError, match=r"step_0000003\.safetensors.*0\.weight.*\(32, 8\).*\(48, 8\)"):
+        train(wider, regression_data(), noisy_mse, cfg, tmp_path, device="cpu")
+    with pytest.raises(ValueError, match=r"recipe\.lr: 0\.01 in the checkpoint, 0\.001 now"):
+        train(mlp(), regression_data(), noisy_mse, cfg.replace(lr=1e-3), tmp_path, device="cpu")
+    with pytest.raises(ValueError, match=r"data\.size: 256 in the checkpoint, 128 now"):
+        train(mlp(), regression_data(128), noisy_mse, cfg, tmp_path, device="cpu")
+    with pytest.raises(ValueError, match=r"model\.config\.width: None in the checkpoint, 32 now"):
+        Trainer(mlp(), regression_data(), noisy_mse, cfg, tmp_path, device="cpu", model_config={"width": 32}).fit()
+    # what does not change the trajectory may change
+    history = train(mlp(), regression_data(), noisy_mse, cfg.replace(checkpoint_every=2, keep_last=5), tmp_path,
+                    device="cpu")
+    assert len(history) == 6
+
+
+def test_identity_is_stored_and_explicit_data_identity_is_used(tmp_path):
+    ident = {"source": "mnist real", "size": 256, "fingerprint": "abc"}
+    trainer = Trainer(mlp(), regression_data(), noisy_mse, small_cfg(max_steps=2), tmp_path, device="cpu",
+                      data_identity=ident, model_config={"width": 32})
+    trainer.fit()
+    identity = read_checkpoint_metadata(latest_checkpoint(tmp_path))["identity"]
+    assert identity["data"] == ident
+    assert identity["model"]["class"] == "Sequential" and identity["model"]["config"] == {"width": 32}
+    assert identity["model"]["num_parameters"] == sum(p.numel() for p in mlp().parameters())
+    assert identity["recipe"]["lr"] == 1e-2 and "checkpoint_every" not in identity["recipe"]
+
+
+def test_fresh_run_never_deletes_what_it_writes(tmp_path):
+    # the repro of issue 14.8: an older, longer run in the folder, then a fresh shorter one
+    cfg = small_cfg(max_steps=40, checkpoint_every=10, keep_last=2)
+    train(mlp(), regression_data(), noisy_mse, cfg, tmp_path, device="cpu")
+    with pytest.warns(UserWarning, match="moved .*2 checkpoints.* to .*previous-"):
+        trainer = Trainer(mlp(), regression_data(), noisy_mse, cfg.replace(max_steps=20), tmp_path, device="cpu")
+        trainer.fit(resume=False)
+    assert [p.name for p in list_checkpoints(tmp_path)] == ["step_0000010.safetensors", "step_0000020.safetensors"]
+    assert read_checkpoint_metadata(latest_checkpoint(tmp_path))["step"] == 20
+    assert trainer.last_checkpoint.is_file()
+    aside = [p for p in tmp_path.iterdir() if p.is_dir()]
+    assert len(aside) == 1 and aside[0].name.startswith("previous-")
+    assert [p.name for p in list_checkpoints(aside[0])] == ["step_0000030.safetensors", "step_0000040.safetensors"]
+
+
+def test_orphaned_temporary_files_are_removed_at_start(tmp_path):
+    for name in (".step_0000010.safetensors.a1b2.tmp", ".step_0000020.safetensors.zz.tmp"):
+        (tmp_path / name).write_bytes(b"half a checkpoint")
+    (tmp_path / "notes.tmp").write_text("not ours")
+    with pytest.warns(UserWarning, match="[Rr]emoved 2 unfinished checkpoint"):
+        train(mlp(), regression_data(), noisy_mse, small_cfg(max_steps=2), tmp_path, device="cpu")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["notes.tmp", "step_0000002.safetensors"]
+
+
+def test_unreadable_latest_checkpoint_falls_back_to_the_previous_one(tmp_path):
+    cfg = small_cfg(max_steps=12, checkpoint_every=4, keep_last=3)
+    full = Trainer(mlp(), regression_data(), noisy_mse, cfg, tmp_path / "full", device="cpu")
+    full.fit()
+    Trainer(mlp(), regression_data(), noisy_mse, cfg, tmp_path / "part", device="cpu").fit(until_step=8)
+    latest = tmp_path / "part" / "step_0000008.safetensors"
+    latest.write_bytes(latest.read_bytes()[:1000])  # a disk that filled up, a copy that stopped half-way
+    resumed = Trainer(mlp(seed=7), regression_data(), noisy_mse, cfg, tmp_path / "part", device="cpu")
+    with pytest.warns(UserWarning, match="step_0000008.safetensors.*unreadable.*step_0000004.safetensors"):
+        resumed.fit()
+    assert_same_tensors(resumed.unwrapped_model.state_dict(), full.unwrapped_model.state_dict())
+    assert read_checkpoint_metadata(latest_checkpoint(tmp_path / "part"))["step"] == 12
+
+
+def test_loading_weights_into_another_architecture_names_the_file_and_tensors(tmp_path):
+    train(mlp(), regression_data(), noisy_mse, small_cfg(max_steps=2), tmp_path, device="cpu")
+    path = latest_checkpoint(tmp_path)
+    other = nn.Sequential(nn.Linear(8, 16), nn.SiLU(), nn.Dropout(0.1), nn.Linear(16, 2), nn.Linear(2, 2))
+    with pytest.raises(ValueError) as err:
+        load_trained_weights(other, path)
+    message = str(err.value)
+    assert str(path) in message and "0.weight" in message and "(32, 8)" in message and "(16, 8)" in message
+    assert "4.weight" in message  # missing from the checkpoint
