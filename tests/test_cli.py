@@ -191,12 +191,15 @@ def test_sample_refuses_a_file_that_is_not_a_pipeline(tmp_path):
 
 
 @pytest.mark.parametrize("extra, message", [
-    (["--steps", "0"], "argument --steps: expected a positive integer, got 0"),
+    (["--steps", "0"], "argument --steps: expected 1 <= value <= 1,000"),
+    (["--steps", "5000"], "argument --steps: expected 1 <= value <= 1,000 (the diffusion has T = 1000 steps), got 5,000"),
     (["--steps", "-3"], "argument --steps"),
     (["--steps", "ten"], "argument --steps"),
     (["--guidance", "-1"], "argument --guidance: expected a finite number >= 0"),
     (["--guidance", "nan"], "argument --guidance"),
     (["--num-images", "0"], "argument --num-images"),
+    (["--num-images", "100000"], "argument --num-images: expected 1 <= value <= 64 (images side by side in one PNG)"),
+    (["--seed", str(2**64)], "argument --seed: expected 0 <= value <= 9,223,372,036,854,775,807"),
     (["--seed", "-1"], "argument --seed"),
     (["--profile", "fast"], "argument --profile"),
     (["--out", "image.jpg"], "--out must name a .png file"),
@@ -205,6 +208,51 @@ def test_sample_bad_arguments_exit_2(extra, message, tmp_path, monkeypatch):
     monkeypatch.setenv("LDM_COURSE_RUNS", str(tmp_path))   # no checkpoint: arguments are checked before looking for one
     code, _, err = run_main(["sample", "a red dress", *extra])
     assert code == cli.EXIT_USAGE and message in err, err
+
+
+def test_sample_checks_out_before_sampling(tmp_path, monkeypatch):
+    "Issue 14: an --out that cannot be written is refused before any model is loaded or image generated."
+    monkeypatch.setenv("LDM_COURSE_RUNS", str(tmp_path / "runs"))   # no checkpoint either: the --out check comes first
+    (tmp_path / "dir.png").mkdir()
+    code, _, err = run_main(["sample", "a red dress", "--out", str(tmp_path / "dir.png")])
+    assert code == cli.EXIT_USAGE and "is a folder" in err
+    locked = tmp_path / "locked"; locked.mkdir(); locked.chmod(0o500)
+    try:
+        if not os.access(locked, os.W_OK):   # root ignores permissions
+            code, _, err = run_main(["sample", "a red dress", "--out", str(locked / "a.png")])
+            assert code == cli.EXIT_USAGE and f"cannot write in {locked}" in err
+    finally: locked.chmod(0o700)
+    blocker = tmp_path / "file"; blocker.write_text("x")
+    code, _, err = run_main(["sample", "a red dress", "--out", str(blocker / "a.png")])
+    assert code == cli.EXIT_USAGE and "cannot write in" in err
+
+
+def test_run_refuses_profile_as_a_param():
+    code, _, err = run_main(["run", "--param", "profile=gpu", "--only", "05"])
+    assert code == cli.EXIT_USAGE and "--param profile=gpu is not allowed; use --profile gpu" in err
+
+
+def test_report_waits_for_no_one_it_names_the_running_pipeline(tmp_path, monkeypatch):
+    "Issue 14.5 through the CLI: `report` while another process holds runs/<profile> exits 1 naming it."
+    monkeypatch.setenv("LDM_COURSE_RUNS", str(tmp_path / "runs"))
+    holder = subprocess.Popen([sys.executable, "-c", "from ldm_course.pipeline import run_lock\nimport time\n"
+                               f"with run_lock({str(tmp_path / 'runs' / 'smoke')!r}): print('held', flush=True); time.sleep(120)"],
+                              stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "held"
+        code, _, err = run_main(["report", "--profile", "smoke", "--no-pdf"])
+        assert code == cli.EXIT_FAILED and f"pid {holder.pid}" in err and "in use by another ldm-course process" in err
+    finally:
+        holder.kill(); holder.wait()
+
+
+def test_relative_env_folders_are_made_absolute_at_the_edge(tmp_path, monkeypatch):
+    "Issue 14.4: a relative LDM_COURSE_DATA is read from the folder where the command was typed."
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("LDM_COURSE_DATA", "mydata")
+    code, out, _ = run_main(["data", "check"])
+    assert code == cli.EXIT_OK and f"data root: {tmp_path / 'mydata'}" in out
+    assert os.environ["LDM_COURSE_DATA"] == str(tmp_path / "mydata")
 
 
 def test_sample_empty_or_missing_prompt_exits_2():

@@ -59,7 +59,8 @@ def _text(html: str) -> str:
 def test_smoke_report_goes_to_runs_not_reports(built):
     assert built["files"].html == built["out"] / "rapport.html"
     assert built["out"] == built["tmp"] / "runs" / "smoke" / "report"
-    assert R.report_dir("cpu").name == "reports" and R.report_dir("gpu") == R.report_dir("cpu")
+    assert R.report_dir("cpu").name == "reports"                         # the repository's report
+    assert R.report_dir("gpu") == built["tmp"] / "runs" / "gpu" / "report"   # never mixed with cpu's
 
 
 def test_html_is_self_contained(built):
@@ -469,3 +470,23 @@ def test_unreadable_benchmark_files_are_skipped_with_a_warning(tmp_path):
     assert any("unet_cpu.json: not a readable JSON file" in m for m in messages), messages
     assert any("sampling_cuda.json: missing field 'accuracy_loss'" in m for m in messages), messages
     assert bench.results == [] and [f for f, _ in bench.skipped] == ["unet_cpu.json", "sampling_cuda.json"]
+
+
+def test_figures_of_another_run_are_left_out(tmp_path, monkeypatch):
+    "Issue 14.7: a figure made by another profile, another session or a failed stage is not shown next to these metrics."
+    import ldm_course.core as core
+    monkeypatch.setenv("LDM_COURSE_RUNS", str(tmp_path / "runs"))
+    monkeypatch.setenv("LDM_COURSE_FIGURES", str(tmp_path / "figures"))
+    save_metrics("05_ddpm_mnist", MNIST_METRICS, "smoke")
+    _png("fig_mnist_echantillons.png", 0)                    # same session as the metrics: this run's
+    monkeypatch.setattr(core, "RUN_SESSION", "an-older-process")
+    _png("fig_mnist_evolution.png", 1)                       # an older run's figure left in the folder
+    fig, ax = plt.subplots(); ax.plot([0, 1]); save_figure(fig, "fig_mnist_guidage.png", "cpu"); plt.close(fig)   # another profile
+    files = R.build_report("smoke", pdf=False)
+    md = files.markdown.read_text(encoding="utf-8")
+    assert "](figures/fig_mnist_echantillons.png)" in md
+    assert "](figures/fig_mnist_evolution.png)" not in md and "fig_mnist_guidage.png" not in md   # nor in the appendix
+    assert "non mesuré (chapitre 05) pour ce run : le fichier présent vient d'une autre exécution (session sans mesures" in md
+    assert files.left_out == {"fig_mnist_guidage.png": "faite par le profil cpu", "fig_mnist_evolution.png": "session sans mesures dans ce run"}
+    published = sorted(p.name for p in (files.html.parent / "figures").iterdir())
+    assert published == ["fig3_unet.png", "fig3_unet.png.json", "fig_mnist_echantillons.png", "fig_mnist_echantillons.png.json"]
