@@ -6,7 +6,6 @@
 from __future__ import annotations
 
 import dataclasses
-import hashlib
 import json
 import math
 import time
@@ -32,11 +31,11 @@ from .unet import UNet, UNetConfig, unet_preset
 # %% auto #0
 __all__ = ['ModelFn', 'DDPM_PRESETS', 'SAMPLERS', 'DDPM_FORMAT', 'CLASSIFIER_FORMAT', 'diffusion_loss', 'DiffusionLoss',
            'guided_prediction', 'classifier_free_guidance', 'class_guidance', 'ClassifierConfig', 'DDPMConfig',
-           'ddpm_config', 'build_scheduler', 'build_unet', 'config_fingerprint', 'make_sampler', 'sample_images',
-           'sample_evolution', 'ddpm_checkpoint_path', 'save_ddpm', 'LoadedDDPM', 'load_ddpm', 'ImageClassifier',
-           'random_shift', 'ClassificationLoss', 'train_classifier', 'predict_labels', 'classifier_accuracy',
-           'judge_checkpoint_path', 'save_classifier', 'judge_training_key', 'load_classifier', 'GuidanceSweep',
-           'guidance_sweep', 'plot_forward_noising', 'plot_evolution', 'plot_guidance_grid', 'plot_guidance_accuracy']
+           'ddpm_config', 'build_scheduler', 'build_unet', 'make_sampler', 'sample_images', 'sample_evolution',
+           'ddpm_checkpoint_path', 'save_ddpm', 'LoadedDDPM', 'load_ddpm', 'ImageClassifier', 'random_shift',
+           'ClassificationLoss', 'train_classifier', 'predict_labels', 'classifier_accuracy', 'judge_checkpoint_path',
+           'save_classifier', 'judge_training_key', 'load_classifier', 'GuidanceSweep', 'guidance_sweep',
+           'plot_forward_noising', 'plot_evolution', 'plot_guidance_grid', 'plot_guidance_accuracy']
 
 # %% ../nbs/05_ddpm_mnist.ipynb #a1aac510
 def diffusion_loss(model: nn.Module, # ε_θ(x_t, t, **model_kwargs) (or v_θ): same shape as x_t
@@ -247,11 +246,6 @@ def build_unet(cfg: DDPMConfig, # the experiment
               ) -> UNet:
     "A freshly initialised U-Net for an experiment: its weights are drawn from cfg.train.seed, whatever ran before."
     with torch_seeded(cfg.train.seed): return UNet(cfg.unet)
-
-def config_fingerprint(cfg: Config, # any Config
-                      ) -> str:
-    "A short hash of a config's JSON: names the folder of a run so that a changed config never resumes an old one."
-    return hashlib.sha256(cfg.to_json().encode()).hexdigest()[:10]
 
 # %% ../nbs/05_ddpm_mnist.ipynb #90f5d997
 SAMPLERS = ("ddpm", "ddim")
@@ -490,11 +484,12 @@ def judge_training_key(dataset: str, # "mnist", "cifar10"...
                        num_train_images: int, # how many of its images
                        config: Config, # architecture (ClassifierConfig, or chapter 11's GarmentJudgeConfig)
                        recipe: TrainConfig, # training recipe, seed included
+                       fingerprint: str | None = None, # `training.data_identity` fingerprint of its (images, labels)
                       ) -> dict:
     "What makes a judge: stored with it by chapters 05/06, compared by chapter 11 before it reuses that judge."
     data = {k: v for k, v in data.items() if k != "note"}  # the note says why (e.g. network down), not what the data is
-    key = {"dataset": dataset, "data": data, "num_train_images": int(num_train_images), "judge": config.to_dict(),
-           "recipe": recipe.to_dict(), "rng": "seeded from recipe.seed"}
+    key = {"dataset": dataset, "data": data, "num_train_images": int(num_train_images), "data_fingerprint": fingerprint,
+           "judge": config.to_dict(), "recipe": recipe.to_dict(), "rng": "seeded from recipe.seed"}
     return json.loads(json.dumps(key, default=str))  # the form it takes once stored: tuples become lists
 
 def load_classifier(path: str | Path, # a file written by `save_classifier`

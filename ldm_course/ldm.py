@@ -242,6 +242,12 @@ class CaptionedLatents(Dataset):
 
     def __len__(self) -> int: return len(self.latents)
 
+    @property
+    def tensors(self) -> tuple[Tensor, ...]:
+        "Everything the items are drawn from (what `training.data_identity` hashes)."
+        e = self.embeddings
+        return (self.latents, self.caption_ids, self.caption_probs, e.pooled) + ((e.tokens, e.mask) if self.with_tokens else ())
+
     def __getitem__(self, i: int) -> tuple[Tensor, ...]:
         k = 0 if len(self.caption_probs) == 1 else int(torch.multinomial(self.caption_probs, 1))  # global RNG: seeded by the Trainer
         j, e = self.caption_ids[i, k], self.embeddings
@@ -590,6 +596,7 @@ def train_ldm(cfg: LDMConfig, # the experiment
               device: str | None = None, # "cpu" forces the CPU; default: core.get_device()
               resume: str | Path | bool = False, # as in Trainer.fit
               metadata: Mapping[str, Any] | None = None, # extras stored in the training checkpoints
+              data_identity: Mapping[str, Any] | None = None, # `training.data_identity(train_set)` if already computed
              ) -> tuple[UNet, TrainHistory, float]: # (EMA U-Net in eval mode, history, wall seconds)
     "Train a latent U-Net with the chapter 04 Trainer and the text-conditioned L_simple."
     if cfg.unet.cross_attention_levels and not train_set.with_tokens:
@@ -597,7 +604,7 @@ def train_ldm(cfg: LDMConfig, # the experiment
     loss_fn = TextDiffusionLoss(build_ldm_scheduler(cfg), null, cfg.cond_drop_prob, use_pooled=cfg.unet.cond_dim is not None,
                                 use_tokens=bool(cfg.unet.cross_attention_levels), pooled_scale=cfg.pooled_scale)
     trainer = Trainer(build_ldm_unet(cfg), train_set, loss_fn, cfg.train, checkpoint_dir=checkpoint_dir, device=device,
-                      metadata={"ldm_config": cfg.to_dict(), **dict(metadata or {})})
+                      metadata=metadata, model_config=cfg, data_identity=data_identity)
     start = time.perf_counter()
     history = trainer.fit(resume=resume)
     return trainer.ema_model.eval(), history, time.perf_counter() - start

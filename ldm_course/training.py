@@ -26,7 +26,7 @@ from accelerate.state import AcceleratorState
 from accelerate.state import is_initialized as accelerate_state_initialized
 from accelerate.utils import gather_object, send_to_device
 from torch import Tensor, nn
-from torch.utils.data import DataLoader, Dataset, Sampler
+from torch.utils.data import DataLoader, Dataset, Sampler, Subset
 
 from ldm_course.core import (
     RUN_PROFILES, Config, capture_rng_state, get_device, image_grid, load_checkpoint, progress, resolve_profile,
@@ -40,7 +40,7 @@ __all__ = ['MIXED_PRECISIONS', 'TRAIN_PROFILES', 'LossFn', 'SampleFn', 'TrainCon
            'latest_checkpoint', 'prune_checkpoints', 'non_finite_tensors', 'checkpoint_step',
            'remove_unfinished_writes', 'set_aside_checkpoints', 'read_training_checkpoint', 'TrainHistory',
            'plot_training_curves', 'NonFiniteLossError', 'content_digest', 'data_identity', 'model_identity',
-           'recipe_identity', 'identity_fingerprint', 'identity_differences', 'state_dict_differences',
+           'recipe_identity', 'identity_fingerprint', 'training_dir', 'identity_differences', 'state_dict_differences',
            'check_state_fits', 'check_resumable', 'gather_rng_states', 'restore_process_rng',
            'accelerate_state_differs', 'make_accelerator', 'Trainer', 'train', 'load_trained_weights']
 
@@ -417,14 +417,18 @@ def content_digest(obj: Any, # tensors, arrays, numbers, strings, and lists / tu
     return h.hexdigest()
 
 def _as_json(value: Any) -> Any:
-    "The form a value takes once stored in a checkpoint's JSON metadata (Configs become dicts, tuples lists)."
-    return json.loads(json.dumps(value.to_dict() if isinstance(value, Config) else value, default=str))
+    "The form a value takes once stored in a checkpoint's JSON metadata (Configs, even nested, become dicts; tuples lists)."
+    return json.loads(json.dumps(value, default=lambda v: v.to_dict() if isinstance(v, Config) else str(v)))
 
 def data_identity(dataset: Dataset, # map-style dataset
                   source: str | None = None, # where it comes from, e.g. "mnist real" (default: the dataset's class name)
                   num_probes: int = 16, # items hashed when the dataset does not expose its `tensors`
                  ) -> dict: # {"source", "size", "fingerprint"}
     "What a run trains on: its origin, its size and a fingerprint of its contents (all its tensors, or evenly spaced items)."
+    if isinstance(dataset, Subset):  # which items of which data
+        whole = data_identity(dataset.dataset, num_probes=num_probes)
+        return {"source": source or f"Subset of {whole['source']}", "size": len(dataset),
+                "fingerprint": content_digest([[int(i) for i in dataset.indices], whole["fingerprint"]])[:16]}
     content = getattr(dataset, "tensors", None)  # TensorDataset, and any dataset exposing what its items are made of
     if content is None:
         n = len(dataset)
@@ -452,6 +456,12 @@ def identity_fingerprint(*parts: Any, # Configs, identity dicts, strings: everyt
                         ) -> str:
     "A short hash of what a run consumes: names its checkpoint folder, so new data or a new config opens a new one."
     return content_digest(_as_json(list(parts)))[:length]
+
+def training_dir(root: str | Path, # a chapter's checkpoint folder
+                 *consumed: Any, # everything the run consumes: its Configs, `data_identity(...)` of its data...
+                ) -> Path:
+    "root/train-<fingerprint>: a run's checkpoint folder, named so that another config or other data opens another one."
+    return Path(root) / f"train-{identity_fingerprint(*consumed)}"
 
 # %% ../nbs/04_training.ipynb #96435fdf
 def _given_data_identity(identity: Mapping[str, Any], # {"source", "fingerprint"[, "size"]} given by a chapter
@@ -518,8 +528,8 @@ def check_resumable(metadata: Mapping[str, Any], # metadata of the checkpoint to
     if differences:
         more = f" and {len(differences) - 12} more" if len(differences) > 12 else ""
         raise ValueError(f"{path} was made by another run and cannot be resumed: {'; '.join(differences[:12])}{more}. "
-                         "Train in another checkpoint_dir (chapters name theirs by identity_fingerprint of what they "
-                         "consume), or fit(resume=False) to move that run aside and start afresh")
+                         "Train in another checkpoint_dir (chapters name theirs with training_dir(root, config, "
+                         "data_identity(dataset))), or fit(resume=False) to move that run aside and start afresh")
     if metadata["num_processes"] != num_processes:
         warnings.warn(f"Resuming on {num_processes} processes a run saved on {metadata['num_processes']}: "
                       "the data split and random draws change")

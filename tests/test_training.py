@@ -1,5 +1,6 @@
 """Tests of the training loop (ldm_course.training): learning, LR schedule, EMA, checkpoints, NaN guard, condition
 dropout, exact resume in-process and after SIGKILL, and a 2-process CPU run under `accelerate launch`."""
+import dataclasses
 import math
 import os
 import signal
@@ -13,7 +14,7 @@ import pytest
 import torch
 from torch import nn
 
-from ldm_course.core import load_checkpoint, make_generator, read_checkpoint_metadata, save_checkpoint
+from ldm_course.core import Config, load_checkpoint, make_generator, read_checkpoint_metadata, save_checkpoint
 from ldm_course.training import (EMA, NonFiniteLossError, ResumableBatchSampler, TrainConfig, Trainer, drop_condition,
                                  ema_decay_at, epoch_permutation, latest_checkpoint, list_checkpoints,
                                  load_trained_weights, train, train_config, warmup_cosine)
@@ -447,6 +448,23 @@ def test_identity_is_stored_and_explicit_data_identity_is_used(tmp_path):
     assert identity["model"]["class"] == "Sequential" and identity["model"]["config"] == {"width": 32}
     assert identity["model"]["num_parameters"] == sum(p.numel() for p in mlp().parameters())
     assert identity["recipe"]["lr"] == 1e-2 and "checkpoint_every" not in identity["recipe"]
+    with pytest.raises(ValueError, match="describes 100 samples but the dataset has 256"):
+        Trainer(mlp(), regression_data(), noisy_mse, small_cfg(), device="cpu", data_identity={**ident, "size": 100})
+
+
+@dataclasses.dataclass
+class MLPConfig(Config):
+    widths: tuple[int, ...] = (32,)  # a tuple: stored as a JSON list, must still compare equal on resume
+
+
+def test_a_config_object_survives_the_round_trip_through_the_checkpoint(tmp_path):
+    cfg = small_cfg(max_steps=4)
+    Trainer(mlp(), regression_data(), noisy_mse, cfg, tmp_path, device="cpu", model_config=MLPConfig()).fit(until_step=2)
+    resumed = Trainer(mlp(), regression_data(), noisy_mse, cfg, tmp_path, device="cpu", model_config=MLPConfig())
+    assert len(resumed.fit()) == 4
+    with pytest.raises(ValueError, match=r"model\.config\.widths: \[32\] in the checkpoint, \[64\] now"):
+        Trainer(mlp(), regression_data(), noisy_mse, cfg.replace(max_steps=6), tmp_path, device="cpu",
+                model_config=MLPConfig((64,))).fit()
 
 
 def test_fresh_run_never_deletes_what_it_writes(tmp_path):
