@@ -87,7 +87,7 @@ def _kaggle_catalogue(folder: Path) -> None:
     rows = [",".join(KAGGLE_COLUMNS)]
     for i, (kind, colour) in enumerate([("Dresses", "Red"), ("Tshirts", "Blue"), ("Jeans", "Yellow")], start=1):
         rows.append(f"{i},Women,Apparel,Topwear,{kind},{colour},Summer,2012,Casual,{colour} {kind} for women")
-        Image.new("RGB", (60, 80), (200, 50, 50)).save(folder / "images" / f"{i}.jpg")
+        Image.new("RGB", (192, 256), (200, 50, 50)).save(folder / "images" / f"{i}.jpg")   # photos that serve the cpu profile's 256 px
     rows.append("4,Men,Apparel,Topwear,Tshirts,Black,Summer,2012,Casual,Black tshirt, with a comma")
     rows.append("5,Men,Apparel,Topwear,Tshirts,Pink,Summer,2012,Casual,Pink tshirt without image")
     (folder / "styles.csv").write_text("\n".join(rows) + "\n", encoding="utf-8")

@@ -1,5 +1,7 @@
 """Loaders of chapter 01 (ldm_course.data): real formats read from tiny fixtures written here, the Kaggle catalogue's
-faults counted by reason, clear errors, and deterministic synthetic fallbacks written in the real formats."""
+faults counted by reason, both Kaggle archives letterboxed to the profile's square size (the 60x80 one refused above
+80 px unless upscaling is asked), pattern labels read from product names, clear errors, and deterministic synthetic
+fallbacks (drawn by ldm_course.synthetic, natively at the size asked) written in the real formats."""
 import gzip
 import pickle
 import re
@@ -16,6 +18,7 @@ from torch.utils.data import DataLoader
 from torchvision.datasets import CIFAR10
 
 from ldm_course import data as D
+from ldm_course import synthetic as S
 
 COLUMNS = "id,gender,masterCategory,subCategory,articleType,baseColour,season,year,usage,productDisplayName"
 
@@ -228,7 +231,7 @@ def test_kaggle_zero_usable_rows_is_an_error(tmp_path):
 
 def test_kaggle_layout_found_nested_under_data_root(tmp_path):
     write_kaggle_fixture(tmp_path / "fashion-product-images-small" / "myntradataset")
-    ds, src = D.load_fashion(tmp_path, source="auto", verbose=False)
+    ds, src = D.load_fashion(tmp_path, source="auto", image_size=64, verbose=False)   # 60x80 photos serve 64 px images
     assert src.source == "real" and src.root.endswith("myntradataset") and src.skipped["malformed_line"] == 2
 
 
@@ -279,11 +282,11 @@ def _mentions(caption: str, article_type: str, colour: str) -> bool:
 
 
 def test_synthetic_catalogue_covers_the_seed_prompts(tmp_path):
-    folder, _ = D.make_synthetic_fashion(tmp_path, 200, seed=0)
-    assert (folder / "styles.csv").read_text().splitlines()[0] == COLUMNS
-    ds = D.FashionProducts(folder, verbose=False, verify_images=True)
+    folder, _ = D.make_synthetic_fashion(tmp_path, 200, seed=0, image_size=128)
+    assert (folder / "styles.csv").read_text().splitlines()[0] == COLUMNS and folder.name == "fashion-seed0-n200-s128"
+    ds = D.FashionProducts(folder, image_size=128, verbose=False, verify_images=True)
     assert len(ds) == 200 and sum(ds.skipped.values()) == 0
-    with Image.open(ds.records.path[0]) as im: assert (im.format, im.size, im.mode) == ("JPEG", (60, 80), "RGB")
+    with Image.open(ds.records.path[0]) as im: assert (im.format, im.size, im.mode) == ("JPEG", (128, 128), "RGB")
     rec = ds.records
     assert rec.articleType.nunique() >= 8 and rec.baseColour.nunique() >= 10
     for prompt, (kind, colour) in D.SEED_PROMPTS.items():
@@ -299,7 +302,7 @@ def test_synthetic_garments_show_their_colour():
     hits = total = 0
     for k, kind in enumerate(D.GARMENT_TYPES):
         for c, colour in enumerate(names):
-            a = np.asarray(D.draw_garment(kind, colour, "plain", np.random.default_rng([k, c])), float)
+            a = np.asarray(S.draw_garment(kind, colour, "solid", np.random.default_rng([k, c]), 64), float)
             cloth = a[np.abs(a - 255).max(-1) > 40] if colour != "White" else a[(a.min(-1) > 200) & (a.min(-1) < 253)]
             median = np.median(cloth, 0)
             hits += names[np.abs(palette - median).sum(1).argmin()] == colour; total += 1
@@ -311,7 +314,9 @@ def test_auto_falls_back_to_synthetic_loudly_and_reuses_it(tmp_path, capsys):
     with pytest.warns(D.SyntheticDataWarning, match="SYNTHETIC"):
         ds, src = D.load_fashion(tmp_path, source="auto", size=30, seed=3, image_size=32)
     assert (src.source, src.seed, src.num_items, src.split) == ("synthetic", 3, 30, "all")
-    assert Path(src.root) == tmp_path / "synthetic" / "fashion-seed3-n30" and "fashion-product-images" in src.note
+    drawn = D.catalogue_image_size()                                 # drawn at the profile's size, read at 32
+    assert Path(src.root) == tmp_path / "synthetic" / f"fashion-seed3-n30-s{drawn}" and "fashion-product-images" in src.note
+    assert ds.photo_size == (drawn, drawn) and ds[0][0].shape == (3, 32, 32)
     assert "SYNTHETIC data" in capsys.readouterr().out
     manifest = D.read_manifest(src.root)
     assert (manifest["dataset"], manifest["seed"], manifest["num_items"]) == ("fashion", 3, 30)
@@ -349,11 +354,158 @@ def test_network_check_fails_fast(monkeypatch):
 
 
 def test_image_sizes_and_value_range(tmp_path):
-    folder, _ = D.make_synthetic_fashion(tmp_path, 12, seed=0)
-    for size in (64, 128, 512):
+    folder, _ = D.make_synthetic_fashion(tmp_path, 12, seed=0, image_size=128)
+    for size in (32, 64, 128):                                        # read at the drawn size or smaller
         x, caption = D.FashionProducts(folder, image_size=size, verbose=False)[0]
         assert x.shape == (3, size, size) and x.min() >= -1 and x.max() <= 1 and isinstance(caption, str)
     with pytest.raises(ValueError, match="image_size"): D.FashionProducts(folder, image_size=4)
+    with pytest.raises(ValueError, match="allow_upscale"): D.FashionProducts(folder, image_size=512)   # never upscaled silently
+    with pytest.raises(ValueError, match="image_size"): D.make_synthetic_fashion(tmp_path, 12, image_size=8)
+
+
+# ---------------------------------------------------------------- high resolution: both Kaggle archives, patterns, native drawing
+ARCHIVE_NAMES = ["Turtle Check Men Red Shirt", "Peter England Men Red Striped Shirt", "Roadster Men Red Shirt", "Arrow Men Red Solid Shirt"]
+
+
+def write_archive(root: Path, size: tuple[int, int], names=ARCHIVE_NAMES) -> Path:
+    "Kaggle's layout (styles.csv + images/<id>.jpg) with photos of `size`: a red garment on white, 1-px white stripes on the striped one."
+    (root / "images").mkdir(parents=True)
+    w, h = size
+    for i, name in enumerate(names, start=1):
+        photo = np.full((h, w, 3), 255, np.uint8)
+        photo[h // 8: -h // 8, w // 6: -w // 6] = (200, 30, 40)
+        if "Striped" in name: photo[h // 8: -h // 8, w // 6: -w // 6: 4] = 255
+        Image.fromarray(photo).save(root / "images" / f"{i}.jpg", quality=95)
+    rows = [f"{i},Men,Apparel,Topwear,Shirts,Red,Summer,2012,Casual,{n}" for i, n in enumerate(names, start=1)]
+    (root / "styles.csv").write_text("\n".join([COLUMNS] + rows) + "\n", encoding="utf-8")
+    return root
+
+
+def test_catalogue_image_size_comes_from_the_profile(tmp_path):
+    assert {p: D.catalogue_image_size(p) for p in ("smoke", "cpu", "gpu")} == {"smoke": 64, "cpu": 256, "gpu": 512}
+    with pytest.warns(D.SyntheticDataWarning):
+        ds, src = D.load_fashion(tmp_path, source="synthetic", size=20, profile="smoke", verbose=False)
+    assert ds[0][0].shape == (3, 64, 64) and ds.photo_size == (64, 64) and src.root.endswith("fashion-seed0-n20-s64")
+
+
+def test_full_archive_letterboxed_to_the_profile_size(tmp_path):
+    write_archive(tmp_path / "fashion-product-images", (180, 240))
+    write_archive(tmp_path / "fashion-product-images-small", (60, 80))       # both present: the full-size one is read
+    ds, src = D.load_fashion(tmp_path, image_size=120, verbose=False)
+    assert (src.source, Path(src.root).name, ds.photo_size, ds.upscaled_from, src.note) == ("real", "fashion-product-images", (180, 240), None, "")
+    x, caption = ds[0]
+    assert x.shape == (3, 120, 120) and caption == ARCHIVE_NAMES[0]
+    torch.testing.assert_close(x[:, :, :14], torch.ones(3, 120, 14), atol=0.03, rtol=0)   # (240 - 180) / 2 = 30 px of white = 15 at 120
+    torch.testing.assert_close(x[:, :, -14:], torch.ones(3, 120, 14), atol=0.03, rtol=0)
+    garment = (x[0] > 0.3) & (x[1] < -0.5)                            # red pixels: the garment keeps its 2:3 aspect
+    rows, cols = garment.any(1).nonzero(), garment.any(0).nonzero()
+    assert abs(len(cols) / len(rows) - (180 - 60) / (240 - 60)) < 0.05
+    assert "180x240 photos -> 120x120" in ds.summary()
+
+
+def test_big_photos_decode_at_a_reduced_scale_without_changing_the_image(tmp_path):
+    "A 1800x2400 photo is decoded at 1/8 scale (225x300 still covers 256 once squared) and looks like a full decode."
+    root = write_archive(tmp_path / "shop", (1800, 2400), names=ARCHIVE_NAMES[2:3])
+    assert D._draft_size((1800, 2400), 256) == (192, 256)
+    with Image.open(root / "images" / "1.jpg") as im:
+        im.draft("RGB", D._draft_size(im.size, 256))
+        assert im.size == (225, 300)
+    x = D.FashionProducts(root, image_size=256, verbose=False)[0][0]
+    with Image.open(root / "images" / "1.jpg") as im: reference = D.pil_to_signed(D.pad_to_square(im.convert("RGB")).resize((256, 256), Image.LANCZOS))
+    assert (x - reference).abs().mean() < 0.01
+
+
+def test_small_archive_refuses_to_upscale_unless_asked_loudly(tmp_path):
+    write_archive(tmp_path / "fashion-product-images-small", (60, 80))
+    ds, _ = D.load_fashion(tmp_path, image_size=64, verbose=False)                          # 80 px photos: 64 is fine
+    assert ds[0][0].shape == (3, 64, 64) and ds.upscaled_from is None
+    with pytest.raises(ValueError) as e: D.load_fashion(tmp_path, image_size=256, verbose=False)
+    message = str(e.value)
+    assert all(w in message for w in ("60x80", "fashion-product-images'", "paramaggarwal", "kaggle.com", "allow_upscale=True", "image_size <= 80"))
+    with pytest.raises(ValueError, match="allow_upscale"): D.load_fashion(tmp_path, profile="cpu", verbose=False)  # the cpu default is 256
+    with pytest.warns(D.UpscaledImagesWarning, match="UPSCALING 60x80"):
+        ds, src = D.load_fashion(tmp_path, image_size=256, allow_upscale=True, verbose=False)
+    assert ds[0][0].shape == (3, 256, 256) and ds.upscaled_from == 80
+    assert "UPSCALED from 80 px to 256 px" in src.note and "UPSCALED" in src.summary() and "UPSCALED from 80 px" in ds.summary()
+
+
+@pytest.mark.parametrize("name, pattern", [
+    ("Turtle Check Men Navy Blue Shirt", "checked"), ("Peter England Men Navy Blue Striped Shirt", "striped"),
+    ("Arrow Men Checked Red Shirt", "checked"), ("Jealous 21 Women Stripes Blue Top", "striped"), ("Wrangler Men Plaid Shirt", "checked"),
+    ("Van Heusen Men Pinstripe Trousers", "striped"), ("United Colors of Benetton Men Checks Blue Shirt", "checked"),
+    ("Nike Men Solid Black Tshirt", "solid"), ("Roadster Men Blue Tshirt", "solid"), ("Puma Men Strip Sports Shorts", "solid"),
+    ("Checkmate Watch", "solid"), (None, "solid")])
+def test_pattern_read_from_product_names(name, pattern):
+    assert D.pattern_of(name) == pattern
+
+
+def test_pattern_column_and_labels_from_the_names(tmp_path):
+    ds = D.FashionProducts(write_archive(tmp_path / "shop", (60, 80)), image_size=32, verbose=False)
+    assert ds.records["pattern"].tolist() == ["checked", "striped", "solid", "solid"]
+    codes, classes = ds.labels("pattern")
+    assert classes == ["checked", "solid", "striped"] and codes.tolist() == [0, 2, 1, 1]
+    assert ds.item_info(1)["pattern"] == "striped" and "patterns: solid 2" in ds.summary()
+    fallback = D.FashionProducts(write_kaggle_fixture(tmp_path / "faulty"), verbose=False, image_size=32)
+    assert fallback.item_info(fallback.records["id"].tolist().index(8))["pattern"] == "solid"   # no name: nothing says a pattern
+
+
+def _drawn_patterns(size: int, seed: int = 0) -> list[str]:
+    "The pattern drawn for each item of a synthetic catalogue, recomputed as make_synthetic_fashion draws them."
+    return [S.product_row(np.random.default_rng([seed, n]), i, k, c)[1] for n, (i, k, c) in enumerate(S.catalogue_plan(size, seed))]
+
+
+def test_synthetic_catalogue_names_and_labels_its_patterns(tmp_path):
+    folder, _ = D.make_synthetic_fashion(tmp_path, 300, seed=0, image_size=64)
+    ds = D.FashionProducts(folder, image_size=64, verbose=False)
+    assert ds.records["pattern"].tolist() == _drawn_patterns(300)      # the loader's label is the drawn pattern, for every item
+    assert set(ds.records["pattern"]) == set(S.PATTERNS)
+    words = {"striped": r"\bstripe[sd]?\b", "checked": r"\bchecks?\b|\bchecked\b"}
+    for caption, pattern in zip(ds.captions, ds.records["pattern"]):
+        if pattern != "solid": assert re.search(words[pattern], caption, re.I), (caption, pattern)   # captions name the pattern
+    shirts = ds.records[ds.records.articleType == "Shirts"]
+    assert shirts.pattern.nunique() == 3 and (ds.records[ds.records.articleType == "Jeans"].pattern == "solid").all()
+
+
+def _high_frequency_energy(photo: Image.Image, cutoff: int = 32) -> float:
+    "Mean spectral power beyond `cutoff` cycles per image: what a 2·cutoff-pixel image cannot hold."
+    a = np.asarray(photo.convert("L"), np.float64) / 255
+    power = np.abs(np.fft.fft2(a - a.mean())) ** 2
+    f = np.abs(np.fft.fftfreq(a.shape[0]) * a.shape[0])
+    return float(power[np.maximum(f[:, None], f[None, :]) > cutoff].mean())
+
+
+def test_synthetic_garments_are_drawn_natively_not_upsampled():
+    for i, (kind, pattern) in enumerate([("Shirts", "striped"), ("Shirts", "checked"), ("Sweaters", "solid"), ("Jackets", "solid")]):
+        native, thumb = (S.draw_garment(kind, "Navy Blue", pattern, np.random.default_rng([1, i]), s) for s in (256, 64))
+        assert native.size == (256, 256) and thumb.size == (64, 64)
+        ratio = _high_frequency_energy(native) / _high_frequency_energy(thumb.resize((256, 256), Image.BICUBIC))
+        assert ratio > 5, f"{kind} {pattern}: {ratio:.1f}x the high-frequency energy of a 64 px drawing upsampled"
+        reduced = np.asarray(native.resize((64, 64), Image.BOX), float)    # same seed, same garment at every size
+        assert np.abs(reduced - np.asarray(thumb, float)).mean() < 12
+
+
+def test_fine_stripes_survive_the_jpeg(tmp_path):
+    folder, _ = D.make_synthetic_fashion(tmp_path, 40, seed=0, image_size=256)
+    plan, checked = S.catalogue_plan(40, 0), 0
+    for n, (item_id, kind, colour) in enumerate(plan):
+        rng = np.random.default_rng([0, n])
+        row, pattern = S.product_row(rng, item_id, kind, colour)
+        if pattern == "solid": continue
+        drawn = S.draw_garment(kind, colour, pattern, rng, 256)
+        with Image.open(folder / "images" / f"{item_id}.jpg") as im: saved = im.convert("RGB")
+        assert np.abs(np.asarray(saved, float) - np.asarray(drawn, float)).mean() < 1.5, item_id
+        assert _high_frequency_energy(saved) > 0.9 * _high_frequency_energy(drawn), item_id
+        checked += 1
+    assert checked >= 5, "a few patterned garments were compared"
+    assert sum(p.stat().st_size for p in (folder / "images").iterdir()) / 40 < 40_000   # about 15 KB a photo at 256
+
+
+def test_synthetic_module_draws_and_never_touches_files():
+    "Dependencies run data -> synthetic: the drawing module imports nothing of data and does no file I/O."
+    source = Path(S.__file__).read_text(encoding="utf-8")
+    assert not re.search(r"^\s*(from|import)\s+(\.|ldm_course\.)data\b", source, re.M)
+    assert not re.search(r"\bopen\(|\.save\(|write_text|write_bytes|Path\(", source)
+    assert D.GARMENT_COLOURS is S.GARMENT_COLOURS and D.GENERATOR_VERSION == S.GENERATOR_VERSION   # re-exported for chapters 07-11
 
 
 # ---------------------------------------------------------------- damaged files: skipped and counted, or named in the error
@@ -375,7 +527,7 @@ def write_catalogue_with_open_quote(root: Path, n: int, bad: int) -> Path:
 def test_kaggle_unclosed_quote_loses_one_row_not_the_rest(tmp_path, n):
     root = write_catalogue_with_open_quote(tmp_path / "shop", n, bad=10)
     assert (n > 2_000) == ((root / "styles.csv").stat().st_size > 128 * 1024)   # the csv module's field limit
-    ds = D.FashionProducts(root, verbose=False)
+    ds = D.FashionProducts(root, image_size=8, verbose=False)                    # 6x8 photos: no upscaling
     assert (len(ds), ds.skipped["malformed_line"], sum(ds.skipped.values()), ds.num_rows) == (n - 1, 1, 1, n)
     ids = ds.records["id"].tolist()
     assert ids == [i for i in range(1, n + 1) if i != 10]                      # the rows after the broken one are read
