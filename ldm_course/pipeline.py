@@ -35,8 +35,8 @@ __all__ = ['ALL_DATASETS', 'STAGE_INPUTS', 'PACKAGES', 'ENV_INPUTS', 'has_parame
            'select_notebooks', 'check_parameters', 'stage_parameters', 'StageInputs', 'stage_inputs', 'folder_digest',
            'dataset_locations', 'dataset_digest', 'package_versions', 'encoder_identity', 'environment_inputs',
            'library_digest', 'input_components', 'input_fingerprint', 'rerun_reasons', 'ChapterFailed', 'StageResult',
-           'running_cell', 'stage_environment', 'run_stage', 'RunLocked', 'run_lock', 'load_pipeline_state',
-           'run_pipeline']
+           'running_cell', 'stage_environment', 'run_stage', 'stage_status', 'RunLocked', 'run_lock',
+           'load_pipeline_state', 'run_pipeline']
 
 # %% ../nbs/12_pipeline.ipynb #b51b32b5
 def has_parameters_cell(notebook: str | Path, # an .ipynb file
@@ -280,28 +280,89 @@ def stage_environment(stem: str, # the stage being run
             if v is None: os.environ.pop(k, None)
             else: os.environ[k] = v
 
+def _kernel_manager_logging_to(log: Path) -> type:
+    "A Jupyter kernel manager whose kernel process writes its own stdout/stderr (start-up warnings...) to `log`."
+    from jupyter_client.manager import AsyncKernelManager
+    class LoggingKernelManager(AsyncKernelManager):
+        async def _async_launch_kernel(self, kernel_cmd, **kw):
+            kw["stdout"] = kw["stderr"] = open(log, "a", encoding="utf-8")  # noqa: SIM115 (the kernel process owns it)
+            return await super()._async_launch_kernel(kernel_cmd, **kw)
+    return LoggingKernelManager
+
+class _StatusWatcher:
+    "Calls `report(stage_status(...))` every `every` seconds from a daemon thread while a stage runs."
+    def __init__(self, output: Path, log: Path, report, every: float = 2.0):
+        import threading
+        self.stop, self.args, self.report, self.every = threading.Event(), (output, log), report, every
+        self.thread = threading.Thread(target=self._loop, daemon=True)
+    def _loop(self):
+        while not self.stop.wait(self.every):
+            try: self.report(stage_status(*self.args))
+            except Exception: pass  # a status line is never worth a failed run
+    def __enter__(self):
+        if self.report is not None: self.thread.start()
+        return self
+    def __exit__(self, *exc):
+        self.stop.set()
+
 def run_stage(notebook: Path, # the chapter notebook
               parameters: dict, # injected into its parameters cell
               out_dir: Path, # runs/<profile>: notebooks/ and logs/ go below
               cwd: Path, # working folder of the kernel (the notebook's folder)
               kernel_name: str = "python3", # Jupyter kernel to run it with
+              on_status=None, # called with a one-line status (section, progress) every 2 s while it runs
              ) -> float:
     "Execute one notebook with papermill; returns its wall time, raises ChapterFailed on a failing cell or a dead kernel."
     output, log = out_dir / "notebooks" / notebook.name, out_dir / "logs" / f"{notebook.stem}.log"
     output.parent.mkdir(parents=True, exist_ok=True); log.parent.mkdir(parents=True, exist_ok=True)
     output.unlink(missing_ok=True)  # a copy left by an earlier run must not be mistaken for this one's
     start = time.perf_counter()
-    with open(log, "w", encoding="utf-8") as log_file:
+    with open(log, "w", encoding="utf-8") as log_file, _StatusWatcher(output, log, on_status):
         try:
             papermill.execute_notebook(str(notebook), str(output), parameters=parameters, cwd=str(cwd),
                                        kernel_name=kernel_name, language="python", progress_bar=False,
-                                       stdout_file=log_file, stderr_file=log_file)
+                                       stdout_file=log_file, stderr_file=log_file,
+                                       kernel_manager_class=_kernel_manager_logging_to(log))
         except PapermillExecutionError as e:
             raise ChapterFailed(notebook.stem, e.cell_index, e.ename, e.evalue, output, log) from None
         except Exception as e:  # the kernel died mid-cell, or could not start
             cell = running_cell(output)
             raise ChapterFailed(notebook.stem, cell, type(e).__name__, str(e), output, log, kernel_died=cell is not None) from e
     return time.perf_counter() - start
+
+# %% ../nbs/12_pipeline.ipynb #247075f8
+_TQDM_LINE = re.compile(r"^(?P<desc>[^|\n]*?):?\s*(?P<pct>\d+%)\|[^|]*\|\s*(?P<count>[^\[]*?)\s*\[(?P<elapsed>[^<\]]*)<?(?P<left>[^,\]]*)")
+
+def _last_progress(log: Path, tail_bytes: int = 8192) -> str:
+    "The last tqdm bar in a log, shortened to 'desc pct count <remaining' ('' when none)."
+    try:
+        with open(log, "rb") as f:
+            f.seek(max(0, f.seek(0, os.SEEK_END) - tail_bytes))
+            text = f.read().decode("utf-8", errors="replace")
+    except OSError: return ""
+    for line in reversed(re.split(r"[\r\n]+", text)):
+        if (m := _TQDM_LINE.search(line.strip())):
+            left = f" <{m['left'].strip()}" if m["left"].strip() and m["left"].strip() != "?" else ""
+            return f"{m['desc'].strip()} {m['pct']} {m['count'].strip()}{left}".strip()
+    return ""
+
+def _current_section(output: Path) -> str:
+    "The heading of the section the last started cell belongs to ('' when unknown)."
+    cell = running_cell(output)
+    if cell is None: return ""
+    try: cells = nbformat.read(str(output), as_version=4).cells
+    except Exception: return ""
+    for c in reversed(cells[:cell + 1]):
+        if c.cell_type == "markdown":
+            heading = next((l.lstrip("#").strip() for l in c.source.splitlines() if l.startswith("#")), "")
+            if heading: return heading
+    return ""
+
+def stage_status(output: Path, # the executed copy papermill keeps up to date
+                 log: Path, # the stage's log, where the kernel writes its progress bars
+                ) -> str:
+    "Where a running notebook is, in one line: its current section and its last progress bar."
+    return " · ".join(part for part in (_current_section(output), _last_progress(log)) if part)
 
 # %% ../nbs/12_pipeline.ipynb #e0faaf4f
 class RunLocked(RuntimeError):
@@ -375,6 +436,8 @@ def _record(state: dict, state_path: Path, result: StageResult) -> None:
     state[result.notebook] = result.to_dict()
     atomic_write(state_path, json.dumps(state, indent=2) + "\n")
 
+def _interactive() -> bool: return sys.stderr.isatty() and not os.environ.get("LDM_COURSE_NO_PROGRESS")
+
 def _now() -> str: return datetime.now(timezone.utc).isoformat(timespec="microseconds")
 
 def run_pipeline(profile: str = "auto", # smoke | cpu | gpu | auto
@@ -418,7 +481,8 @@ def run_pipeline(profile: str = "auto", # smoke | cpu | gpu | auto
             _record(state, state_path, StageResult(nb.stem, "running", 0.0, output, "", "", {}, reasons))  # no stale success survives
             start = time.perf_counter()
             try:
-                with stage_environment(nb.stem, fp): seconds = run_stage(nb, parameters, out_dir, cwd=nbs_dir)
+                live = (lambda s, stem=nb.stem: bar.set_postfix_str(f"{stem} · {s}" if s else stem)) if _interactive() else None
+                with stage_environment(nb.stem, fp): seconds = run_stage(nb, parameters, out_dir, cwd=nbs_dir, on_status=live)
             except BaseException as e:
                 status = "failed" if isinstance(e, ChapterFailed) else "interrupted"
                 _record(state, state_path, StageResult(nb.stem, status, round(time.perf_counter() - start, 1), output, "", _now(), {}, reasons))

@@ -220,3 +220,27 @@ def test_every_stage_declares_what_it_reads():
         if "load_text_encoder(" in code: assert declared.text_encoder, nb.name
         for upstream in ("find_vae(", "load_or_train_vae("):
             if upstream in code: assert "07" in declared.upstream, f"{nb.name} loads chapter 07's VAE"
+
+
+def test_kernel_noise_goes_to_the_log_not_the_terminal(course, tmp_path, capfd):
+    "Issue 17.5: Jupyter's TCP warning and shutdown chatter of a successful run land in the stage's log, not on the terminal."
+    out = tmp_path / "runs"
+    run_pipeline("smoke", only=["05"], nbs_dir=course, out_dir=out, library_dir=course)
+    terminal = capfd.readouterr()
+    assert "Kernel is running over TCP" not in terminal.err + terminal.out
+    assert "KeyboardInterrupt" not in terminal.err + terminal.out
+    assert "Kernel is running over TCP" in (out / "logs" / "05_first.log").read_text()
+
+
+def test_live_status_reports_section_and_progress(tmp_path):
+    "While a stage runs, its status line names the current section and the last progress bar of the kernel."
+    from ldm_course.pipeline import run_stage
+    nbs = tmp_path / "nbs"; nbs.mkdir()
+    nb_cells = [nbformat.v4.new_code_cell("profile = 'smoke'", metadata={"tags": ["parameters"]}),
+                nbformat.v4.new_markdown_cell("## Entraîner le modèle"),
+                nbformat.v4.new_code_cell("import time\nfrom tqdm import tqdm\n"
+                                          "for _ in tqdm(range(30), desc='entraînement', mininterval=0): time.sleep(0.2)")]
+    nbformat.write(nbformat.v4.new_notebook(cells=nb_cells, metadata={"kernelspec": KERNELSPEC}), str(nbs / "05_live.ipynb"))
+    seen = []
+    run_stage(nbs / "05_live.ipynb", {"profile": "smoke"}, tmp_path / "runs", cwd=nbs, on_status=seen.append)
+    assert any(s.startswith("Entraîner le modèle · entraînement") and "/30" in s for s in seen), seen
