@@ -29,7 +29,7 @@ BENCH_DIR = Path(__file__).resolve().parent
 sys.path.insert(0, str(BENCH_DIR))
 from machine import RESULTS_DIR, describe, machine_description, pick_device  # noqa: E402
 
-from ldm_course.report import BENCHMARK_TARGETS, unet_speedups  # noqa: E402  (the report states the same verdicts)
+from ldm_course.benchmarks import BENCHMARK_TARGETS, unet_speedups  # noqa: E402  (the targets and U-Net rule the report judges with)
 
 SCRIPTS = {"unet": "bench_unet.py", "sampling": "bench_sampling.py", "latent_vs_pixel": "bench_latent_vs_pixel.py",
            "flops": "bench_flops.py"}

@@ -19,7 +19,7 @@ __all__ = ['SAMPLE_CHAPTERS', 'MAX_STEPS', 'MAX_IMAGES', 'MAX_SEED', 'EXIT_OK', 
            'find_pipeline_checkpoint', 'sample_png', 'check_writable', 'build_parser', 'main']
 
 # %% ../nbs/14_cli.ipynb #8fc7f53a
-from .report import ReportBuildError, build_report
+from .report_build import ReportBuildError, build_report
 
 def _cmd_report(args: argparse.Namespace) -> int:
     with run_lock(runs_dir(args.profile)):

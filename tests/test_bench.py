@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import importlib
 import json
+import re
 import sys
 from pathlib import Path
 
@@ -178,9 +179,19 @@ def test_our_unet_traces_into_one_graph_for_torch_compile():
         assert g["fx_ops"] > 10
 
 
+def test_bench_takes_its_rules_from_benchmarks_not_from_the_report():
+    "bench/ and the report share ldm_course.benchmarks; bench/ must not depend on the report's wording (report*.py)."
+    report = re.compile(r"^\s*(?:from|import)\s+ldm_course\.report|^\s*from\s+ldm_course\s+import\s+[^\n]*\breport", re.M)
+    assert report.search("from ldm_course.report_build import x") and report.search("from ldm_course import core, report")
+    for script in sorted(BENCH.glob("*.py")):
+        assert not report.search(script.read_text(encoding="utf-8")), f"bench/{script.name} imports the report"
+    for script in ("run_all.py", "bench_sampling.py", "bench_latent_vs_pixel.py", "bench_flops.py"):
+        assert "from ldm_course.benchmarks import" in (BENCH / script).read_text(encoding="utf-8"), script
+
+
 def test_run_all_and_the_report_give_the_same_unet_verdict():
-    "The verdict rule lives in report.unet_speedups; run_all's headline must agree with the report's reading."
-    from ldm_course.report import BENCHMARK_TARGETS, unet_speedups
+    "The verdict rule lives in benchmarks.unet_speedups; run_all's headline must agree with the report's reading."
+    from ldm_course.benchmarks import BENCHMARK_TARGETS, benchmark_verdicts, unet_speedups
     timing = lambda ips: {"images_per_s_median": ips}
     result = {"results": [{"name": "mnist", "speedup_ceiling": 1.5, "timings": {
         "ours contiguous": timing(10.0), "ours channels_last": timing(14.0), "diffusers contiguous": timing(8.0),
@@ -191,8 +202,10 @@ def test_run_all_and_the_report_give_the_same_unet_verdict():
     measured, verdict = bench_module("run_all").headline("unet", result)
     assert "1.40×" in measured and "ceiling at equal FLOPs 1.50×" in measured
     assert verdict.endswith("met") and f"≥ {BENCHMARK_TARGETS['unet']['speedup']:g}×" in verdict
+    assert benchmark_verdicts("unet", result) == [True]                              # the report's verdict
     result["results"][0]["timings"]["ours channels_last"] = timing(12.0)
     assert bench_module("run_all").headline("unet", result)[1].endswith("missed")   # 1.2× < 1.3×
+    assert benchmark_verdicts("unet", result) == [False]
     # CUDA graphs speed both networks up: ours with them is compared with diffusers with them, never with diffusers eager
     result["results"][0]["timings"].update({"ours contiguous compile-reduce-overhead": timing(52.0),
                                             "diffusers contiguous compile-reduce-overhead": timing(50.0)})

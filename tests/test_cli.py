@@ -17,7 +17,7 @@ from PIL import Image
 from ldm_course import cli
 from ldm_course.core import save_metrics
 from ldm_course.data import KAGGLE_COLUMNS, write_mnist
-from ldm_course.report import ReportBuildError
+from ldm_course.report_build import ReportBuildError
 
 SCRIPT = shutil.which("ldm-course") or str(Path(sys.executable).parent / "ldm-course")
 

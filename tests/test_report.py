@@ -10,8 +10,12 @@ import matplotlib.pyplot as plt
 import numpy as np
 import pytest
 
-from ldm_course import report as R
-from ldm_course.core import figures_dir, runs_dir, save_figure, save_metrics
+from ldm_course.benchmarks import BENCHMARKS
+from ldm_course.core import figures_dir, load_metrics, repo_root, runs_dir, save_figure, save_metrics
+from ldm_course.diagrams import draw_unet
+from ldm_course.report import read_benchmarks
+from ldm_course.report_build import FIG1_NAME, FIG3_NAME, ReportBuildError, build_report, draw_report_figures, report_dir
+from ldm_course.report_format import format_value, missing
 
 HAS_TEX = shutil.which("latexmk") is not None
 
@@ -45,7 +49,7 @@ def built(tmp_path_factory):
         _png("fig_mnist_evolution.png", 0)
         _png("fig_zz_nouvelle_figure.png", 1)   # unknown to the template: must land in the appendix
         _png("test.png", 2)                     # not a chapter figure (no fig prefix): must be ignored
-        files = R.build_report("smoke")
+        files = build_report("smoke")
         yield {"files": files, "tmp": tmp, "html": files.html.read_text(encoding="utf-8"),
                "markdown": files.markdown.read_text(encoding="utf-8"), "figures": figures_dir("smoke"),
                "out": runs_dir("smoke") / "report"}
@@ -59,8 +63,8 @@ def _text(html: str) -> str:
 def test_smoke_report_goes_to_runs_not_reports(built):
     assert built["files"].html == built["out"] / "rapport.html"
     assert built["out"] == built["tmp"] / "runs" / "smoke" / "report"
-    assert R.report_dir("cpu").name == "reports"                         # the repository's report
-    assert R.report_dir("gpu") == built["tmp"] / "runs" / "gpu" / "report"   # never mixed with cpu's
+    assert report_dir("cpu").name == "reports"                         # the repository's report
+    assert report_dir("gpu") == built["tmp"] / "runs" / "gpu" / "report"   # never mixed with cpu's
 
 
 def test_html_is_self_contained(built):
@@ -84,7 +88,7 @@ def test_html_has_the_french_sections(built):
 def test_numbers_come_from_the_metrics(built):
     text = _text(built["html"])
     for value in (0.1452, 0.3946, 173921, 196.4, 0.9731, 44419):
-        assert R.format_value(value) in text, (value, R.format_value(value))
+        assert format_value(value) in text, (value, format_value(value))
     assert "0,1452" in text and "173\u00a0921" in text
     assert "la perte moyenne passe de 0,3946 (premiers pas) à 0,1452 (derniers pas) en 30 pas" in text
     assert "all-MiniLM-L6-v2" in text                            # chapter 08's encoder, by its usual name
@@ -137,8 +141,8 @@ def test_latex_error_names_the_first_error_and_the_log(built, tmp_path, monkeypa
     monkeypatch.setenv("LDM_COURSE_FIGURES", str(built["tmp"] / "figures"))
     template = tmp_path / "rapport.md"
     template.write_text("---\ntitle: Test\n---\n\n# Introduction\n\n\\nosuchmacro\n", encoding="utf-8")
-    with pytest.raises(R.ReportBuildError, match=r"Undefined control sequence[\s\S]*see the log: .*rapport\.log"):
-        R.build_report("smoke", out_dir=tmp_path / "out", template=template)
+    with pytest.raises(ReportBuildError, match=r"Undefined control sequence[\s\S]*see the log: .*rapport\.log"):
+        build_report("smoke", out_dir=tmp_path / "out", template=template)
     assert not (tmp_path / "out" / "rapport.pdf").exists()    # nothing published on failure
 
 
@@ -150,7 +154,7 @@ def test_greek_letters_from_metrics_build_the_pdf(built, tmp_path, monkeypatch):
     template = tmp_path / "rapport.md"
     template.write_text("---\ntitle: Test\n---\n\n# Introduction\n\n"
                         "((( md_escape('ddim-50, η = 1 ; α, β, σ, λ, μ, ε, θ, τ, ∅ ; ≤ ≥ ≈ →') )))\n", encoding="utf-8")
-    files = R.build_report("smoke", out_dir=tmp_path / "out", template=template)
+    files = build_report("smoke", out_dir=tmp_path / "out", template=template)
     assert files.pdf is not None and files.pdf.stat().st_size > 0
 
 
@@ -160,21 +164,21 @@ def test_html_only_build_and_unknown_label(built, tmp_path, monkeypatch):
     template = tmp_path / "rapport.md"
     template.write_text("# Résultats\n\nPerte : ((( r.measure('05', 'train.loss_last_20') ))), "
                         "VAE : ((( r.measure('07', 'recon_mse') ))).\n", encoding="utf-8")
-    files = R.build_report("smoke", out_dir=tmp_path / "out", template=template, pdf=False)
+    files = build_report("smoke", out_dir=tmp_path / "out", template=template, pdf=False)
     assert files.pdf is None and not (tmp_path / "out" / "rapport.pdf").exists()
     assert "Perte : 0,1452, VAE : non mesuré (chapitre 07)." in _text(files.html.read_text(encoding="utf-8"))
     template.write_text("Voir la ((( r.ref('fig:nulle') ))).\n", encoding="utf-8")
     with pytest.raises(ValueError, match="Unknown figure or table label 'fig:nulle'"):
-        R.build_report("smoke", out_dir=tmp_path / "out", template=template, pdf=False)
+        build_report("smoke", out_dir=tmp_path / "out", template=template, pdf=False)
 
 
 def test_missing_pandoc_names_the_package(monkeypatch):
     import pypandoc
     def no_pandoc(): raise OSError("No pandoc was found")
     monkeypatch.setattr(pypandoc, "get_pandoc_path", no_pandoc)
-    monkeypatch.setattr(R.shutil, "which", lambda name: None)
-    with pytest.raises(R.ReportBuildError, match="pypandoc-binary"):
-        R.build_report("smoke")
+    monkeypatch.setattr(shutil, "which", lambda name: None)
+    with pytest.raises(ReportBuildError, match="pypandoc-binary"):
+        build_report("smoke")
 
 
 def test_later_chapters_are_picked_up(tmp_path, monkeypatch):
@@ -192,9 +196,9 @@ def test_later_chapters_are_picked_up(tmp_path, monkeypatch):
                             "vq": {"config": {"kind": "vq"}, "psnr": 22.5, "parameters": 1200000, "steps": 300, "train_seconds": 70.0}},
                  "smoke")
     _png("fig4_evolution_debruitage.png", 3)
-    drawn = R.draw_report_figures(R.load_metrics("smoke"), "smoke")
-    assert set(drawn) == {R.FIG1_NAME, R.FIG3_NAME} and drawn[R.FIG1_NAME].chapter == "10"
-    files = R.build_report("smoke", out_dir=tmp_path / "out", pdf=False)
+    drawn = draw_report_figures(load_metrics("smoke"), "smoke")
+    assert set(drawn) == {FIG1_NAME, FIG3_NAME} and drawn[FIG1_NAME].chapter == "10"
+    files = build_report("smoke", out_dir=tmp_path / "out", pdf=False)
     md, text = files.markdown.read_text(encoding="utf-8"), _text(files.html.read_text(encoding="utf-8"))
     assert "](figures/fig1_architecture_ldm.png)" in md and "](figures/fig4_evolution_debruitage.png)" in md
     assert "dessiné depuis la configuration enregistrée par le chapitre 10" in text
@@ -209,7 +213,7 @@ def test_unet_diagram_follows_the_configuration():
     UNetConfig = pytest.importorskip("ldm_course.unet", reason="chapter 03 (ldm_course.unet) not exported yet").UNetConfig
     config = UNetConfig(in_channels=4, out_channels=4, block_out_channels=(32, 64, 64), layers_per_block=2,
                         attention_levels=(2,), cross_attention_levels=(1, 2), context_dim=384)
-    texts = [t.get_text() for t in R.draw_unet(config, sample_size=7, input_name="z_t").axes[0].texts]
+    texts = [t.get_text() for t in draw_unet(config, sample_size=7, input_name="z_t").axes[0].texts]
     plt.close("all")
     assert sum(t.startswith("encodeur ") for t in texts) == 3 and sum(t.startswith("décodeur ") for t in texts) == 3
     assert any("64 canaux · 4×4" in t for t in texts)                        # 7 -> 4 -> 2: stride-2 convs round up
@@ -220,11 +224,11 @@ def test_unet_diagram_follows_the_configuration():
 
 
 def test_format_value_is_french():
-    assert R.format_value(0.042137) == "0,04214"
-    assert R.format_value(1234567) == "1\u00a0234\u00a0567"
-    assert R.format_value(2.5e-5) == "2,5e-5"
-    assert R.format_value(True) == "oui"
-    assert R.missing("11") == "non mesuré (chapitre 11)"
+    assert format_value(0.042137) == "0,04214"
+    assert format_value(1234567) == "1\u00a0234\u00a0567"
+    assert format_value(2.5e-5) == "2,5e-5"
+    assert format_value(True) == "oui"
+    assert missing("11") == "non mesuré (chapitre 11)"
 
 
 # --- the Results section of the latent chapters (07, 09, 10, 11), from metrics in the shape the chapters write ---
@@ -330,7 +334,7 @@ def latent(tmp_path_factory):
         for i, name in enumerate(("fig4_evolution_debruitage.png", "fig_qualite_vs_pas.png", "fig_additif_vs_cross_attention.png")):
             _png(name, 10 + i)
         with pytest.warns(UserWarning, match=r"Benchmark result skipped: .*flops_cuda_2threads_compile\.json: not a readable JSON"):
-            files = R.build_report("smoke", out_dir=tmp / "out", bench_dir=_write_bench(tmp / "bench"))
+            files = build_report("smoke", out_dir=tmp / "out", bench_dir=_write_bench(tmp / "bench"))
         yield {"files": files, "markdown": files.markdown.read_text(encoding="utf-8"),
                "text": _text(files.html.read_text(encoding="utf-8"))}
 
@@ -417,7 +421,7 @@ def test_partial_and_older_metrics_do_not_crash(tmp_path, monkeypatch):
     save_metrics("10_cross_attention", {"unet_parameters": 0, "train": {"steps": 30}}, "smoke")
     save_metrics("11_evaluation", {"mnist": None, "cifar10": None, "steps_curve": None, "alignment": {"results": []},
                                    "methods_table": [], "clothing": {"real_vs_real": None}}, "smoke")
-    files = R.build_report("smoke", out_dir=tmp_path / "out", pdf=False)
+    files = build_report("smoke", out_dir=tmp_path / "out", pdf=False)
     md, text = files.markdown.read_text(encoding="utf-8"), _text(files.html.read_text(encoding="utf-8"))
     assert _rows(md, "Red", "5", "0,457", "0,491") and "couleur conservée non mesuré (chapitre 07)" in md
     assert _rows(md, "paramètres du U-Net", "non mesuré (chapitre 09)", "non mesuré (chapitre 10)")
@@ -452,8 +456,8 @@ def test_benchmark_section_reads_the_result_files(latent):
 def test_benchmark_section_of_the_repository(built):
     "The default build reads the repository's bench/results: every benchmark is there, with each of its files or 'non mesuré'."
     section = _bench_section(_text(built["html"])).replace("\u200b", "")
-    results = R.repo_root() / "bench" / "results"
-    for name, title in R.BENCHMARKS.items():
+    results = repo_root() / "bench" / "results"
+    for name, title in BENCHMARKS.items():
         files = sorted(results.glob(f"{name}_*.json"))
         assert title in section, title
         assert all(f.name in section for f in files), (name, files)
@@ -465,7 +469,7 @@ def test_unreadable_benchmark_files_are_skipped_with_a_warning(tmp_path):
     (tmp_path / "sampling_cuda.json").write_text(json.dumps({"machine": _bench_machine("NVIDIA H200"), "speedup": 20.0}), encoding="utf-8")
     (tmp_path / "summary.json").write_text("{}", encoding="utf-8")                  # run_all's summary: not a result file
     with pytest.warns(UserWarning) as caught:
-        bench = R.read_benchmarks(tmp_path)
+        bench = read_benchmarks(tmp_path)
     messages = [str(w.message) for w in caught]
     assert any("unet_cpu.json: not a readable JSON file" in m for m in messages), messages
     assert any("sampling_cuda.json: missing field 'accuracy_loss'" in m for m in messages), messages
@@ -482,7 +486,7 @@ def test_figures_of_another_run_are_left_out(tmp_path, monkeypatch):
     monkeypatch.setattr(core, "RUN_SESSION", "an-older-process")
     _png("fig_mnist_evolution.png", 1)                       # an older run's figure left in the folder
     fig, ax = plt.subplots(); ax.plot([0, 1]); save_figure(fig, "fig_mnist_guidage.png", "cpu"); plt.close(fig)   # another profile
-    files = R.build_report("smoke", pdf=False)
+    files = build_report("smoke", pdf=False)
     md = files.markdown.read_text(encoding="utf-8")
     assert "](figures/fig_mnist_echantillons.png)" in md
     assert "](figures/fig_mnist_evolution.png)" not in md and "fig_mnist_guidage.png" not in md   # nor in the appendix
