@@ -251,6 +251,12 @@ def test_synthetic_data_is_deterministic(tmp_path, make, size):
     assert fa.keys() != fc.keys() or any(fa[k] != fc[k] for k in fa)
 
 
+def test_synthetic_catalogue_drawn_in_parallel_is_the_same(tmp_path):
+    one, _ = D.make_synthetic_fashion(tmp_path / "one", 30, seed=4, image_size=64, workers=1)
+    two, _ = D.make_synthetic_fashion(tmp_path / "two", 30, seed=4, image_size=64, workers=2)   # forked processes
+    assert _files(one) == _files(two) and len(_files(one)) == 31
+
+
 def test_synthetic_mnist_in_real_format_and_learnable(tmp_path):
     folder, manifest = D.make_synthetic_mnist(tmp_path, 600, seed=0)
     raw = folder / "MNIST" / "raw"
