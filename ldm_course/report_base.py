@@ -132,6 +132,8 @@ FIGURE_CAPTIONS = {  # file -> (chapter, French caption) of the chapters' figure
     "fig_donnees_vetements.png": ("01", "Articles du catalogue de vêtements et leurs légendes"),
     "fig_donnees_mnist.png": ("01", "Exemples d'images MNIST utilisées"),
     "fig_donnees_cifar10.png": ("01", "Exemples d'images CIFAR10 utilisées"),
+    "fig_donnees_vetements_pleine_taille.png": ("01", "Le catalogue à pleine résolution : trois photos par type de vêtement"),
+    "fig_donnees_details_resolution.png": ("01", "La même chemise, le même pull, la même veste à 64, 256 et 512 pixels de côté"),
     "fig_scheduler_alphas_cumprod.png": ("02", "$\\bar\\alpha_t$ pour les trois calendriers de bruit"),
     "fig_bruitage_direct.png": ("02", "Bruitage direct $q(x_t \\mid x_0)$ d'une image à plusieurs pas de temps"),
     "fig_scheduler_trajectoire_ideale.png": ("02", "Échantillonnage avec un débruiteur idéal (oracle)"),
