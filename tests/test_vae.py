@@ -1,14 +1,18 @@
-"""Chapter 07: KL-VAE and VQ-VAE (shapes, posterior maths, quantiser, losses, scale factor, checkpoints, latent cache, colour fidelity)."""
+"""Chapter 07: KL-VAE and VQ-VAE (shapes for f = 4..32, posterior maths, quantiser, the LDM detail recipe, one step of every
+high-resolution recipe, exact resume, scale factor, checkpoints, latent cache, colour fidelity)."""
 import json
 
 import pytest
 import torch
 import torch.nn.functional as F
 
-from ldm_course.core import read_checkpoint_metadata, save_checkpoint
+from ldm_course.core import read_checkpoint_metadata, save_checkpoint, torch_seeded
 from ldm_course.data import GARMENT_COLOURS
+from ldm_course.training import Trainer
 from ldm_course.vae import (
-    AttnBlock, AutoencoderKL, DiagonalGaussian, VAEConfig, VAELoss, VQVAE, VectorQuantizer, build_vae,
+    AttnBlock, AutoencoderKL, ByteImages, DiagonalGaussian, PatchDiscriminator, VAEConfig, VAELoss, VQVAE, VectorQuantizer,
+    adaptive_weight, build_vae, frozen, hinge_d_loss, hinge_g_loss, high_frequency_ratio, patch_spectrum_distance,
+    random_crops, ssim,
     code_perplexity, colour_error, colour_fidelity, colour_preserved, dominant_colour, encode_dataset, garment_mask, estimate_scale_factor, interpolate, load_vae, psnr, reconstruct, save_vae,
     set_scale_factor, vae_checkpoint_path, vae_config, vae_train_config,
 )
@@ -23,7 +27,8 @@ def tiny(kind="kl", **kw):
 
 # ---------------------------------------------------------------- shapes
 @pytest.mark.parametrize("kind", ["kl", "vq"])
-@pytest.mark.parametrize("channels,size,latent", [((8, 16, 16), 64, 16), ((8, 16, 16, 16), 64, 8), ((8, 16, 16, 16), 128, 16)])
+@pytest.mark.parametrize("channels,size,latent", [((8, 16, 16), 64, 16), ((8, 16, 16, 16), 64, 8), ((8, 16, 16, 16), 128, 16),
+                                                   ((8, 8, 8, 16, 16), 256, 16), ((8, 8, 8, 8, 16, 16), 512, 16)])
 def test_shapes(kind, channels, size, latent):
     model = tiny(kind, block_out_channels=channels, image_size=size).eval()
     x = torch.randn(2, 3, size, size)
@@ -45,13 +50,18 @@ def test_default_config_is_the_reports_16x16_latent_and_presets_agree():
             cfg = vae_config(kind, profile)
             assert cfg.kind == kind and cfg.latent_shape == (4, 16, 16)
             assert VAEConfig.from_dict(json.loads(cfg.to_json())) == cfg
-    assert vae_config("kl", "gpu").downsample_factor == 8
+    assert [vae_config("kl", p).downsample_factor for p in ("smoke", "cpu", "gpu")] == [4, 16, 32]
+    assert vae_config("kl", "gpu", factor=8).latent_shape == (4, 64, 64)
+    with pytest.raises(ValueError, match="No cpu autoencoder preset for f = 32"): vae_config("kl", "cpu", factor=32)
     assert vae_train_config("vq", "cpu").ema_decay == 0.0
 
 
-@pytest.mark.parametrize("bad,match", [(dict(kind="vqgan"), "kind"), (dict(block_out_channels=(8,)), "f = 2, 4 or 8"),
+@pytest.mark.parametrize("bad,match", [(dict(kind="vqgan"), "kind"), (dict(block_out_channels=(8, 8)), "f = 4, 8, 16 or 32"),
                                        (dict(image_size=66), "multiple"), (dict(norm_groups=5), "norm_groups"),
-                                       (dict(recon_loss="huber"), "recon_loss"), (dict(codebook_decay=1.0), "codebook_decay")])
+                                       (dict(recon_loss="huber"), "recon_loss"), (dict(codebook_decay=1.0), "codebook_decay"),
+                                       (dict(block_out_channels=(8,) * 7), "f = 4, 8, 16 or 32"),
+                                       (dict(train_crop_size=96), "train_crop_size"), (dict(train_crop_size=30), "multiple"),
+                                       (dict(perceptual_weight=1.0), "needs a perceptual_loss"), (dict(disc_start=-1), "disc_start")])
 def test_config_rejects_bad_values(bad, match):
     with pytest.raises(ValueError, match=match): VAEConfig(**bad)
 
@@ -338,3 +348,150 @@ def test_colour_fidelity_table_per_label():
     assert table["Red"]["colour_preserved"] == 1.0 and table["Red"]["colour_error"] == 0.0
     assert table["all"]["colour_preserved"] == pytest.approx((len(names) - 1) / len(names), abs=1e-4)
     with pytest.raises(ValueError, match="labels"): colour_fidelity(x, x, names[:2])
+
+
+# ---------------------------------------------------------------- the LDM detail recipe
+def test_hinge_losses_and_adaptive_weight_in_closed_form():
+    assert hinge_d_loss(torch.tensor([2.0, 0.5]), torch.tensor([-3.0, 0.0])).item() == pytest.approx(0.75)
+    assert hinge_d_loss(torch.tensor([1.0]), torch.tensor([-1.0])).item() == 0.0
+    assert hinge_g_loss(torch.tensor([1.0, -3.0])).item() == pytest.approx(1.0)
+    w, h = torch.tensor([1.0, 2.0, 2.0], requires_grad=True), torch.tensor([0.5, -1.0, 3.0])
+    y = (w * h).sum()                                                  # a one-layer "decoder": ∇_w y = h
+    rec, g = (y - 1.0) ** 2, -3.0 * y
+    expected = 2 * abs(y.item() - 1.0) * h.norm() / (3 * h.norm() + 1e-4)
+    assert adaptive_weight(rec, g, w).item() == pytest.approx(expected.item(), rel=1e-5)
+    assert adaptive_weight(rec, 1e-9 * g, w, max_weight=10.0).item() == 10.0
+
+
+def test_patch_spectrum_prefers_sharp_shifted_stripes_to_a_blur_where_l1_does_not():
+    y = torch.arange(64.0).view(1, 1, 64, 1).expand(2, 3, 64, 64)
+    stripes = torch.where(((y / 9.5) % 1) < 0.3, 1.0, -0.6)
+    flat = stripes.mean((2, 3), keepdim=True).expand_as(stripes)
+    shifted = torch.roll(stripes, 4, dims=2)
+    assert patch_spectrum_distance(stripes, stripes).item() == pytest.approx(0.0, abs=1e-6)
+    assert patch_spectrum_distance(shifted, stripes) < 0.5 * patch_spectrum_distance(flat, stripes)
+    assert (shifted - stripes).abs().mean() > (flat - stripes).abs().mean()      # L1 prefers the flat colour
+    assert high_frequency_ratio(flat, stripes).max() < 0.01 and ssim(stripes, stripes).min() > 0.999
+
+
+def test_random_crops_are_windows_drawn_from_the_global_generator():
+    x = torch.arange(2 * 3 * 10 * 10, dtype=torch.float32).reshape(2, 3, 10, 10)
+    with torch_seeded(1): a = random_crops(x, 4)
+    with torch_seeded(1): b = random_crops(x, 4)
+    assert torch.equal(a, b) and a.shape == (2, 3, 4, 4)
+    for image, crop in zip(x, a):
+        t, l = [int(i) for i in (image[0] == crop[0, 0, 0]).nonzero()[0]]
+        assert torch.equal(crop, image[:, t:t + 4, l:l + 4])
+    with pytest.raises(ValueError, match="crop size"): random_crops(x, 11)
+
+
+def _gan_config(**kw):
+    return VAEConfig(**{**TINY, "image_size": 32, "train_crop_size": 16, "perceptual_loss": "patch_spectrum",
+                        "perceptual_weight": 1.0, "disc_weight": 0.5, "disc_channels": 4, "disc_layers": 2, **kw})
+
+
+def test_one_backward_gives_each_network_only_its_own_objective():
+    cfg = _gan_config()
+    torch.manual_seed(0)
+    model, x = build_vae(cfg), torch.rand(3, 3, 32, 32) * 2 - 1
+    with torch_seeded(5): loss = VAELoss(cfg)(model, x)
+    loss.backward()
+    critic, ae_params = model.discriminator, [p for n, p in model.named_parameters() if not n.startswith("discriminator.")]
+    with torch_seeded(5): crops = random_crops(x, 16); out = model(crops)
+    nll = (out.sample - crops).abs().mean() + patch_spectrum_distance(out.sample, crops)
+    with frozen(critic): g = -critic(out.sample).mean()
+    ae_loss = nll + cfg.kl_weight * out.posterior.kl().mean() / crops[0].numel() + 0.5 * adaptive_weight(nll, g, model.last_layer) * g
+    d_loss = hinge_d_loss(critic(crops), critic(out.sample.detach()))
+    for p, ref in zip(ae_params, torch.autograd.grad(ae_loss, ae_params, retain_graph=True, allow_unused=True)):
+        if ref is not None: torch.testing.assert_close(p.grad, ref, rtol=1e-4, atol=1e-6)
+    for p, ref in zip(critic.parameters(), torch.autograd.grad(d_loss, list(critic.parameters()))):
+        torch.testing.assert_close(p.grad, ref, rtol=1e-4, atol=1e-6)
+    assert all(p.requires_grad for p in critic.parameters())
+
+
+def test_detail_terms_switch_on_at_their_start_counted_in_the_model():
+    cfg = _gan_config(perceptual_start=1, disc_start=2)
+    model, loss_fn, x = build_vae(cfg), VAELoss(cfg), torch.rand(2, 3, 32, 32) * 2 - 1
+    seen = []
+    for _ in range(3):
+        loss_fn(model, x).backward()
+        seen.append(sorted(k for k in ("perceptual", "generator", "discriminator") if len(loss_fn.terms[k]) == len(loss_fn.terms["loss"])))
+        loss_fn.terms = type(loss_fn.terms)(list)
+    assert seen == [[], ["perceptual"], ["discriminator", "generator", "perceptual"]]
+    assert int(model.train_batches) == 3
+    with torch.no_grad(): loss_fn(model, x)                           # evaluation calls do not count
+    assert int(model.train_batches) == 3
+
+
+HIRES = [("cpu", 16, 256, 128, 16), ("gpu", 32, 512, 256, 16), ("gpu", 8, 512, 256, 64)]
+
+
+@pytest.mark.parametrize("profile,factor,size,crop,latent", HIRES)
+def test_one_training_step_of_every_hires_recipe_at_reduced_width(profile, factor, size, crop, latent, one_thread):
+    "The real recipe (crops, every term on, the critic) and the real shapes, with 8-channel levels: it runs on a CPU."
+    real = vae_config("kl", profile, factor)
+    assert (real.image_size, real.train_crop_size, real.latent_shape) == (size, crop, (4, latent, latent))
+    levels = len(real.block_out_channels)
+    cfg = real.replace(block_out_channels=(8,) * levels, layers_per_block=1, norm_groups=4, disc_channels=4,
+                       perceptual_start=0, disc_start=0)
+    train_cfg = vae_train_config("kl", profile, batch_size=2, max_steps=1, warmup_steps=0, mixed_precision="no",
+                                 num_workers=0, checkpoint_every=0)
+    images = ByteImages.from_dataset(torch.rand(2, 3, size, size) * 2 - 1)
+    trainer = Trainer(build_vae(cfg), images, VAELoss(cfg), train_cfg, device="cpu")
+    before = {k: v.clone() for k, v in trainer.unwrapped_model.state_dict().items()}
+    trainer.fit(resume=False)
+    terms = trainer.loss_fn.terms
+    assert {"reconstruction", "kl", "perceptual", "generator", "discriminator", "adaptive_weight"} <= set(terms)
+    after = trainer.unwrapped_model.state_dict()
+    for name in ("encoder.conv_in.weight", "decoder.conv_out.weight", "discriminator.layers.0.weight"):
+        assert not torch.equal(before[name], after[name]), f"{name} did not move"
+    model = trainer.unwrapped_model.eval()
+    with torch.no_grad():
+        z = model.encode_latents(images[0][0][None])                   # whole images, once trained on crops
+        assert z.shape == (1, 4, latent, latent)
+        assert model.decode_latents(z).shape == (1, 3, size, size)
+
+
+def test_resume_after_interruption_equals_the_uninterrupted_run(tmp_path, one_thread):
+    "Across the switch-on of the critic: weights, critic, EMA, optimizer, counter and data order all come back."
+    cfg = _gan_config(perceptual_start=2, disc_start=2)
+    train_cfg = vae_train_config("kl", "smoke", max_steps=5, batch_size=2, checkpoint_every=0)
+    data = ByteImages.from_dataset(torch.rand(6, 3, 32, 32, generator=torch.Generator().manual_seed(0)) * 2 - 1)
+    def trainer(folder): return Trainer(build_vae(cfg), data, VAELoss(cfg), train_cfg, folder, device="cpu", model_config=cfg)
+    full = trainer(tmp_path / "full"); full.fit(resume=False)
+    part = trainer(tmp_path / "part"); part.fit(resume=False, until_step=3)
+    resumed = trainer(tmp_path / "part"); resumed.fit()                 # a new process would do the same: read the checkpoint
+    assert resumed.step == full.step == 5
+    for a, b in ((resumed.unwrapped_model, full.unwrapped_model), (resumed.ema_model, full.ema_model)):
+        sa, sb = a.state_dict(), b.state_dict()
+        assert sa.keys() == sb.keys() and all(torch.equal(sa[k], sb[k]) for k in sa), "resumed run differs"
+    assert int(resumed.unwrapped_model.train_batches) == 5
+
+
+def test_latent_cache_key_covers_vae_weights_data_and_image_size(tmp_path):
+    model = tiny("kl", colour_shortcut=True).eval()
+    small = [(torch.rand(3, 32, 32) * 2 - 1, "c") for _ in range(3)]
+    large = [(F.interpolate(x[None], scale_factor=2)[0], c) for x, c in small]   # the same items at twice the size
+    cache = tmp_path / "latents.safetensors"
+    a = encode_dataset(model, small, cache, data_key="catalogue")
+    key = read_checkpoint_metadata(cache)["cache_key"]
+    assert key["image_shape"] == [3, 32, 32] and key["data"] == "catalogue" and key["vae"]
+    b = encode_dataset(model, large, cache, data_key="catalogue")    # same name, other size: recomputed
+    assert b.shape[-1] == 2 * a.shape[-1] and read_checkpoint_metadata(cache)["cache_key"]["image_shape"] == [3, 64, 64]
+    stamp = cache.stat().st_mtime_ns
+    encode_dataset(model, large, cache, data_key="catalogue")
+    assert cache.stat().st_mtime_ns == stamp                         # a hit
+    with torch.no_grad(): model.decoder.conv_out.bias.add_(0.1)      # other VAE weights: recomputed
+    encode_dataset(model, large, cache, data_key="catalogue")
+    assert cache.stat().st_mtime_ns != stamp
+
+
+def test_byte_images_round_trip_and_older_checkpoints_without_the_counter_load(tmp_path):
+    x = torch.randint(0, 256, (4, 3, 8, 8)).float() / 127.5 - 1
+    stored = ByteImages.from_dataset(x, batch_size=3)
+    assert stored.images.dtype == torch.uint8 and torch.equal(torch.stack([stored[i][0] for i in range(4)]), x)
+    model = tiny("kl")
+    state = {k: v for k, v in model.state_dict().items() if k != "train_batches"}   # as chapter 07 wrote them before
+    path = save_checkpoint(tmp_path / "old.safetensors", {"model": state},
+                           {"format": "ldm_course.vae/1", "vae_config": model.config.to_dict(), "scale_factor": 1.0})
+    assert int(load_vae(path).train_batches) == 0
