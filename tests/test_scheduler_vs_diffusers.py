@@ -1,4 +1,4 @@
-"""Numerical agreement of `ldm_course.scheduler` with diffusers' DDPMScheduler and DDIMScheduler.
+"""Numerical agreement of `ldm_course.scheduler` with diffusers' DDPMScheduler, DDIMScheduler and DPMSolverMultistepScheduler.
 
 Both sides get identical inputs and identically seeded `torch.Generator`s: diffusers draws its step noise with
 `randn_tensor(shape, generator, device, dtype)` and our samplers draw it the same way, so whole trajectories
@@ -13,10 +13,12 @@ import pytest
 import torch
 
 diffusers = pytest.importorskip("diffusers")
-from diffusers import DDIMScheduler, DDPMScheduler
+# DPMSolverMultistepScheduler.set_timesteps calls np.array on a tensor in a way NumPy 2 deprecates: not ours to fix
+pytestmark = pytest.mark.filterwarnings("ignore:__array__ implementation doesn.t accept a copy keyword:DeprecationWarning")
+from diffusers import DDIMScheduler, DDPMScheduler, DPMSolverMultistepScheduler
 
-from ldm_course.scheduler import (BETA_SCHEDULES, PREDICTION_TYPES, DDIMSampler, DDPMSampler, NoiseScheduler,
-                                  make_beta_schedule)
+from ldm_course.scheduler import (BETA_SCHEDULES, DPM_TIMESTEP_SPACINGS, PREDICTION_TYPES, DDIMSampler, DDPMSampler,
+                                  DPMSolverMultistepSampler, NoiseScheduler, make_beta_schedule)
 
 DIFFUSERS_NAME = {"linear": "linear", "scaled_linear": "scaled_linear", "cosine": "squaredcos_cap_v2"}
 BETA_RANGE = {"linear": (1e-4, 0.02), "scaled_linear": (0.00085, 0.012), "cosine": (1e-4, 0.02)}
@@ -178,7 +180,7 @@ def diffusers_sample(ref, model_fn, shape, seed, **step_kwargs):
     for t in ref.timesteps:
         out = ref.step(model_fn(x, t.expand(shape[0])), t, x, generator=g, **step_kwargs)
         x = out.prev_sample
-        x0s.append(out.pred_original_sample)
+        x0s.append(getattr(out, "pred_original_sample", None))  # DPMSolverMultistepScheduler does not return it
     return x, x0s
 
 
@@ -310,3 +312,137 @@ def test_clear_errors():
         DDIMSampler(ours, eta=-1)
     with pytest.raises(ValueError, match="Unknown timestep_spacing 'linspace'"):
         DDPMSampler(ours, timestep_spacing="linspace")
+    with pytest.raises(ValueError, match="3 only with algorithm_type='dpmsolver\\+\\+'"):
+        DPMSolverMultistepSampler(ours, solver_order=3, algorithm_type="sde-dpmsolver++")
+    with pytest.raises(ValueError, match=r"num_inference_steps must be an int in \[1, 999\]"):
+        DPMSolverMultistepSampler(ours, timestep_spacing="leading").set_timesteps(1000)
+
+
+# ---------------------------------------------------------------- DPM-Solver++ (DPMSolverMultistepScheduler)
+
+def dpm_pair(schedule="linear", prediction_type="epsilon", **options):
+    "Our DPMSolverMultistepSampler and diffusers' DPMSolverMultistepScheduler: same schedule, same options (same names)."
+    start, end = BETA_RANGE[schedule]
+    ours = DPMSolverMultistepSampler(NoiseScheduler(1000, schedule, start, end, prediction_type), **options)
+    ref = DPMSolverMultistepScheduler(num_train_timesteps=1000, beta_schedule=DIFFUSERS_NAME[schedule], beta_start=start,
+                                      beta_end=end, prediction_type=prediction_type, **options)
+    return ours, ref
+
+
+def bounded_model(scheduler):
+    "A stand-in network whose x̂0 = tanh(1.5·x_t + cos(t/250)) stays in [-1, 1], as ε̂ or v̂ (the samples stay O(1))."
+    def model_fn(x, t):
+        x0 = torch.tanh(1.5 * x + torch.cos(t.float() / 250).view(-1, 1, 1, 1))
+        return scheduler.get_target(x0, scheduler.predict_noise_from_start(x, t, x0), t)
+    return model_fn
+
+
+def compare_dpm_trajectories(ours, ref, n, seed=0, scale=1.0):
+    "Both solvers from the same x_T, each on its own trajectory, same model, identically seeded step noise: every state agrees."
+    ref.set_timesteps(n); ours.set_timesteps(n)
+    assert torch.equal(ours.timesteps, ref.timesteps)
+    model = bounded_model(ours.scheduler)
+    x = x_ref = torch.randn(SHAPE, generator=gen(seed)) * scale
+    g_ours, g_ref = gen(seed + 1), gen(seed + 1)
+    for t in ref.timesteps:
+        x_ref = ref.step(model(x_ref, t.expand(SHAPE[0])), t, x_ref, generator=g_ref).prev_sample
+        x, x0 = ours.step(model(x, t.expand(SHAPE[0])), t, x, generator=g_ours, return_x0=True)
+        # x̂0 itself is ill-conditioned for ε at t = 999 (it divides by α_t ≈ 6e-3): float32 leaves both sides ~3e-5
+        # from the float64 value there. The samples multiply it by α_t(1 − e^{-h}) and must agree to 1e-5.
+        torch.testing.assert_close(x0, ref.model_outputs[-1], rtol=1e-4, atol=1e-4, msg=lambda m: f"x0 at t={int(t)}: {m}")
+        torch.testing.assert_close(x, x_ref, **TOL, msg=lambda m: f"x at the step after t={int(t)}: {m}")
+    return x
+
+
+@pytest.mark.parametrize("spacing", DPM_TIMESTEP_SPACINGS)
+@pytest.mark.parametrize("n", [1, 3, 7, 10, 15, 16, 50, 999])
+def test_dpm_set_timesteps_matches_diffusers(spacing, n):
+    ours, ref = dpm_pair(timestep_spacing=spacing)
+    ref.set_timesteps(n)
+    timesteps = ours.set_timesteps(n)
+    assert timesteps.dtype == torch.int64 and torch.equal(timesteps, ref.timesteps)
+
+
+@pytest.mark.parametrize("spacing", DPM_TIMESTEP_SPACINGS)
+def test_dpm_timesteps_are_n_distinct_descending_values_in_range(spacing):
+    sampler = DPMSolverMultistepSampler(NoiseScheduler(), timestep_spacing=spacing)
+    for n in range(1, sampler.max_inference_steps + 1):
+        ts = sampler.set_timesteps(n)
+        assert len(ts) == n and int(ts.min()) >= 0 and int(ts.max()) <= 999
+        assert bool((ts[:-1] > ts[1:]).all())
+    assert sampler.max_inference_steps == (1000 if spacing == "trailing" else 999)
+
+
+# ε with scaled_linear, v with cosine (ε at the cosine's last step divides by α ≈ 5e-5: meaningless in float32)
+PAIRS = [("scaled_linear", "epsilon"), ("cosine", "v_prediction")]
+ORDERS = [(1, "dpmsolver++"), (2, "dpmsolver++"), (3, "dpmsolver++"), (1, "sde-dpmsolver++"), (2, "sde-dpmsolver++")]
+
+
+@pytest.mark.parametrize("schedule, prediction_type", PAIRS)
+@pytest.mark.parametrize("n", [5, 8, 15, 20])
+@pytest.mark.parametrize("solver_order, algorithm_type", ORDERS)
+@pytest.mark.parametrize("lower_order_final", [True, False])
+def test_dpm_every_intermediate_sample(schedule, prediction_type, n, solver_order, algorithm_type, lower_order_final):
+    ours, ref = dpm_pair(schedule, prediction_type, solver_order=solver_order, algorithm_type=algorithm_type,
+                         lower_order_final=lower_order_final, timestep_spacing="trailing")
+    compare_dpm_trajectories(ours, ref, n, seed=n)
+
+
+@pytest.mark.parametrize("spacing", DPM_TIMESTEP_SPACINGS)
+@pytest.mark.parametrize("final_sigmas_type", ["zero", "sigma_min"])
+@pytest.mark.parametrize("n, solver_order, algorithm_type", [(5, 2, "dpmsolver++"), (15, 3, "dpmsolver++"), (8, 2, "sde-dpmsolver++")])
+def test_dpm_spacings_and_final_sigmas(spacing, final_sigmas_type, n, solver_order, algorithm_type):
+    ours, ref = dpm_pair("linear", "epsilon", solver_order=solver_order, algorithm_type=algorithm_type,
+                         final_sigmas_type=final_sigmas_type, timestep_spacing=spacing)
+    compare_dpm_trajectories(ours, ref, n, seed=3)
+
+
+@pytest.mark.parametrize("prediction_type", PREDICTION_TYPES)
+@pytest.mark.parametrize("solver_order, algorithm_type", [(2, "dpmsolver++"), (3, "dpmsolver++"), (2, "sde-dpmsolver++")])
+@pytest.mark.parametrize("ratio, max_value", [(0.995, 1.0), (0.995, 1.5), (0.9, 3.0)])
+def test_dpm_with_dynamic_thresholding(prediction_type, solver_order, algorithm_type, ratio, max_value):
+    ours, ref = dpm_pair("linear", prediction_type, solver_order=solver_order, algorithm_type=algorithm_type, thresholding=True,
+                         dynamic_thresholding_ratio=ratio, sample_max_value=max_value, timestep_spacing="leading")
+    compare_dpm_trajectories(ours, ref, 12, seed=5, scale=3.0)
+
+
+@pytest.mark.parametrize("algorithm_type", ["dpmsolver++", "sde-dpmsolver++"])
+@pytest.mark.parametrize("prediction_type", PREDICTION_TYPES)
+def test_dpm_sample_loop_matches_diffusers_pipeline_loop(algorithm_type, prediction_type):
+    # one generator draws x_T and then every step's noise, on both sides
+    schedule = "scaled_linear" if prediction_type == "epsilon" else "cosine"
+    ours, ref = dpm_pair(schedule, prediction_type, algorithm_type=algorithm_type, timestep_spacing="trailing")
+    ref.set_timesteps(15)
+    model = bounded_model(ours.scheduler)
+    expected, _ = diffusers_sample(ref, model, SHAPE, seed=11)
+    got = ours.sample(model, SHAPE, gen(11), num_inference_steps=15)
+    assert not got.requires_grad and got.is_inference()
+    torch.testing.assert_close(got, expected, **TOL)
+
+
+def test_dpm_step_is_repeatable_and_a_new_run_forgets_the_last():
+    ours, _ = dpm_pair("cosine", "v_prediction", solver_order=3)
+    model = bounded_model(ours.scheduler)
+    ours.set_timesteps(10)
+    x = torch.randn(SHAPE, generator=gen(0))
+    for t in ours.timesteps:
+        out = model(x, t.expand(SHAPE[0]))
+        x_next, x0 = ours.step(out, t, x, return_x0=True)
+        assert torch.equal(ours.step(out, t, x), x_next)   # the same step twice, or without return_x0: the same result
+        x = x_next
+    x_T = torch.randn(SHAPE, generator=gen(1))
+    first = ours.sample(model, SHAPE, x_T=x_T)
+    assert torch.equal(ours.sample(model, SHAPE, x_T=x_T), first)   # the second run does not reuse the first run's x̂0
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_dpm_sde_on_cuda_with_cpu_generator_matches_diffusers():
+    ours, ref = dpm_pair("cosine", "v_prediction", algorithm_type="sde-dpmsolver++", timestep_spacing="trailing")
+    ref.set_timesteps(20)
+    model = bounded_model(ours.scheduler)
+    expected, _ = diffusers_sample(ref, model, SHAPE, seed=4)
+    ours.scheduler.to("cuda")
+    cuda_model = bounded_model(ours.scheduler)
+    got = ours.sample(cuda_model, SHAPE, gen(4), num_inference_steps=20, device="cuda")
+    assert got.device.type == "cuda"
+    torch.testing.assert_close(got.cpu(), expected, **TOL)
