@@ -15,8 +15,8 @@ from .core import PROFILES, absolute_env_paths, data_dir, resolve_profile, runs_
 from .pipeline import ChapterFailed, RunLocked, run_lock, run_pipeline
 
 # %% auto #0
-__all__ = ['SAMPLE_CHAPTERS', 'MAX_STEPS', 'MAX_IMAGES', 'MAX_SEED', 'EXIT_OK', 'EXIT_FAILED', 'EXIT_USAGE', 'CheckpointNotFound',
-           'find_pipeline_checkpoint', 'sample_png', 'check_writable', 'build_parser', 'main']
+__all__ = ['SAMPLE_CHAPTERS', 'SAMPLER_NAMES', 'MAX_STEPS', 'MAX_IMAGES', 'MAX_SEED', 'EXIT_OK', 'EXIT_FAILED', 'EXIT_USAGE',
+           'CheckpointNotFound', 'find_pipeline_checkpoint', 'sample_png', 'check_writable', 'build_parser', 'main']
 
 # %% ../nbs/14_cli.ipynb #8fc7f53a
 from .report_build import ReportBuildError, build_report
@@ -121,10 +121,11 @@ import numpy as np
 from PIL import Image
 
 from .core import atomic_path, image_grid, runs_dir
-from .ldm import LatentDiffusionPipeline, ldm_checkpoint_path
+from .ldm import LDM_SAMPLERS, LatentDiffusionPipeline, ldm_checkpoint_path
 from .text import TextEncoderUnavailable
 
 SAMPLE_CHAPTERS = ("10_cross_attention", "09_ldm_additive")  # pipelines `sample` looks for, preferred first
+SAMPLER_NAMES = {"ddim": "DDIM", "ddpm": "DDPM", "dpm++": "DPM-Solver++(2M)", "sde-dpm++": "SDE-DPM-Solver++(2M)"}  # for messages
 
 class CheckpointNotFound(Exception):
     "No trained pipeline where `sample` looks for one: a chapter has to run first (exit code 1)."
@@ -143,12 +144,14 @@ def sample_png(pipe: LatentDiffusionPipeline, # a loaded pipeline
                prompt: str, # e.g. "a red dress"
                out: str | Path, # destination .png (written atomically)
                num_images: int = 1, # samples of the prompt, side by side
-               num_inference_steps: int | None = None, # DDIM steps (None: the pipeline's default)
+               num_inference_steps: int | None = None, # sampling steps (None: the pipeline's default)
                guidance_scale: float | None = None, # w (None: the pipeline's default)
                seed: int = 0, # seed of z_T
+               sampler: str | None = None, # "ddim", "ddpm", "dpm++" or "sde-dpm++" (None: the pipeline's default)
               ) -> Path: # the written file
     "Generate `num_images` images of one prompt and write them, in one row, to a PNG."
-    images = pipe([prompt] * num_images, num_inference_steps=num_inference_steps, guidance_scale=guidance_scale, seed=seed).images
+    images = pipe([prompt] * num_images, num_inference_steps=num_inference_steps, guidance_scale=guidance_scale, seed=seed,
+                  sampler=sampler).images
     grid = image_grid(images, nrow=num_images, padding=0 if num_images == 1 else 2)
     pixels = (grid.permute(1, 2, 0).numpy() * 255).round().astype(np.uint8)
     with atomic_path(out) as tmp: Image.fromarray(pixels).save(tmp, format="PNG")
@@ -177,10 +180,11 @@ def _cmd_sample(args: argparse.Namespace) -> int:
                                 f"{ldm_checkpoint_path('10_cross_attention', profile)} or {ldm_checkpoint_path('09_ldm_additive', profile)}")
     checkpoint = args.checkpoint or find_pipeline_checkpoint(profile)
     pipe = LatentDiffusionPipeline.load(checkpoint)
-    sample_png(pipe, args.prompt, out, args.num_images, args.steps, args.guidance, args.seed)
+    sample_png(pipe, args.prompt, out, args.num_images, args.steps, args.guidance, args.seed, args.sampler)
     steps = args.steps or pipe.config.num_inference_steps
     w = pipe.config.guidance_scale if args.guidance is None else args.guidance
-    print(f"{out}  ({args.num_images} × {args.prompt!r}, DDIM {steps} steps, w = {w:g}, seed {args.seed}; "
+    sampler = SAMPLER_NAMES[args.sampler or pipe.config.sampler]
+    print(f"{out}  ({args.num_images} × {args.prompt!r}, {sampler} {steps} steps, w = {w:g}, seed {args.seed}; "
           f"{pipe.config.conditioning} pipeline {checkpoint}, text encoder {pipe.text_encoder.name})")
     return EXIT_OK
 
@@ -215,7 +219,9 @@ def _add_sample_parser(sub: argparse._SubParsersAction) -> None:
                         help="a pipeline file (default: runs/<profile>/checkpoints/10_cross_attention/ldm.safetensors, "
                              "else .../09_ldm_additive/ldm.safetensors)")
     sample.add_argument("--profile", default="auto", choices=("auto", *PROFILES), help="whose checkpoints to use (default: auto)")
-    sample.add_argument("--steps", type=_positive_int, metavar="N", help="DDIM steps (default: the pipeline's)")
+    sample.add_argument("--sampler", choices=LDM_SAMPLERS, help="ddim, ddpm, dpm++ (DPM-Solver++(2M), for 15-20 steps) "
+                                                                 "or sde-dpm++ (its stochastic form) (default: the pipeline's, ddim)")
+    sample.add_argument("--steps", type=_positive_int, metavar="N", help="sampling steps = network evaluations (default: the pipeline's)")
     sample.add_argument("--guidance", type=_guidance, metavar="W", help="classifier-free guidance scale w >= 0 (default: the pipeline's)")
     sample.add_argument("--seed", type=_non_negative_int, default=0, metavar="S", help="seed of the initial noise (default: 0)")
     sample.add_argument("--num-images", type=_num_images, default=1, metavar="K", help="samples side by side in the PNG (default: 1)")

@@ -30,7 +30,7 @@ from ldm_course.core import (
 )
 from .data import GARMENT_TYPES, SEED_PROMPTS, load_fashion, to_tensors
 from .ddpm import ModelFn, classifier_free_guidance, diffusion_loss
-from .scheduler import DDIMSampler, NoiseScheduler
+from .scheduler import DDIMSampler, DDPMSampler, DiffusionSampler, DPMSolverMultistepSampler, NoiseScheduler
 from ldm_course.text import (
     EmbeddingCache, TextEmbeddings, TextEncoder, default_embedding_cache, encode_cached, load_text_encoder,
 )
@@ -42,13 +42,13 @@ from ldm_course.vae import (
 )
 
 # %% auto #0
-__all__ = ['HELD_OUT_PAIRS', 'LDM_PIPELINE_FORMAT', 'pair_prompt', 'held_out_mask', 'split_catalogue', 'LDMConfig', 'ldm_config',
-           'ldm_checkpoint_dir', 'ldm_checkpoint_path', 'fallback_vae_path', 'find_vae', 'load_or_train_vae',
-           'fit_length', 'trim_padding', 'CaptionedLatents', 'caption_table', 'TextDiffusionLoss', 'text_condition',
-           'text_guidance', 'cross_attention_factory', 'build_ldm_unet', 'build_ldm_scheduler', 'text_encoder_spec',
-           'LDMTrajectory', 'LDMOutput', 'LatentDiffusionPipeline', 'fashion_latents', 'caption_embeddings',
-           'short_captions', 'LDMData', 'prepare_ldm_data', 'train_ldm', 'training_summary', 'plot_denoising_evolution',
-           'plot_prompt_grid', 'train_step_seconds']
+__all__ = ['HELD_OUT_PAIRS', 'LDM_SAMPLERS', 'LDM_PIPELINE_FORMAT', 'pair_prompt', 'held_out_mask', 'split_catalogue',
+           'LDMConfig', 'ldm_config', 'ldm_checkpoint_dir', 'ldm_checkpoint_path', 'fallback_vae_path', 'find_vae',
+           'load_or_train_vae', 'fit_length', 'trim_padding', 'CaptionedLatents', 'caption_table', 'TextDiffusionLoss',
+           'text_condition', 'text_guidance', 'cross_attention_factory', 'build_ldm_unet', 'build_ldm_scheduler',
+           'text_encoder_spec', 'LDMTrajectory', 'LDMOutput', 'LatentDiffusionPipeline', 'latent_sampler',
+           'fashion_latents', 'caption_embeddings', 'short_captions', 'LDMData', 'prepare_ldm_data', 'train_ldm',
+           'training_summary', 'plot_denoising_evolution', 'plot_prompt_grid', 'train_step_seconds']
 
 # %% ../nbs/09_ldm_additive.ipynb #45607fc3
 HELD_OUT_PAIRS = (("Skirts", "Green"), ("Jeans", "Purple"))  # (articleType, baseColour) pairs never seen in training
@@ -84,6 +84,8 @@ def split_catalogue(records, # FashionProducts.records: a table with articleType
 def _pairs(value) -> tuple[tuple[str, str], ...]:
     return tuple(tuple(p) for p in value)
 
+LDM_SAMPLERS = ("ddim", "ddpm", "dpm++", "sde-dpm++")  # the pipeline's samplers, from chapter 02
+
 @dataclasses.dataclass
 class LDMConfig(Config):
     "A latent diffusion experiment: U-Net, optional cross-attention blocks, training, noise schedule, guidance and held-out pairs."
@@ -100,10 +102,11 @@ class LDMConfig(Config):
     cond_drop_prob: float = 0.1         # p_uncond: probability of training on the null prompt ""
     short_caption_prob: float = 0.3     # probability of training on "baseColour articleType" instead of the product name
     pooled_scale: float = 1.0           # the pooled text vector is multiplied by this before the U-Net (√d: unit-RMS entries)
-    num_inference_steps: int = 50       # default DDIM steps of the pipeline
+    num_inference_steps: int = 50       # default sampling steps of the pipeline (= U-Net evaluations, ×2 with guidance)
     guidance_scale: float = 3.0         # default w of classifier-free guidance
-    eta: float = 1.0                    # default DDIM η: 1 = stochastic (σ_t² = β̃_t), 0 = deterministic
-    timestep_spacing: str = "trailing"  # DDIM timesteps: "trailing" starts at t = T-1 (better with few steps)
+    eta: float = 1.0                    # default DDIM η: 1 = stochastic (σ_t² = β̃_t), 0 = deterministic (sampler "ddim" only)
+    timestep_spacing: str = "trailing"  # sampler timesteps: "trailing" starts at t = T-1 (better with few steps)
+    sampler: str = "ddim"               # "ddim", "ddpm", "dpm++" (DPM-Solver++(2M)) or "sde-dpm++" (its SDE form)
 
     def __post_init__(self):
         self.held_out_pairs = _pairs(self.held_out_pairs)
@@ -117,6 +120,7 @@ class LDMConfig(Config):
         if not 0 <= self.short_caption_prob <= 1:
             raise ValueError(f"short_caption_prob must be in [0, 1], got {self.short_caption_prob!r}")
         if not self.eta >= 0: raise ValueError(f"eta must be >= 0 (0: deterministic DDIM, 1: stochastic), got {self.eta!r}")
+        if self.sampler not in LDM_SAMPLERS: raise ValueError(f"Unknown sampler {self.sampler!r}; expected one of {LDM_SAMPLERS}")
 
     @property
     def conditioning(self) -> str: # "additive", "cross_attention" or "additive+cross_attention"
@@ -381,7 +385,7 @@ LDM_PIPELINE_FORMAT = "ldm_course.ldm_pipeline/1"
 
 # %% ../nbs/09_ldm_additive.ipynb #cae35b61
 class LatentDiffusionPipeline:
-    "Text-to-image: text encoder → DDIM with classifier-free guidance in the VAE's latent space → VAE decoder."
+    "Text-to-image: text encoder → a chapter 02 sampler (DDIM by default) with classifier-free guidance in the VAE's latent space → VAE decoder."
     def __init__(self, vae: Autoencoder, # frozen KL-VAE (its scale_factor set)
                  unet: UNet, # the trained latent U-Net (EMA weights)
                  text_encoder: TextEncoder, # frozen text encoder (the one the U-Net was trained with)
@@ -444,25 +448,41 @@ def _check_guidance(w: Any) -> float:
         raise ValueError(f"guidance_scale must be a finite number >= 0 (0: unconditional, 1: conditional), got {w!r}")
     return float(w)
 
+def latent_sampler(scheduler: NoiseScheduler, # the model's noise schedule
+                   sampler: str = "ddim", # one of LDM_SAMPLERS
+                   eta: float = 1.0, # DDIM's η (sampler "ddim" only)
+                   timestep_spacing: str = "trailing", # the inference timesteps (chapter 02's names)
+                  ) -> DiffusionSampler:
+    "A chapter 02 sampler for latents: no clipping or thresholding (latents are unbounded); DPM-Solver++ of order 2."
+    if sampler == "ddim": return DDIMSampler(scheduler, eta=eta, clip_sample=False, timestep_spacing=timestep_spacing)
+    if sampler == "ddpm": return DDPMSampler(scheduler, clip_sample=False, timestep_spacing=timestep_spacing)
+    if sampler in ("dpm++", "sde-dpm++"):  # 2M: the order Lu et al. recommend with guidance
+        algorithm_type = "dpmsolver++" if sampler == "dpm++" else "sde-dpmsolver++"
+        return DPMSolverMultistepSampler(scheduler, solver_order=2, algorithm_type=algorithm_type, timestep_spacing=timestep_spacing)
+    raise ValueError(f"Unknown sampler {sampler!r}; expected one of {LDM_SAMPLERS}")
+
 @patch
 @torch.inference_mode()
 def __call__(self: LatentDiffusionPipeline,
           prompts: Sequence[str], # prompts to draw, e.g. ["a red dress"]; "" draws unconditionally
-          num_inference_steps: int | None = None, # DDIM steps (default: config.num_inference_steps)
+          num_inference_steps: int | None = None, # sampling steps (default: config.num_inference_steps)
           guidance_scale: float | None = None, # w (default: config.guidance_scale)
           seed: int = 0, # seed of z_T: the same seed and prompts give the same images
           return_trajectory: bool = False, # also return decoded snapshots of the chain
           n_snapshots: int = 8, # snapshots kept with return_trajectory, z_T and z_0 included
           eta: float | None = None, # DDIM's η (default: config.eta; 0: deterministic, 1: stochastic)
           x_T: Tensor | None = None, # starting latents (B, c, h, w) instead of drawing them from `seed`
+          sampler: str | None = None, # "ddim", "ddpm", "dpm++" or "sde-dpm++" (default: config.sampler)
          ) -> LDMOutput:
-    "Generate one image per prompt: DDIM with classifier-free guidance in latent space, then the VAE decoder."
+    "Generate one image per prompt: the sampler (DDIM by default) with classifier-free guidance in latent space, then the VAE decoder."
     emb = self.encode_prompts(prompts)
     steps = _check_steps(num_inference_steps if num_inference_steps is not None else self.config.num_inference_steps)
     w = _check_guidance(self.config.guidance_scale if guidance_scale is None else guidance_scale)
-    eta = self.config.eta if eta is None else eta
+    name = self.config.sampler if sampler is None else sampler
+    if eta is not None and name != "ddim":
+        raise ValueError(f"eta is DDIM's η; the {name!r} sampler has none (for a stochastic DPM-Solver++ use sampler='sde-dpm++')")
     model_fn = text_guidance(self.unet, emb, self.null_embedding, w, self.config.pooled_scale)
-    sampler = DDIMSampler(self.scheduler, eta=eta, clip_sample=False, timestep_spacing=self.config.timestep_spacing)
+    sampler = latent_sampler(self.scheduler, name, self.config.eta if eta is None else eta, self.config.timestep_spacing)
     shape = (len(emb), *self.latent_shape)
     generator = make_generator(seed)  # on the CPU: the same z_T on every device
     if x_T is None: x_T = sampler.initial_noise(shape, generator, device="cpu")

@@ -154,6 +154,29 @@ def test_sample_round_trip_from_a_checkpoint(smoke_checkpoint, tmp_path):
     assert not list(tmp_path.glob(".*.tmp")), "no temporary file is left behind"
 
 
+def test_sample_with_dpm_solver(smoke_checkpoint, tmp_path):
+    "`--sampler dpm++ --steps 15`: DPM-Solver++(2M) from chapter 02, the pipeline's own images, reproducible."
+    import torch
+    from ldm_course.ldm import LatentDiffusionPipeline
+    checkpoint, S = smoke_checkpoint
+    def sample(name, *extra):
+        code, out, err = run_main(["sample", "a red dress", "--checkpoint", str(checkpoint), "--seed", "1", "--out",
+                                   str(tmp_path / name), *extra])
+        assert code == cli.EXIT_OK, err
+        return np.asarray(Image.open(tmp_path / name)), out
+    dpm, out = sample("dpm.png", "--sampler", "dpm++", "--steps", "15")
+    assert "DPM-Solver++(2M) 15 steps" in out and dpm.shape == (S, S, 3)
+    pipe = LatentDiffusionPipeline.load(checkpoint, device="cpu")
+    with torch.no_grad(): images = pipe(["a red dress"], num_inference_steps=15, seed=1, sampler="dpm++").images
+    expected = (((images[0] + 1) / 2).clamp(0, 1).permute(1, 2, 0).numpy() * 255).round().astype(np.uint8)
+    assert np.abs(dpm.astype(int) - expected.astype(int)).max() <= 1          # the PNG holds the pipeline's DPM-Solver++ image
+    assert np.array_equal(sample("again.png", "--sampler", "dpm++", "--steps", "15")[0], dpm)
+    ddim, out = sample("ddim.png", "--steps", "15")
+    assert "DDIM 15 steps" in out and not np.array_equal(ddim, dpm)          # the default stays the pipeline's DDIM
+    sde, out = sample("sde.png", "--sampler", "sde-dpm++", "--steps", "15")
+    assert "SDE-DPM-Solver++(2M) 15 steps" in out and not np.array_equal(sde, dpm)
+
+
 def test_sample_finds_the_profile_checkpoint_chapter_10_first(smoke_checkpoint, tmp_path, monkeypatch):
     checkpoint, _ = smoke_checkpoint
     monkeypatch.setenv("LDM_COURSE_RUNS", str(tmp_path / "runs"))
@@ -203,6 +226,7 @@ def test_sample_refuses_a_file_that_is_not_a_pipeline(tmp_path):
     (["--seed", "-1"], "argument --seed"),
     (["--profile", "fast"], "argument --profile"),
     (["--out", "image.jpg"], "--out must name a .png file"),
+    (["--sampler", "euler"], "argument --sampler: invalid choice: 'euler'"),
 ])
 def test_sample_bad_arguments_exit_2(extra, message, tmp_path, monkeypatch):
     monkeypatch.setenv("LDM_COURSE_RUNS", str(tmp_path))   # no checkpoint: arguments are checked before looking for one

@@ -7,7 +7,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 import pytest
 import torch
 
-from ldm_course.core import make_generator, runs_dir, save_checkpoint
+from ldm_course.core import load_checkpoint, make_generator, runs_dir, save_checkpoint
 from ldm_course.data import SEED_PROMPTS, load_fashion
 from ldm_course.ddpm import diffusion_loss
 from ldm_course.ldm import (
@@ -15,7 +15,7 @@ from ldm_course.ldm import (
     build_ldm_unet, cross_attention_factory, fit_length, held_out_mask, ldm_checkpoint_path, ldm_config, pair_prompt,
     short_captions, split_catalogue, text_condition, text_guidance, trim_padding,
 )
-from ldm_course.scheduler import DDIMSampler, NoiseScheduler
+from ldm_course.scheduler import DDIMSampler, DDPMSampler, DPMSolverMultistepSampler, NoiseScheduler
 from ldm_course.text import TextEmbeddings, load_text_encoder
 from ldm_course.vae import build_vae, save_vae, vae_checkpoint_path, vae_config
 
@@ -205,6 +205,46 @@ def test_pipeline_guidance_one_is_plain_conditional_sampling(tiny_pipeline, eta)
     assert not torch.allclose(pipe(prompts, guidance_scale=3.0, num_inference_steps=3, seed=5, eta=eta).images, expected, atol=1e-4)
 
 
+CHAPTER_02_SAMPLERS = {   # what each pipeline sampler name must be, built here by hand from chapter 02's classes
+    "ddpm": lambda s, spacing: DDPMSampler(s, clip_sample=False, timestep_spacing=spacing),
+    "dpm++": lambda s, spacing: DPMSolverMultistepSampler(s, solver_order=2, timestep_spacing=spacing),
+    "sde-dpm++": lambda s, spacing: DPMSolverMultistepSampler(s, solver_order=2, algorithm_type="sde-dpmsolver++",
+                                                               timestep_spacing=spacing),
+}
+
+
+@pytest.mark.parametrize("name", list(CHAPTER_02_SAMPLERS))
+def test_pipeline_samplers_apply_guidance_like_ddim(tiny_pipeline, name):
+    # the same guided model_fn as DDIM's, the same generator for z_T and for the step noise
+    pipe, prompts = tiny_pipeline, ["a red dress", "black dress"]
+    model_fn = text_guidance(pipe.unet, pipe.encode_prompts(prompts), pipe.null_embedding, 3.0, pipe.config.pooled_scale)
+    sampler = CHAPTER_02_SAMPLERS[name](pipe.scheduler, pipe.config.timestep_spacing)
+    with torch.no_grad():
+        z0 = sampler.sample(model_fn, (2, *pipe.latent_shape), make_generator(5), num_inference_steps=5)
+    out = pipe(prompts, guidance_scale=3.0, num_inference_steps=5, seed=5, sampler=name)
+    torch.testing.assert_close(out.latents, z0.cpu(), atol=1e-5, rtol=0)
+    torch.testing.assert_close(out.images, pipe.decode(z0).cpu(), atol=1e-5, rtol=0)
+    assert not torch.allclose(pipe(prompts, guidance_scale=1.0, num_inference_steps=5, seed=5, sampler=name).images, out.images, atol=1e-4)
+    with pytest.raises(ValueError, match="eta is DDIM's"):
+        pipe(prompts, num_inference_steps=5, sampler=name, eta=0.0)
+
+
+def test_pipeline_sampler_is_saved_and_older_files_load_as_ddim(tiny_pipeline, tmp_path):
+    pipe, prompts = tiny_pipeline, ["pink tshirt"]
+    dpm_pipe = LatentDiffusionPipeline(pipe.vae, pipe.unet, pipe.text_encoder, pipe.scheduler, pipe.config.replace(sampler="dpm++"))
+    again = LatentDiffusionPipeline.load(dpm_pipe.save(tmp_path / "dpm.safetensors"), device="cpu", text_encoder=pipe.text_encoder)
+    assert again.config.sampler == "dpm++"
+    assert torch.equal(again(prompts, seed=2).images, pipe(prompts, seed=2, sampler="dpm++").images)
+    # a file written before the field existed: its ldm_config has no "sampler"
+    state, meta = load_checkpoint(pipe.save(tmp_path / "ldm.safetensors"))
+    del meta["ldm_config"]["sampler"]
+    old = LatentDiffusionPipeline.load(save_checkpoint(tmp_path / "old.safetensors", state, meta), device="cpu",
+                                       text_encoder=pipe.text_encoder)
+    assert old.config.sampler == "ddim" and torch.equal(old(prompts, seed=2).images, pipe(prompts, seed=2).images)
+    with pytest.raises(ValueError, match="Unknown sampler 'euler'"):
+        pipe.config.replace(sampler="euler")
+
+
 @pytest.mark.parametrize("kwargs, error, match", [
     (dict(prompts=[]), ValueError, "prompts is empty"),
     (dict(prompts="a red dress"), TypeError, "list of strings"),
@@ -215,6 +255,7 @@ def test_pipeline_guidance_one_is_plain_conditional_sampling(tiny_pipeline, eta)
     (dict(guidance_scale=-1.0), ValueError, "guidance_scale must be a finite number >= 0"),
     (dict(guidance_scale=float("nan")), ValueError, "guidance_scale"),
     (dict(return_trajectory=True, n_snapshots=1), ValueError, "n_snapshots"),
+    (dict(sampler="euler"), ValueError, r"expected one of \('ddim', 'ddpm', 'dpm\+\+', 'sde-dpm\+\+'\)"),
 ])
 def test_pipeline_rejects_bad_input_with_a_clear_error(tiny_pipeline, kwargs, error, match):
     kwargs = {"prompts": ["a red dress"], **kwargs}
