@@ -72,11 +72,12 @@ def compare(config, batch_size: int, repeats: int, device: torch.device) -> dict
 def vae_encode_cost(profile: str, batch_size: int, device: torch.device) -> dict:
     "Seconds per image of the chapter-07 VAE encoder (architecture of the profile, random weights: same cost)."
     vae = build_vae(vae_config("kl", profile)).to(device).eval()
-    x = torch.randn(batch_size, 3, 64, 64, device=device)
+    size = vae.config.image_size   # the catalogue's resolution for this profile (256×256 on cpu)
+    x = torch.randn(batch_size, 3, size, size, device=device)
     with torch.no_grad():
         seconds_of(lambda: vae.encode_latents(x), device)
         seconds = min(seconds_of(lambda: vae.encode_latents(x), device) for _ in range(3))
-    return {"seconds_per_image": seconds / batch_size, "latent_shape": list(vae.config.latent_shape)}
+    return {"seconds_per_image": seconds / batch_size, "latent_shape": list(vae.config.latent_shape), "image_size": size}
 
 
 def markdown(results: list[dict], encode: dict, info: dict) -> str:
@@ -91,7 +92,7 @@ def markdown(results: list[dict], encode: dict, info: dict) -> str:
                      f"| {r['images_per_s']['latent']:.1f} | {r['images_per_s']['pixel']:.1f} | {r['speedup']:.1f}× "
                      f"| {verdict(r['speedup'], TARGET_SPEEDUP)} |")
     lines += ["", f"VAE encoding (paid once per training image, then cached): {1e3 * encode['seconds_per_image']:.1f} ms per image "
-                  f"(64×64×3 → {'×'.join(map(str, encode['latent_shape'][1:]))}×{encode['latent_shape'][0]})."]
+                  f"({encode['image_size']}×{encode['image_size']}×3 → {'×'.join(map(str, encode['latent_shape'][1:]))}×{encode['latent_shape'][0]})."]
     return "\n".join(lines) + "\n"
 
 

@@ -14,6 +14,7 @@ Benchmarks and targets:
   bench_unet.py            U-Net training images/s, ours vs diffusers UNet2DModel (same architecture): ≥ 1.3×
   bench_sampling.py        DDIM-50 vs DDPM-1000 on the same latent model: ≥ 18× faster, ≤ 3 points of prompt accuracy lost
   bench_latent_vs_pixel.py training step on 16×16×4 latents vs 64×64×3 pixels, same U-Net: ≥ 4× faster
+  bench_hires.py           sampling time per image at 256×256 vs 64×64 through the same 16×16 latent: ≤ 1.5×
   bench_flops.py           attained GFLOP/s of a training step / measured fp32 matmul peak: ≥ 35 % on CPU
 """
 from __future__ import annotations
@@ -32,18 +33,20 @@ from machine import RESULTS_DIR, describe, machine_description, pick_device  # n
 from ldm_course.benchmarks import BENCHMARK_TARGETS, unet_speedups  # noqa: E402  (the targets and U-Net rule the report judges with)
 
 SCRIPTS = {"unet": "bench_unet.py", "sampling": "bench_sampling.py", "latent_vs_pixel": "bench_latent_vs_pixel.py",
-           "flops": "bench_flops.py"}
+           "hires": "bench_hires.py", "flops": "bench_flops.py"}
 QUICK_ARGS = {  # the tiniest settings of each script: they check that it runs, their numbers mean nothing
     "unet": ["--configs", "mnist", "--formats", "contiguous", "--batch-size", "2", "--repeats", "1", "--steps", "1", "--warmup", "1"],
     "sampling": ["--profile", "smoke", "--num-images", "2", "--ddim-steps", "5", "--ddpm-steps", "20"],
     "latent_vs_pixel": ["--profile", "smoke", "--batch-size", "2", "--repeats", "1"],
+    "hires": ["--profile", "smoke", "--batch-size", "2", "--repeats", "1", "--steps", "2"],
     "flops": ["--configs", "latent", "--profile", "smoke", "--batch-size", "2", "--repeats", "1", "--formats", "contiguous",
               "--optimizers", "foreach", "--peak-sizes", "256"],
 }
 QUICK_DIR = Path("/tmp/ldm_course_bench_quick")
 MISSING_INPUTS = 2  # exit status of a script that found nothing to measure (e.g. no trained pipeline): reported, not a crash
 TITLES = {"unet": "U-Net training speed: ours vs diffusers", "sampling": "Sampling: DDIM-50 vs DDPM-1000",
-          "latent_vs_pixel": "Latent vs pixel diffusion: training step", "flops": "Attained FLOP/s of a training step"}
+          "latent_vs_pixel": "Latent vs pixel diffusion: training step",
+          "hires": "High resolution through the same latent: sampling time", "flops": "Attained FLOP/s of a training step"}
 
 
 def run_script(name: str, timeout: float, extra: list[str]) -> dict:
@@ -81,6 +84,11 @@ def headline(name: str, result: dict) -> tuple[str, str]:
                 f"≥ 18×: {'met' if met['speedup'] else 'missed'}; ≤ 3 points: {'met' if met['accuracy_loss'] else 'missed'}")
     if name == "latent_vs_pixel":
         return f"{result['speedup']:.1f}× faster per step", f"≥ 4×: {'met' if result['target_met'] else 'missed'}"
+    if name == "hires":
+        s = result["sampling"]["seconds_per_image"]
+        target = BENCHMARK_TARGETS["hires"]["ratio"]
+        return (f"{result['ratio']:.2f}× ({s['hires']:.3f} vs {s['thumbnail']:.3f} s per image); pixel-space U-Net "
+                f"{result['pixel_over_latent']:.0f}× the latent pipeline", f"≤ {target:g}×: {'met' if result['ratio'] <= target else 'missed'}")
     if name == "flops":
         b = result["best"]
         return (f"{b['attained_gflops']:.1f} GFLOP/s = {100 * b['fraction_of_peak']:.0f} % of {result['matmul_peak_gflops']:.1f} "
@@ -91,7 +99,7 @@ def headline(name: str, result: dict) -> tuple[str, str]:
 
 def result_files(out_dir: Path) -> dict[str, list[Path]]:
     "Result JSON files per benchmark (every device, every variant)."
-    prefix = {"unet": "unet_", "sampling": "sampling_", "latent_vs_pixel": "latent_vs_pixel_", "flops": "flops_"}
+    prefix = {"unet": "unet_", "sampling": "sampling_", "latent_vs_pixel": "latent_vs_pixel_", "hires": "hires_", "flops": "flops_"}
     return {name: sorted(out_dir.glob(f"{p}*.json")) for name, p in prefix.items()}
 
 

@@ -16,12 +16,14 @@ BENCHMARKS = {  # bench/ name (prefix of its result files) -> French title, in t
     "unet": "notre U-Net contre celui de diffusers",
     "sampling": "DDIM-50 contre DDPM-1000",
     "latent_vs_pixel": "espace latent contre pixels",
+    "hires": "haute résolution par le même latent",
     "flops": "FLOP/s atteints à l'entraînement",
 }
 BENCHMARK_TARGETS = {  # the course's targets (issue 6), used when a result file does not record its own
     "unet": {"speedup": 1.3},                               # training images/s, ours / diffusers UNet2DModel
     "sampling": {"speedup": 18.0, "accuracy_loss": 0.03},   # DDPM-1000 time / DDIM-50 time; prompt accuracy lost (fraction)
     "latent_vs_pixel": {"speedup": 4.0},                    # pixel step time / latent step time
+    "hires": {"ratio": 1.5},                                # time per image at 256×256 / at 64×64, same 16×16 latent (issue 16)
     "flops": {"fraction_of_peak": 0.35},                    # attained FLOP/s / measured fp32 matmul peak, on CPU
 }
 
@@ -37,6 +39,7 @@ _RECORDED_TARGETS = {  # bench/ name -> the targets a result file recorded (in t
     "unet": lambda r: {"speedup": r["target_speedup"]} if "target_speedup" in r else {},
     "sampling": lambda r: r.get("targets") or {},
     "latent_vs_pixel": lambda r: {"speedup": r["target_speedup"]} if "target_speedup" in r else {},
+    "hires": lambda r: {"ratio": r["target_ratio"]} if "target_ratio" in r else {},
     "flops": lambda r: {"fraction_of_peak": r["target_fraction"]} if "target_fraction" in r else {},
 }
 
@@ -78,6 +81,7 @@ _VERDICT_RULES = {  # bench/ name -> (result, targets) -> whether each target is
     "unet": lambda r, t: [min(row["speedup"] for row in unet_speedups(r)) >= t["speedup"]],
     "sampling": lambda r, t: [float(r["speedup"]) >= t["speedup"], float(r["accuracy_loss"]) <= t["accuracy_loss"]],
     "latent_vs_pixel": lambda r, t: [float(r["speedup"]) >= t["speedup"]],
+    "hires": lambda r, t: [float(r["ratio"]) <= t["ratio"]],
     "flops": lambda r, t: [float(r["best"]["fraction_of_peak"]) >= t["fraction_of_peak"] if _on_cpu(r) else None],
 }
 

@@ -136,6 +136,7 @@ FIGURE_CAPTIONS = {  # file -> (chapter, French caption) of the chapters' figure
     "fig_donnees_details_resolution.png": ("01", "La même chemise, le même pull, la même veste à 64, 256 et 512 pixels de côté"),
     "fig_scheduler_alphas_cumprod.png": ("02", "$\\bar\\alpha_t$ pour les trois calendriers de bruit"),
     "fig_bruitage_direct.png": ("02", "Bruitage direct $q(x_t \\mid x_0)$ d'une image à plusieurs pas de temps"),
+    "fig_scheduler_dpm_solver.png": ("02", "DDIM et DPM-Solver++ avec un débruiteur idéal : ordre mesuré et choix d'image"),
     "fig_scheduler_trajectoire_ideale.png": ("02", "Échantillonnage avec un débruiteur idéal (oracle)"),
     "fig_entrainement_perte.png": ("04", "Courbe de perte de la boucle d'entraînement"),
     "fig_entrainement_lr.png": ("04", "Calendrier du taux d'apprentissage"),

@@ -23,15 +23,32 @@ def bench_module(name: str):
 
 @pytest.fixture(scope="module")
 def results(tmp_path_factory, one_thread):
-    "Run bench_flops and bench_latent_vs_pixel once with the tiniest settings; their output folder."
+    "Run bench_flops, bench_latent_vs_pixel and bench_hires once with the tiniest settings; their output folder."
     out = tmp_path_factory.mktemp("bench")
     flops = bench_module("bench_flops").main(["--device", "cpu", "--configs", "latent", "--profile", "smoke", "--batch-size", "2",
                                               "--repeats", "1", "--formats", "contiguous", "--optimizers", "foreach",
                                               "--peak-sizes", "128", "--out-dir", str(out)])
     latent = bench_module("bench_latent_vs_pixel").main(["--device", "cpu", "--profile", "smoke", "--batch-size", "2",
                                                          "--repeats", "1", "--out-dir", str(out)])
-    assert (flops, latent) == (0, 0)
+    hires = bench_module("bench_hires").main(["--device", "cpu", "--profile", "smoke", "--batch-size", "2", "--repeats", "1",
+                                              "--steps", "2", "--out-dir", str(out)])
+    assert (flops, latent, hires) == (0, 0, 0)
     return out
+
+
+def test_hires_benchmark_times_both_resolutions_through_the_same_latent(results):
+    "Issue 16's LDM thesis benchmark: the same U-Net and latent, two decoders, and the pixel-space reference."
+    r = json.loads((results / "hires_cpu.json").read_text())
+    assert r["benchmark"] == "hires" and r["target_ratio"] == 1.5
+    s = r["sampling"]
+    assert s["image_size"]["thumbnail"] == 64 and s["downsample_factor"]["thumbnail"] == 4
+    assert r["ratio"] == pytest.approx(s["seconds_per_image"]["hires"] / s["seconds_per_image"]["thumbnail"])
+    assert r["target_met"] == (r["ratio"] <= 1.5)
+    assert r["pixel"]["input_shape"] == [3, s["image_size"]["hires"], s["image_size"]["hires"]]
+    assert r["pixel"]["seconds_per_image"] == pytest.approx(r["pixel"]["seconds_per_step_per_image"] * r["steps"])
+    from ldm_course.benchmarks import benchmark_verdicts
+    assert benchmark_verdicts("hires", r) == [r["target_met"]]
+    assert "ratio to 64×64" in (results / "hires_cpu.md").read_text()
 
 
 def test_flops_benchmark_writes_attained_gflops_against_the_measured_peak(results):
@@ -101,7 +118,8 @@ def test_run_all_summary_reads_every_result_file(results):
     assert "| Sampling: DDIM-50 vs DDPM-1000 | — | not measured |" in md   # no result file: said, not hidden
     assert "45.0 img/s (ours channels_last) vs 35.0 (diffusers channels_last), 1.29×" in md and "≥ 1.3× (best of ours vs best of diffusers): missed" in md
     summary = json.loads((results / "summary.json").read_text())
-    assert set(summary["benchmarks"]) == {"flops", "latent_vs_pixel", "unet"}
+    assert set(summary["benchmarks"]) == {"flops", "latent_vs_pixel", "hires", "unet"}
+    assert "| High resolution through the same latent: sampling time | `hires_cpu.json` |" in md
     with pytest.raises(SystemExit): run_all.main(["--only", "nonsense", "--out-dir", str(results)])
 
 
