@@ -47,7 +47,8 @@ _GENERATORS = {"mnist": data.make_synthetic_mnist, "cifar10": data.make_syntheti
 def _cmd_data_generate(args: argparse.Namespace) -> int:
     profile, root = resolve_profile(args.profile), Path(args.root) if args.root else data_dir()
     for name in args.only or list(_GENERATORS):
-        folder, manifest = _GENERATORS[name](root, data.synthetic_size(name, profile), args.seed)
+        size_kw = {"image_size": data.catalogue_image_size(profile)} if name == "fashion" else {}   # drawn at the profile's size
+        folder, manifest = _GENERATORS[name](root, data.synthetic_size(name, profile), args.seed, **size_kw)
         how = "up to date" if manifest.get("reused") else f"generated in {manifest.get('seconds', 0):.1f} s"
         items = f"{manifest['num_train']:,} train + {manifest['num_test']:,} test" if "num_train" in manifest else f"{manifest['num_items']:,} items"
         print(f"{name:<8} {how:<20} {items:<24} seed {args.seed}  {folder}")
@@ -66,12 +67,23 @@ def _check_real(root: Path) -> list[str]:
             lines.append(f"{name:<8} real     {len(train):,} train + {len(test):,} test images in {train.root}")
         except FileNotFoundError as e: lines.append(f"{name:<8} missing  {e}")
         except (RuntimeError, ValueError) as e: lines.append(f"{name:<8} unusable {e}")  # truncated or corrupt files
-    try:
-        fashion, src = data.load_fashion(root, source="real", verbose=False)
+    try:   # read at the smallest size first: a 60×80 archive is present, whatever it can serve
+        fashion, src = data.load_fashion(root, source="real", image_size=data.CATALOGUE_IMAGE_SIZES["smoke"], verbose=False)
         lines.append(f"fashion  real     {len(fashion):,} usable of {fashion.num_rows:,} rows in {src.root}")
         lines.append(f"         skipped  {_skips(fashion.skipped)}")
-    except (FileNotFoundError, ValueError) as e: lines.append(f"fashion  missing  {e}")
+        lines.append(f"         profiles {_fashion_profiles(fashion)}")
+    except FileNotFoundError as e: lines.append(f"fashion  missing  {e}")
+    except ValueError as e: lines.append(f"fashion  unusable {e}")
     return lines
+
+def _fashion_profiles(fashion) -> str:
+    "Which profiles the real catalogue's photos serve without upscaling (the loader's rule: longer side >= the profile's size)."
+    if not fashion.photo_size: return "photo size unread"
+    side = max(fashion.photo_size)
+    ok = [p for p, size in data.CATALOGUE_IMAGE_SIZES.items() if size <= side]
+    too_small = [f"{p} ({size} px)" for p, size in data.CATALOGUE_IMAGE_SIZES.items() if size > side]
+    served = f"photos {fashion.photo_size[0]}x{fashion.photo_size[1]} serve {', '.join(ok) or 'no profile'}"
+    return served + (f"; too small for {', '.join(too_small)}: get the full-size archive fashion-product-images (Kaggle)" if too_small else "")
 
 def _check_synthetic(root: Path) -> list[str]:
     "One line per generated folder under <root>/synthetic, with its manifest (and skips for catalogues)."

@@ -113,7 +113,26 @@ def test_data_generate_then_check(tmp_path):
     assert "cifar10  missing  CIFAR10 not found" in out
     assert "fashion  real     3 usable of 5 rows" in out
     assert "skipped  malformed_line 1, missing_image 1" in out          # the Kaggle skip counts, by reason
+    assert "profiles photos 192x256 serve smoke, cpu; too small for gpu (512 px): get the full-size archive" in out
     assert "mnist-seed3-n600" in out and "mnist, seed 3, 600 train + 100 test" in out
+
+
+def test_data_check_says_which_profiles_a_small_archive_serves(tmp_path):
+    "The 60×80 Kaggle archive is found (not 'missing'), and check says it is too small for the hi-res profiles."
+    root = tmp_path / "data"
+    _kaggle_catalogue(root / "fashion-product-images-small")
+    for p in (root / "fashion-product-images-small" / "images").glob("*.jpg"): Image.new("RGB", (60, 80), (9, 9, 200)).save(p)
+    code, out, err = run_main(["data", "check", "--root", str(root)])
+    assert code == 0, err
+    assert "fashion  real     3 usable of 5 rows" in out
+    assert "photos 60x80 serve smoke; too small for cpu (256 px), gpu (512 px): get the full-size archive fashion-product-images" in out
+
+
+def test_data_generate_draws_the_catalogue_at_the_profile_size(tmp_path):
+    code, out, err = run_main(["data", "generate", "--profile", "smoke", "--only", "fashion", "--root", str(tmp_path)])
+    assert code == 0, err
+    folder = next((tmp_path / "synthetic").glob("fashion-*"))
+    assert folder.name.endswith("-s64") and Image.open(next((folder / "images").glob("*.jpg"))).size == (64, 64)
 
 
 @pytest.fixture(scope="module")
