@@ -19,7 +19,7 @@ from .text import TextEmbeddings
 # %% auto #0
 __all__ = ['Attention', 'GEGLU', 'FeedForward', 'BasicTransformerBlock', 'SpatialTransformer', 'to_multihead_attention',
            'spatial_transformer_spec', 'spatial_transformers', 'cross_attention_config', 'plot_method_comparison',
-           'denoising_losses', 'plot_guidance_sweep']
+           'plot_resolution_zoom', 'denoising_losses', 'plot_guidance_sweep']
 
 # %% ../nbs/10_cross_attention.ipynb #3651aa2a
 class Attention(nn.Module):
@@ -206,6 +206,31 @@ def plot_method_comparison(images: Mapping[str, Tensor], # method name -> (P·n,
     for m in range(1, len(names)):   # a vertical rule between the methods
         x = (axes[0, m * n - 1].get_position().x1 + axes[0, m * n].get_position().x0) / 2
         fig.add_artist(plt.Line2D([x, x], [0.02, 0.93], color="k", lw=1.5, transform=fig.transFigure))
+    return fig
+
+# %% ../nbs/10_cross_attention.ipynb #b5920433
+def plot_resolution_zoom(images: Tensor, # (P, 3, H, W) generated images in [-1, 1], H = W
+                         prompts: Sequence[str], # one per image
+                         title: str, # French title
+                         low: int = 64, # side of the thumbnail they are compared with
+                         crop: float = 0.35, # side of the zoomed square, as a fraction of the image, centred on the upper body
+                        ) -> plt.Figure:
+    "Rows: prompts; columns: the image, its zoom, the same image reduced to low×low, the same zoom of it."
+    size = images.shape[-1]
+    thumb = F.interpolate(images.float(), size=(low, low), mode="bilinear", antialias=True, align_corners=False)
+    thumb = F.interpolate(thumb, size=(size, size), mode="nearest")   # shown at the same size: pixels visible as blocks
+    c, top = int(crop * size), int(0.22 * size)
+    left = (size - c) // 2
+    zoom = lambda x: x[:, top:top + c, left:left + c]
+    columns = (f"{size}×{size}", f"zoom ({c}×{c} pixels)", f"réduite à {low}×{low}", "même zoom")
+    fig, axes = plt.subplots(len(prompts), 4, figsize=(10, 2.6 * len(prompts) + 0.6), squeeze=False)
+    for i, prompt in enumerate(prompts):
+        for j, image in enumerate((images[i], zoom(images[i]), thumb[i], zoom(thumb[i]))):
+            _imshow(axes[i, j], image)
+            if i == 0: axes[i, j].set_title(columns[j], fontsize=10)
+        axes[i, 0].set_ylabel(f"« {prompt} »", fontsize=10, rotation=0, ha="right", va="center")
+    fig.suptitle(title)
+    fig.tight_layout()
     return fig
 
 # %% ../nbs/10_cross_attention.ipynb #80b5f610

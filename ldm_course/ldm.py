@@ -42,13 +42,14 @@ from ldm_course.vae import (
 )
 
 # %% auto #0
-__all__ = ['HELD_OUT_PAIRS', 'LDM_SAMPLERS', 'LDM_PIPELINE_FORMAT', 'pair_prompt', 'held_out_mask', 'split_catalogue',
-           'LDMConfig', 'ldm_config', 'ldm_checkpoint_dir', 'ldm_checkpoint_path', 'fallback_vae_path', 'find_vae',
-           'load_or_train_vae', 'fit_length', 'trim_padding', 'CaptionedLatents', 'caption_table', 'TextDiffusionLoss',
-           'text_condition', 'text_guidance', 'cross_attention_factory', 'build_ldm_unet', 'build_ldm_scheduler',
-           'text_encoder_spec', 'LDMTrajectory', 'LDMOutput', 'LatentDiffusionPipeline', 'latent_sampler',
-           'fashion_latents', 'caption_embeddings', 'short_captions', 'LDMData', 'prepare_ldm_data', 'train_ldm',
-           'training_summary', 'plot_denoising_evolution', 'plot_prompt_grid', 'train_step_seconds']
+__all__ = ['HELD_OUT_PAIRS', 'LDM_SAMPLERS', 'LDM_PIPELINE_FORMAT', 'PATTERN_WORDS', 'pair_prompt', 'held_out_mask',
+           'split_catalogue', 'LDMConfig', 'ldm_config', 'ldm_checkpoint_dir', 'ldm_checkpoint_path',
+           'fallback_vae_path', 'find_vae', 'load_or_train_vae', 'fit_length', 'trim_padding', 'CaptionedLatents',
+           'caption_table', 'TextDiffusionLoss', 'text_condition', 'text_guidance', 'cross_attention_factory',
+           'build_ldm_unet', 'build_ldm_scheduler', 'text_encoder_spec', 'LDMTrajectory', 'LDMOutput',
+           'LatentDiffusionPipeline', 'latent_sampler', 'fashion_latents', 'caption_embeddings', 'short_captions',
+           'LDMData', 'prepare_ldm_data', 'train_ldm', 'training_summary', 'plot_denoising_evolution',
+           'plot_prompt_grid', 'train_step_seconds']
 
 # %% ../nbs/09_ldm_additive.ipynb #45607fc3
 HELD_OUT_PAIRS = (("Skirts", "Green"), ("Jeans", "Purple"))  # (articleType, baseColour) pairs never seen in training
@@ -559,11 +560,15 @@ def caption_embeddings(text_encoder: TextEncoder, # the frozen text encoder
     table, null = trim_padding(table.to("cpu"), null.to("cpu"))
     return (ids.view(len(captions), -1) if nested else ids), table, null
 
-def short_captions(records, # FashionProducts.records: baseColour, articleType and caption columns
-                  ) -> list[str]: # "baseColour articleType" per item (its caption when a column is missing)
-    "Short captions from the catalogue's columns, e.g. 'Red Dresses' (Kaggle's own fallback caption style)."
-    rows = zip(records["baseColour"], records["articleType"], records["caption"])
-    return [f"{colour} {kind}" if isinstance(colour, str) and isinstance(kind, str) else caption for colour, kind, caption in rows]
+PATTERN_WORDS = {"striped": "Striped", "checked": "Checked"}  # how a short caption names a pattern (solid: unnamed)
+
+def short_captions(records, # FashionProducts.records: baseColour, articleType, caption (and pattern) columns
+                  ) -> list[str]: # "baseColour [Pattern] articleType" per item (its caption when a column is missing)
+    "Short captions from the catalogue's columns, e.g. 'Red Dresses' or 'Blue Striped Shirts' (Kaggle's fallback style)."
+    patterns = records["pattern"] if "pattern" in records else [None] * len(records)
+    rows = zip(records["baseColour"], records["articleType"], records["caption"], patterns)
+    return [" ".join(w for w in (colour, PATTERN_WORDS.get(pattern), kind) if w) if isinstance(colour, str) and isinstance(kind, str)
+            else caption for colour, kind, caption, pattern in rows]
 
 # %% ../nbs/09_ldm_additive.ipynb #036d28c9
 class LDMData(NamedTuple):

@@ -100,7 +100,7 @@ def test_missing_measures_say_which_chapter(built):
     text = _text(built["html"])
     for number in ("06", "07", "09", "10", "11"):
         assert f"non mesuré (chapitre {number})" in text, number
-    assert "le chapitre 09 (diffusion latente, conditionnement additif) crée le fichier" in text   # figure 4
+    assert "le chapitre 10 (diffusion latente avec cross-attention) crée le fichier" in text   # figure 4, from the best model
     assert "fig4_evolution_debruitage.png" in text
 
 
