@@ -29,7 +29,7 @@ __all__ = ['PROFILES', 'RUN_PROFILES', 'PATH_VARIABLES', 'CHECKPOINT_FORMAT', 'R
            'resolve_profile', 'get_profile', 'repo_root', 'absolute_env_paths', 'data_dir', 'runs_dir', 'figures_dir',
            'atomic_path', 'atomic_write', 'save_checkpoint', 'read_checkpoint_metadata', 'load_checkpoint',
            'run_provenance', 'read_json', 'save_metrics', 'load_metrics', 'progress', 'image_grid', 'show_images',
-           'figure_provenance_path', 'save_figure']
+           'french_ticks', 'figure_provenance_path', 'save_figure']
 
 # %% ../nbs/00_core.ipynb #9d057792
 def _mps_available() -> bool:
@@ -371,6 +371,21 @@ def show_images(images: Tensor, # (B, C, H, W) in [-1, 1]
     if title: ax.set_title(title)
     return ax.figure
 
+def _decimal_comma(value: float, pos=None) -> str:
+    "A tick label with a French decimal comma: 0.25 -> '0,25', 1e-05 -> '1e-05' kept as is, 1000 -> '1000'."
+    text = f"{value:g}"
+    return text if "e" in text else text.replace(".", ",").replace("-", "\u2212")
+
+def french_ticks(fig: plt.Figure, # a figure about to be saved
+                ) -> plt.Figure:
+    "Give the linear axes of a figure decimal commas (French), leaving log and categorical axes alone."
+    from matplotlib.ticker import FuncFormatter, ScalarFormatter
+    for ax in fig.axes:
+        for axis in (ax.xaxis, ax.yaxis):
+            if type(axis.get_major_formatter()) is ScalarFormatter and axis.get_scale() == "linear":
+                axis.set_major_formatter(FuncFormatter(_decimal_comma))
+    return fig
+
 def figure_provenance_path(png: str | Path, # a figure file
                           ) -> Path:
     "The JSON file beside a figure that says which run made it (`fig.png` -> `fig.png.json`)."
@@ -385,6 +400,7 @@ def save_figure(fig: plt.Figure, # the figure to save
     "Save `fig` as PNG under the profile's figures folder with its provenance beside it, atomically; returns the path."
     if not name.endswith(".png"): raise ValueError(f"Figure name must end in .png, got {name!r}")
     path = figures_dir(profile) / name
+    french_ticks(fig)  # the course's figures are French: 0,25 not 0.25
     with atomic_path(path) as tmp:
         fig.savefig(tmp, format="png", dpi=dpi, bbox_inches="tight")
         digest = hashlib.sha256(tmp.read_bytes()).hexdigest()

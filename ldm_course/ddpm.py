@@ -594,19 +594,19 @@ def plot_guidance_grid(sweep: GuidanceSweep, # from guidance_sweep
     "Rows: classes; columns: guidance scales w, each cell a strip of samples; the judge's accuracy above each column."
     S, K, n = sweep.samples.shape[:3]
     m = min(per_cell, n)
-    fig, axes = plt.subplots(1, S, figsize=(S * (0.55 * m + 0.15) + 0.6, 0.55 * K + 1.0), squeeze=False)
+    fig, axes = plt.subplots(1, S, figsize=(S * (0.55 * m + 0.15) + 0.6, 0.55 * K + 1.3), squeeze=False, layout="constrained")
     for j, ax in enumerate(axes[0]):
         grid = image_grid(sweep.samples[j, :, :m].flatten(0, 1), nrow=m, padding=1)
         gray = sweep.samples.shape[3] == 1  # make_grid repeats a single channel three times
         ax.imshow(grid[0] if gray else grid.permute(1, 2, 0), cmap="gray" if gray else None, vmin=0, vmax=1)
         ax.set_xticks([])
-        ax.set_title(f"w = {sweep.guidance_scales[j]:g}\njuge : {sweep.accuracy[j]:.0%}", fontsize=9)
+        w, accuracy = f"{sweep.guidance_scales[j]:g}".replace(".", ","), f"{100 * sweep.accuracy[j]:.0f}\u00a0%"
+        ax.set_title(f"w = {w}\njuge : {accuracy}", fontsize=9)
         cell = grid.shape[1] / K
         ax.set_yticks([(i + 0.5) * cell for i in range(K)])
         ax.set_yticklabels(list(class_names) if j == 0 else [""] * K, fontsize=8)
         ax.tick_params(length=0)
     fig.suptitle(title)
-    fig.tight_layout()
     return fig
 
 def plot_guidance_accuracy(sweep: GuidanceSweep, # from guidance_sweep
