@@ -125,7 +125,7 @@ def main(argv=None):
     rows, correct = {}, {}
     for name, generate in samplers.items():
         result = prompt_alignment(generate, specs, judge, num_samples=1, seed=args.seed, batch_size=batch_size)
-        images = result.samples[:, 0]
+        images = torch.cat(result.samples)   # one image per prompt, in prompt order
         correct[name] = torch.tensor(result.per_prompt["both"].to_numpy(), dtype=torch.float64)  # 0/1 per image (one per prompt)
         overall = result.summary().loc["overall"]
         rows[name] = {"seconds": sum(s for s, _ in generate.calls), "seconds_per_image": seconds_per_image(generate.calls),

@@ -1,10 +1,12 @@
-"""Tests of ldm_course.metrics (chapter 11): FID/KID through torchmetrics with in-domain features, the clothing
-judge, prompt-alignment accounting and the judge cache. Each test fails if the behaviour it names breaks."""
+"""Tests of ldm_course.metrics (chapter 11): FID/KID through torchmetrics with in-domain features, the three-headed
+clothing judge (type, colour, pattern on a full-resolution crop), the reconstruction check, prompt sets and
+prompt-alignment accounting with standard errors, and the judge cache. Each test fails if the behaviour it names breaks."""
 from __future__ import annotations
 
 import json
 
 import numpy as np
+import pandas as pd
 import pytest
 import torch
 from torch import nn
@@ -14,9 +16,10 @@ from torchmetrics.image.kid import KernelInceptionDistance
 from ldm_course.core import make_generator
 from ldm_course.ddpm import ClassifierConfig, ImageClassifier
 from ldm_course.metrics import (
-    ClassifierFeatures, EvalConfig, GarmentJudge, GarmentJudgeConfig, PromptSpec, cached_judge, eval_config,
-    evaluation_prompts, fid_kid, garment_accuracy, judge_checkpoint_path, load_judge, predict_garments, prompt_alignment,
-    real_baseline, save_judge, steps_sweep, train_garment_judge,
+    ClassifierFeatures, EvalConfig, GarmentJudge, GarmentJudgeConfig, GarmentLogits, PromptSpec, cached_judge, catalogue_fingerprint,
+    eval_config, evaluation_prompts, fid_kid, garment_accuracy, judge_checkpoint_path, judge_inputs, judge_pattern_labels, load_judge,
+    pattern_scales, predict_garments, prompt_alignment, prompt_subset, proportion_se, real_baseline, reconstruction_check,
+    samples_per_prompt, save_judge, steps_sweep, targets_met, texture_period, train_garment_judge,
 )
 from ldm_course.training import TrainConfig
 
@@ -101,21 +104,24 @@ def test_feature_module_output_is_accepted_by_torchmetrics():
 
 @pytest.fixture(scope="module")
 def catalogue_judge(tmp_path_factory):
-    "A clothing judge trained briefly on a small synthetic catalogue, with its held-out photos."
-    from ldm_course.data import load_fashion, to_tensors
+    "A three-headed clothing judge trained briefly on a small synthetic catalogue drawn at 128 px, with its held-out photos."
+    from ldm_course.data import load_fashion
     root = tmp_path_factory.mktemp("data")
-    ds, _ = load_fashion(root, source="synthetic", size=CATALOGUE_SIZE, image_size=24, verbose=False)
-    images, _ = to_tensors(ds)
+    ds, source = load_fashion(root, source="synthetic", size=CATALOGUE_SIZE, image_size=128, profile="smoke", verbose=False)
     types, type_names = ds.labels("articleType")
     colours, colour_names = ds.labels("baseColour")
-    order = torch.randperm(len(images), generator=make_generator(0))
+    patterns, pattern_names = judge_pattern_labels(ds.records, source.source)
+    cfg = GarmentJudgeConfig(tuple(type_names), tuple(colour_names), image_size=24, channels=(8, 16, 32),
+                             pattern_names=tuple(pattern_names), pattern_crop=0.25, pattern_size=32, pattern_channels=(8, 16))
+    inputs = judge_inputs(cfg, ds)   # 32 px crops of 128 px photos: native pixels
+    order = torch.randperm(len(ds), generator=make_generator(0))
     test, train = order[:200], order[200:]
-    cfg = GarmentJudgeConfig(tuple(type_names), tuple(colour_names), image_size=24, channels=(8, 16, 32))
     threads = torch.get_num_threads()
     torch.set_num_threads(1)   # a tiny CNN: one thread is faster, and much faster on a busy machine
-    try: judge, _ = train_garment_judge(images[train], types[train], colours[train], cfg, JUDGE_RECIPE, device="cpu")
+    try: judge, _ = train_garment_judge(inputs.select(train), types[train], colours[train], cfg, JUDGE_RECIPE, pattern_labels=patterns[train], device="cpu")
     finally: torch.set_num_threads(threads)
-    return judge, images[test], types[test], colours[test]
+    images = torch.stack([ds[i][0] for i in test.tolist()])
+    return judge, images, types[test], colours[test], patterns[test]
 
 
 CATALOGUE_SIZE = 1000
@@ -123,17 +129,44 @@ JUDGE_RECIPE = TrainConfig(lr=3e-3, max_steps=200, warmup_steps=10, batch_size=6
 
 
 def test_judge_reaches_high_accuracy_on_the_synthetic_catalogue(catalogue_judge):
-    judge, images, types, colours = catalogue_judge
-    acc = garment_accuracy(judge, images, types, colours)
-    assert acc["num_both"] == len(images)
-    assert acc["colour"] > 0.9, acc
-    assert acc["type"] > 0.5, acc   # 10 garment types: chance is 10 % (about 0.68 after this small run)
+    judge, images, types, colours, patterns = catalogue_judge
+    acc = garment_accuracy(judge, images, types, colours, patterns)
+    assert acc["num_both"] == acc["num_pattern"] == len(images)
+    assert acc["colour"] > 0.85, acc
+    assert acc["type"] > 0.5, acc   # 10 garment types: chance is 10 % (about 0.7 after this small run)
+    assert acc["pattern"] > 0.9, acc   # 3 patterns, 64 % solid: stripes and checks must be seen (about 0.96)
+    assert all(v["accuracy"] > 0.75 for v in acc["pattern_by_class"].values()), acc["pattern_by_class"]
+
+
+def test_pattern_needs_the_full_resolution_crop(catalogue_judge):
+    "The same photos reduced to the trunk's 24 px and back: the pattern branch loses the stripes, the colour stays."
+    judge, images, types, colours, patterns = catalogue_judge
+    small = torch.nn.functional.interpolate(images, size=(24, 24), mode="bilinear", antialias=True)
+    blurred = torch.nn.functional.interpolate(small, size=images.shape[-2:], mode="bilinear")
+    sharp, soft = garment_accuracy(judge, images, types, colours, patterns), garment_accuracy(judge, blurred, types, colours, patterns)
+    assert soft["pattern_by_class"]["striped"]["accuracy"] < sharp["pattern_by_class"]["striped"]["accuracy"] - 0.3, (sharp, soft)
+    assert soft["colour"] > sharp["colour"] - 0.1
+
+
+def test_reconstruction_check_of_an_identity_autoencoder_gives_the_judges_own_accuracy(catalogue_judge):
+    judge, images, types, colours, patterns = catalogue_judge
+    periods = texture_period(judge.prepare(images).crops, judge.config.pattern_crop)
+    strata = pattern_scales([judge.config.pattern_names[k] for k in patterns], periods)
+    check = reconstruction_check(judge, lambda x: x.clone(), images, types, colours, patterns, strata, batch_size=64)
+    assert check["reconstruction"] == check["original"] == garment_accuracy(judge, images, types, colours, patterns)
+    assert check["agreement"] == {"type": 1.0, "colour": 1.0, "pattern": 1.0} and check["pattern_lost"] == []
+    assert check["psnr"] >= 99 and check["ssim"] == pytest.approx(1.0, abs=1e-4)   # vae.psnr caps a zero error at 100 dB
+    assert (check["num_images"], check["image_size"]) == (len(images), 128)
+    assert sum(v["num"] for v in check["pattern_by_stratum"].values()) == len(images)
+    assert {"solid", "striped fine", "striped wide", "checked fine", "checked wide"} >= set(check["pattern_by_stratum"])
+    grey = reconstruction_check(judge, lambda x: torch.zeros_like(x), images, types, colours, patterns)
+    assert grey["psnr"] < 15 and grey["agreement"]["colour"] < 0.5 and len(grey["pattern_lost"]) > 0
 
 
 def test_alignment_accounting_with_catalogue_images_of_the_right_or_wrong_class(catalogue_judge):
-    judge, images, types, colours = catalogue_judge
+    judge, images, types, colours, _ = catalogue_judge
     names_t, names_c = judge.config.type_names, judge.config.colour_names
-    pred_t, pred_c = predict_garments(judge, images)
+    pred_t, pred_c, _ = predict_garments(judge, images)
     ok = (pred_t == types) & (pred_c == colours)
     pool = {}
     for i in torch.nonzero(ok).flatten().tolist(): pool.setdefault((names_t[types[i]], names_c[colours[i]]), images[i])
@@ -158,11 +191,12 @@ def test_alignment_accounting_with_catalogue_images_of_the_right_or_wrong_class(
 
 
 class OracleJudge(GarmentJudge):
-    "Reads the class from the image: type = round(pixel[0, 0, 0] · 10), colour = round(pixel[1, 0, 0] · 10)."
+    "Reads the class from the image: type, colour, pattern = round(10 · pixel[k, 0, 0]) for channels k = 0, 1, 2."
     def forward(self, x):
-        t, c = (x[:, 0, 0, 0] * 10).round().long(), (x[:, 1, 0, 0] * 10).round().long()
-        eye_t, eye_c = torch.eye(len(self.config.type_names)), torch.eye(len(self.config.colour_names))
-        return eye_t[t], eye_c[c]
+        t, c, p = ((x[:, k, 0, 0] * 10).round().long() for k in range(3))
+        eye = lambda names: torch.eye(len(names)) if names else None
+        pattern = eye(self.config.pattern_names)
+        return GarmentLogits(eye(self.config.type_names)[t], eye(self.config.colour_names)[c], None if pattern is None else pattern[p])
 
 
 def test_alignment_counts_type_colour_and_both_separately_per_group_with_fixed_seeds():
@@ -185,7 +219,7 @@ def test_alignment_counts_type_colour_and_both_separately_per_group_with_fixed_s
     assert list(summary.index) == ["seed", "held-out", "overall"]
     assert summary.loc["overall", "type"] == 1.0 and summary.loc["overall", "colour"] == 0.5 and summary.loc["overall", "both"] == 0.5
     assert summary.loc["seed", "num_images"] == 4 and summary.loc["overall", "num_prompts"] == 2
-    assert res.samples.shape == (2, 4, 3, 8, 8)
+    assert [x.shape for x in res.samples] == [(4, 3, 8, 8)] * 2
     d = res.to_dict()
     assert d["summary"]["held-out"]["both"] == 0.5 and len(d["per_prompt"]) == 2
     assert d["summary"]["overall"]["num_images"] == 8 and isinstance(d["summary"]["overall"]["num_images"], int)
@@ -206,6 +240,77 @@ def test_evaluation_prompts_groups():
     assert specs == evaluation_prompts(pairs, held_out=[("Skirts", "Green")], num_catalogue=2, seed=0)   # seeded
 
 
+def test_pattern_and_everyday_prompts_cover_the_catalogue_and_only_its_combinations():
+    from ldm_course.data import GARMENT_COLOURS, GARMENT_TYPES
+    from ldm_course.ldm import HELD_OUT_PAIRS
+    pairs = [(t, c) for t in GARMENT_TYPES for c in GARMENT_COLOURS]
+    triples = [(t, c, p) for t, kind in GARMENT_TYPES.items() for c in GARMENT_COLOURS for p in set(kind.patterns)]
+    specs = evaluation_prompts(pairs, HELD_OUT_PAIRS, 16, 0, held_out_wordings=4, catalogue_triples=triples, num_everyday=32)
+    groups = pd.Series([s.group for s in specs]).value_counts().to_dict()
+    assert groups == {"everyday": 32, "catalogue": 16, "pattern": 16, "held-out": 8, "seed": 5}
+    everyday, pattern = [s for s in specs if s.group == "everyday"], [s for s in specs if s.group == "pattern"]
+    assert {s.article_type for s in everyday} == set(GARMENT_TYPES) and {s.colour for s in everyday} == set(GARMENT_COLOURS)
+    assert all(s.pattern in GARMENT_TYPES[s.article_type].patterns for s in pattern)
+    assert sum(s.pattern == "solid" for s in pattern) == 3 and all(s.pattern is None for s in specs if s.group != "pattern")
+    assert not {(s.article_type, s.colour) for s in pattern + everyday} & set(HELD_OUT_PAIRS)
+    assert len({s.prompt for s in specs}) == len(specs)
+    assert {"a green skirt", "a skirt in green"} <= {s.prompt for s in specs if s.group == "held-out"}
+    # a catalogue without checked trousers gets no checked-trousers prompt
+    fewer = evaluation_prompts(pairs, catalogue_triples=[x for x in triples if x[::2] != ("Trousers", "checked")])
+    assert not any(s.article_type == "Trousers" and s.pattern == "checked" for s in fewer)
+    assert samples_per_prompt(specs, 64) == {"seed": 13, "held-out": 8, "catalogue": 4, "pattern": 4, "everyday": 2}
+    sub = prompt_subset(specs, 8, seed=0)
+    assert pd.Series([s.group for s in sub]).value_counts().max() == 8 and sub == prompt_subset(specs, 8, seed=0)
+
+
+def test_standard_errors_binomial_and_by_prompt():
+    p, binomial, clustered = proportion_se([3, 4], [4, 4])
+    assert p == 7 / 8 and binomial == pytest.approx(np.sqrt(7 / 8 / 8 / 8))
+    assert clustered == pytest.approx(np.sqrt(2 * (0.5 ** 2 + 0.5 ** 2)) / 8)
+    _, binomial, clustered = proportion_se([0, 8], [8, 8])   # one prompt always fails, the other never: prompts, not images, vary
+    assert clustered > 2 * binomial
+    assert np.isnan(proportion_se([3], [4])[2])   # one prompt: no spread to measure
+
+
+def test_alignment_scores_pattern_with_standard_errors_and_targets():
+    judge = OracleJudge(GarmentJudgeConfig(("Dresses", "Shirts"), ("Red", "Blue"), image_size=8, channels=(4,), feature_dim=4,
+                                           pattern_names=("checked", "solid", "striped")))
+    specs = [PromptSpec("a red striped shirt", "Shirts", "Red", "pattern", "striped"), PromptSpec("a red dress", "Dresses", "Red", "seed")]
+
+    def generate(prompts, seed):   # right type and colour; for the shirt, striped on 3 images of 4
+        x = torch.zeros(len(prompts), 3, 8, 8)
+        for k, p in enumerate(prompts):
+            x[k, 0] = (1 if "shirt" in p else 0) / 10
+            x[k, 2] = (2 if k % 4 else 1) / 10
+        return x
+
+    res = prompt_alignment(generate, specs, judge, num_samples={"pattern": 4, "seed": 2}, batch_size=16)
+    s = res.summary()
+    assert res.per_prompt["num_images"].tolist() == [4, 2] and s.loc["pattern", "pattern"] == 0.75
+    assert pd.isna(s.loc["seed", "pattern"]) and s.loc["overall", "num_pattern_images"] == 4   # only prompts that ask for a pattern
+    assert s.loc["pattern", "pattern_se"] == pytest.approx(np.sqrt(0.75 * 0.25 / 4))
+    d = res.to_dict()
+    json.dumps(d, allow_nan=False)   # NaN written as null
+    assert d["summary"]["seed"]["pattern"] is None and d["per_prompt"][1]["pattern"] is None
+    verdict = targets_met(res.summary_dict(), {"pattern": {"pattern": 0.8}, "seed": {"type": 0.9}})
+    assert verdict["pattern"]["pattern"]["met"] is False and verdict["seed"]["type"] == {"value": 1.0, "se": 0.0, "num_images": 2, "target": 0.9, "met": True}
+
+
+def test_pattern_labels_of_real_products_are_unknown_unless_the_name_says_so(tmp_path):
+    records = pd.DataFrame({"pattern": ["solid", "solid", "striped", "checked", "solid"],
+                            "caption": ["Men Solid Blue Shirt", "Floral Print Dress", "Striped Tee", "Checked Shirt", "Plain Black Top"],
+                            "path": [str(tmp_path / f"{i}.jpg") for i in range(5)]})
+    real, names = judge_pattern_labels(records, "real")
+    assert names == ["checked", "solid", "striped"] and real.tolist() == [1, -1, 2, 0, 1]
+    assert judge_pattern_labels(records, "synthetic")[0].tolist() == [1, 1, 2, 0, 1]   # the generator draws every item's pattern
+    for i in range(5): (tmp_path / f"{i}.jpg").write_bytes(b"x" * (i + 1))
+    first = catalogue_fingerprint(records, [real])
+    assert first == catalogue_fingerprint(records, [real.clone()])
+    assert first != catalogue_fingerprint(records, [torch.tensor([1, 1, 2, 0, 1])])   # another label
+    (tmp_path / "3.jpg").write_bytes(b"changed photo")
+    assert first != catalogue_fingerprint(records, [real])   # another image file
+
+
 def test_judge_checkpoint_round_trip_and_cache_key(tmp_path):
     cfg = GarmentJudgeConfig(("a", "b"), ("c", "d"), image_size=8, channels=(4,), feature_dim=6)
     torch.manual_seed(0)
@@ -222,6 +327,12 @@ def test_judge_checkpoint_round_trip_and_cache_key(tmp_path):
     for key in ({"v": (1, 2)}, {"v": (1, 2)}, {"v": 3}):
         cached_judge(tmp_path / "c.safetensors", key, train)
     assert len(calls) == 2   # tuples compare equal to the lists they become in JSON
+    three = GarmentJudge(cfg.replace(pattern_names=("solid", "striped"), pattern_size=8, pattern_channels=(4,))).eval()
+    again, _ = load_judge(save_judge(tmp_path / "three.safetensors", three))
+    x = torch.randn(2, 3, 32, 32)
+    assert again.config == three.config and torch.allclose(again(x).pattern, three(x).pattern, atol=1e-6)
+    old = {k: v for k, v in cfg.to_dict().items() if not k.startswith("pattern_")}   # a file written before the pattern head
+    assert GarmentJudgeConfig.from_dict(old).has_pattern is False
 
 
 # ---------------------------------------------------------------- bad inputs, sweeps and configs
@@ -241,8 +352,13 @@ def test_bad_inputs_raise_clear_errors(tmp_path):
     with pytest.raises(ValueError, match="colour labels must be in \\[-1, 2\\)"):
         train_garment_judge(images, torch.zeros(4), torch.tensor([0, 1, 2, 0]), cfg, JUDGE_RECIPE)
     with pytest.raises(ValueError, match="expected RGB images"): GarmentJudge(cfg).features(torch.zeros(2, 1, 8, 8))
-    with pytest.raises(ValueError, match="num_samples must be >= 1"): prompt_alignment(lambda p, s: None, [], GarmentJudge(cfg), num_samples=0)
+    with pytest.raises(ValueError, match="num_samples must be >= 1"):
+        prompt_alignment(lambda p, s: None, [PromptSpec("x", "a", "c")], GarmentJudge(cfg), num_samples=0)
     with pytest.raises(ValueError, match="prompts is empty"): prompt_alignment(lambda p, s: None, [], GarmentJudge(cfg))
+    with pytest.raises(ValueError, match="Unknown pattern 'dotted'"): PromptSpec("a dotted dress", "Dresses", "Red", "pattern", "dotted")
+    with pytest.raises(ValueError, match="pattern_labels must be given"):
+        train_garment_judge(images, torch.zeros(4), torch.zeros(4), cfg.replace(pattern_names=("solid", "striped")), JUDGE_RECIPE)
+    with pytest.raises(ValueError, match="pattern_names must list at least 2"): GarmentJudgeConfig(("a", "b"), ("c", "d"), pattern_names=("solid",))
     other = save_checkpoint(tmp_path / "other.safetensors", {"w": torch.zeros(1)}, {"format": "something-else"})
     with pytest.raises(ValueError, match="is not a judge file"): load_judge(other)
     with pytest.raises(TypeError, match="ImageClassifier or a GarmentJudge"): save_judge(tmp_path / "j.safetensors", nn.Linear(2, 2))
@@ -269,5 +385,7 @@ def test_eval_config_presets_round_trip_and_scale_with_the_profile():
     assert configs["smoke"].num_fid_samples < configs["cpu"].num_fid_samples < configs["gpu"].num_fid_samples
     assert configs["gpu"].steps_curve == (10, 20, 50, 100, 1000)   # the curve the issue asks for
     assert configs["cpu"].judge_image_size == 64                    # 32 px cannot tell jeans from trousers
-    assert eval_config("smoke", prompt_samples=7).prompt_samples == 7
+    assert configs["cpu"].images_per_group >= 64 > configs["smoke"].images_per_group   # issue 16: 64 images resolve 10 points
+    assert configs["cpu"].judge_pattern_size == 64 and configs["cpu"].judge_pattern_crop * 256 == 64   # native pixels at 256 px
+    assert eval_config("smoke", images_per_group=7).images_per_group == 7
     with pytest.raises(ValueError, match="heldout_fraction"): EvalConfig(heldout_fraction=1.0)
