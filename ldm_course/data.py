@@ -45,13 +45,14 @@ from .synthetic import (
 _all_ = ["GARMENT_COLOURS", "GARMENT_TYPES", "PATTERNS", "SEED_PROMPTS"]   # in data.__all__ too
 
 # %% auto #0
-__all__ = ['SOURCES', 'REACHABILITY_TTL', 'SYNTHETIC_FORMAT', 'SYNTHETIC_SIZES', 'MNIST_FILES', 'MNIST_HOST', 'CIFAR10_HOST',
-           'KAGGLE_COLUMNS', 'SKIP_REASONS', 'FASHION_DIRNAMES', 'KAGGLE_URLS', 'PATTERN_WORDS',
-           'CATALOGUE_IMAGE_SIZES', 'pil_to_signed', 'SyntheticDataWarning', 'UpscaledImagesWarning', 'DataFormatError',
-           'DataSource', 'network_available', 'synthetic_size', 'read_manifest', 'write_idx', 'write_mnist',
-           'idx_shape', 'read_idx', 'make_synthetic_mnist', 'check_mnist', 'load_mnist', 'LocalCIFAR10',
-           'write_cifar10', 'make_synthetic_cifar10', 'load_cifar10', 'read_styles', 'caption_of', 'pattern_of',
-           'to_rgb', 'pad_to_square', 'catalogue_image_size', 'photo_size', 'FashionProducts', 'make_synthetic_fashion',
+__all__ = ['SOURCES', 'SOURCE_NAMES_FR', 'CLASS_NAMES_FR', 'REACHABILITY_TTL', 'SYNTHETIC_FORMAT', 'SYNTHETIC_SIZES',
+           'MNIST_FILES', 'MNIST_HOST', 'CIFAR10_HOST', 'KAGGLE_COLUMNS', 'SKIP_REASONS', 'FASHION_DIRNAMES',
+           'KAGGLE_URLS', 'PATTERN_WORDS', 'CATALOGUE_IMAGE_SIZES', 'pil_to_signed', 'french_class_names',
+           'SyntheticDataWarning', 'UpscaledImagesWarning', 'DataFormatError', 'DataSource', 'network_available',
+           'synthetic_size', 'read_manifest', 'write_idx', 'write_mnist', 'idx_shape', 'read_idx',
+           'make_synthetic_mnist', 'check_mnist', 'load_mnist', 'LocalCIFAR10', 'write_cifar10',
+           'make_synthetic_cifar10', 'load_cifar10', 'read_styles', 'caption_of', 'pattern_of', 'to_rgb',
+           'pad_to_square', 'catalogue_image_size', 'photo_size', 'FashionProducts', 'make_synthetic_fashion',
            'find_fashion_root', 'load_fashion', 'to_tensors', 'GARMENT_COLOURS', 'GARMENT_TYPES', 'PATTERNS',
            'SEED_PROMPTS']
 
@@ -65,6 +66,17 @@ def pil_to_signed(image: Image.Image, # a PIL image (mode L or RGB)
 
 # %% ../nbs/01_data.ipynb #fbb5ef7f
 SOURCES = ("auto", "real", "synthetic")
+SOURCE_NAMES_FR = {"real": "données réelles", "downloaded": "données réelles téléchargées", "synthetic": "données synthétiques"}
+CLASS_NAMES_FR = {  # CIFAR10's classes and the offline stand-in's scenes, for the course's French figures
+    "airplane": "avion", "automobile": "voiture", "bird": "oiseau", "cat": "chat", "deer": "cerf", "dog": "chien",
+    "frog": "grenouille", "horse": "cheval", "ship": "navire", "truck": "camion",
+    "sun": "soleil", "house": "maison", "tree": "arbre", "boat": "bateau", "car": "auto", "fish": "poisson",
+    "flower": "fleur", "mountain": "montagne", "balloon": "montgolfière", "star": "étoile"}
+
+def french_class_names(names: Sequence[str], # class names as the dataset gives them (English)
+                      ) -> list[str]:
+    "The French names of dataset classes (unknown names are kept)."
+    return [CLASS_NAMES_FR.get(n, n) for n in names]
 
 class SyntheticDataWarning(UserWarning):
     "Raised when a loader falls back to generated data instead of the real dataset."
@@ -86,6 +98,11 @@ class DataSource(Config):
     seed: int | None = None   # generator seed (synthetic data only)
     skipped: dict = dataclasses.field(default_factory=dict) # reason -> rows skipped (fashion catalogue)
     note: str = ""            # why this source was chosen
+
+    @property
+    def source_fr(self) -> str:
+        "The source in French, for figure titles: 'données réelles', 'données synthétiques'..."
+        return SOURCE_NAMES_FR.get(self.source, self.source)
 
     def summary(self) -> str:
         "One line for logs and the report."
