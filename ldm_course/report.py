@@ -525,7 +525,8 @@ class BenchmarkSection(ReportTables):
             for i, r in enumerate(results):
                 where = r.machine + f" ; {r.date or 'date non enregistrée'}"
                 rows.append([title if i == 0 else "", md_breakable(r.file), where, r.measured, _verdicts(r)])
-        table = self.table(label, ["banc d'essai", "fichier", "machine ; date", "mesure", "objectif : verdict"], rows, caption, align="lllll")
+        table = self.table(label, ["banc d'essai", "fichier", "machine ; date", "mesure", "objectif : verdict"], rows, caption,
+                           align="lllll", widths=(13, 16, 17, 34, 20))   # the measure is the long column: give it the room
         notes = []  # plain text and code blocks: a long inline command could stick out of a PDF line
         if absent:
             needs = [f"Le banc d'essai « {BENCHMARKS[n]} » {BENCHMARK_NEEDS[n]}. " for n in absent if n in BENCHMARK_NEEDS]

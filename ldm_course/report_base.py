@@ -228,7 +228,7 @@ METRIC_LABELS = {  # last key of a metric -> French label in the tables (unknown
     "max_length": "longueur maximale (jetons)", "load_seconds": "durée de chargement (s)", "source_note": "choix de l'encodeur",
 }
 
-_SKIPPED_KEYS = {"chapter", "profile", "provenance", "config", "checkpoint",  # shown elsewhere, or too detailed for a list of measures:
+_SKIPPED_KEYS = {"chapter", "profile", "provenance", "config", "checkpoint", "source_note", "text_encoder_note",  # raw English logs  # shown elsewhere, or too detailed for a list of measures:
                  "colour_fidelity_by_base_colour", "colour_error_by_base_colour", "colour_pca"}  # chapter 07's colour table
 
 def flatten_metrics(values: Mapping, # one chapter's metrics
@@ -265,6 +265,7 @@ class ReportTables(ReportBase):
               rows: Sequence[Sequence[Any]], # cells: Markdown strings (escape values with md_escape), or numbers
               caption: str, # French caption, without the "Tableau N –" prefix
               align: str | None = None, # one of l, r, c per column (default: first left, others right)
+              widths: Sequence[int] | None = None, # relative column widths in the PDF (default: from the content)
              ) -> str:
         "A Pandoc pipe table with a numbered caption."
         n = self._number("table", label)
@@ -272,7 +273,9 @@ class ReportTables(ReportBase):
         if len(align) != len(header): raise ValueError(f"align {align!r} needs one letter per column ({len(header)})")
         cells = [[v if isinstance(v, str) else md_escape(format_value(v)) for v in row] for row in rows]
         # pandoc sizes the columns of a wide table by the dashes of the rule line: make them follow the content
-        widths = [min(40, max(8, 4 + len(h), *(2 + len(row[i]) for row in cells))) for i, h in enumerate(header)]
+        if widths is not None and len(widths) != len(header): raise ValueError(f"widths {widths!r} needs one number per column ({len(header)})")
+        widths = [max(3, int(w)) for w in widths] if widths is not None else \
+                 [min(40, max(8, 4 + len(h), *(2 + len(row[i]) for row in cells))) for i, h in enumerate(header)]
         rule = lambda a, n: {"l": ":" + "-" * (n - 1), "r": "-" * (n - 1) + ":", "c": ":" + "-" * (n - 2) + ":"}[a]
         lines = ["| " + " | ".join(header) + " |", "|" + "|".join(rule(a, n) for a, n in zip(align, widths)) + "|"]
         lines += ["| " + " | ".join(row) + " |" for row in cells]
@@ -389,6 +392,12 @@ class RunConditions(ReportBase):
         if name is None: return missing("08")
         dim = self.value("08", "dim", "token_dim", "text_encoder.dim")
         return f"**{md_escape(name)}**" + (f", vecteurs de dimension {format_value(dim)}" if dim else "")
+
+    @property
+    def resolution_text(self) -> str:
+        "The side of the generated images, e.g. '256×256 pixels' (chapter 07's autoencoder, else 10's or 09's), or 'non mesuré'."
+        size = self.value("07", "image_size", "kl.config.image_size") or self.value("10", "image_size") or self.value("09", "image_size")
+        return f"{format_value(size)}×{format_value(size)} pixels" if size else missing("07")
 
     @property
     def conditions(self) -> list[tuple[str, str]]:
