@@ -48,8 +48,8 @@ __all__ = ['INCEPTION_WEIGHTS', 'CLOTH_THRESHOLD', 'JUDGE_FORMAT', 'EVAL_PRESETS
            'eval_config', 'steps_sweep', 'plot_quality_vs_steps', 'PromptSpec', 'proportion_se', 'AlignmentResult',
            'prompt_alignment', 'targets_met', 'garment_words', 'everyday_phrase', 'everyday_prompts', 'pattern_prompts',
            'evaluation_prompts', 'samples_per_prompt', 'prompt_subset', 'judge_pattern_labels', 'catalogue_fingerprint',
-           'texture_period', 'pattern_scales', 'pipeline_generate', 'clip_score', 'plot_alignment',
-           'plot_group_accuracy', 'plot_pattern_check', 'reconstruction_check']
+           'texture_period', 'pattern_scales', 'accuracy_by_stratum', 'pipeline_generate', 'clip_score',
+           'plot_alignment', 'plot_group_accuracy', 'plot_pattern_check', 'reconstruction_check']
 
 # %% ../nbs/11_evaluation.ipynb #29720458
 class ClassifierFeatures(nn.Module):
@@ -863,6 +863,18 @@ def pattern_scales(patterns: Sequence[str], # pattern name of each image ("solid
     "Fine or wide stripes and checks, from the measured period (PATTERN_SCALE_SPLIT); other patterns unchanged."
     return [f"{p} {'fine' if float(t) < PATTERN_SCALE_SPLIT[p] else 'wide'}" if p in PATTERN_SCALE_SPLIT else (p or "unknown")
             for p, t in zip(patterns, periods)]
+
+def accuracy_by_stratum(strata: Sequence[str], # (N,) a stratum per image, e.g. "striped fine"
+                        correct: Tensor, # (N,) bool: the judge was right (only labelled images)
+                        periods: Tensor | None = None, # (N,) texture_period, to report each stratum's range
+                       ) -> dict[str, dict]: # stratum -> {num, accuracy[, period_min, period_max]}
+    "Accuracy, count and measured period range of each stratum."
+    groups, out = np.asarray(strata, dtype=object), {}
+    for s in sorted(set(strata)):
+        member = torch.from_numpy(groups == s)
+        out[s] = {"num": int(member.sum()), "accuracy": float(correct[member].float().mean())}
+        if periods is not None: out[s].update(period_min=float(periods[member].min()), period_max=float(periods[member].max()))
+    return out
 
 # %% ../nbs/11_evaluation.ipynb #f7d25d2c
 def pipeline_generate(pipe: Callable, # a LatentDiffusionPipeline (chapters 09, 10): pipe(prompts, ...).images
