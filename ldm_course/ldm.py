@@ -168,12 +168,12 @@ def ldm_checkpoint_path(chapter: str = "09_ldm_additive", # "09_ldm_additive" or
 
 def fallback_vae_path(profile: str = "auto", # run profile
                      ) -> Path:
-    "Where this chapter keeps the VAE-KL it trains when chapter 07's is missing."
+    "Where this chapter keeps the KL-VAE it trains when chapter 07's is missing."
     return ldm_checkpoint_dir("09_ldm_additive", profile) / "vae_kl.safetensors"
 
 def find_vae(profile: str = "auto", # run profile
             ) -> Path | None:
-    "Chapter 07's VAE-KL of this profile, else the fallback of chapter 09, else None."
+    "Chapter 07's KL-VAE of this profile, else the fallback of chapter 09, else None."
     for path in (vae_checkpoint_path("kl", profile), fallback_vae_path(profile)):
         if path.is_file(): return path
     return None
@@ -185,7 +185,7 @@ def load_or_train_vae(images_fn: Callable[[int], Tensor | Dataset], # image_size
                       seed: int = 0, # seed of the fallback training
                       data_note: str = "", # recorded with a fallback VAE (e.g. DataSource.summary())
                      ) -> tuple[Autoencoder, Path, bool]: # (frozen VAE in eval mode, its file, trained now?)
-    "Load chapter 07's VAE-KL (or an earlier fallback); train a fallback with chapter 07's recipe when there is none."
+    "Load chapter 07's KL-VAE (or an earlier fallback); train a fallback with chapter 07's recipe when there is none."
     device = torch.device(device) if device is not None else get_device()
     for path in (vae_checkpoint_path("kl", profile), fallback_vae_path(profile)):
         if not path.is_file(): continue
