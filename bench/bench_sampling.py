@@ -37,6 +37,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from machine import add_machine_arguments, describe, out_dir, setup, synchronize, verdict, write_result  # noqa: E402
 
+from ldm_course import attention  # noqa: E402,F401  (registers chapter 10's cross-attention block, to load its pipeline)
 from ldm_course.benchmarks import BENCHMARK_TARGETS, UNRESOLVED_STD_ERROR  # noqa: E402  (the report judges with the same rule)
 from ldm_course.core import make_generator  # noqa: E402
 from ldm_course.data import load_fashion  # noqa: E402

@@ -15,6 +15,7 @@ from torch import Tensor, nn
 from .core import make_generator, resolve_profile
 from .ldm import LatentDiffusionPipeline, LDMConfig, ldm_config, text_condition
 from .text import TextEmbeddings
+from .unet import register_cross_attention_block
 
 # %% auto #0
 __all__ = ['Attention', 'GEGLU', 'FeedForward', 'BasicTransformerBlock', 'SpatialTransformer', 'to_multihead_attention',
@@ -153,12 +154,14 @@ def to_multihead_attention(attn: Attention, # our attention module
     return mha.eval()
 
 # %% ../nbs/10_cross_attention.ipynb #bd2ea93a
+register_cross_attention_block("spatial_transformer", SpatialTransformer)   # the name saved pipelines use (chapter 03's registry)
+
 def spatial_transformer_spec(**kwargs, # SpatialTransformer arguments besides channels and context_dim (head_dim, depth, ...)
                             ) -> dict: # for LDMConfig.cross_attention_block
-    "Describe SpatialTransformer blocks by class name and arguments, so a saved pipeline can rebuild them."
+    "Describe SpatialTransformer blocks by their registered name and arguments, so a saved pipeline can rebuild them."
     unknown = set(kwargs) - {"head_dim", "depth", "ff_mult", "groups"}
     if unknown: raise ValueError(f"Unknown SpatialTransformer arguments {sorted(unknown)}; expected head_dim, depth, ff_mult, groups")
-    return {"class": "ldm_course.attention.SpatialTransformer", "kwargs": dict(kwargs)}
+    return {"block": "spatial_transformer", "kwargs": dict(kwargs)}
 
 def spatial_transformers(model: nn.Module, # a U-Net (or any module)
                         ) -> list[nn.Module]:

@@ -6,7 +6,6 @@
 from __future__ import annotations
 
 import dataclasses
-import importlib
 import math
 import time
 import warnings
@@ -35,7 +34,7 @@ from ldm_course.text import (
     EmbeddingCache, TextEmbeddings, TextEncoder, default_embedding_cache, encode_cached, load_text_encoder,
 )
 from .training import TrainConfig, TrainHistory, Trainer, condition_dropout_mask, drop_condition, train_config
-from .unet import UNet, UNetConfig, unet_preset
+from .unet import UNet, UNetConfig, cross_attention_block_class, unet_preset
 from ldm_course.vae import (
     Autoencoder, VAEConfig, VAELoss, build_vae, encode_dataset, estimate_scale_factor, load_vae, save_vae,
     set_scale_factor, vae_checkpoint_path, vae_config, vae_train_config,
@@ -334,16 +333,15 @@ def text_guidance(unet: UNet, # the trained U-Net (its config says which text ar
     return classifier_free_guidance(unet, guidance_scale, cond, uncond)
 
 # %% ../nbs/09_ldm_additive.ipynb #b49cb920
-def cross_attention_factory(spec: Mapping[str, Any] | None, # {"class": "ldm_course.<module>.<Name>", "kwargs": {...}}
+_LEGACY_BLOCKS = {"ldm_course.attention.SpatialTransformer": "spatial_transformer"}  # how files saved before the registry named it
+
+def cross_attention_factory(spec: Mapping[str, Any] | None, # {"block": <registered name>, "kwargs": {...}}
                            ) -> Callable[[int, int], nn.Module] | None: # (channels, context_dim) -> block, for UNet
-    "The U-Net's cross-attention block factory described by `spec` (classes of the ldm_course package only)."
+    "The U-Net's cross-attention block factory described by `spec`: only blocks of chapter 03's registry can be built."
     if spec is None: return None
-    qualname = str(spec.get("class", ""))
-    module_name, _, class_name = qualname.rpartition(".")
-    if not module_name.startswith("ldm_course.") or not class_name:
-        raise ValueError(f"cross_attention_block class must be 'ldm_course.<module>.<Class>', got {qualname!r}")
-    block_class = getattr(importlib.import_module(module_name), class_name)
-    kwargs = dict(spec.get("kwargs", {}))
+    name = spec.get("block") or _LEGACY_BLOCKS.get(str(spec.get("class")))
+    if name is None: raise ValueError(f"cross_attention_block {dict(spec)!r} names no registered block; expected {{'block': <name>, 'kwargs': {{...}}}}")
+    block_class, kwargs = cross_attention_block_class(name), dict(spec.get("kwargs", {}))
     return lambda channels, context_dim: block_class(channels, context_dim, **kwargs)
 
 def build_ldm_unet(cfg: LDMConfig, # the experiment

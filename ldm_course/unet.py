@@ -17,9 +17,10 @@ from torch import Tensor, nn
 from .core import Config, resolve_profile
 
 # %% auto #0
-__all__ = ['UNET_PRESETS', 'CrossAttentionFactory', 'UNetConfig', 'unet_preset', 'timestep_embedding', 'ConditionEmbedding',
-           'ResBlock', 'SelfAttention', 'CrossAttentionBlock', 'UNetLayer', 'UNetLevel', 'Downsample', 'Upsample',
-           'UNet', 'count_parameters']
+__all__ = ['UNET_PRESETS', 'CrossAttentionFactory', 'CROSS_ATTENTION_BLOCKS', 'UNetConfig', 'unet_preset', 'timestep_embedding',
+           'ConditionEmbedding', 'ResBlock', 'SelfAttention', 'CrossAttentionBlock', 'register_cross_attention_block',
+           'cross_attention_block_class', 'UNetLayer', 'UNetLevel', 'Downsample', 'Upsample', 'UNet',
+           'count_parameters']
 
 # %% ../nbs/03_unet.ipynb #58913b73
 @dataclasses.dataclass
@@ -209,6 +210,28 @@ class CrossAttentionBlock(Protocol):
                 ) -> Tensor: ...                  # (B, C, H, W), residual connection included
 
 CrossAttentionFactory = Callable[[int, int], nn.Module]  # (channels, context_dim) -> a CrossAttentionBlock module
+
+# %% ../nbs/03_unet.ipynb #64f7b8f9
+CROSS_ATTENTION_BLOCKS: dict[str, type] = {}  # name -> block class taking (channels, context_dim, **kwargs); filled by the chapters that define blocks
+
+def register_cross_attention_block(name: str, # the name saved files use, e.g. "spatial_transformer"
+                                   block: type, # an nn.Module class: block(channels, context_dim, **kwargs) honours CrossAttentionBlock
+                                  ) -> type:
+    "Declare a cross-attention block class under `name` (registering the same class again is harmless)."
+    if not (isinstance(block, type) and issubclass(block, nn.Module)): raise TypeError(f"{block!r} is not an nn.Module class")
+    known = CROSS_ATTENTION_BLOCKS.get(name)
+    if known is not None and known.__qualname__ != block.__qualname__:
+        raise ValueError(f"cross-attention block name {name!r} is already taken by {known.__module__}.{known.__qualname__}")
+    CROSS_ATTENTION_BLOCKS[name] = block
+    return block
+
+def cross_attention_block_class(name: str, # a registered name
+                               ) -> type:
+    "The block class registered under `name`; an unknown name is an error listing the known ones."
+    if name not in CROSS_ATTENTION_BLOCKS:
+        raise ValueError(f"unknown cross-attention block {name!r}; registered: {sorted(CROSS_ATTENTION_BLOCKS) or 'none'} "
+                         "(chapter 10's 'spatial_transformer' is registered by importing ldm_course.attention)")
+    return CROSS_ATTENTION_BLOCKS[name]
 
 # %% ../nbs/03_unet.ipynb #6cce3e7c
 class UNetLayer(nn.Module):

@@ -176,7 +176,8 @@ def test_short_captions_come_from_the_catalogue_columns():
 def test_config_round_trip_and_block_spec_is_checked():
     cfg = ldm_config("cpu")
     assert LDMConfig.from_dict(cfg.to_dict()) == cfg and cfg.conditioning == "additive"
-    with pytest.raises(ValueError, match="ldm_course"): cross_attention_factory({"class": "os.system", "kwargs": {}})
+    with pytest.raises(ValueError, match="names no registered block"): cross_attention_factory({"class": "os.system", "kwargs": {}})
+    with pytest.raises(ValueError, match="unknown cross-attention block 'os.system'"): cross_attention_factory({"block": "os.system"})
     assert cross_attention_factory(None) is None
 
 

@@ -72,6 +72,12 @@ def test_imported_modules_sees_every_import_form():
     assert _imported_modules(source) == {"vae", "text", "unet", "data", "core"}
 
 
+def test_no_module_imports_a_module_by_name():
+    "Imports the chapter-order test can see: no module reaches another through importlib (chapter 09 once imported 10 so)."
+    for py in sorted((ROOT / "ldm_course").glob("*.py")):
+        assert "import_module(" not in py.read_text(encoding="utf-8"), f"{py.name} imports a module by its name"
+
+
 def test_no_module_imports_a_later_chapter():
     chapters = _module_chapters()
     checked = 0
