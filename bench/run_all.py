@@ -13,6 +13,7 @@ benchmark's headline number against its target, and each benchmark's full table.
 Benchmarks and targets:
   bench_unet.py            U-Net training images/s, ours vs diffusers UNet2DModel (same architecture): ≥ 1.3×
   bench_sampling.py        DDIM-50 vs DDPM-1000 on the same latent model: ≥ 18× faster, ≤ 3 points of prompt accuracy lost
+  bench_solvers.py         DDIM and DPM-Solver++ from 5 to 50 steps vs DDPM-1000: ≤ 3 points lost within 15 steps, resolved
   bench_latent_vs_pixel.py training step on 16×16×4 latents vs 64×64×3 pixels, same U-Net: ≥ 4× faster
   bench_hires.py           sampling time per image at 256×256 vs 64×64 through the same 16×16 latent: ≤ 1.5×
   bench_flops.py           attained GFLOP/s of a training step / measured fp32 matmul peak: ≥ 35 % on CPU
@@ -32,11 +33,12 @@ from machine import RESULTS_DIR, describe, machine_description, pick_device  # n
 
 from ldm_course.benchmarks import BENCHMARK_TARGETS, unet_speedups  # noqa: E402  (the targets and U-Net rule the report judges with)
 
-SCRIPTS = {"unet": "bench_unet.py", "sampling": "bench_sampling.py", "latent_vs_pixel": "bench_latent_vs_pixel.py",
+SCRIPTS = {"unet": "bench_unet.py", "sampling": "bench_sampling.py", "solvers": "bench_solvers.py", "latent_vs_pixel": "bench_latent_vs_pixel.py",
            "hires": "bench_hires.py", "flops": "bench_flops.py"}
 QUICK_ARGS = {  # the tiniest settings of each script: they check that it runs, their numbers mean nothing
     "unet": ["--configs", "mnist", "--formats", "contiguous", "--batch-size", "2", "--repeats", "1", "--steps", "1", "--warmup", "1"],
     "sampling": ["--profile", "smoke", "--num-images", "2", "--ddim-steps", "5", "--ddpm-steps", "20"],
+    "solvers": ["--profile", "smoke", "--num-images", "2", "--steps", "2", "3", "--ddpm-steps", "20"],
     "latent_vs_pixel": ["--profile", "smoke", "--batch-size", "2", "--repeats", "1"],
     "hires": ["--profile", "smoke", "--batch-size", "2", "--repeats", "1", "--steps", "2"],
     "flops": ["--configs", "latent", "--profile", "smoke", "--batch-size", "2", "--repeats", "1", "--formats", "contiguous",
@@ -45,6 +47,7 @@ QUICK_ARGS = {  # the tiniest settings of each script: they check that it runs, 
 QUICK_DIR = Path("/tmp/ldm_course_bench_quick")
 MISSING_INPUTS = 2  # exit status of a script that found nothing to measure (e.g. no trained pipeline): reported, not a crash
 TITLES = {"unet": "U-Net training speed: ours vs diffusers", "sampling": "Sampling: DDIM-50 vs DDPM-1000",
+          "solvers": "Samplers against the number of steps: DPM-Solver++ vs DDPM-1000",
           "latent_vs_pixel": "Latent vs pixel diffusion: training step",
           "hires": "High resolution through the same latent: sampling time", "flops": "Attained FLOP/s of a training step"}
 
@@ -84,6 +87,12 @@ def headline(name: str, result: dict) -> tuple[str, str]:
                 f"≥ 18×: {'met' if met['speedup'] else 'missed'}; ≤ 3 points: {'met' if met['accuracy_loss'] else 'missed'}")
     if name == "latent_vs_pixel":
         return f"{result['speedup']:.1f}× faster per step", f"≥ 4×: {'met' if result['target_met'] else 'missed'}"
+    if name == "solvers":
+        v, t = result["verdict"], BENCHMARK_TARGETS["solvers"]
+        measured = "no DPM-Solver++ point within the step budget" if not v.get("point") else \
+            f"best {v['point']}: {100 * v['loss']:+.1f} ± {100 * v['std_error']:.1f} points lost vs DDPM-{result['reference']['steps']} (N = {result['num_images']})"
+        return measured, f"≤ {100 * t['accuracy_loss']:g} points within {t['max_evaluations']:g} steps, resolved: " + \
+            ("not measured" if v.get("met") is None else "met" if v["met"] else "missed")
     if name == "hires":
         s = result["sampling"]["seconds_per_image"]
         target = BENCHMARK_TARGETS["hires"]["ratio"]
@@ -99,7 +108,7 @@ def headline(name: str, result: dict) -> tuple[str, str]:
 
 def result_files(out_dir: Path) -> dict[str, list[Path]]:
     "Result JSON files per benchmark (every device, every variant)."
-    prefix = {"unet": "unet_", "sampling": "sampling_", "latent_vs_pixel": "latent_vs_pixel_", "hires": "hires_", "flops": "flops_"}
+    prefix = {"unet": "unet_", "sampling": "sampling_", "solvers": "solvers_", "latent_vs_pixel": "latent_vs_pixel_", "hires": "hires_", "flops": "flops_"}
     return {name: sorted(out_dir.glob(f"{p}*.json")) for name, p in prefix.items()}
 
 

@@ -15,6 +15,7 @@ __all__ = ['BENCHMARKS', 'BENCHMARK_TARGETS', 'UNRESOLVED_STD_ERROR', 'benchmark
 BENCHMARKS = {  # bench/ name (prefix of its result files) -> French title, in the report's order
     "unet": "notre U-Net contre celui de diffusers",
     "sampling": "DDIM-50 contre DDPM-1000",
+    "solvers": "DPM-Solver++ contre DDPM-1000",
     "latent_vs_pixel": "espace latent contre pixels",
     "hires": "haute résolution par le même latent",
     "flops": "FLOP/s atteints à l'entraînement",
@@ -22,6 +23,7 @@ BENCHMARKS = {  # bench/ name (prefix of its result files) -> French title, in t
 BENCHMARK_TARGETS = {  # the course's targets (issue 6), used when a result file does not record its own
     "unet": {"speedup": 1.3},                               # training images/s, ours / diffusers UNet2DModel
     "sampling": {"speedup": 18.0, "accuracy_loss": 0.03},   # DDPM-1000 time / DDIM-50 time; prompt accuracy lost (fraction)
+    "solvers": {"accuracy_loss": 0.03, "max_evaluations": 15},  # DPM-Solver++ within this many steps loses at most this (resolved)
     "latent_vs_pixel": {"speedup": 4.0},                    # pixel step time / latent step time
     "hires": {"ratio": 1.5},                                # time per image at 256×256 / at 64×64, same 16×16 latent (issue 16)
     "flops": {"fraction_of_peak": 0.35},                    # attained FLOP/s / measured fp32 matmul peak, on CPU
@@ -38,6 +40,7 @@ def benchmark_targets(name: str, # a key of BENCHMARKS
 _RECORDED_TARGETS = {  # bench/ name -> the targets a result file recorded (in the names of BENCHMARK_TARGETS)
     "unet": lambda r: {"speedup": r["target_speedup"]} if "target_speedup" in r else {},
     "sampling": lambda r: r.get("targets") or {},
+    "solvers": lambda r: r.get("targets") or {},
     "latent_vs_pixel": lambda r: {"speedup": r["target_speedup"]} if "target_speedup" in r else {},
     "hires": lambda r: {"ratio": r["target_ratio"]} if "target_ratio" in r else {},
     "flops": lambda r: {"fraction_of_peak": r["target_fraction"]} if "target_fraction" in r else {},
@@ -75,11 +78,20 @@ def unet_speedups(result: Mapping, # a bench/bench_unet.py result: {"results": [
 # report and by bench/bench_sampling.py.
 UNRESOLVED_STD_ERROR = 0.015
 
+def _solvers_met(result: Mapping, t: Mapping) -> bool | None:
+    "The best DPM-Solver++ point within the step budget loses at most the target, with a resolved standard error."
+    points = [r["vs_reference"] for r in result["results"].values()
+              if r["sampler"] in ("dpm++", "sde-dpm++") and r["steps"] <= t["max_evaluations"]]
+    if not points: return None
+    best = min(points, key=lambda vs: vs["loss"])
+    return best["loss"] <= t["accuracy_loss"] and best["std_error"] <= UNRESOLVED_STD_ERROR
+
 def _on_cpu(result: Mapping) -> bool: return (result.get("machine") or {}).get("device", "cpu") == "cpu"
 
 _VERDICT_RULES = {  # bench/ name -> (result, targets) -> whether each target is met, in BENCHMARK_TARGETS order
     "unet": lambda r, t: [min(row["speedup"] for row in unet_speedups(r)) >= t["speedup"]],
     "sampling": lambda r, t: [float(r["speedup"]) >= t["speedup"], float(r["accuracy_loss"]) <= t["accuracy_loss"]],
+    "solvers": lambda r, t: [_solvers_met(r, t)],
     "latent_vs_pixel": lambda r, t: [float(r["speedup"]) >= t["speedup"]],
     "hires": lambda r, t: [float(r["ratio"]) <= t["ratio"]],
     "flops": lambda r, t: [float(r["best"]["fraction_of_peak"]) >= t["fraction_of_peak"] if _on_cpu(r) else None],

@@ -355,6 +355,8 @@ BENCHMARK_DESCRIPTIONS = {  # what each benchmark measures (French)
             "de diffusers construit avec la même architecture",
     "sampling": "temps par image et fidélité au texte (juge du chapitre 11) du même modèle latent, mêmes requêtes et mêmes "
                 "$z_T$, avec 50 pas DDIM et avec la chaîne DDPM complète de 1000 pas",
+    "solvers": "fidélité au texte (juge du chapitre 11), FID et temps par image du même modèle latent, mêmes requêtes et mêmes "
+               "$z_T$, pour DDIM ($\\eta$ = 1 et 0) et DPM-Solver++ (EDO et EDS) de 5 à 50 pas, contre la chaîne DDPM de 1000 pas",
     "latent_vs_pixel": "durée d'un pas d'entraînement du même U-Net sur les latents du VAE et sur les pixels des images",
     "hires": "temps par image d'une génération à 256×256 et à 64×64 par le même latent 16×16 (même U-Net, DDIM-50 avec guidage, "
              "encodage du texte et décodage compris) ; en référence, le même U-Net directement sur les pixels 256×256",
@@ -362,6 +364,7 @@ BENCHMARK_DESCRIPTIONS = {  # what each benchmark measures (French)
 }
 BENCHMARK_NEEDS = {  # what a benchmark needs before it can run (French), said when it has no result
     "sampling": "demande d'abord les modèles latents des chapitres 09 ou 10 et le juge du chapitre 11 (`make report`)",
+    "solvers": "demande d'abord les modèles latents des chapitres 09 ou 10 et le juge du chapitre 11 (`make report`)",
 }
 BENCH_COMMAND = "python bench/run_all.py"  # what produces bench/results
 VERDICTS = {True: "atteint", False: "manqué", None: "sans objet"}
@@ -376,6 +379,8 @@ def target_texts(name: str, # a key of BENCHMARKS
     if name == "unet": return [f"≥ {_speedup(t['speedup'])} sur chaque configuration"]
     if name == "sampling": return [f"≥ {_speedup(t['speedup'])} plus rapide",
                                    f"≤ {md_escape(format_value(100 * t['accuracy_loss'], 3))} points de fidélité au texte perdus"]
+    if name == "solvers": return [f"≤ {md_escape(format_value(100 * t['accuracy_loss'], 3))} points perdus en ≤ "
+                                  f"{format_value(t['max_evaluations'])} pas, écart résolu"]
     if name == "latent_vs_pixel": return [f"≥ {_speedup(t['speedup'])} plus rapide par pas"]
     if name == "hires": return [f"≤ {_speedup(t['ratio'])} le temps par image à 64×64"]
     return [f"≥ {percent(t['fraction_of_peak'])} du pic, sur CPU"]
@@ -404,6 +409,14 @@ def _latent_vs_pixel_measure(result: Mapping) -> str:
     sizes = f" (latents {shape('latent')} contre pixels {shape('pixel')})" if {"latent", "pixel"} <= set(shapes) else ""
     return f"{_speedup(speedup)} plus rapide par pas d'entraînement{sizes}"
 
+def _solvers_measure(result: Mapping) -> str:
+    v, ref = result.get("verdict") or {}, result["reference"]
+    if not v.get("point"): return "aucun point DPM-Solver++ dans le budget de pas"
+    best = result["results"][v["point"]]
+    return (f"{md_escape(v['point'])} : {md_escape(format_value(100 * v['loss'], 2))} ± {md_escape(format_value(100 * v['std_error'], 2))} "
+            f"points perdus contre DDPM-{ref['steps']} ({format_value(result['num_images'])} images), "
+            f"{_speedup(best['speedup'])} plus rapide")
+
 def _hires_measure(result: Mapping) -> str:
     s, size = result["sampling"]["seconds_per_image"], result["sampling"]["image_size"]["hires"]
     return (f"{_speedup(result['ratio'])} le temps à 64×64 ({md_escape(format_value(s['hires'], 3))} contre "
@@ -418,7 +431,7 @@ def _flops_measure(result: Mapping) -> str:
     return (f"{md_escape(format_value(float(best['attained_gflops']), 4))} GFLOP/s, soit {percent(fraction)} du pic fp32 "
             f"mesuré de {md_escape(format_value(peak, 4))} GFLOP/s ({how})")
 
-_MEASURES = {"unet": _unet_measure, "sampling": _sampling_measure, "latent_vs_pixel": _latent_vs_pixel_measure,
+_MEASURES = {"unet": _unet_measure, "sampling": _sampling_measure, "solvers": _solvers_measure, "latent_vs_pixel": _latent_vs_pixel_measure,
              "hires": _hires_measure, "flops": _flops_measure}  # bench/ name -> the headline numbers of a result, in French Markdown
 
 # %% ../nbs/13_report.ipynb #e8f9061d

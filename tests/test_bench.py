@@ -152,6 +152,20 @@ def test_sampling_benchmark_with_a_tiny_untrained_pipeline_and_judge(tmp_path, m
     assert r["results"]["ddim-4"]["num_fake"] == 3 and r["real_vs_real"]["num_real"] == 3
     assert "real vs real" in (out / "sampling_cpu.md").read_text()
 
+    # issue 17: the solver curve on the same tiny pipeline, every point paired with the DDPM reference
+    status = bench_module("bench_solvers").main(["--device", "cpu", "--profile", "smoke", "--num-images", "3", "--steps", "2", "3",
+                                                 "--samplers", "ddim", "dpm++", "--ddpm-steps", "20", "--out-dir", str(out)])
+    assert status == 0
+    s = json.loads((out / "solvers_cpu.json").read_text())
+    assert set(s["results"]) == {"ddim-2", "ddim-3", "dpm++-2", "dpm++-3"} and s["reference"]["steps"] == 20
+    for row in s["results"].values():
+        assert row["speedup"] == pytest.approx(s["reference"]["seconds_per_image"] / row["seconds_per_image"])
+        assert row["vs_reference"]["loss"] == pytest.approx(s["reference"]["both"] - row["both"])
+    assert s["verdict"]["point"] in ("dpm++-2", "dpm++-3")
+    from ldm_course.benchmarks import benchmark_verdicts
+    assert benchmark_verdicts("solvers", s) == [s["verdict"]["met"]]
+    assert (out / "solvers_cpu.png").read_bytes()[:4] == b"\x89PNG"
+
 
 def test_unet_benchmark_counts_equal_flops_and_states_the_roofline_ceiling(tmp_path, one_thread):
     "Ours and diffusers at the same architecture do the same FLOPs; shares of the peak and the ceiling follow from them."
