@@ -247,7 +247,7 @@ class GarmentLogits(NamedTuple):
     pattern: Tensor | None  # (B, n_patterns); None for a judge without a pattern head
 
 class GarmentJudge(nn.Module):
-    "Independent judge of clothing images: type, colour (trunk on the resized image) and pattern (branch on a crop), `features(x)` for FID/KID."
+    "Independent judge of clothing images: type, colour and pattern from a trunk on the resized image and a branch on a full-resolution crop; `features(x)` for FID/KID."
     def __init__(self, config: GarmentJudgeConfig, # architecture and class names
                 ):
         super().__init__()
@@ -255,6 +255,11 @@ class GarmentJudge(nn.Module):
         self.trunk = ImageClassifier(config.trunk_config())
         self.colour_head = nn.Sequential(nn.Dropout(config.dropout), nn.Linear(config.feature_dim, len(config.colour_names)))
         self.pattern_branch = ImageClassifier(config.pattern_config()) if config.has_pattern else None
+        if config.has_pattern:   # every head reads both feature vectors: logits = W_image φ(x) + W_crop ψ(crop)
+            d = config.pattern_channels[-1]
+            self.crop_to_type = nn.Linear(d, len(config.type_names), bias=False)
+            self.crop_to_colour = nn.Linear(d, len(config.colour_names), bias=False)
+            self.image_to_pattern = nn.Linear(config.feature_dim, len(config.pattern_names), bias=False)
 
     def resize(self, x: Tensor, # images (B, 3, H, W) in [-1, 1]
               ) -> Tensor: # (B, 3, image_size, image_size)
@@ -276,8 +281,10 @@ class GarmentJudge(nn.Module):
                ) -> GarmentLogits:
         inputs = x if isinstance(x, JudgeInputs) else self.prepare(x)
         h = self.trunk.features(inputs.images)
-        pattern = None if self.pattern_branch is None else self.pattern_branch(inputs.crops)
-        return GarmentLogits(self.trunk.head(h), self.colour_head(h), pattern)
+        if self.pattern_branch is None: return GarmentLogits(self.trunk.head(h), self.colour_head(h), None)
+        g = self.pattern_branch.features(inputs.crops)
+        return GarmentLogits(self.trunk.head(h) + self.crop_to_type(g), self.colour_head(h) + self.crop_to_colour(g),
+                             self.pattern_branch.head(g) + self.image_to_pattern(h))
 
 def _masked_ce(logits: Tensor, labels: Tensor) -> Tensor:
     "Cross-entropy over the labelled items (label -1 ignored): summed then divided by their count, so an unlabelled batch gives 0, not NaN."
@@ -370,7 +377,9 @@ def accuracy_of(pred: GarmentPredictions, # the judge's decisions (predict_garme
     if pattern_labels is not None and pred.pattern is not None:
         p = pattern_labels.cpu()
         p_ok = pred.pattern == p
+        patterned = (p >= 0) & (p != pattern_names.index("solid")) if "solid" in pattern_names else p >= 0
         acc.update(pattern=_fraction(p_ok, p >= 0), num_pattern=int((p >= 0).sum()),
+                   pattern_non_solid=_fraction(p_ok, patterned), num_pattern_non_solid=int(patterned.sum()),   # stripes and checks only
                    pattern_by_class={name: {"accuracy": _fraction(p_ok, p == k), "num": int((p == k).sum())} for k, name in enumerate(pattern_names)})
     return acc
 
@@ -601,7 +610,7 @@ ALIGNMENT_TARGETS = {"seed": {"type": 0.9, "colour": 0.95}, "held-out": {"type":
 
 class AlignmentResult(NamedTuple):
     "The judge's verdict on images generated for a list of prompts."
-    per_prompt: pd.DataFrame  # per prompt: prompt, group, expected type/colour/pattern, num_images, type, colour, both, pattern (accuracies; pattern NaN when not asked), top_prediction
+    per_prompt: pd.DataFrame  # per prompt: prompt, group, expected_*, num_images, accuracies type/colour/both/pattern (NaN: not asked), top_prediction
     samples: list[Tensor]     # per prompt, its (n, C, H, W) images
     seconds: float            # generation wall time
 
@@ -818,7 +827,7 @@ _SOLID_RE = re.compile(SOLID_WORDS, re.IGNORECASE)
 def judge_pattern_labels(records: pd.DataFrame, # FashionProducts.records: a "pattern" column (data.pattern_of) and a "caption"
                          source: str, # DataSource.source: "synthetic" or "real"
                         ) -> tuple[Tensor, list[str]]: # (label per item, -1 where unknown; the pattern names, sorted)
-    "Pattern labels for the judge: stripes and checks as the names say; 'solid' for every synthetic item without them, but for real products only when the name says Solid or Plain."
+    "Pattern labels: stripes and checks as names say; 'solid' for synthetic items without them, for real ones only when the name says Solid or Plain."
     names = sorted(PATTERNS)
     def label(pattern: str, caption: Any) -> int:
         if pattern == "solid" and source != "synthetic" and not (isinstance(caption, str) and _SOLID_RE.search(caption)): return -1
@@ -1019,7 +1028,7 @@ def reconstruction_check(judge: GarmentJudge, # the clothing judge (trained on r
                          pattern_labels: Tensor | None = None, # (N,) expected pattern indices (-1: unknown)
                          strata: Sequence[str] | None = None, # (N,) a group name per image (e.g. "striped fine"): pattern accuracy per group
                          batch_size: int = 32, # images reconstructed at a time
-                        ) -> dict: # original / reconstruction accuracies, agreement, pattern_lost (indices), psnr, ssim (means, standard errors), counts, seconds
+                        ) -> dict: # accuracies (original, reconstruction), agreement, pattern_lost, psnr, ssim (+ standard errors), counts
     "The judge on reconstructions of held-out photos against the same photos, with PSNR and SSIM (torchmetrics) at full size."
     start, inputs, psnrs, ssims, size = time.perf_counter(), {"original": [], "reconstruction": []}, [], [], None
     for x in _image_batches(images, batch_size):

@@ -136,6 +136,8 @@ def test_judge_reaches_high_accuracy_on_the_synthetic_catalogue(catalogue_judge)
     assert acc["type"] > 0.5, acc   # 10 garment types: chance is 10 % (about 0.7 after this small run)
     assert acc["pattern"] > 0.9, acc   # 3 patterns, 64 % solid: stripes and checks must be seen (about 0.96)
     assert all(v["accuracy"] > 0.75 for v in acc["pattern_by_class"].values()), acc["pattern_by_class"]
+    solid = judge.config.pattern_names.index("solid")
+    assert acc["num_pattern_non_solid"] == int((patterns != solid).sum()) and acc["pattern_non_solid"] > 0.8   # stripes and checks alone
 
 
 def test_pattern_needs_the_full_resolution_crop(catalogue_judge):
