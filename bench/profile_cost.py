@@ -17,6 +17,12 @@ that notebook recorded (runs/<profile>/metrics/*.json), and each notebook beside
     python bench/profile_cost.py --profile cpu --warmup 2 --steps 5
     python bench/profile_cost.py --chapters 05,09_additive  # chapter numbers or row names
     python bench/profile_cost.py --profile smoke --device cpu --warmup 1 --steps 2 --out-dir /tmp/b   # check that it runs
+    python bench/profile_cost.py --profile cpu --precisions no bf16 --rounds 2   # fp32 against bf16 autocast, interleaved
+
+With --precisions, each recipe is timed once per precision and round, in alternating order (fp32, bf16, bf16, fp32...):
+a machine slowed by other work slows both alike, and the ratio of the medians is the speed-up of bf16 autocast on
+this device (CPUs with AVX512-BF16 or AMX run it natively; others emulate it, usually slower). Quality is not
+measured here: a precision is adopted only where the chapters' measured results stay within their noise.
 
 Writes bench/results/profile_cost_<profile>_<device>.json and .md.
 """
@@ -194,13 +200,16 @@ def time_recipe(recipe: Recipe, device: torch.device, warmup: int, steps: int) -
             "projected_seconds": median * recipe.train.max_steps}
 
 
-def measure(key: str, profile: str, tokens: int, device: torch.device, warmup: int, steps: int) -> dict:
+def measure(key: str, profile: str, tokens: int, device: torch.device, warmup: int, steps: int,
+            precision: str | None = None, # "no", "bf16" or "fp16" instead of the recipe's own (None: the recipe's)
+           ) -> dict:
     "One row: the recipe's facts and timing, or the error that stopped it (the other chapters still run)."
     chapter = CHAPTERS[key]
     row = {"chapter": key, "title": chapter.title, "notebook": chapter.notebook}
     if device.type == "cuda": torch.cuda.reset_peak_memory_stats(device)
     try:
         recipe = chapter.build(profile, tokens)
+        if precision is not None: recipe = recipe._replace(train=recipe.train.replace(mixed_precision=precision))
         row.update(recipe_facts(recipe))
         row.update(time_recipe(recipe, device, warmup, steps))
     except Exception as e:   # out of memory, a missing package...: recorded in the row and printed
@@ -324,12 +333,51 @@ def totals(rows: list[dict]) -> dict:
             "recorded_complete": len(recorded) == len(ok), "failed": [r["chapter"] for r in rows if "error" in r]}
 
 
+def compare_precisions(keys: list[str], precisions: list[str], rounds: int, profile: str, tokens: int, device: torch.device,
+                       warmup: int, steps: int) -> list[dict]:
+    "Per recipe: median seconds per step of each precision over interleaved rounds, and each one's speed-up over the first."
+    out = []
+    for key in keys:
+        times, errors = {p: [] for p in precisions}, {}
+        for r in range(rounds):
+            for precision in (precisions if r % 2 == 0 else precisions[::-1]):
+                row = measure(key, profile, tokens, device, warmup, steps, precision)
+                free_memory(device)
+                if "error" in row: errors[precision] = row["error"]
+                else: times[precision] += row["timed_seconds"]
+        median = {p: statistics.median(t) for p, t in times.items() if t}
+        base = precisions[0]
+        out.append({"chapter": key, "title": CHAPTERS[key].title, "seconds_per_step": median, "errors": errors,
+                    "speedup": {p: median[base] / m for p, m in median.items() if base in median}})
+        print(f"{key}: " + ", ".join(f"{p} {m:.3f} s/step" for p, m in median.items()) +
+              "".join(f"; {p}: {e}" for p, e in errors.items()), flush=True)
+    return out
+
+
+def precision_markdown(rows: list[dict], precisions: list[str], meta: dict, info: dict) -> str:
+    names = {"no": "fp32", "bf16": "bf16 autocast", "fp16": "fp16 autocast"}
+    lines = [f"Training step of each chapter's `{meta['profile']}` recipe in {', '.join(names[p] for p in precisions)}, "
+             f"{meta['rounds']} interleaved rounds of {meta['warmup']} warm-up + {meta['steps']} timed steps, median s/step; "
+             f"{describe(info)}.", "",
+             "| chapter | " + " | ".join(f"{names[p]} s/step" for p in precisions) + " | " +
+             " | ".join(f"speed-up {names[p]}" for p in precisions[1:]) + " |",
+             "|---|" + "---|" * (2 * len(precisions) - 1)]
+    for r in rows:
+        cells = [f"{r['seconds_per_step'][p]:.3f}" if p in r["seconds_per_step"] else f"failed: {r['errors'].get(p, '?')[:60]}" for p in precisions]
+        cells += [f"{r['speedup'][p]:.2f}×" if p in r["speedup"] else "—" for p in precisions[1:]]
+        lines.append(f"| {r['title']} | " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"
+
+
 def parse_args(argv) -> tuple[argparse.Namespace, list[str]]:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     add_machine_arguments(p, profile_help="run profile whose recipes are timed: smoke, cpu or gpu (default: gpu on CUDA, else cpu)")
     p.add_argument("--warmup", type=int, default=3, help="untimed steps first (DataLoader workers, allocator, cuDNN plans)")
     p.add_argument("--steps", type=int, default=10, help="timed steps per recipe (median reported)")
     p.add_argument("--chapters", default=None, help=f"comma-separated chapter numbers or row names among {list(CHAPTERS)} (default: all)")
+    p.add_argument("--precisions", nargs="+", choices=("no", "bf16", "fp16"), default=None,
+                   help="time every recipe in these mixed precisions, interleaved, instead of its own (first = the reference)")
+    p.add_argument("--rounds", type=int, default=2, help="interleaved rounds per precision with --precisions")
     p.add_argument("--tokens", type=int, default=24, help="caption length in tokens for chapters 09/10 (the real catalogue's: ~15-30)")
     args = p.parse_args(argv)
     if args.profile is not None and args.profile not in PROFILES: p.error(f"unknown profile {args.profile!r}; expected one of {PROFILES}")
@@ -342,6 +390,16 @@ def main(argv=None):
     args, keys = parse_args(argv)
     device, profile, info = setup(args)
     start, runs = time.perf_counter(), runs_dir(profile)
+    if args.precisions:
+        rows = compare_precisions(keys, args.precisions, args.rounds, profile, args.tokens, device, args.warmup, args.steps)
+        meta = {"profile": profile, "device": device.type, "warmup": args.warmup, "steps": args.steps, "rounds": args.rounds,
+                "precisions": args.precisions}
+        table = precision_markdown(rows, args.precisions, meta, info)
+        print("\n" + table)
+        payload = {"benchmark": "precision", "machine": info, **meta, "rows": rows, "seconds": round(time.perf_counter() - start, 1)}
+        paths = write_result(f"precision_{profile}_{device.type}", payload, table, out_dir(args))
+        print(f"wrote {paths[0]} and {paths[1].name}")
+        return 0
     metrics, walls, notes = notebook_records(runs, device)
     rows = []
     for key in keys:

@@ -109,3 +109,16 @@ def test_chapter_numbers_select_all_their_rows():
     parser = pc.argparse.ArgumentParser()
     assert pc.select_chapters("06,09_additive,06_cifar10", parser) == ["06_cifar10", "06_cifar10_judge", "09_additive"]
     assert pc.select_chapters(None, parser) == list(pc.CHAPTERS)
+
+
+def test_precisions_are_timed_interleaved_on_the_same_recipe(tmp_path, one_thread):
+    "Issue 17.3: --precisions times each recipe in fp32 and bf16 autocast, alternating, and reports the speed-up."
+    status = profile_cost().main(["--profile", "smoke", "--device", "cpu", "--warmup", "1", "--steps", "2", "--chapters", "05_mnist",
+                                  "--precisions", "no", "bf16", "--rounds", "2", "--out-dir", str(tmp_path)])
+    assert status == 0
+    r = json.loads((tmp_path / "precision_smoke_cpu.json").read_text())
+    assert r["benchmark"] == "precision" and r["precisions"] == ["no", "bf16"] and r["rounds"] == 2
+    row = r["rows"][0]
+    assert row["chapter"] == "05_mnist" and set(row["seconds_per_step"]) == {"no", "bf16"} and not row["errors"]
+    assert row["speedup"]["bf16"] == pytest.approx(row["seconds_per_step"]["no"] / row["seconds_per_step"]["bf16"])
+    assert "speed-up bf16 autocast" in (tmp_path / "precision_smoke_cpu.md").read_text()
