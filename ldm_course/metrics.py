@@ -8,6 +8,7 @@ from __future__ import annotations
 import dataclasses
 import inspect
 import json
+import math
 import os
 import re
 import time
@@ -27,6 +28,7 @@ from torch import Tensor, nn
 from torch.utils.data import DataLoader, Dataset, TensorDataset
 from torchmetrics.image.fid import FrechetInceptionDistance
 from torchmetrics.image.kid import KernelInceptionDistance
+from torchvision.transforms.functional import gaussian_blur
 
 from ldm_course.core import (
     Config, load_checkpoint, make_generator, read_checkpoint_metadata, resolve_profile, runs_dir, save_checkpoint, torch_seeded,
@@ -38,18 +40,19 @@ from .training import TrainConfig, TrainHistory, Trainer, content_digest
 from .vae import psnr, ssim
 
 # %% auto #0
-__all__ = ['INCEPTION_WEIGHTS', 'CLOTH_THRESHOLD', 'JUDGE_FORMAT', 'EVAL_PRESETS', 'PROMPT_GROUPS', 'GROUP_NAMES', 'GenerateFn',
-           'ALIGNMENT_METRICS', 'ALIGNMENT_TARGETS', 'COLOUR_WORDS', 'GARMENT_WORDS', 'WOMENSWEAR', 'EVERYDAY_FORMS',
-           'PATTERN_FORMS', 'SOLID_WORDS', 'METRIC_NAMES', 'PATTERN_FRENCH', 'PATTERN_SCALE_SPLIT',
-           'ClassifierFeatures', 'inception_status', 'fid_kid', 'real_baseline', 'GarmentJudgeConfig', 'pattern_boxes',
-           'pattern_crops', 'JudgeInputs', 'resize_images', 'judge_inputs', 'GarmentLogits', 'GarmentJudge',
-           'GarmentJudgeLoss', 'train_garment_judge', 'GarmentPredictions', 'predict_garments', 'accuracy_of',
-           'garment_accuracy', 'judge_checkpoint_path', 'save_judge', 'load_judge', 'cached_judge', 'EvalConfig',
-           'eval_config', 'steps_sweep', 'plot_quality_vs_steps', 'PromptSpec', 'proportion_se', 'AlignmentResult',
-           'prompt_alignment', 'targets_met', 'garment_words', 'everyday_phrase', 'everyday_prompts', 'pattern_prompts',
-           'evaluation_prompts', 'samples_per_prompt', 'prompt_subset', 'judge_pattern_labels', 'catalogue_fingerprint',
-           'texture_period', 'pattern_scales', 'accuracy_by_stratum', 'pipeline_generate', 'clip_score',
-           'plot_alignment', 'plot_group_accuracy', 'plot_pattern_check', 'reconstruction_check']
+__all__ = ['INCEPTION_WEIGHTS', 'CLOTH_THRESHOLD', 'JUDGE_INPUTS_VERSION', 'JUDGE_FORMAT', 'EVAL_PRESETS', 'PROMPT_GROUPS',
+           'GROUP_NAMES', 'GenerateFn', 'ALIGNMENT_METRICS', 'ALIGNMENT_TARGETS', 'COLOUR_WORDS', 'GARMENT_WORDS',
+           'WOMENSWEAR', 'EVERYDAY_FORMS', 'PATTERN_FORMS', 'SOLID_WORDS', 'METRIC_NAMES', 'PATTERN_FRENCH',
+           'PATTERN_SCALE_SPLIT', 'ClassifierFeatures', 'inception_status', 'fid_kid', 'real_baseline',
+           'GarmentJudgeConfig', 'pattern_boxes', 'pattern_crops', 'JudgeInputs', 'resize_images', 'judge_inputs',
+           'GarmentLogits', 'GarmentJudge', 'random_blur', 'GarmentJudgeLoss', 'train_garment_judge',
+           'GarmentPredictions', 'predict_garments', 'accuracy_of', 'garment_accuracy', 'judge_checkpoint_path',
+           'save_judge', 'load_judge', 'cached_judge', 'EvalConfig', 'eval_config', 'steps_sweep',
+           'plot_quality_vs_steps', 'PromptSpec', 'proportion_se', 'AlignmentResult', 'prompt_alignment', 'targets_met',
+           'garment_words', 'everyday_phrase', 'everyday_prompts', 'pattern_prompts', 'evaluation_prompts',
+           'samples_per_prompt', 'prompt_subset', 'judge_pattern_labels', 'catalogue_fingerprint', 'texture_period',
+           'pattern_scales', 'accuracy_by_stratum', 'pipeline_generate', 'clip_score', 'plot_alignment',
+           'plot_group_accuracy', 'plot_pattern_check', 'reconstruction_check']
 
 # %% ../nbs/11_evaluation.ipynb #29720458
 class ClassifierFeatures(nn.Module):
@@ -174,6 +177,7 @@ class GarmentJudgeConfig(Config):
 
 # %% ../nbs/11_evaluation.ipynb #e11c0002
 CLOTH_THRESHOLD = 0.35  # a pixel is cloth when a channel is this far below white ([0, 1] units); the drop shadow reaches 0.28
+JUDGE_INPUTS_VERSION = 2  # bump when judge_inputs or pattern_boxes change what the judge sees (it is part of the judge's cache key)
 
 def pattern_boxes(images: Tensor, # (B, 3, H, W) in [-1, 1], garments on white
                   crop: float = 0.25, # side of the square crop, as a fraction of min(H, W)
@@ -182,6 +186,8 @@ def pattern_boxes(images: Tensor, # (B, 3, H, W) in [-1, 1], garments on white
     B, _, H, W = images.shape
     side = max(2, round(crop * min(H, W)))
     cloth = ((1 - images.float()) / 2).amax(1, keepdim=True).gt(CLOTH_THRESHOLD).float()   # (B, 1, H, W)
+    k = 2 * (side // 16) + 1   # closing (dilate, then erode): pale stripes and checks inside the garment count as cloth
+    cloth = -F.max_pool2d(-F.max_pool2d(cloth, k, 1, k // 2), k, 1, k // 2)
     stride = max(1, side // 8)
     cover = F.avg_pool2d(cloth, side, stride)[:, 0]   # share of cloth in each window, (B, h, w)
     h, w = cover.shape[-2:]
@@ -290,18 +296,32 @@ def _masked_ce(logits: Tensor, labels: Tensor) -> Tensor:
     "Cross-entropy over the labelled items (label -1 ignored): summed then divided by their count, so an unlabelled batch gives 0, not NaN."
     return F.cross_entropy(logits, labels.long(), ignore_index=-1, reduction="sum") / (labels >= 0).sum().clamp(min=1)
 
+def random_blur(images: Tensor, # (B, C, H, W)
+                max_sigma: float = 1.0, # largest Gaussian σ, in pixels
+                p: float = 0.5, # share of the images blurred
+               ) -> Tensor:
+    "Blur a random share of the images with a Gaussian of random σ in [0, max_sigma] pixels (the rest unchanged)."
+    if max_sigma <= 0 or p <= 0: return images
+    out, chosen = images.clone(), torch.nonzero(torch.rand(len(images)) < p).flatten().tolist()
+    for i, sigma in zip(chosen, (max_sigma * torch.rand(len(chosen))).clamp(min=0.05).tolist()):
+        k = 2 * math.ceil(2.5 * sigma) + 1
+        out[i] = gaussian_blur(images[i], [k, k], [sigma, sigma])
+    return out
+
 class GarmentJudgeLoss:
-    "The Trainer's loss_fn: CE(type) + CE(colour) [+ CE(pattern)] on randomly shifted inputs; label -1 is ignored."
+    "The Trainer's loss_fn: CE(type) + CE(colour) [+ CE(pattern)] on randomly shifted (and softened) inputs; label -1 is ignored."
     def __init__(self, max_shift: float = 1.0, # augmentation: random translation of the resized image, in pixels
                  crop_shift: float = 2.0, # the same for the pattern crop, in its pixels
+                 crop_blur: float = 1.0, # half the crops are blurred with σ up to this, in crop pixels (0: never)
                 ):
-        self.max_shift, self.crop_shift = max_shift, crop_shift
+        self.max_shift, self.crop_shift, self.crop_blur = max_shift, crop_shift, crop_blur
 
     def __call__(self, model: nn.Module, batch: Sequence[Tensor], # (images, types, colours) or (images, types, colours, crops, patterns)
                 ) -> Tensor:
         images, types, colours, *pattern = batch
         crops, patterns = pattern if pattern else (None, None)
-        out = model(JudgeInputs(random_shift(images, self.max_shift), None if crops is None else random_shift(crops, self.crop_shift)))
+        if crops is not None: crops = random_shift(random_blur(crops, self.crop_blur), self.crop_shift)
+        out = model(JudgeInputs(random_shift(images, self.max_shift), crops))
         loss = _masked_ce(out.type, types) + _masked_ce(out.colour, colours)
         return loss if crops is None else loss + _masked_ce(out.pattern, patterns)
 
@@ -988,32 +1008,26 @@ def plot_pattern_check(images: Tensor, # (n, 3, H, W) in [-1, 1]: originals at f
                        crop: float, # GarmentJudgeConfig.pattern_crop
                        truth: Sequence[str], # n labels, e.g. "striped fine"
                        judged: Sequence[str], # n pattern decisions of the judge on the originals
-                       reconstructions: Tensor | None = None, # (n, 3, H, W): the same photos through an autoencoder
-                       judged_reconstructions: Sequence[str] | None = None, # the judge's pattern decisions on them
+                       reconstructions: Mapping[str, tuple[Tensor, Sequence[str]]] | None = None, # row name -> (images, the judge's decisions)
                        title: str = "Le juge des motifs : ce qu'il regarde", # French title
                       ) -> plt.Figure:
-    "Columns of examples: the photo with the crop the pattern branch reads, that crop pixel for pixel, and the same crop of the reconstruction."
-    rows = 3 if reconstructions is not None else 2
-    n = len(images)
-    fig, axes = plt.subplots(rows, n, figsize=(2.1 * n, 2.25 * rows + 0.4), squeeze=False)
+    "Columns of examples: the photo with the crop the pattern branch reads, that crop pixel for pixel, and the same crop of each reconstruction."
+    rows = {"": (images, judged), **dict(reconstructions or {})}
+    n, side = len(images), images.shape[-1]
+    fig, axes = plt.subplots(len(rows) + 1, n, figsize=(2.1 * n, 2.2 * (len(rows) + 1) + 0.5), squeeze=False)
     boxes = pattern_boxes(images, crop).tolist()
     show = lambda ax, x: ax.imshow(((x.float().clamp(-1, 1) + 1) / 2).permute(1, 2, 0).numpy(), interpolation="nearest")
     for j, (t, l, s) in enumerate(boxes):
         show(axes[0, j], images[j])
         axes[0, j].add_patch(matplotlib.patches.Rectangle((l - 0.5, t - 0.5), s, s, fill=False, ec="magenta", lw=1.2))
         axes[0, j].set_title(f"vrai : {_in_french(truth[j])}", fontsize=8)
-        show(axes[1, j], images[j, :, t:t + s, l:l + s])
-        ok = truth[j].split()[0] == judged[j]
-        axes[1, j].set_title(f"juge : {_in_french(judged[j])} {'✓' if ok else '✗'}", fontsize=8, color="g" if ok else "r")
-        if reconstructions is not None:
-            show(axes[2, j], reconstructions[j, :, t:t + s, l:l + s])
-            ok = truth[j].split()[0] == judged_reconstructions[j]
-            axes[2, j].set_title(f"reconstruit : {_in_french(judged_reconstructions[j])} {'✓' if ok else '✗'}", fontsize=8, color="g" if ok else "r")
+        for r, (name, (x, decisions)) in enumerate(rows.items(), start=1):
+            show(axes[r, j], x[j, :, t:t + s, l:l + s])
+            ok = truth[j].split()[0] == decisions[j]
+            axes[r, j].set_title(f"{name + ' : ' if name else 'juge : '}{_in_french(decisions[j])} {'✓' if ok else '✗'}", fontsize=8, color="g" if ok else "r")
     for ax in axes.flat: ax.set_xticks([]); ax.set_yticks([])
-    side = images.shape[-1]
     axes[0, 0].set_ylabel(f"photo {side}×{side}", fontsize=8)
-    axes[1, 0].set_ylabel(f"zone lue ({boxes[0][2]} px, pixels natifs)", fontsize=8)
-    if reconstructions is not None: axes[2, 0].set_ylabel("même zone, reconstruite", fontsize=8)
+    for r, name in enumerate(rows, start=1): axes[r, 0].set_ylabel(f"zone lue ({boxes[0][2]} px)" if not name else name, fontsize=8)
     fig.suptitle(title, fontsize=10)
     fig.tight_layout()
     return fig
