@@ -35,7 +35,8 @@ __all__ = ['METHODS', 'METHOD_KEYS', 'PROMPT_GROUPS', 'FID_ROWS', 'LOSS_FIRST', 
 METHODS = {"additive": ("09", "additif"), "cross_attention": ("10", "cross-attention")}  # key -> (chapter, French name)
 METHOD_KEYS = {"additif": "additive", "additive": "additive", "cross-attention": "cross_attention",
                "cross_attention": "cross_attention"}  # every spelling the chapters use -> key of METHODS
-PROMPT_GROUPS = {"seed": "rapport d'origine", "held-out": "jamais vus", "catalogue": "catalogue", "overall": "toutes"}  # chapter 11's groups
+PROMPT_GROUPS = {"seed": "rapport d'origine", "held-out": "jamais vus", "catalogue": "catalogue", "pattern": "motifs",
+                 "everyday": "formulations courantes", "overall": "toutes"}  # chapter 11's groups
 
 def method_key(name: Any) -> str:
     "The key of a conditioning method ('additive', 'cross_attention') from any spelling the chapters use."
@@ -95,6 +96,49 @@ class AlignmentSection(ReportTables):
         chapter, name = METHODS.get(key, ("", key))
         stand_in = self.value("11", f"stand_ins.{key}")
         return f"{name} (ch.{NBSP}{chapter})" + (" (remplaçant)" if stand_in else "") if chapter else md_escape(name)
+
+    def main_alignment_table(self, label: str, # unique label
+                            ) -> str:
+        "Chapter 11's main evaluation of the best model: per prompt group, type / colour / pattern with standard errors and targets."
+        caption = "Fidélité au texte du meilleur modèle, par groupe de requêtes (chapitre 11) : précision ± erreur type, et objectif"
+        main = self.value("11", "alignment.main")
+        if not isinstance(main, Mapping) or not isinstance(main.get("summary"), Mapping):
+            return self.placeholder_table(label, caption, self._why_missing("11", "l'évaluation principale (alignment.main)"))
+        targets = main.get("targets") or {}
+        def cell(group: str, what: str) -> str:
+            s = main["summary"].get(group) or {}
+            if s.get(what) is None: return "—"
+            text = f"{percent(s[what])} ± {md_escape(format_value(100 * s.get(what + '_se', 0), 2))}"
+            t = (targets.get(group) or {}).get(what)
+            return text + (f" (objectif ≥ {percent(t['target'])} : **{'atteint' if t['met'] else 'manqué'}**)" if isinstance(t, Mapping) else "")
+        rows = [[PROMPT_GROUPS.get(g, md_escape(g)), format_value((main["summary"][g] or {}).get("num_prompts")),
+                 format_value((main["summary"][g] or {}).get("num_images")), cell(g, "type"), cell(g, "colour"), cell(g, "pattern")]
+                for g in PROMPT_GROUPS if g in main["summary"]]
+        caption += f" ; {self.method_name(main.get('method', 'cross_attention'))}, $w$ = {md_escape(format_value(main.get('guidance_scale')))}"
+        return self.table(label, ["requêtes", "nombre", "images", "type", "couleur", "motif"], rows, caption, align="lrrlll",
+                          widths=(16, 8, 8, 26, 26, 16))
+
+    def reconstruction_table(self, label: str, # unique label
+                            ) -> str:
+        "What the autoencoder keeps of the patterns (chapter 11's reconstruction check), against 64 and 128 px round trips."
+        caption = ("Ce que la reconstruction garde : le juge sur les photos mises de côté et sur leurs reconstructions "
+                   "(motif : toutes les photos, puis rayées et à carreaux seules), PSNR et SSIM à pleine résolution")
+        check = self.value("11", "reconstruction_check")
+        if not isinstance(check, Mapping):
+            return self.placeholder_table(label, caption, self._why_missing("11", "le contrôle des reconstructions"))
+        names = {"autoencoder": "autoencodeur du chapitre 07", "bottleneck_64": "aller-retour par 64×64",
+                 "bottleneck_128": "aller-retour par 128×128"}
+        rows = []
+        for key, name in names.items():
+            c = check.get(key)
+            if not isinstance(c, Mapping) or not isinstance(c.get("reconstruction"), Mapping): continue
+            rec, orig = c["reconstruction"], c.get("original") or {}
+            rows.append([name, format_value(c.get("num_images")), f"{percent(rec.get('pattern'))} (photos : {percent(orig.get('pattern'))})",
+                         percent(rec.get("pattern_non_solid")), percent(rec.get("type")), percent(rec.get("colour")),
+                         md_escape(format_value(c.get("psnr"), 3)) + " dB", md_escape(format_value(c.get("ssim"), 3))])
+        if not rows: return self.placeholder_table(label, caption, self._why_missing("11", "le contrôle des reconstructions"))
+        return self.table(label, ["reconstruction", "images", "motif", "motifs rayés ou à carreaux", "type", "couleur", "PSNR", "SSIM"],
+                          rows, caption, align="lrlrrrrr")
 
     def alignment_table(self, label: str, # unique label
                         groups: Sequence[str] = ("seed", "held-out"), # chapter 11's prompt groups shown

@@ -163,6 +163,8 @@ FIGURE_CAPTIONS = {  # file -> (chapter, French caption) of the chapters' figure
     "fig_additif_vs_cross_attention.png": ("10", "Mêmes requêtes, mêmes graines : conditionnement additif contre cross-attention"),
     "fig_zoom_resolution.png": ("10", "Même requête, même graine : l'image à pleine résolution et la même réduite à 64×64, avec un agrandissement"),
     "fig_cross_attention_guidage.png": ("10", "Effet de l'échelle de guidage $w$, pour les deux méthodes"),
+    "fig_alignement_groupes.png": ("11", "Fidélité au texte du meilleur modèle par groupe de requêtes, avec les objectifs"),
+    "fig_juge_motifs.png": ("11", "Le juge des motifs : photos, recadrages lus par sa branche haute résolution, et reconstructions"),
     "fig_alignement_prompts.png": ("11", "Fidélité au texte selon l'échelle de guidage, par groupe de requêtes"),
     "fig_qualite_vs_pas.png": ("11", "Qualité et coût selon le nombre de pas, DDPM contre DDIM"),
 }
