@@ -132,15 +132,20 @@ def ldm_recipe(cfg: LDMConfig, profile: str, tokens: int) -> Recipe:
 
 
 def garment_judge_recipe(profile: str) -> Recipe:
-    "Chapter 11: the clothing judge, as `train_garment_judge` builds it (images already at the judge's size)."
+    "Chapter 11: the three-headed clothing judge, as `train_garment_judge` builds it (images at the trunk's size, native crops)."
     from ldm_course.metrics import GarmentJudge, GarmentJudgeConfig, GarmentJudgeLoss, eval_config  # torchmetrics: only here
+    from ldm_course.synthetic import PATTERNS
     ecfg, g = eval_config(profile), torch.Generator().manual_seed(0)
     config = GarmentJudgeConfig(tuple(GARMENT_TYPES), tuple(GARMENT_COLOURS), image_size=ecfg.judge_image_size,
-                                channels=ecfg.judge_channels)
+                                channels=ecfg.judge_channels, pattern_names=tuple(sorted(PATTERNS)),
+                                pattern_crop=ecfg.judge_pattern_crop, pattern_size=ecfg.judge_pattern_size,
+                                pattern_channels=ecfg.judge_pattern_channels)
     n = num_items(ecfg.judge_train)
     data = TensorDataset(random_images(n, (3, config.image_size, config.image_size), g),
                          torch.randint(0, len(config.type_names), (n,), generator=g),
-                         torch.randint(0, len(config.colour_names), (n,), generator=g))
+                         torch.randint(0, len(config.colour_names), (n,), generator=g),
+                         random_images(n, (3, config.pattern_size, config.pattern_size), g),
+                         torch.randint(0, len(config.pattern_names), (n,), generator=g))
     with torch_seeded(ecfg.judge_train.seed): model = GarmentJudge(config).to(memory_format=torch.channels_last)
     return Recipe(model, data, GarmentJudgeLoss(), ecfg.judge_train)
 
