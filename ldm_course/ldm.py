@@ -139,9 +139,10 @@ def ldm_config(profile: str = "auto", # "auto", "smoke", "cpu" or "gpu"
               ) -> LDMConfig:
     "The additive (report) latent diffusion experiment of a run profile, with `overrides` applied."
     profile = resolve_profile(profile)
-    unet = {"smoke": UNetConfig(4, 4, (16, 32), layers_per_block=1, mid_attention=False, norm_num_groups=8),
-            "cpu": UNetConfig(4, 4, (32, 64, 64), layers_per_block=1, mid_attention=False, norm_num_groups=8),
-            "gpu": unet_preset("latent", "gpu")}[profile].replace(cond_dim=cond_dim)
+    c = vae_config("kl", profile).latent_channels   # the U-Net denoises chapter 07's latents of this profile
+    unet = {"smoke": UNetConfig(c, c, (16, 32), layers_per_block=1, mid_attention=False, norm_num_groups=8),
+            "cpu": UNetConfig(c, c, (32, 64, 64), layers_per_block=1, mid_attention=False, norm_num_groups=8),
+            "gpu": unet_preset("latent", "gpu").replace(in_channels=c, out_channels=c)}[profile].replace(cond_dim=cond_dim)
     train = {"smoke": train_config("smoke", lr=2e-3, max_steps=30, warmup_steps=5, batch_size=16, ema_decay=0.9,
                                    checkpoint_every=0, sample_every=0),
              "cpu": train_config("cpu", lr=2e-3, max_steps=600, warmup_steps=50, batch_size=64, ema_decay=0.995,
@@ -395,6 +396,9 @@ class LatentDiffusionPipeline:
         self.vae, self.unet = vae.eval().requires_grad_(False), unet.eval().requires_grad_(False)
         self.text_encoder, self.scheduler, self.config = text_encoder, scheduler, config
         self.metadata, self._null = dict(metadata or {}), None
+        if unet.config.in_channels != vae.config.latent_channels:
+            raise ValueError(f"the U-Net takes {unet.config.in_channels}-channel inputs but the VAE's latents have "
+                             f"{vae.config.latent_channels} channels (latent shape {vae.config.latent_shape})")
         text_condition(unet.config, text_encoder.encode([""]))  # fail now if the encoder does not fit the U-Net
         self.to(next(unet.parameters()).device)
 

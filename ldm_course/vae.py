@@ -31,7 +31,7 @@ from .training import TrainConfig, train_config
 
 # %% auto #0
 __all__ = ['PERCEPTUAL_LOSSES', 'RECON_LOSSES', 'VAE_CHECKPOINT_FORMAT', 'VAE_FACTORS', 'DiagonalGaussian', 'VAEConfig',
-           'ResnetBlock', 'AttnBlock', 'Downsample', 'Upsample', 'mid_block', 'Encoder', 'Decoder',
+           'GroupNorm', 'ResnetBlock', 'AttnBlock', 'Downsample', 'Upsample', 'mid_block', 'Encoder', 'Decoder',
            'PatchDiscriminator', 'make_discriminator', 'VAEOutput', 'Autoencoder', 'AutoencoderKL', 'random_crops',
            'patch_spectrum_distance', 'perceptual_distance', 'hinge_d_loss', 'hinge_g_loss', 'adaptive_weight',
            'frozen', 'reconstruction_loss', 'VAELoss', 'QuantizerOutput', 'code_perplexity', 'VectorQuantizer', 'VQVAE',
@@ -139,6 +139,13 @@ class VAEConfig(Config):
         return (self.latent_channels, side, side)
 
 # %% ../nbs/07_vae.ipynb #734ddf01
+class GroupNorm(nn.GroupNorm):
+    "nn.GroupNorm, computed on a contiguous copy for bfloat16 channels-last CPU tensors (PyTorch's backward is ~13× slower there)."
+    def forward(self, x: Tensor) -> Tensor:
+        if x.device.type == "cpu" and x.dtype == torch.bfloat16 and not x.is_contiguous():
+            return super().forward(x.contiguous()).contiguous(memory_format=torch.channels_last)
+        return super().forward(x)
+
 class ResnetBlock(nn.Module):
     "GroupNorm → SiLU → conv → GroupNorm → SiLU → dropout → conv, plus the (1×1 conv) skip: chapter 03's block without time."
     def __init__(self, in_channels: int, # channels of x
@@ -147,8 +154,8 @@ class ResnetBlock(nn.Module):
                  dropout: float = 0.0, # dropout before the second conv
                 ):
         super().__init__()
-        self.norm1, self.conv1 = nn.GroupNorm(groups, in_channels), nn.Conv2d(in_channels, out_channels, 3, padding=1)
-        self.norm2, self.conv2 = nn.GroupNorm(groups, out_channels), nn.Conv2d(out_channels, out_channels, 3, padding=1)
+        self.norm1, self.conv1 = GroupNorm(groups, in_channels), nn.Conv2d(in_channels, out_channels, 3, padding=1)
+        self.norm2, self.conv2 = GroupNorm(groups, out_channels), nn.Conv2d(out_channels, out_channels, 3, padding=1)
         self.dropout = nn.Dropout(dropout)
         self.skip = nn.Conv2d(in_channels, out_channels, 1) if in_channels != out_channels else nn.Identity()
 
@@ -163,7 +170,7 @@ class AttnBlock(nn.Module):
                  groups: int, # GroupNorm groups
                 ):
         super().__init__()
-        self.norm = nn.GroupNorm(groups, channels)
+        self.norm = GroupNorm(groups, channels)
         self.qkv, self.proj_out = nn.Conv2d(channels, 3 * channels, 1), nn.Conv2d(channels, channels, 1)
 
     def forward(self, x: Tensor) -> Tensor: # (B, C, H, W) -> (B, C, H, W)
@@ -213,7 +220,7 @@ class Encoder(nn.Module):
             levels.append(nn.Sequential(*blocks))
         self.down = nn.Sequential(*levels)
         self.mid = mid_block(c, groups, cfg.mid_attention)
-        self.norm_out, self.conv_out = nn.GroupNorm(groups, c), nn.Conv2d(c, out_channels, 3, padding=1)
+        self.norm_out, self.conv_out = GroupNorm(groups, c), nn.Conv2d(c, out_channels, 3, padding=1)
         self.factor, self.latent_channels = cfg.downsample_factor, cfg.latent_channels
         # the mean colour of each f×f patch, linearly into the latent (μ for a KL-VAE): colours bypass every GroupNorm
         self.shortcut = nn.Conv2d(cfg.in_channels, cfg.latent_channels, 1) if cfg.colour_shortcut else None
@@ -243,7 +250,7 @@ class Decoder(nn.Module):
             levels.append(nn.Sequential(*blocks))
         c = channels[0]
         self.up = nn.Sequential(*levels)
-        self.norm_out, self.conv_out = nn.GroupNorm(groups, c), nn.Conv2d(c, cfg.in_channels, 3, padding=1)
+        self.norm_out, self.conv_out = GroupNorm(groups, c), nn.Conv2d(c, cfg.in_channels, 3, padding=1)
         self.factor = cfg.downsample_factor
         # the way back: a colour per latent position, repeated over its f×f patch; the deep path adds the details
         self.shortcut = nn.Conv2d(cfg.latent_channels, cfg.in_channels, 1) if cfg.colour_shortcut else None
@@ -267,7 +274,7 @@ class PatchDiscriminator(nn.Module):
         for i in range(1, layers + 1):
             stride = 2 if i < layers else 1   # the last hidden layer keeps the resolution (pix2pix's n_layers recipe)
             blocks += [nn.Conv2d(widths[i - 1], widths[i], 4, stride=stride, padding=1, bias=False),
-                       nn.GroupNorm(min(32, widths[i]), widths[i]), nn.LeakyReLU(0.2)]
+                       GroupNorm(min(32, widths[i]), widths[i]), nn.LeakyReLU(0.2)]
         self.layers = nn.Sequential(*blocks, nn.Conv2d(widths[-1], 1, 4, stride=1, padding=1))
         with torch.no_grad():   # N(0, 0.02) weights, as pix2pix and taming-transformers
             for m in self.modules():
@@ -895,7 +902,8 @@ def plot_latent_channels(images: Tensor, # (n, C, H, W) in [-1, 1]
     "Each garment next to its c latent channels, on one symmetric colour scale."
     n, c = latents.shape[:2]
     lim = float(latents.abs().max())
-    fig, axes = plt.subplots(n, c + 1, figsize=(1.5 * (c + 1), 1.5 * n + 0.6), squeeze=False)
+    side = 1.5 if c <= 8 else 1.0   # inches per panel: 16 channels still fit a page
+    fig, axes = plt.subplots(n, c + 1, figsize=(side * (c + 1), side * n + 0.6), squeeze=False)
     for i in range(n):
         _show(axes[i, 0], images[i])
         for k in range(c):
@@ -944,8 +952,8 @@ def plot_vae_curves(kl_terms: Mapping[str, Sequence[float]], # VAELoss.terms of 
     "Reconstruction of both models, KL and detail terms of the KL-VAE, its critic, the VQ-VAE's codebook, against the step."
     window = max(1, len(kl_terms["reconstruction"]) // 25)
     fig, axes = plt.subplots(1, 4, figsize=(17, 3.5))
-    _curve(axes[0], kl_terms, "reconstruction", window, label="VAE-KL : L1")
-    _curve(axes[0], vq_terms, "reconstruction", window, label="VQ-VAE : L1")
+    _curve(axes[0], kl_terms, "reconstruction", window, label="VAE-KL : reconstruction")
+    _curve(axes[0], vq_terms, "reconstruction", window, label="VQ-VAE : reconstruction")
     _curve(axes[0], kl_terms, "perceptual", window, label="VAE-KL : spectre local")
     axes[0].set_yscale("log"); axes[0].set_title("Reconstruction et terme perceptuel"); axes[0].legend(fontsize=8)
     _curve(axes[1], kl_terms, "kl", window, color="C0")
@@ -986,7 +994,7 @@ def vae_config(kind: str = "kl", # "kl" or "vq"
                factor: int | None = None, # f; None: the profile's default (smoke 4, cpu 16, gpu 32; gpu also offers 8)
                **overrides, # VAEConfig fields to change
               ) -> VAEConfig:
-    "The preset VAEConfig of a run profile and factor f (latents 4×16×16 by default on cpu and gpu), with `overrides` applied."
+    "The preset VAEConfig of a run profile and factor f (compression 48 on cpu and gpu: c×h×w = 16×16×16, 64×16×16 or 4×64×64), with `overrides` applied."
     if kind not in ("kl", "vq"): raise ValueError(f"Unknown autoencoder kind {kind!r}; expected 'kl' or 'vq'")
     profile = resolve_profile(profile)
     factor = factor or VAE_FACTORS[profile][0]
@@ -996,15 +1004,16 @@ def vae_config(kind: str = "kl", # "kl" or "vq"
     preset = {
         ("smoke", 4): VAEConfig(image_size=32, block_out_channels=(8, 16, 16), norm_groups=4, num_codes=32, dead_code_steps=5,
                                 train_crop_size=24, perceptual_start=6, disc_start=6, disc_channels=8, disc_layers=2, **detail),
-        ("cpu", 16): VAEConfig(image_size=256, block_out_channels=(16, 32, 64, 64, 64), norm_groups=8, num_codes=256,
-                               dead_code_steps=20, train_crop_size=128, perceptual_start=250, disc_start=250,
-                               disc_channels=32, **detail),
+        # cpu: narrow high-resolution levels (where the pixels are) and MSE, measured best at a few hundred steps (see the text)
+        ("cpu", 16): VAEConfig(image_size=256, block_out_channels=(8, 16, 32, 64, 64), latent_channels=16, recon_loss="mse",
+                               norm_groups=8, num_codes=256, dead_code_steps=20, train_crop_size=128, perceptual_start=700,
+                               disc_start=700, disc_channels=16, **detail),
         ("gpu", 32): VAEConfig(image_size=512, block_out_channels=(64, 128, 256, 256, 512, 512), layers_per_block=2,
-                               norm_groups=32, num_codes=1024, dead_code_steps=100, train_crop_size=256,
-                               perceptual_start=20_000, disc_start=20_000, **detail),
-        ("gpu", 8): VAEConfig(image_size=512, block_out_channels=(128, 256, 512, 512), layers_per_block=2, norm_groups=32,
-                              num_codes=1024, dead_code_steps=100, train_crop_size=256, perceptual_start=20_000,
-                              disc_start=20_000, **detail),
+                               latent_channels=64, norm_groups=32, num_codes=1024, dead_code_steps=100, train_crop_size=256,
+                               perceptual_start=20_000, disc_start=20_000, **detail),   # Rombach et al.'s KL-f32 has c = 64
+        ("gpu", 8): VAEConfig(image_size=512, block_out_channels=(128, 256, 512, 512), layers_per_block=2, latent_channels=4,
+                              norm_groups=32, num_codes=1024, dead_code_steps=100, train_crop_size=256, perceptual_start=20_000,
+                              disc_start=20_000, **detail),   # their KL-f8 (c = 4), the latent of Stable Diffusion
     }[(profile, factor)]
     return preset.replace(kind=kind, **overrides)
 
@@ -1017,7 +1026,7 @@ def vae_train_config(kind: str = "kl", # "kl" or "vq"
     gan = dict(betas=(0.5, 0.9), clip_grad_norm=None)   # taming-transformers' Adam for GANs; the critic's gradient is not clipped
     cfg = {"smoke": train_config("smoke", lr=3e-3, max_steps=12, warmup_steps=3, batch_size=8, ema_decay=0.9,
                                  checkpoint_every=0, sample_every=0, keep_last=1, **gan),
-           "cpu": train_config("cpu", lr=2e-3, max_steps=350, warmup_steps=25, batch_size=16, ema_decay=0.97,
+           "cpu": train_config("cpu", lr=2e-3, max_steps=850, warmup_steps=25, batch_size=16, ema_decay=0.97,
                                checkpoint_every=0, sample_every=0, keep_last=1, mixed_precision=cpu_mixed_precision(), **gan),
            "gpu": train_config("gpu", lr=2e-4, max_steps=30_000, warmup_steps=500, batch_size=32, ema_decay=0.999,
                                checkpoint_every=2_500, sample_every=0, keep_last=2, **gan)}[profile]
@@ -1036,9 +1045,11 @@ class ByteImages(Dataset):
     @classmethod
     def from_dataset(cls, data: Tensor | Dataset, # images in [-1, 1] of 8-bit origin, or a Dataset of (image, ...) items
                      batch_size: int = 256, # images decoded per chunk (bounds the float32 memory in flight)
+                     num_workers: int = 0, # DataLoader processes decoding the files (Dataset only)
                     ) -> "ByteImages":
         "Decode a dataset once, chunk by chunk, into uint8 (exact for images read from 8-bit files: k/127.5 − 1)."
-        return cls(torch.cat([((x.float() + 1) * 127.5).round().clamp(0, 255).to(torch.uint8) for x in _batches(data, batch_size)]))
+        return cls(torch.cat([((x.float() + 1) * 127.5).round().clamp(0, 255).to(torch.uint8)
+                              for x in _batches(data, batch_size, num_workers)]))
 
     def __len__(self) -> int: return len(self.images)
     def __getitem__(self, i: int) -> tuple[Tensor]: return (self.images[i].float() / 127.5 - 1,)

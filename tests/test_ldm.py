@@ -17,7 +17,7 @@ from ldm_course.ldm import (
 )
 from ldm_course.scheduler import DDIMSampler, DDPMSampler, DPMSolverMultistepSampler, NoiseScheduler
 from ldm_course.text import TextEmbeddings, load_text_encoder
-from ldm_course.vae import build_vae, save_vae, vae_checkpoint_path, vae_config
+from ldm_course.vae import build_vae, encode_dataset, save_vae, vae_checkpoint_path, vae_config
 
 
 def _embeddings(B: int, d: int = 8, L: int = 6, real: int = 3, seed: int = 0) -> TextEmbeddings:
@@ -295,3 +295,26 @@ def test_vae_is_chapter_07s_when_present_else_a_fallback_trained_once(tmp_path, 
     assert all(torch.equal(a, b) for a, b in zip(again.state_dict().values(), vae.state_dict().values()))
     chapter_07 = save_vae(vae_checkpoint_path("kl", "smoke"), vae, {"chapter": "07_vae"})
     assert load_or_train_vae(images_fn, "smoke", "cpu")[1:] == (chapter_07, False)   # chapter 07's VAE comes first
+
+
+@pytest.mark.parametrize("profile", ["smoke", "cpu", "gpu"])
+def test_unet_reads_the_latent_channels_of_chapter_07s_preset(profile):
+    cfg = ldm_config(profile)
+    assert cfg.unet.in_channels == cfg.unet.out_channels == vae_config("kl", profile).latent_channels
+
+
+def test_cpu_latents_go_from_the_vae_cache_through_the_unet_and_back_to_images(tmp_path, text_encoder):
+    "The cpu preset's 16×16×16 latents: cached by encode_dataset, denoised by the profile's U-Net, decoded by the pipeline."
+    real = vae_config("kl", "cpu")
+    vae = build_vae(real.replace(block_out_channels=(8,) * 5, norm_groups=4, disc_weight=0.0)).eval()   # narrow, same shapes
+    images = torch.rand(2, 3, real.image_size, real.image_size, generator=make_generator(0)) * 2 - 1
+    latents = encode_dataset(vae, images, tmp_path / "latents.safetensors")
+    assert latents.shape == (2, 16, 16, 16) == (2, *real.latent_shape)
+    cfg = ldm_config("cpu", cond_dim=text_encoder.dim, num_inference_steps=2)
+    unet = build_ldm_unet(cfg)
+    loss = diffusion_loss(unet, latents, build_ldm_scheduler(cfg), {"cond": text_encoder.encode(["a red dress"] * 2).pooled})
+    assert torch.isfinite(loss)
+    pipe = LatentDiffusionPipeline(vae, unet, text_encoder, build_ldm_scheduler(cfg), cfg)
+    assert pipe(["a red dress"], seed=0).images.shape == (1, 3, real.image_size, real.image_size)
+    with pytest.raises(ValueError, match="16-channel inputs but the VAE's latents have 4 channels"):
+        LatentDiffusionPipeline(build_vae(vae_config("kl", "smoke")), unet, text_encoder, build_ldm_scheduler(cfg), cfg)

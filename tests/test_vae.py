@@ -10,7 +10,7 @@ from ldm_course.core import read_checkpoint_metadata, save_checkpoint, torch_see
 from ldm_course.data import GARMENT_COLOURS
 from ldm_course.training import Trainer
 from ldm_course.vae import (
-    AttnBlock, AutoencoderKL, ByteImages, DiagonalGaussian, PatchDiscriminator, VAEConfig, VAELoss, VQVAE, VectorQuantizer,
+    AttnBlock, AutoencoderKL, ByteImages, DiagonalGaussian, GroupNorm, PatchDiscriminator, VAEConfig, VAELoss, VQVAE, VectorQuantizer,
     adaptive_weight, build_vae, frozen, hinge_d_loss, hinge_g_loss, high_frequency_ratio, patch_spectrum_distance,
     random_crops, ssim,
     code_perplexity, colour_error, colour_fidelity, colour_preserved, dominant_colour, encode_dataset, garment_mask, estimate_scale_factor, interpolate, load_vae, psnr, reconstruct, save_vae,
@@ -45,13 +45,16 @@ def test_shapes(kind, channels, size, latent):
 
 def test_default_config_is_the_reports_16x16_latent_and_presets_agree():
     assert VAEConfig().downsample_factor == 4 and VAEConfig().latent_shape == (4, 16, 16)
-    for profile in ("cpu", "gpu"):
+    for profile, channels in (("cpu", 16), ("gpu", 64)):   # the report's 16×16 grid, with Rombach et al.'s c for f = 16 and 32
         for kind in ("kl", "vq"):
             cfg = vae_config(kind, profile)
-            assert cfg.kind == kind and cfg.latent_shape == (4, 16, 16)
+            assert cfg.kind == kind and cfg.latent_shape == (channels, 16, 16)
             assert VAEConfig.from_dict(json.loads(cfg.to_json())) == cfg
     assert [vae_config("kl", p).downsample_factor for p in ("smoke", "cpu", "gpu")] == [4, 16, 32]
     assert vae_config("kl", "gpu", factor=8).latent_shape == (4, 64, 64)
+    for profile, factor in (("cpu", 16), ("gpu", 32), ("gpu", 8)):   # the same compression at every full-size setting
+        cfg = vae_config("kl", profile, factor)
+        assert 3 * cfg.image_size ** 2 == 48 * cfg.latent_shape[0] * cfg.latent_shape[1] * cfg.latent_shape[2]
     with pytest.raises(ValueError, match="No cpu autoencoder preset for f = 32"): vae_config("kl", "cpu", factor=32)
     assert vae_train_config("vq", "cpu").ema_decay == 0.0
 
@@ -64,6 +67,35 @@ def test_default_config_is_the_reports_16x16_latent_and_presets_agree():
                                        (dict(perceptual_weight=1.0), "needs a perceptual_loss"), (dict(disc_start=-1), "disc_start")])
 def test_config_rejects_bad_values(bad, match):
     with pytest.raises(ValueError, match=match): VAEConfig(**bad)
+
+
+def test_group_norm_is_torchs_and_keeps_channels_last_in_bf16():
+    "The bf16 channels-last workaround changes the speed, not the values, the gradients or the memory format."
+    torch.manual_seed(0)
+    reference, ours = torch.nn.GroupNorm(4, 8), GroupNorm(4, 8)
+    ours.load_state_dict(reference.state_dict())
+    assert set(ours.state_dict()) == {"weight", "bias"}   # checkpoints written with nn.GroupNorm load unchanged
+    x = torch.randn(2, 8, 16, 16).to(torch.bfloat16).contiguous(memory_format=torch.channels_last).requires_grad_()
+    upstream = torch.randn_like(x)
+    y_ref, y = reference(x), ours(x)
+    assert y.dtype == torch.bfloat16 and y.is_contiguous(memory_format=torch.channels_last)
+    torch.testing.assert_close(y.float(), y_ref.float(), atol=0.02, rtol=0.02)
+    (g_ref,), (g,) = torch.autograd.grad(y_ref, x, upstream), torch.autograd.grad(y, x, upstream)
+    torch.testing.assert_close(g.float(), g_ref.float(), atol=0.05, rtol=0.05)
+    x32 = torch.randn(2, 8, 4, 4).contiguous(memory_format=torch.channels_last)
+    assert torch.equal(ours(x32), reference(x32))   # fp32: nn.GroupNorm's own path
+
+
+def test_cpu_preset_latent_channels_reach_the_latent_cache(tmp_path):
+    "The cpu autoencoder's 16 latent channels (reduced widths, real shapes) are what encode_dataset caches, scaled."
+    real = vae_config("kl", "cpu")
+    model = build_vae(real.replace(block_out_channels=(8,) * 5, norm_groups=4, disc_weight=0.0)).eval()
+    set_scale_factor(model, 0.5)
+    x = torch.rand(2, 3, 256, 256) * 2 - 1
+    latents = encode_dataset(model, x, tmp_path / "latents.safetensors")
+    assert latents.shape == (2, *real.latent_shape) == (2, 16, 16, 16)
+    with torch.no_grad(): torch.testing.assert_close(latents, 0.5 * model.encode(x).mean)
+    assert read_checkpoint_metadata(tmp_path / "latents.safetensors")["vae_config"]["latent_channels"] == 16
 
 
 def test_attention_matches_the_formula():
@@ -423,14 +455,14 @@ def test_detail_terms_switch_on_at_their_start_counted_in_the_model():
     assert int(model.train_batches) == 3
 
 
-HIRES = [("cpu", 16, 256, 128, 16), ("gpu", 32, 512, 256, 16), ("gpu", 8, 512, 256, 64)]
+HIRES = [("cpu", 16, 256, 128, (16, 16, 16)), ("gpu", 32, 512, 256, (64, 16, 16)), ("gpu", 8, 512, 256, (4, 64, 64))]
 
 
 @pytest.mark.parametrize("profile,factor,size,crop,latent", HIRES)
 def test_one_training_step_of_every_hires_recipe_at_reduced_width(profile, factor, size, crop, latent, one_thread):
     "The real recipe (crops, every term on, the critic) and the real shapes, with 8-channel levels: it runs on a CPU."
     real = vae_config("kl", profile, factor)
-    assert (real.image_size, real.train_crop_size, real.latent_shape) == (size, crop, (4, latent, latent))
+    assert (real.image_size, real.train_crop_size, real.latent_shape) == (size, crop, latent)
     levels = len(real.block_out_channels)
     cfg = real.replace(block_out_channels=(8,) * levels, layers_per_block=1, norm_groups=4, disc_channels=4,
                        perceptual_start=0, disc_start=0)
@@ -448,7 +480,7 @@ def test_one_training_step_of_every_hires_recipe_at_reduced_width(profile, facto
     model = trainer.unwrapped_model.eval()
     with torch.no_grad():
         z = model.encode_latents(images[0][0][None])                   # whole images, once trained on crops
-        assert z.shape == (1, 4, latent, latent)
+        assert z.shape == (1, *latent)
         assert model.decode_latents(z).shape == (1, 3, size, size)
 
 
