@@ -470,9 +470,8 @@ class EvalConfig(Config):
     num_fid_samples: int = 2000          # generated images per pixel model (MNIST, CIFAR10) for FID/KID
     fid_steps: int = 50                  # DDIM steps of those samples
     fid_guidance_scale: float = 1.0      # w of those samples (1: the conditional model, no extra guidance)
-    steps_curve: tuple[int, ...] = (10, 20, 50, 100, 1000) # sampling steps of the quality-vs-steps curve
-    curve_samples: int = 1000            # images per point of that curve
-    curve_samples_1000: int = 1000       # images of its 1000-step points (slow on a CPU)
+    steps_curve: tuple[int, ...] = (10, 20, 50, 100, 1000) # sampling steps of the quality-vs-steps curve (MNIST)
+    curve_samples: int = 1000            # images per point of that curve, every point alike
     images_per_group: int = 256          # main evaluation (each method at its own w): at least this many images per prompt group
     sweep_images_per_group: int = 64     # guidance sweep: about this many images per group and per (method, w), on a subset of prompts
     prompt_steps: int = 50               # sampling steps of the latent pipelines
@@ -507,18 +506,18 @@ class EvalConfig(Config):
         return super().from_dict(d)
 
 EVAL_PRESETS = {
-    "smoke": EvalConfig(num_fid_samples=32, fid_steps=5, steps_curve=(2, 5, 10), curve_samples=12, curve_samples_1000=12,
+    "smoke": EvalConfig(num_fid_samples=32, fid_steps=5, steps_curve=(2, 5, 10), curve_samples=12,
                         images_per_group=4, sweep_images_per_group=2, prompt_steps=5, guidance_scales=(1.0, 3.0),
                         num_catalogue_prompts=3, held_out_wordings=2, num_solid_prompts=1, num_everyday_prompts=12,
                         num_clothing_fid=24, recon_images=16, judge_channels=(16, 32, 64), judge_pattern_size=16, judge_pattern_channels=(8, 16),
                         judge_train=TrainConfig(lr=3e-3, max_steps=80, warmup_steps=10, batch_size=32, ema_decay=0.9),
                         batch_size=64),
-    "cpu": EvalConfig(num_fid_samples=200, fid_steps=20, steps_curve=(10, 20, 50, 100, 1000), curve_samples=40,
-                      curve_samples_1000=4, images_per_group=64, sweep_images_per_group=8, prompt_steps=50, guidance_scales=(1.0, 3.0, 5.0),
+    "cpu": EvalConfig(num_fid_samples=200, fid_steps=20, steps_curve=(10, 20, 50, 100), curve_samples=40,
+                      images_per_group=64, sweep_images_per_group=8, prompt_steps=50, guidance_scales=(1.0, 3.0, 5.0),
                       num_catalogue_prompts=16, held_out_wordings=4, num_solid_prompts=3, num_everyday_prompts=32,
                       num_clothing_fid=100, recon_images=256, judge_image_size=64, judge_channels=(16, 32, 64, 128),
                       judge_train=TrainConfig(lr=3e-3, max_steps=800, warmup_steps=30, batch_size=64, ema_decay=0.99), batch_size=100),
-    "gpu": EvalConfig(num_fid_samples=5000, fid_steps=50, curve_samples=1000, curve_samples_1000=1000, images_per_group=256,
+    "gpu": EvalConfig(num_fid_samples=5000, fid_steps=50, curve_samples=1000, images_per_group=256,
                       sweep_images_per_group=64, prompt_steps=50, guidance_scales=(1.0, 2.0, 3.0, 5.0, 7.5), num_catalogue_prompts=32,
                       held_out_wordings=8, num_everyday_prompts=64, num_clothing_fid=2000, recon_images=1000, judge_image_size=64,
                       judge_pattern_channels=(16, 32, 64),

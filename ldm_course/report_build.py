@@ -103,6 +103,13 @@ LATEX_HEADER = r"""\usepackage{caption}
 \DeclareUnicodeCharacter{03B8}{\ensuremath{\theta}}
 \DeclareUnicodeCharacter{03C4}{\ensuremath{\tau}}
 \DeclareUnicodeCharacter{2014}{---}
+\DeclareUnicodeCharacter{2212}{\ensuremath{-}}
+\DeclareUnicodeCharacter{03C6}{\ensuremath{\varphi}}
+\DeclareUnicodeCharacter{03C8}{\ensuremath{\psi}}
+\DeclareUnicodeCharacter{0394}{\ensuremath{\Delta}}
+\DeclareUnicodeCharacter{221E}{\ensuremath{\infty}}
+\DeclareUnicodeCharacter{2260}{\ensuremath{\neq}}
+\DeclareUnicodeCharacter{2207}{\ensuremath{\nabla}}
 \DeclareUnicodeCharacter{200B}{\hspace{0pt}}
 """
 
