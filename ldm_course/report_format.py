@@ -39,7 +39,7 @@ def lookup(values: Mapping | None, # nested metrics of one chapter
 
 # %% ../nbs/13_report_format.ipynb #3e5a7c08
 CHAPTER_TITLES = {  # chapter number -> what it is about (French), to say which chapter will produce a missing value
-    "01": "données", "02": "ordonnanceur de bruit", "03": "U-Net", "04": "boucle d'entraînement",
+    "01": "données", "02": "Noise Scheduler", "03": "U-Net", "04": "boucle d'entraînement",
     "05": "DDPM sur MNIST", "06": "DDPM sur CIFAR10", "07": "VAE", "08": "encodeur de texte",
     "09": "diffusion latente, conditionnement additif", "10": "diffusion latente avec cross-attention",
     "11": "évaluation",
