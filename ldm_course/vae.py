@@ -944,6 +944,11 @@ def _curve(ax: plt.Axes, terms: Mapping[str, Sequence[float]], name: str, window
     smooth = _smooth(values, window)
     ax.plot(np.arange(len(smooth)) + start + min(window, len(values)) - 1, smooth, **style)
 
+def _legend_below(ax: plt.Axes, handles: list | None = None) -> None:
+    "A legend under the axes, never over the curves."
+    handles = handles if handles is not None else ax.get_legend_handles_labels()[0]
+    if handles: ax.legend(handles=handles, fontsize=8, loc="upper center", bbox_to_anchor=(0.5, -0.2), ncol=2, frameon=False)
+
 def plot_vae_curves(kl_terms: Mapping[str, Sequence[float]], # VAELoss.terms of the KL-VAE
                     vq_terms: Mapping[str, Sequence[float]], # VAELoss.terms of the VQ-VAE
                     num_codes: int, # K, for the perplexity axis
@@ -951,11 +956,11 @@ def plot_vae_curves(kl_terms: Mapping[str, Sequence[float]], # VAELoss.terms of 
                    ) -> plt.Figure:
     "Reconstruction of both models, KL and detail terms of the KL-VAE, its critic, the VQ-VAE's codebook, against the step."
     window = max(1, len(kl_terms["reconstruction"]) // 25)
-    fig, axes = plt.subplots(1, 4, figsize=(17, 3.5))
+    fig, axes = plt.subplots(1, 4, figsize=(17, 4.6))
     _curve(axes[0], kl_terms, "reconstruction", window, label="KL-VAE : reconstruction")
     _curve(axes[0], vq_terms, "reconstruction", window, label="VQ-VAE : reconstruction")
     _curve(axes[0], kl_terms, "perceptual", window, label="KL-VAE : spectre local")
-    axes[0].set_yscale("log"); axes[0].set_title("Reconstruction et terme perceptuel"); axes[0].legend(fontsize=8)
+    axes[0].set_yscale("log"); axes[0].set_title("Reconstruction et terme perceptuel"); _legend_below(axes[0])
     _curve(axes[1], kl_terms, "kl", window, color="C0")
     axes[1].set_yscale("log"); axes[1].set_title("KL-VAE : KL par valeur d'image")
     _curve(axes[2], kl_terms, "logits_real", window, label="$D(x)$ (vraies)", color="C2")
@@ -963,13 +968,13 @@ def plot_vae_curves(kl_terms: Mapping[str, Sequence[float]], # VAELoss.terms of 
     ax_w = axes[2].twinx(); _curve(ax_w, kl_terms, "adaptive_weight", window, color="C4", ls="--", label="λ (poids adaptatif)")
     ax_w.set_ylabel("λ")
     handles = axes[2].get_legend_handles_labels()[0] + ax_w.get_legend_handles_labels()[0]
-    if handles: axes[2].legend(handles=handles, fontsize=8)
+    _legend_below(axes[2], handles)
     axes[2].set_title("KL-VAE : le critique (phase 2)")
     axes[2].set_xlim(0, len(kl_terms["reconstruction"]) + 1)
     _curve(axes[3], vq_terms, "perplexity", window, color="C1", label="perplexité")
     _curve(axes[3], vq_terms, "codes_used", window, color="C2", label="codes utilisés (lot)")
     axes[3].axhline(num_codes, color="gray", ls=":", label=f"K = {num_codes}")
-    axes[3].set_title("VQ-VAE : usage du dictionnaire"); axes[3].legend(fontsize=8)
+    axes[3].set_title("VQ-VAE : usage du dictionnaire"); _legend_below(axes[3])
     for ax in axes: ax.set_xlabel("pas d'optimisation"); ax.grid(alpha=0.3)
     fig.suptitle(title)
     fig.tight_layout()
