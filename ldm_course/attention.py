@@ -183,10 +183,6 @@ def cross_attention_config(profile: str = "auto", # "auto", "smoke", "cpu" or "g
     return base.replace(unet=unet, cross_attention_block=spatial_transformer_spec(**block)).replace(**overrides)
 
 # %% ../nbs/10_cross_attention.ipynb #0a07be95
-def _imshow(ax: plt.Axes, image: Tensor) -> None:
-    ax.imshow(((image.detach().float().cpu().clamp(-1, 1) + 1) / 2).permute(1, 2, 0).numpy())
-    ax.set_xticks([]); ax.set_yticks([])
-
 def plot_method_comparison(images: Mapping[str, Tensor], # method name -> (P·n, 3, H, W), n samples per prompt, prompt-major
                            prompts: Sequence[str], # the P prompts (row labels)
                            title: str, # French title
@@ -198,7 +194,7 @@ def plot_method_comparison(images: Mapping[str, Tensor], # method name -> (P·n,
     fig, axes = plt.subplots(P, len(names) * n, figsize=(1.1 * n * len(names) + 2.2, 1.15 * P + 0.9), squeeze=False)
     for m, name in enumerate(names):
         for i in range(P):
-            for j in range(n): _imshow(axes[i, m * n + j], images[name][i * n + j])
+            for j in range(n): show_image(axes[i, m * n + j], images[name][i * n + j])
         axes[0, m * n + (n - 1) // 2].set_title(name, fontsize=11, loc="center" if n % 2 else "left")
     for i, prompt in enumerate(prompts):
         bad = prompt in marked
@@ -229,7 +225,7 @@ def plot_resolution_zoom(images: Tensor, # (P, 3, H, W) generated images in [-1,
     fig, axes = plt.subplots(len(prompts), 4, figsize=(10, 2.6 * len(prompts) + 0.6), squeeze=False)
     for i, prompt in enumerate(prompts):
         for j, image in enumerate((images[i], zoom(images[i]), thumb[i], zoom(thumb[i]))):
-            _imshow(axes[i, j], image)
+            show_image(axes[i, j], image)
             if i == 0: axes[i, j].set_title(columns[j], fontsize=10)
         axes[i, 0].set_ylabel(f"« {prompt} »", fontsize=10, rotation=0, ha="right", va="center")
     fig.suptitle(title)
@@ -276,7 +272,7 @@ def plot_guidance_sweep(images: Mapping[str, Tensor], # method name -> (S, P, 3,
     fig, axes = plt.subplots(P, len(names) * S, figsize=(1.1 * S * len(names) + 2.2, 1.15 * P + 1.0), squeeze=False)
     for m, name in enumerate(names):
         for s, w in enumerate(guidance_scales):
-            for i in range(P): _imshow(axes[i, m * S + s], images[name][s, i])
+            for i in range(P): show_image(axes[i, m * S + s], images[name][s, i])
             axes[0, m * S + s].set_title(f"{name}\nw = {w:g}" if s == 0 else f"\nw = {w:g}", fontsize=8, loc="left" if s == 0 else "center")
     for i, prompt in enumerate(prompts): axes[i, 0].set_ylabel(f"« {prompt} »", fontsize=8, rotation=0, ha="right", va="center")
     fig.suptitle(title)

@@ -28,8 +28,8 @@ __all__ = ['PROFILES', 'RUN_PROFILES', 'PATH_VARIABLES', 'CHECKPOINT_FORMAT', 'R
            'make_generator', 'capture_rng_state', 'restore_rng_state', 'torch_seeded', 'Config', 'RunProfile',
            'resolve_profile', 'get_profile', 'repo_root', 'absolute_env_paths', 'data_dir', 'runs_dir', 'figures_dir',
            'atomic_path', 'atomic_write', 'save_checkpoint', 'read_checkpoint_metadata', 'load_checkpoint',
-           'run_provenance', 'read_json', 'save_metrics', 'load_metrics', 'progress', 'image_grid', 'show_images',
-           'french_ticks', 'figure_provenance_path', 'save_figure']
+           'run_provenance', 'read_json', 'save_metrics', 'load_metrics', 'progress', 'image_grid', 'show_image',
+           'show_images', 'french_ticks', 'figure_provenance_path', 'save_figure']
 
 # %% ../nbs/00_core.ipynb #9d057792
 def _mps_available() -> bool:
@@ -353,6 +353,17 @@ def image_grid(images: Tensor, # (B, C, H, W) in [-1, 1], C in {1, 3}
     if images.ndim != 4: raise ValueError(f"images must be (B, C, H, W), got shape {tuple(images.shape)}")
     x = (images.detach().float().cpu().clamp(-1, 1) + 1) / 2
     return make_grid(x, nrow=nrow, padding=padding, pad_value=pad_value)
+
+def show_image(ax: plt.Axes, # where to draw
+               image: Tensor, # (C, H, W) in [-1, 1], C in {1, 3}
+               interpolation: str = "antialiased", # matplotlib's; "nearest" shows every pixel of a zoomed crop
+              ) -> None:
+    "Draw one image without ticks (grey levels for one channel): the figures' single way of showing an image."
+    img = (image.detach().float().cpu().clamp(-1, 1) + 1) / 2
+    if img.ndim != 3 or img.shape[0] not in (1, 3): raise ValueError(f"image must be (C, H, W) with C in {{1, 3}}, got shape {tuple(image.shape)}")
+    if img.shape[0] == 1: ax.imshow(img[0].numpy(), cmap="gray", vmin=0, vmax=1, interpolation=interpolation)
+    else: ax.imshow(img.permute(1, 2, 0).numpy(), interpolation=interpolation)
+    ax.set_xticks([]); ax.set_yticks([])
 
 def show_images(images: Tensor, # (B, C, H, W) in [-1, 1]
                 nrow: int = 8, # images per row

@@ -22,7 +22,7 @@ from torch.utils.data import TensorDataset
 
 from ldm_course.core import (
     Config, image_grid, load_checkpoint, make_generator, read_checkpoint_metadata, resolve_profile, runs_dir,
-    save_checkpoint, torch_seeded,
+    save_checkpoint, show_image, torch_seeded,
 )
 from .scheduler import DDIMSampler, DDPMSampler, DiffusionSampler, NoiseScheduler, SamplingTrajectory
 from .training import TrainConfig, TrainHistory, Trainer, drop_condition, train_config
@@ -545,12 +545,6 @@ def guidance_sweep(model: nn.Module, # class-conditional U-Net
     return GuidanceSweep(list(cfg.guidance_scales), accuracy, torch.stack(per_class), torch.stack(samples), seconds)
 
 # %% ../nbs/05_ddpm_mnist.ipynb #7c41da59
-def _imshow(ax: plt.Axes, image: Tensor) -> None:
-    "Draw one (C, H, W) image in [-1, 1] without ticks."
-    img = ((image.detach().float().cpu().clamp(-1, 1) + 1) / 2)
-    ax.imshow(img[0] if img.shape[0] == 1 else img.permute(1, 2, 0), cmap="gray" if img.shape[0] == 1 else None, vmin=0, vmax=1)
-    ax.set_xticks([]); ax.set_yticks([])
-
 def plot_forward_noising(images: Tensor, # (N, C, H, W) clean images in [-1, 1]
                          scheduler: NoiseScheduler, # the forward process
                          timesteps: Sequence[int] = (0, 50, 100, 200, 300, 500, 700, 999), # columns
@@ -562,7 +556,7 @@ def plot_forward_noising(images: Tensor, # (N, C, H, W) clean images in [-1, 1]
     fig, axes = plt.subplots(len(images), len(timesteps), figsize=(1.2 * len(timesteps), 1.2 * len(images) + 0.6), squeeze=False)
     for i, x0 in enumerate(images):
         for j, t in enumerate(timesteps):
-            _imshow(axes[i, j], scheduler.add_noise(x0[None], noise[i:i + 1], int(t))[0])
+            show_image(axes[i, j], scheduler.add_noise(x0[None], noise[i:i + 1], int(t))[0])
             if i == 0: axes[i, j].set_title(f"t = {t}\n" + r"$\bar\alpha_t$" + f" = {float(scheduler.alphas_cumprod[t]):.2f}", fontsize=8)
     fig.suptitle(title)
     fig.tight_layout()
@@ -578,7 +572,7 @@ def plot_evolution(trajectory: SamplingTrajectory, # from sample_evolution
     rows = min(B, max_rows)
     fig, axes = plt.subplots(rows, K, figsize=(1.15 * K + 0.4, 1.15 * rows + 0.6), squeeze=False)
     for j, t in enumerate(trajectory.timesteps.tolist()):
-        for i in range(rows): _imshow(axes[i, j], trajectory.x_t[j, i])
+        for i in range(rows): show_image(axes[i, j], trajectory.x_t[j, i])
         axes[0, j].set_title("$x_0$" if t < 0 else f"t = {t}", fontsize=9)
     if row_labels is not None:
         for i in range(rows): axes[i, 0].set_ylabel(row_labels[i], fontsize=9)

@@ -25,7 +25,7 @@ from torch.utils.data import Subset
 
 from ldm_course.core import (
     Config, get_device, load_checkpoint, make_generator, read_checkpoint_metadata, resolve_profile, runs_dir,
-    save_checkpoint, torch_seeded,
+    save_checkpoint, show_image, torch_seeded,
 )
 from .data import GARMENT_TYPES, SEED_PROMPTS, load_fashion, to_tensors
 from .ddpm import ModelFn, classifier_free_guidance, diffusion_loss
@@ -647,10 +647,6 @@ def training_summary(history: TrainHistory, # from train_ldm
             "images_per_s": round(len(history) * batch_size / seconds, 1), "seconds_per_step": round(seconds / len(history), 4)}
 
 # %% ../nbs/09_ldm_additive.ipynb #09a9eaec
-def _imshow(ax: plt.Axes, image: Tensor) -> None:
-    ax.imshow(((image.detach().float().cpu().clamp(-1, 1) + 1) / 2).permute(1, 2, 0).numpy())
-    ax.set_xticks([]); ax.set_yticks([])
-
 def plot_denoising_evolution(trajectory: LDMTrajectory, # from the pipeline with return_trajectory=True
                              prompts: Sequence[str], # row labels, one per sample
                              title: str, # French title
@@ -661,7 +657,7 @@ def plot_denoising_evolution(trajectory: LDMTrajectory, # from the pipeline with
     K, B = images.shape[:2]
     fig, axes = plt.subplots(B, K, figsize=(1.25 * K + 1.2, 1.3 * B + 0.7), squeeze=False)
     for j, t in enumerate(trajectory.timesteps.tolist()):
-        for i in range(B): _imshow(axes[i, j], images[j, i])
+        for i in range(B): show_image(axes[i, j], images[j, i])
         axes[0, j].set_title("image finale" if t < 0 else f"t = {t}", fontsize=9)
     for i, prompt in enumerate(prompts): axes[i, 0].set_ylabel(f"« {prompt} »", fontsize=9, rotation=0, ha="right", va="center")
     fig.suptitle(title)
@@ -678,7 +674,7 @@ def plot_prompt_grid(images: Tensor, # (P·n, 3, H, W): n samples of each prompt
     n = len(images) // P
     fig, axes = plt.subplots(P, n, figsize=(1.1 * n + 1.8, 1.15 * P + 0.6), squeeze=False)
     for i, prompt in enumerate(prompts):
-        for j in range(n): _imshow(axes[i, j], images[i * n + j])
+        for j in range(n): show_image(axes[i, j], images[i * n + j])
         label = f"« {prompt} »" + ("\n(jamais vu)" if prompt in marked else "")
         axes[i, 0].set_ylabel(label, fontsize=8, rotation=0, ha="right", va="center", color="C3" if prompt in marked else "k")
     fig.suptitle(title)

@@ -31,7 +31,7 @@ from torchmetrics.image.kid import KernelInceptionDistance
 from torchvision.transforms.functional import gaussian_blur
 
 from ldm_course.core import (
-    Config, load_checkpoint, make_generator, read_checkpoint_metadata, resolve_profile, runs_dir, save_checkpoint, torch_seeded,
+    Config, load_checkpoint, make_generator, read_checkpoint_metadata, resolve_profile, runs_dir, save_checkpoint, show_image, torch_seeded,
 )
 from .data import PATTERNS, SEED_PROMPTS
 from .ddpm import ClassifierConfig, ImageClassifier, random_shift
@@ -1015,13 +1015,12 @@ def plot_pattern_check(images: Tensor, # (n, 3, H, W) in [-1, 1]: originals at f
     n, side = len(images), images.shape[-1]
     fig, axes = plt.subplots(len(rows) + 1, n, figsize=(2.1 * n, 2.2 * (len(rows) + 1) + 0.5), squeeze=False)
     boxes = pattern_boxes(images, crop).tolist()
-    show = lambda ax, x: ax.imshow(((x.float().clamp(-1, 1) + 1) / 2).permute(1, 2, 0).numpy(), interpolation="nearest")
     for j, (t, l, s) in enumerate(boxes):
-        show(axes[0, j], images[j])
+        show_image(axes[0, j], images[j], interpolation="nearest")
         axes[0, j].add_patch(matplotlib.patches.Rectangle((l - 0.5, t - 0.5), s, s, fill=False, ec="magenta", lw=1.2))
         axes[0, j].set_title(f"vrai : {_in_french(truth[j])}", fontsize=8)
         for r, (name, (x, decisions)) in enumerate(rows.items(), start=1):
-            show(axes[r, j], x[j, :, t:t + s, l:l + s])
+            show_image(axes[r, j], x[j, :, t:t + s, l:l + s], interpolation="nearest")
             ok = truth[j].split()[0] == decisions[j]
             axes[r, j].set_title(f"{name + ' : ' if name else 'juge : '}{_in_french(decisions[j])} {'✓' if ok else '✗'}", fontsize=8, color="g" if ok else "r")
     for ax in axes.flat: ax.set_xticks([]); ax.set_yticks([])

@@ -24,7 +24,7 @@ from torchmetrics.functional.image import structural_similarity_index_measure
 
 from ldm_course.core import (
     Config, image_grid, load_checkpoint, read_checkpoint_metadata, resolve_profile, runs_dir,
-    save_checkpoint, torch_seeded,
+    save_checkpoint, show_image, torch_seeded,
 )
 from .data import GARMENT_COLOURS
 from .training import TrainConfig, train_config
@@ -856,10 +856,6 @@ def pixel_interpolation(x_a: Tensor, x_b: Tensor, num_steps: int = 8) -> Tensor:
     return (1 - alphas) * x_a.cpu() + alphas * x_b.cpu()
 
 # %% ../nbs/07_vae.ipynb #2135b812
-def _show(ax: plt.Axes, image: Tensor, interpolation: str = "antialiased") -> None:
-    ax.imshow(((image.detach().float().cpu().clamp(-1, 1) + 1) / 2).permute(1, 2, 0).numpy(), interpolation=interpolation)
-    ax.set_xticks([]); ax.set_yticks([])
-
 def detail_box(image: Tensor, # (C, H, W)
                size: int, # side of the window
               ) -> tuple[int, int]: # (top, left)
@@ -887,9 +883,9 @@ def plot_full_size(originals: Tensor, # (n, C, H, W) in [-1, 1]
         top, left = detail_box(originals[i], zoom)
         for j, (label, images) in enumerate(columns.items()):
             if full:
-                _show(axes[rows * i, j], images[i])
+                show_image(axes[rows * i, j], images[i])
                 axes[rows * i, j].add_patch(plt.Rectangle((left - 0.5, top - 0.5), zoom, zoom, fill=False, ec="red", lw=0.8))
-            _show(axes[rows * i + rows - 1, j], images[i][:, top:top + zoom, left:left + zoom], interpolation="nearest")
+            show_image(axes[rows * i + rows - 1, j], images[i][:, top:top + zoom, left:left + zoom], interpolation="nearest")
             if i == 0: axes[0, j].set_title(label, fontsize=9)
     fig.suptitle(title)
     fig.tight_layout()
@@ -905,7 +901,7 @@ def plot_latent_channels(images: Tensor, # (n, C, H, W) in [-1, 1]
     side = 1.5 if c <= 8 else 1.0   # inches per panel: 16 channels still fit a page
     fig, axes = plt.subplots(n, c + 1, figsize=(side * (c + 1), side * n + 0.6), squeeze=False)
     for i in range(n):
-        _show(axes[i, 0], images[i])
+        show_image(axes[i, 0], images[i])
         for k in range(c):
             im = axes[i, k + 1].imshow(latents[i, k].float().cpu().numpy(), cmap="RdBu_r", vmin=-lim, vmax=lim, interpolation="nearest")
             axes[i, k + 1].set_xticks([]); axes[i, k + 1].set_yticks([])
@@ -924,7 +920,7 @@ def plot_interpolations(rows: Mapping[str, Tensor], # row label -> (k, C, H, W) 
     alphas = np.linspace(0, 1, k)
     for r, (label, images) in enumerate(rows.items()):
         for j in range(k):
-            _show(axes[r, j], images[j])
+            show_image(axes[r, j], images[j])
             if r == 0: axes[r, j].set_title(f"α = {alphas[j]:.2f}", fontsize=8)
         axes[r, 0].set_ylabel(label, rotation=0, ha="right", va="center", fontsize=9)
     fig.suptitle(title)
