@@ -30,7 +30,7 @@ def cpu_model() -> str:
     return platform.processor() or platform.machine()
 
 
-def machine_description(device: torch.device) -> dict:
+def machine_record(device: torch.device) -> dict:
     "What the numbers were measured on: CPU model, cores, threads, load, torch version, GPU, date."
     info = {"date": datetime.datetime.now().astimezone().isoformat(timespec="seconds"),
             "cpu_model": cpu_model(), "cpu_cores": os.cpu_count(), "torch_threads": torch.get_num_threads(),
@@ -74,7 +74,7 @@ def setup(args: argparse.Namespace, cpu_batch: int | None = None, gpu_batch: int
     profile = getattr(args, "profile", None) or ("gpu" if device.type == "cuda" else "cpu")
     if getattr(args, "batch_size", 0) is None and cpu_batch is not None:
         args.batch_size = gpu_batch if device.type == "cuda" else cpu_batch
-    info = machine_description(device)
+    info = machine_record(device)
     print(describe(info), flush=True)
     return device, profile, info
 

@@ -29,7 +29,7 @@ from pathlib import Path
 
 BENCH_DIR = Path(__file__).resolve().parent
 sys.path.insert(0, str(BENCH_DIR))
-from machine import RESULTS_DIR, describe, machine_description, pick_device  # noqa: E402
+from machine import RESULTS_DIR, describe, machine_record, pick_device  # noqa: E402
 
 from ldm_course.benchmarks import BENCHMARK_TARGETS, unet_speedups  # noqa: E402  (the targets and U-Net rule the report judges with)
 
@@ -156,7 +156,7 @@ def main(argv=None):
     unknown = [n for n in names if n not in SCRIPTS]
     if unknown: p.error(f"unknown benchmarks {unknown}; expected some of {list(SCRIPTS)}")
     out_dir = Path(args.out_dir) if args.out_dir else QUICK_DIR if args.quick else RESULTS_DIR
-    info = machine_description(pick_device(None))
+    info = machine_record(pick_device(None))
     print(describe(info), flush=True)
     runs = {}
     if not args.summary_only:

@@ -33,7 +33,7 @@ __all__ = ['ModelFn', 'DDPM_PRESETS', 'SAMPLERS', 'DDPM_FORMAT', 'CLASSIFIER_FOR
            'guided_prediction', 'classifier_free_guidance', 'class_guidance', 'ClassifierConfig', 'DDPMConfig',
            'ddpm_config', 'build_scheduler', 'build_unet', 'make_sampler', 'sample_images', 'sample_evolution',
            'ddpm_checkpoint_path', 'save_ddpm', 'LoadedDDPM', 'load_ddpm', 'ImageClassifier', 'random_shift',
-           'ClassificationLoss', 'train_classifier', 'predict_labels', 'classifier_accuracy', 'judge_checkpoint_path',
+           'ClassificationLoss', 'train_classifier', 'predict_labels', 'classifier_accuracy', 'chapter_judge_path',
            'save_classifier', 'judge_training_key', 'load_classifier', 'GuidanceSweep', 'guidance_sweep',
            'plot_forward_noising', 'plot_evolution', 'plot_guidance_grid', 'plot_guidance_accuracy']
 
@@ -465,7 +465,7 @@ def classifier_accuracy(classifier: nn.Module, # the judge
 # %% ../nbs/05_ddpm_mnist.ipynb #06ad93c6
 CLASSIFIER_FORMAT = "ldm_course.classifier/1"
 
-def judge_checkpoint_path(chapter: str, # e.g. "05_ddpm_mnist"
+def chapter_judge_path(chapter: str, # e.g. "05_ddpm_mnist"
                           profile: str = "auto", # run profile: decides the folder
                          ) -> Path:
     "Where a chapter's judge classifier goes: runs/<profile>/checkpoints/<chapter>/judge.safetensors."

@@ -24,7 +24,7 @@ from ldm_course.report_format import (
 )
 
 # %% auto #0
-__all__ = ['METHODS', 'METHOD_KEYS', 'PROMPT_GROUPS', 'FID_ROWS', 'LOSS_FIRST', 'LOSS_LAST', 'SAMPLER_NAMES',
+__all__ = ['METHODS', 'METHOD_KEYS', 'GROUP_LABELS', 'FID_ROWS', 'LOSS_FIRST', 'LOSS_LAST', 'SAMPLER_NAMES',
            'BENCHMARK_DESCRIPTIONS', 'BENCHMARK_NEEDS', 'BENCH_COMMAND', 'VERDICTS', 'method_key', 'alignment_rows',
            'best_alignment', 'AlignmentSection', 'FidSection', 'method_measures', 'ComparisonSection', 'colour_rows',
            'AutoencoderSection', 'steps_rows', 'StepsSection', 'target_texts', 'benchmark_machine', 'BenchmarkResult',
@@ -35,8 +35,8 @@ __all__ = ['METHODS', 'METHOD_KEYS', 'PROMPT_GROUPS', 'FID_ROWS', 'LOSS_FIRST', 
 METHODS = {"additive": ("09", "additif"), "cross_attention": ("10", "cross-attention")}  # key -> (chapter, French name)
 METHOD_KEYS = {"additif": "additive", "additive": "additive", "cross-attention": "cross_attention",
                "cross_attention": "cross_attention"}  # every spelling the chapters use -> key of METHODS
-PROMPT_GROUPS = {"seed": "rapport d'origine", "held-out": "jamais vus", "catalogue": "catalogue", "pattern": "motifs",
-                 "everyday": "formulations courantes", "overall": "toutes"}  # chapter 11's groups
+GROUP_LABELS = {"seed": "rapport d'origine", "held-out": "jamais vus", "catalogue": "catalogue", "pattern": "motifs",
+                 "everyday": "formulations courantes", "overall": "toutes"}  # short table labels of chapter 11's PROMPT_GROUPS (plus 'overall')
 
 def method_key(name: Any) -> str:
     "The key of a conditioning method ('additive', 'cross_attention') from any spelling the chapters use."
@@ -73,7 +73,7 @@ def best_alignment(evaluation: Mapping | None, # chapter 11's metrics
     method = method_key(method)
     best = lookup(evaluation, f"alignment.best.{method}")
     if isinstance(best, Mapping): return {"w": best.get("guidance_scale"), **{k: v for k, v in best.items() if isinstance(v, Mapping)}}
-    rows = alignment_rows(evaluation, groups=tuple(PROMPT_GROUPS))
+    rows = alignment_rows(evaluation, groups=tuple(GROUP_LABELS))
     scales = {r["w"] for r in rows if r["method"] == method}
     if not scales: return None
     score = lambda w: next((r["both"] or 0 for r in rows if r["method"] == method and r["w"] == w and r["group"] == "overall"), 0)
@@ -111,9 +111,9 @@ class AlignmentSection(ReportTables):
             text = f"{percent(s[what])} ± {md_escape(format_value(100 * s.get(what + '_se', 0), 2))}"
             t = (targets.get(group) or {}).get(what)
             return text + (f" (objectif ≥ {percent(t['target'])} : **{'atteint' if t['met'] else 'manqué'}**)" if isinstance(t, Mapping) else "")
-        rows = [[PROMPT_GROUPS.get(g, md_escape(g)), format_value((main["summary"][g] or {}).get("num_prompts")),
+        rows = [[GROUP_LABELS.get(g, md_escape(g)), format_value((main["summary"][g] or {}).get("num_prompts")),
                  format_value((main["summary"][g] or {}).get("num_images")), cell(g, "type"), cell(g, "colour"), cell(g, "pattern")]
-                for g in PROMPT_GROUPS if g in main["summary"]]
+                for g in GROUP_LABELS if g in main["summary"]]
         caption += f" ; {self.method_name(main.get('method', 'cross_attention'))}, $w$ = {md_escape(format_value(main.get('guidance_scale')))}"
         return self.table(label, ["requêtes", "nombre", "images", "type", "couleur", "motif"], rows, caption, align="lrrlll",
                           widths=(16, 8, 8, 26, 26, 16))
@@ -148,7 +148,7 @@ class AlignmentSection(ReportTables):
                    "par méthode et par échelle de guidage $w$")
         rows = alignment_rows(self.chapter("11"), groups)
         if not rows: return self.placeholder_table(label, caption, self._why_missing("11", "la fidélité au texte (alignment)"))
-        cells = [[self.method_name(r["method"]), md_escape(format_value(r["w"])), PROMPT_GROUPS.get(r["group"], md_escape(r["group"])),
+        cells = [[self.method_name(r["method"]), md_escape(format_value(r["w"])), GROUP_LABELS.get(r["group"], md_escape(r["group"])),
                   md_escape(format_value(int(r["num_images"]) if isinstance(r["num_images"], float) and r["num_images"].is_integer() else r["num_images"])),
                   percent(r["colour"]), percent(r["type"]), percent(r["both"])] for r in rows]
         extra = []
