@@ -253,7 +253,7 @@ def denoising_losses(pipe: LatentDiffusionPipeline, # its U-Net, noise schedule,
         part = slice(start, start + batch_size)
         x, eps, tt = x0[part].to(device), noise[part].to(device), t[part].to(device)
         x_t, target, B = scheduler.add_noise(x, eps, tt), scheduler.get_target(x, eps, tt), len(x)
-        nulls = TextEmbeddings(null.pooled.expand(B, -1), null.tokens.expand(B, -1, -1), null.mask.expand(B, -1))
+        nulls = null.expand(B)
         for name, text in (("with_text", emb[items[part].tolist()].to(device)), ("null_prompt", nulls)):
             prediction = pipe.unet(x_t, tt, **text_condition(pipe.unet.config, text, pipe.config.pooled_scale))
             sums[name] += F.mse_loss(prediction.float(), target.float(), reduction="sum").item()

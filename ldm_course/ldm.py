@@ -327,9 +327,7 @@ def text_guidance(unet: UNet, # the trained U-Net (its config says which text ar
                   pooled_scale: float = 1.0, # factor applied to the pooled vector (as in training)
                  ) -> ModelFn:
     "model_fn(z_t, t) for the samplers: classifier-free guidance between the prompts and the null prompt."
-    B = len(emb)
-    null = TextEmbeddings(null.pooled.expand(B, -1), null.tokens.expand(B, -1, -1), null.mask.expand(B, -1))
-    emb, null = trim_padding(emb, null)
+    emb, null = trim_padding(emb, null.expand(len(emb)))
     cond, uncond = text_condition(unet.config, emb, pooled_scale), text_condition(unet.config, null, pooled_scale)
     return classifier_free_guidance(unet, guidance_scale, cond, uncond)
 

@@ -51,6 +51,10 @@ class TextEmbeddings:
         return TextEmbeddings(self.pooled[idx], self.tokens[idx], self.mask[idx])
     def to(self, device: str | torch.device) -> "TextEmbeddings":
         return TextEmbeddings(self.pooled.to(device), self.tokens.to(device), self.mask.to(device))
+    def expand(self, batch_size: int) -> "TextEmbeddings":
+        "One prompt's embedding repeated `batch_size` times, without copying (e.g. the null prompt for a batch)."
+        if len(self) != 1: raise ValueError(f"expand takes the embedding of one prompt, got a batch of {len(self)}")
+        return TextEmbeddings(self.pooled.expand(batch_size, -1), self.tokens.expand(batch_size, -1, -1), self.mask.expand(batch_size, -1))
 
     @classmethod
     def cat(cls, items: Sequence["TextEmbeddings"]) -> "TextEmbeddings":
