@@ -1,9 +1,10 @@
 """The LDM thesis at high resolution: sampling a 256×256 image costs about what a 64×64 one costs.
 
-Both text-to-image pipelines diffuse on the same 4×16×16 latent with the same cross-attention U-Net (chapter 10's
-configuration of the profile), the same offline text encoder (MiniLM), DDIM with classifier-free guidance; they
+Both text-to-image pipelines diffuse on the same c×16×16 latent (c = 16 on the cpu profile) with the same
+cross-attention U-Net (chapter 10's configuration of the profile), the same offline text encoder (MiniLM), DDIM with classifier-free guidance; they
 differ only by the autoencoder that decodes the final latent: f = 4 (64×64 images, the course before issue 16: the
-64-px autoencoder of chapter 07's former cpu preset) or f = 16 (256×256, chapter 07 now). Weights are random: the
+64-px autoencoder of chapter 07's former cpu preset, given the U-Net's c latent channels) or f = 16 (256×256, chapter
+07 now). Weights are random: the
 time of a forward pass does not depend on them. The two are timed interleaved (64, 256, 256, 64, ...), median of
 the repeats, text encoding and decoding included.
 
@@ -41,9 +42,10 @@ PROMPTS = ("a red dress", "blue T-Shirt", "pink tshirt", "a yellow jean", "black
            "a blue checked skirt", "a green jacket")
 
 
-def thumbnail_vae_config() -> VAEConfig:
-    "The 64×64 → 4×16×16 autoencoder (f = 4) of the course before issue 16 (chapter 07's former cpu preset)."
-    return VAEConfig(image_size=64, block_out_channels=(16, 32, 64), norm_groups=8, recon_loss="mse", colour_shortcut=True)
+def thumbnail_vae_config(latent_channels: int = 4) -> VAEConfig:
+    "The 64×64 → c×16×16 autoencoder (f = 4) of the course before issue 16 (chapter 07's former cpu preset had c = 4)."
+    return VAEConfig(image_size=64, block_out_channels=(16, 32, 64), latent_channels=latent_channels, norm_groups=8,
+                     recon_loss="mse", colour_shortcut=True)
 
 
 def pipelines(profile: str, device: torch.device) -> dict[str, LatentDiffusionPipeline]:
@@ -51,7 +53,7 @@ def pipelines(profile: str, device: torch.device) -> dict[str, LatentDiffusionPi
     text_encoder = load_text_encoder("minilm", device=device)
     cfg = cross_attention_config(profile, context_dim=text_encoder.token_dim)
     unet, scheduler = build_ldm_unet(cfg).to(device), build_ldm_scheduler(cfg)
-    vaes = {"thumbnail": build_vae(thumbnail_vae_config()), "hires": build_vae(vae_config("kl", profile))}
+    vaes = {"thumbnail": build_vae(thumbnail_vae_config(cfg.unet.in_channels)), "hires": build_vae(vae_config("kl", profile))}
     for name, vae in vaes.items():
         if vae.config.latent_shape != (cfg.unet.in_channels, 16, 16) and profile != "smoke":
             raise ValueError(f"{name} autoencoder gives latents {vae.config.latent_shape}, expected {cfg.unet.in_channels}×16×16")
