@@ -941,8 +941,9 @@ def plot_alignment(results: Mapping[tuple[str, float], AlignmentResult], # (meth
     "Per prompt group: accuracy (both with its standard error, colour, type; pattern where asked) against w, one colour per method."
     methods = list(dict.fromkeys(m for m, _ in results))
     groups = [g for g in PROMPT_GROUPS if any(g in r.summary().index for r in results.values())]
-    fig, axes = plt.subplots(1, len(groups), figsize=(4.3 * len(groups), 4.1), squeeze=False, sharey=True)
-    for ax, group in zip(axes[0], groups):
+    ncols = min(3, len(groups)); nrows = -(-len(groups) // ncols)   # at most three panels a row: readable on a page
+    fig, axes = plt.subplots(nrows, ncols, figsize=(4.3 * ncols, 3.9 * nrows + 0.9), squeeze=False, sharey=True)
+    for ax, group in zip(axes.flat, groups):
         sizes = set()
         for k, method in enumerate(methods):
             ws = sorted(w for m, w in results if m == method and group in results[(m, w)].summary().index)
@@ -964,13 +965,19 @@ def plot_alignment(results: Mapping[tuple[str, float], AlignmentResult], # (meth
         ws = sorted({w for _, w in results})
         ax.set_xticks(ws, [f"{w:g}" for w in ws])
         ax.set_xlabel("échelle de guidage w"); ax.set_ylim(0, 102); ax.grid(alpha=0.3)
-    axes[0, 0].set_ylabel("précision du juge (%)")
+    for row in axes: row[0].set_ylabel("précision du juge (%)")
     labels = {}
-    for ax in axes[0]:
+    for ax in axes.flat[:len(groups)]:
         for h, l in zip(*ax.get_legend_handles_labels()): labels.setdefault(l, h)
+    spare = list(axes.flat[len(groups):])
+    for ax in spare: ax.axis("off")
     fig.suptitle(title)
-    fig.tight_layout(rect=(0, 0.14, 1, 1))
-    fig.legend(list(labels.values()), list(labels), loc="lower center", ncol=4, fontsize=8, frameon=False)
+    if spare:   # the legend takes the free panel
+        fig.tight_layout()
+        spare[0].legend(list(labels.values()), list(labels), loc="center", fontsize=8, frameon=False)
+    else:
+        fig.tight_layout(rect=(0, 0.14, 1, 1))
+        fig.legend(list(labels.values()), list(labels), loc="lower center", ncol=4, fontsize=8, frameon=False)
     return fig
 
 def plot_group_accuracy(result: AlignmentResult, # one method at one w, every group
