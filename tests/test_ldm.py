@@ -304,17 +304,18 @@ def test_unet_reads_the_latent_channels_of_chapter_07s_preset(profile):
 
 
 def test_cpu_latents_go_from_the_vae_cache_through_the_unet_and_back_to_images(tmp_path, text_encoder):
-    "The cpu preset's 16×16×16 latents: cached by encode_dataset, denoised by the profile's U-Net, decoded by the pipeline."
+    "The cpu preset's 4×16×16 latents: cached by encode_dataset, denoised by the profile's U-Net, decoded by the pipeline."
     real = vae_config("kl", "cpu")
     vae = build_vae(real.replace(block_out_channels=(8,) * 5, norm_groups=4, disc_weight=0.0)).eval()   # narrow, same shapes
     images = torch.rand(2, 3, real.image_size, real.image_size, generator=make_generator(0)) * 2 - 1
     latents = encode_dataset(vae, images, tmp_path / "latents.safetensors")
-    assert latents.shape == (2, 16, 16, 16) == (2, *real.latent_shape)
+    assert latents.shape == (2, 4, 16, 16) == (2, *real.latent_shape)
     cfg = ldm_config("cpu", cond_dim=text_encoder.dim, num_inference_steps=2)
     unet = build_ldm_unet(cfg)
     loss = diffusion_loss(unet, latents, build_ldm_scheduler(cfg), {"cond": text_encoder.encode(["a red dress"] * 2).pooled})
     assert torch.isfinite(loss)
     pipe = LatentDiffusionPipeline(vae, unet, text_encoder, build_ldm_scheduler(cfg), cfg)
     assert pipe(["a red dress"], seed=0).images.shape == (1, 3, real.image_size, real.image_size)
-    with pytest.raises(ValueError, match="16-channel inputs but the VAE's latents have 4 channels"):
-        LatentDiffusionPipeline(build_vae(vae_config("kl", "smoke")), unet, text_encoder, build_ldm_scheduler(cfg), cfg)
+    other = build_vae(real.replace(latent_channels=8, block_out_channels=(8,) * 5, norm_groups=4, disc_weight=0.0))
+    with pytest.raises(ValueError, match="4-channel inputs but the VAE's latents have 8 channels"):
+        LatentDiffusionPipeline(other, unet, text_encoder, build_ldm_scheduler(cfg), cfg)

@@ -455,7 +455,7 @@ def test_detail_terms_switch_on_at_their_start_counted_in_the_model():
     assert int(model.train_batches) == 3
 
 
-HIRES = [("cpu", 16, 256, 128, (16, 16, 16)), ("gpu", 32, 512, 256, (64, 16, 16)), ("gpu", 8, 512, 256, (4, 64, 64))]
+HIRES = [("cpu", 16, 256, 128, (4, 16, 16)), ("gpu", 32, 512, 256, (64, 16, 16)), ("gpu", 8, 512, 256, (4, 64, 64))]
 
 
 @pytest.mark.parametrize("profile,factor,size,crop,latent", HIRES)
