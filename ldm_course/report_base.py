@@ -24,9 +24,9 @@ from ldm_course.report_format import (
 
 # %% auto #0
 __all__ = ['PROFILE_DESCRIPTIONS', 'MONTHS', 'FIGURE_CAPTIONS', 'METRIC_LABELS', 'SHORT_TITLES', 'SUMMARY_COLUMNS',
-           'TEXT_ENCODERS', 'ReportBase', 'ReportFigures', 'flatten_metrics', 'metric_label', 'ReportTables',
-           'git_commit', 'machine_description', 'collect_values', 'text_encoder_name', 'RunConditions',
-           'run_conditions']
+           'TEXT_ENCODERS', 'PRECISION_NAMES', 'ReportBase', 'ReportFigures', 'flatten_metrics', 'metric_label',
+           'ReportTables', 'git_commit', 'machine_description', 'collect_values', 'text_encoder_name', 'RunConditions',
+           'training_precisions', 'run_conditions']
 
 # %% ../nbs/13_report_base.ipynb #dc806e33
 PROFILE_DESCRIPTIONS = {  # French descriptions of core.RUN_PROFILES
@@ -411,6 +411,17 @@ def _relative(path: str) -> str:
     try: return str(Path(path).resolve().relative_to(repo_root()))
     except ValueError: return str(path)
 
+PRECISION_NAMES = {"no": "fp32", "bf16": "bf16 (autocast)", "fp16": "fp16 (autocast)"}
+
+def training_precisions(metrics: Mapping[str, Mapping], # chapter stem (e.g. "07_vae") -> its metrics
+                       ) -> str:
+    "Each chapter's training precision ('mixed_precision' of its recipes), e.g. '05 : fp32 ; 07 : bf16 (autocast)'."
+    parts = []
+    for stem, m in sorted(metrics.items()):
+        used = collect_values(m, "mixed_precision")
+        if used: parts.append(f"{stem.split('_', 1)[0]} : " + ", ".join(PRECISION_NAMES.get(u, md_escape(str(u))) for u in used))
+    return " ; ".join(parts) if parts else "non enregistrée par les chapitres"
+
 def run_conditions(report: RunConditions, # the report's context (a ReportContext: metrics, data sources)
                    now: datetime.datetime | None = None, # build date (default: now)
                   ) -> list[tuple[str, str]]:
@@ -425,6 +436,7 @@ def run_conditions(report: RunConditions, # the report's context (a ReportContex
     rows += [("encodeur de texte", report.text_encoder),
              ("graines", " ; ".join(md_escape(format_value(s)) for s in seeds) if seeds else "non enregistrées par les chapitres"),
              ("appareils des chapitres", " ; ".join(f"`{d}`" for d in devices) if devices else "non enregistrés par les chapitres"),
+             ("précision des entraînements", training_precisions(report.metrics)),
              ("commit git", md_escape(git_commit())),
              ("date du rapport", now.strftime("%Y-%m-%d %H:%M %Z").strip()),
              ("machine du rapport", md_escape(machine_description())),
