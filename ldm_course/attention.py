@@ -12,7 +12,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .core import make_generator, resolve_profile
+from .core import make_generator, resolve_profile, show_image
 from .ldm import LatentDiffusionPipeline, LDMConfig, ldm_config, text_condition
 from .text import TextEmbeddings
 from .unet import register_cross_attention_block

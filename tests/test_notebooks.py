@@ -148,3 +148,15 @@ def test_no_hand_written_measurement_in_the_prose(nb_path):
     "Measured numbers come from the run (printed by code cells or rendered from the metrics), never typed in Markdown."
     found = hand_written_measurements(nb_path)
     assert not found, f"{nb_path.name}: numbers typed in Markdown that look measured (print them from the run, or allow them with a reason): {found}"
+
+
+def test_the_package_has_no_undefined_names():
+    "A name used but never imported or defined (a refactor that renamed a helper, say) fails here, not at run time in a chapter."
+    from pyflakes.api import check
+    from pyflakes.reporter import Reporter
+    import io
+    for py in sorted((ROOT / "ldm_course").glob("*.py")) + sorted((ROOT / "bench").glob("*.py")):
+        out = io.StringIO()
+        check(py.read_text(encoding="utf-8"), str(py), Reporter(out, out))
+        undefined = [line for line in out.getvalue().splitlines() if "undefined name" in line]
+        assert not undefined, f"{py.name}: {undefined}"
