@@ -45,16 +45,16 @@ def test_shapes(kind, channels, size, latent):
 
 def test_default_config_is_the_reports_16x16_latent_and_presets_agree():
     assert VAEConfig().downsample_factor == 4 and VAEConfig().latent_shape == (4, 16, 16)
-    for profile, channels in (("cpu", 16), ("gpu", 64)):   # the report's 16×16 grid, with Rombach et al.'s c for f = 16 and 32
+    for profile, channels in (("cpu", 4), ("gpu", 64)):   # the report's 16×16 grid; cpu: 4 channels (chapters 09/10 can generate them), gpu: Rombach et al.'s c for f = 32
         for kind in ("kl", "vq"):
             cfg = vae_config(kind, profile)
             assert cfg.kind == kind and cfg.latent_shape == (channels, 16, 16)
             assert VAEConfig.from_dict(json.loads(cfg.to_json())) == cfg
     assert [vae_config("kl", p).downsample_factor for p in ("smoke", "cpu", "gpu")] == [4, 16, 32]
     assert vae_config("kl", "gpu", factor=8).latent_shape == (4, 64, 64)
-    for profile, factor in (("cpu", 16), ("gpu", 32), ("gpu", 8)):   # the same compression at every full-size setting
+    for profile, factor, compression in (("cpu", 16, 192), ("gpu", 32, 48), ("gpu", 8, 48)):   # pixel values per latent number
         cfg = vae_config("kl", profile, factor)
-        assert 3 * cfg.image_size ** 2 == 48 * cfg.latent_shape[0] * cfg.latent_shape[1] * cfg.latent_shape[2]
+        assert 3 * cfg.image_size ** 2 == compression * cfg.latent_shape[0] * cfg.latent_shape[1] * cfg.latent_shape[2]
     with pytest.raises(ValueError, match="No cpu autoencoder preset for f = 32"): vae_config("kl", "cpu", factor=32)
     assert vae_train_config("vq", "cpu").ema_decay == 0.0
 
@@ -87,15 +87,15 @@ def test_group_norm_is_torchs_and_keeps_channels_last_in_bf16():
 
 
 def test_cpu_preset_latent_channels_reach_the_latent_cache(tmp_path):
-    "The cpu autoencoder's 16 latent channels (reduced widths, real shapes) are what encode_dataset caches, scaled."
+    "The cpu autoencoder's 4 latent channels (reduced widths, real shapes) are what encode_dataset caches, scaled."
     real = vae_config("kl", "cpu")
     model = build_vae(real.replace(block_out_channels=(8,) * 5, norm_groups=4, disc_weight=0.0)).eval()
     set_scale_factor(model, 0.5)
     x = torch.rand(2, 3, 256, 256) * 2 - 1
     latents = encode_dataset(model, x, tmp_path / "latents.safetensors")
-    assert latents.shape == (2, *real.latent_shape) == (2, 16, 16, 16)
+    assert latents.shape == (2, *real.latent_shape) == (2, 4, 16, 16)
     with torch.no_grad(): torch.testing.assert_close(latents, 0.5 * model.encode(x).mean)
-    assert read_checkpoint_metadata(tmp_path / "latents.safetensors")["vae_config"]["latent_channels"] == 16
+    assert read_checkpoint_metadata(tmp_path / "latents.safetensors")["vae_config"]["latent_channels"] == 4
 
 
 def test_attention_matches_the_formula():
