@@ -154,6 +154,7 @@ FIGURE_CAPTIONS = {  # file -> (chapter, French caption) of the chapters' figure
     "fig_vae_training_curves.png": ("07", "Courbes d'entraînement des deux autoencodeurs"),
     "fig_vae_latents.png": ("07", "Canaux de l'espace latent"),
     "fig_vae_interpolation.png": ("07", "Interpolation entre deux vêtements : en pixels et dans l'espace latent"),
+    "fig_vae_ablation.png": ("07", "L'ablation des termes de détail : le carré le plus détaillé de vêtements à motifs, reconstruit avec et sans les termes perceptuel et adversarial"),
     "fig_texte_similarites.png": ("08", "Similarités entre requêtes et légendes du catalogue dans l'espace du texte"),
     "fig_ldm_additif_perte.png": ("09", "Perte d'entraînement du modèle latent à conditionnement additif"),
     "fig_ldm_additif_evolution.png": ("09", "Évolution du débruitage avec le modèle additif (mêmes requêtes que la figure 4)"),
