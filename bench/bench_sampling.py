@@ -84,6 +84,20 @@ def heldout_photos(judge_meta: dict, profile: str, image_size: int, n: int):
     return images, records, source
 
 
+def trained_pipeline_and_judge(chapter: str | None, profile: str, script: str):
+    "(latent pipeline checkpoint, clothing judge) of a run profile: chapter 10's pipeline, else 09's; None (said on stderr) when missing."
+    chapters = [chapter] if chapter else ["10_cross_attention", "09_ldm_additive"]
+    path = next((ldm_checkpoint_path(c, profile) for c in chapters if ldm_checkpoint_path(c, profile).is_file()), None)
+    judge_path = judge_checkpoint_path("fashion", profile)
+    missing = ([f"no latent pipeline ({', '.join(str(ldm_checkpoint_path(c, profile)) for c in chapters)}): run chapter(s) "
+                f"{'/'.join(c[:2] for c in chapters)} with profile {profile}"] if path is None else []) + \
+              ([f"no clothing judge ({judge_path}): run chapter 11 with profile {profile}"] if not judge_path.is_file() else [])
+    if missing:
+        print(f"{script}: nothing measured, " + "; ".join(missing), file=sys.stderr)
+        return None
+    return path, judge_path
+
+
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     add_machine_arguments(p, profile_help="whose checkpoints: smoke, cpu or gpu (default: gpu on CUDA, else cpu)",
@@ -98,15 +112,9 @@ def main(argv=None):
     device, profile, info = setup(args, cpu_batch=24, gpu_batch=250)
     n, batch_size = args.num_images or (500 if device.type == "cuda" else 96), args.batch_size
 
-    chapters = [args.chapter] if args.chapter else ["10_cross_attention", "09_ldm_additive"]
-    path = next((ldm_checkpoint_path(c, profile) for c in chapters if ldm_checkpoint_path(c, profile).is_file()), None)
-    judge_path = judge_checkpoint_path("fashion", profile)
-    missing = ([f"no latent pipeline ({', '.join(str(ldm_checkpoint_path(c, profile)) for c in chapters)}): run chapter(s) "
-                f"{'/'.join(c[:2] for c in chapters)} with profile {profile}"] if path is None else []) + \
-              ([f"no clothing judge ({judge_path}): run chapter 11 with profile {profile}"] if not judge_path.is_file() else [])
-    if missing:
-        print("bench_sampling: nothing measured, " + "; ".join(missing), file=sys.stderr)
-        return 2
+    found = trained_pipeline_and_judge(args.chapter, profile, "bench_sampling")
+    if found is None: return 2
+    path, judge_path = found
     start = time.perf_counter()
     pipe = LatentDiffusionPipeline.load(path, device=device)
     judge, judge_meta = load_judge(judge_path, device)

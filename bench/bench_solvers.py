@@ -38,13 +38,13 @@ import matplotlib.pyplot as plt  # noqa: E402
 import torch  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from bench_sampling import heldout_photos, seconds_per_image, timed_generator  # noqa: E402
+from bench_sampling import heldout_photos, seconds_per_image, timed_generator, trained_pipeline_and_judge  # noqa: E402
 from machine import add_machine_arguments, describe, out_dir, setup, write_result  # noqa: E402
 
 from ldm_course import attention  # noqa: E402,F401  (registers chapter 10's cross-attention block, to load its pipeline)
 from ldm_course.benchmarks import BENCHMARK_TARGETS, UNRESOLVED_STD_ERROR  # noqa: E402
-from ldm_course.ldm import LatentDiffusionPipeline, ldm_checkpoint_path  # noqa: E402
-from ldm_course.metrics import ClassifierFeatures, PromptSpec, fid_kid, judge_checkpoint_path, load_judge, prompt_alignment  # noqa: E402
+from ldm_course.ldm import LatentDiffusionPipeline  # noqa: E402
+from ldm_course.metrics import ClassifierFeatures, PromptSpec, fid_kid, load_judge, prompt_alignment  # noqa: E402
 
 TARGETS = BENCHMARK_TARGETS["solvers"]   # accuracy_loss, max_evaluations: shared with the report
 SAMPLERS = ("ddim", "ddim-eta0", "dpm++", "sde-dpm++")
@@ -127,13 +127,9 @@ def main(argv=None):
     args = p.parse_args(argv)
     device, profile, info = setup(args, cpu_batch=24, gpu_batch=250)
     n, batch_size = args.num_images or (500 if device.type == "cuda" else 96), args.batch_size
-    chapters = [args.chapter] if args.chapter else ["10_cross_attention", "09_ldm_additive"]
-    path = next((ldm_checkpoint_path(c, profile) for c in chapters if ldm_checkpoint_path(c, profile).is_file()), None)
-    judge_path = judge_checkpoint_path("fashion", profile)
-    if path is None or not judge_path.is_file():
-        print(f"bench_solvers: nothing measured, needs {' or '.join(str(ldm_checkpoint_path(c, profile)) for c in chapters)} "
-              f"and {judge_path}: run chapters 09-11 with profile {profile}", file=sys.stderr)
-        return 2
+    found = trained_pipeline_and_judge(args.chapter, profile, "bench_solvers")
+    if found is None: return 2
+    path, judge_path = found
     start = time.perf_counter()
     pipe = LatentDiffusionPipeline.load(path, device=device)
     judge, judge_meta = load_judge(judge_path, device)

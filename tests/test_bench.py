@@ -95,11 +95,13 @@ def test_latent_vs_pixel_benchmark_times_both_inputs_with_and_without_attention(
     assert "speed-up" in (results / "latent_vs_pixel_cpu.md").read_text()
 
 
-def test_sampling_benchmark_says_what_is_missing_and_writes_nothing(tmp_path, monkeypatch, capsys):
+@pytest.mark.parametrize("script", ["bench_sampling", "bench_solvers"])
+def test_sampling_benchmarks_say_what_is_missing_and_write_nothing(script, tmp_path, monkeypatch, capsys):
     monkeypatch.setenv("LDM_COURSE_RUNS", str(tmp_path / "runs"))   # no pipeline, no judge there
-    status = bench_module("bench_sampling").main(["--device", "cpu", "--profile", "smoke", "--out-dir", str(tmp_path / "out")])
+    status = bench_module(script).main(["--device", "cpu", "--profile", "smoke", "--out-dir", str(tmp_path / "out")])
     err = capsys.readouterr().err
     assert status == 2
+    assert f"{script}: nothing measured" in err
     assert "no latent pipeline" in err and "10_cross_attention" in err and "no clothing judge" in err
     assert not (tmp_path / "out").exists()
 
