@@ -941,7 +941,8 @@ def plot_alignment(results: Mapping[tuple[str, float], AlignmentResult], # (meth
     "Per prompt group: accuracy (both with its standard error, colour, type; pattern where asked) against w, one colour per method."
     methods = list(dict.fromkeys(m for m, _ in results))
     groups = [g for g in PROMPT_GROUPS if any(g in r.summary().index for r in results.values())]
-    ncols = min(3, len(groups)); nrows = -(-len(groups) // ncols)   # at most three panels a row: readable on a page
+    ncols = min(3, len(groups))   # at most three panels a row: readable on a page
+    nrows = -(-len(groups) // ncols)
     fig, axes = plt.subplots(nrows, ncols, figsize=(4.3 * ncols, 3.9 * nrows + 0.9), squeeze=False, sharey=True)
     for ax, group in zip(axes.flat, groups):
         sizes = set()
