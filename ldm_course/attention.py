@@ -12,14 +12,18 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .core import make_generator, resolve_profile, show_image
-from .ldm import LatentDiffusionPipeline, LDMConfig, ldm_config, text_condition
-from .text import TextEmbeddings
+from .core import get_device, make_generator, resolve_profile, show_image
+from ldm_course.ldm import (
+    LatentDiffusionPipeline, LDMConfig, ldm_config, prepare_ldm_data_once, text_condition, train_ldm_chapter,
+)
+from .text import TextEmbeddings, load_text_encoder
+from .training import TrainedRun, main_process_first
 from .unet import register_cross_attention_block
 
 # %% auto #0
 __all__ = ['Attention', 'GEGLU', 'FeedForward', 'BasicTransformerBlock', 'SpatialTransformer', 'to_multihead_attention',
-           'spatial_transformer_spec', 'spatial_transformers', 'cross_attention_config', 'plot_method_comparison',
+           'spatial_transformer_spec', 'spatial_transformers', 'cross_attention_config',
+           'cross_attention_training_config', 'train_cross_attention_chapter', 'plot_method_comparison',
            'plot_resolution_zoom', 'denoising_losses', 'plot_guidance_sweep']
 
 # %% ../nbs/10_cross_attention.ipynb #3651aa2a
@@ -181,6 +185,30 @@ def cross_attention_config(profile: str = "auto", # "auto", "smoke", "cpu" or "g
              "gpu": dict(head_dim=64, groups=32)}[profile]
     unet = base.unet.replace(cross_attention_levels=levels, context_dim=context_dim, cond_dim=cond_dim)
     return base.replace(unet=unet, cross_attention_block=spatial_transformer_spec(**block)).replace(**overrides)
+
+# %% ../nbs/10_cross_attention.ipynb #bebccc75
+def cross_attention_training_config(profile: str = "auto", # run profile
+                                    seed: int = 0, # the notebook's seed (as in chapter 09)
+                                    context_dim: int = 384, # the text encoder's token size
+                                   ) -> LDMConfig:
+    "Chapter 10's experiment as its notebook sets it: the preset sized for the text encoder's tokens, with the run's seed."
+    cfg = cross_attention_config(profile, context_dim=context_dim)
+    return cfg.replace(train=cfg.train.replace(seed=seed))
+
+def train_cross_attention_chapter(profile: str = "auto", # run profile
+                                  seed: int = 0, # as the notebook's `seed` parameter
+                                  source: str = "auto", # as the notebook's `source` parameter
+                                  encoder: str = "auto", # as the notebook's `encoder` parameter
+                                  checkpoint_every: int | None = None, # steps between checkpoints (None: the recipe's; not part of the run's identity)
+                                 ) -> TrainedRun:
+    "`ldm-course train 10`: the notebook's text encoder, experiment and data (with tokens), then `train_ldm_chapter` with checkpoints."
+    profile = resolve_profile(profile)
+    device = get_device("cpu" if profile == "smoke" else None)
+    with main_process_first(device): text_encoder = load_text_encoder(encoder, device=device)
+    cfg = cross_attention_training_config(profile, seed, text_encoder.token_dim)
+    if checkpoint_every is not None: cfg = cfg.replace(train=cfg.train.replace(checkpoint_every=checkpoint_every))
+    data = prepare_ldm_data_once(cfg, text_encoder, profile, source, seed, device, with_tokens=True)
+    return train_ldm_chapter("10_cross_attention", cfg, data, profile, device=str(device))
 
 # %% ../nbs/10_cross_attention.ipynb #0a07be95
 def plot_method_comparison(images: Mapping[str, Tensor], # method name -> (P·n, 3, H, W), n samples per prompt, prompt-major

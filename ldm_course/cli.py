@@ -15,8 +15,10 @@ from .core import PROFILES, absolute_env_paths, data_dir, resolve_profile, runs_
 from .pipeline import ChapterFailed, RunLocked, run_lock, run_pipeline
 
 # %% auto #0
-__all__ = ['SAMPLE_CHAPTERS', 'SAMPLER_NAMES', 'MAX_STEPS', 'MAX_IMAGES', 'MAX_SEED', 'EXIT_OK', 'EXIT_FAILED', 'EXIT_USAGE',
-           'CheckpointNotFound', 'find_pipeline_checkpoint', 'sample_png', 'check_writable', 'build_parser', 'main']
+__all__ = ['SAMPLE_CHAPTERS', 'SAMPLER_NAMES', 'MAX_STEPS', 'MAX_IMAGES', 'MAX_SEED', 'TRAIN_RECIPES', 'TEXT_CHAPTERS',
+           'NOTEBOOK_ONLY', 'EXIT_OK', 'EXIT_FAILED', 'EXIT_USAGE', 'CheckpointNotFound', 'find_pipeline_checkpoint',
+           'sample_png', 'check_writable', 'train_chapter_name', 'train_chapter', 'train_report', 'build_parser',
+           'main']
 
 # %% ../nbs/14_cli.ipynb #8fc7f53a
 from .report_build import ReportBuildError, build_report
@@ -241,6 +243,87 @@ def _add_sample_parser(sub: argparse._SubParsersAction) -> None:
     sample.add_argument("--out", type=Path, metavar="FILE.png", help="output image (default: runs/<profile>/samples/<prompt>_seed<S>.png)")
     sample.set_defaults(func=_cmd_sample)
 
+# %% ../nbs/14_cli.ipynb #8de92a15
+import importlib
+
+import torch
+
+from .training import TrainedRun
+
+TRAIN_RECIPES = {  # chapter -> (module, function, fixed arguments): imported on demand
+    "05_ddpm_mnist": ("ldm_course.ddpm", "train_ddpm_chapter", {"chapter": "05_ddpm_mnist"}),
+    "06_ddpm_cifar10": ("ldm_course.ddpm", "train_ddpm_chapter", {"chapter": "06_ddpm_cifar10"}),
+    "09_ldm_additive": ("ldm_course.ldm", "train_additive_chapter", {}),
+    "10_cross_attention": ("ldm_course.attention", "train_cross_attention_chapter", {}),
+}
+TEXT_CHAPTERS = ("09_ldm_additive", "10_cross_attention")  # the ones that take --encoder
+NOTEBOOK_ONLY = {"07_vae": "its KL-VAE, VQ-VAE and ablation branches train together inside the notebook: "
+                           "ldm-course run --only 07"}
+
+def train_chapter_name(name: str, # "05", "5", "ddpm_mnist" or "05_ddpm_mnist"
+                      ) -> str: # the chapter's full name
+    "The chapter a `train` argument names; unknown names and notebook-only chapters are refused, naming the known ones."
+    text = name.strip().lower()
+    for chapter in (*TRAIN_RECIPES, *NOTEBOOK_ONLY):
+        number, _, title = chapter.partition("_")
+        if text in (chapter, number, title) or (text.isdigit() and int(text) == int(number)):
+            if chapter in NOTEBOOK_ONLY: raise ValueError(f"chapter {chapter} has no `train` recipe: {NOTEBOOK_ONLY[chapter]}")
+            return chapter
+    raise ValueError(f"Unknown chapter {name!r} for `train`; expected one of {list(TRAIN_RECIPES)} (or 05, 06, 09, 10)")
+
+def train_chapter(chapter: str, # a name `train_chapter_name` accepts
+                  profile: str = "auto", # run profile
+                  seed: int = 0, # the notebook's seed
+                  source: str = "auto", # the notebook's data source: "auto", "real" or "synthetic"
+                  encoder: str | None = None, # text encoder (chapters 09 and 10; None: "auto")
+                  checkpoint_every: int | None = None, # steps between checkpoints (None: the recipe's); the folder stays the same
+                 ) -> TrainedRun:
+    "Run a chapter's training recipe, the function its notebook calls, with checkpoints in the notebook's folder."
+    chapter = train_chapter_name(chapter)
+    if encoder is not None and chapter not in TEXT_CHAPTERS:
+        raise ValueError(f"--encoder is for the text-conditioned chapters {list(TEXT_CHAPTERS)}, not {chapter}")
+    module, function, fixed = TRAIN_RECIPES[chapter]
+    options = {"encoder": encoder or "auto"} if chapter in TEXT_CHAPTERS else {}
+    recipe = getattr(importlib.import_module(module), function)
+    return recipe(**fixed, profile=resolve_profile(profile), seed=seed, source=source, checkpoint_every=checkpoint_every, **options)
+
+def train_report(chapter: str, # the chapter trained
+                 run: TrainedRun, # what `train_chapter` returned
+                ) -> list[str]: # lines to print
+    "What a `train` run did: processes and batch split, steps, final loss, and the checkpoint the notebook will read."
+    t, cfg = run.trainer, run.trainer.cfg
+    k = min(10, len(run.history))
+    what = f"finished run reused: {run.reused} (same recipe and data)" if run.reused else f"trained in {run.seconds:.1f} s"
+    return [f"{chapter}: {what}",
+            f"  {t.num_processes} process(es); global batch {cfg.batch_size} = {cfg.per_process_batch(t.num_processes)} per process, "
+            f"grad_accum {cfg.grad_accum}, lr {cfg.lr:g}; step {t.step} of {cfg.max_steps}",
+            f"  loss: last step {run.history.loss[-1]:.4f}, mean of the last {k} steps {np.mean(run.history.loss[-k:]):.4f}",
+            f"  checkpoint {t.last_checkpoint}"]
+
+def _cmd_train(args: argparse.Namespace) -> int:
+    chapter, profile = train_chapter_name(args.chapter), resolve_profile(args.profile)
+    if profile == "smoke": torch.set_num_threads(1)  # as the notebooks: tiny models, one thread per process
+    run = train_chapter(chapter, profile, args.seed, args.source, args.encoder, args.checkpoint_every)
+    if run.trainer.is_main_process:
+        for line in train_report(chapter, run): print(line, flush=True)
+    return EXIT_OK
+
+def _add_train_parser(sub: argparse._SubParsersAction) -> None:
+    train = sub.add_parser("train", help="train one chapter's model outside its notebook, on one process or under accelerate launch",
+                           description="Run a chapter's training recipe (the function its notebook calls) with checkpoints in "
+                                       "runs/<profile>/checkpoints/<chapter>/train-<fingerprint>; the notebook then reads the "
+                                       "finished run instead of training. On K GPUs: accelerate launch --multi_gpu "
+                                       "--num_processes K -m ldm_course.cli train 05 --profile gpu (batch_size is the global "
+                                       "batch, split over the K processes: the recipe does not change with K).")
+    train.add_argument("chapter", help="05, 06, 09 or 10 (or a full name such as 05_ddpm_mnist)")
+    train.add_argument("--profile", default="auto", choices=("auto", *PROFILES), help="run scale (default: auto = gpu with CUDA, else cpu)")
+    train.add_argument("--seed", type=_non_negative_int, default=0, help="the notebook's seed (default: 0); another seed is another run")
+    train.add_argument("--source", default="auto", choices=("auto", "real", "synthetic"), help="the notebook's data source (default: auto)")
+    train.add_argument("--encoder", help="text encoder of chapters 09 and 10: auto (default), fashion-clip, minilm or a folder")
+    train.add_argument("--checkpoint-every", type=_int_between(1, 10**9, "optimizer steps"), metavar="N",
+                       help="write a checkpoint every N steps (default: the recipe's); the run and its folder stay the same")
+    train.set_defaults(func=_cmd_train)
+
 # %% ../nbs/14_cli.ipynb #eb7ad392
 EXIT_OK, EXIT_FAILED, EXIT_USAGE = 0, 1, 2
 
@@ -275,6 +358,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_report_parser(sub)
     _add_data_parser(sub)
     _add_sample_parser(sub)
+    _add_train_parser(sub)
     return parser
 
 def main(argv: Sequence[str] | None = None, # arguments without the program name (default: sys.argv[1:])
@@ -289,3 +373,7 @@ def main(argv: Sequence[str] | None = None, # arguments without the program name
         print(f"ldm-course: {e}", file=sys.stderr); return EXIT_FAILED
     except (ValueError, FileNotFoundError, TypeError) as e:
         print(f"ldm-course: {e}", file=sys.stderr); return EXIT_USAGE
+
+# %% ../nbs/14_cli.ipynb #6dd6a74c
+if __name__ == "__main__" and "__file__" in globals():  # `python -m ldm_course.cli`, e.g. under `accelerate launch -m`; not in a notebook
+    sys.exit(main())

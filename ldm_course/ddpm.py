@@ -25,17 +25,22 @@ from ldm_course.core import (
     save_checkpoint, show_image, torch_seeded,
 )
 from .scheduler import DDIMSampler, DDPMSampler, DiffusionSampler, NoiseScheduler, SamplingTrajectory
-from .training import TrainConfig, TrainHistory, Trainer, drop_condition, train_config
+from .data import DataSource, load_cifar10, load_mnist, to_tensors
+from ldm_course.training import (
+    TrainConfig, TrainedRun, TrainHistory, Trainer, data_identity, drop_condition, finished_checkpoint, fit_or_reuse,
+    main_process_first, train_config, training_dir,
+)
 from .unet import UNet, UNetConfig, unet_preset
 
 # %% auto #0
-__all__ = ['ModelFn', 'DDPM_PRESETS', 'SAMPLERS', 'DDPM_FORMAT', 'CLASSIFIER_FORMAT', 'diffusion_loss', 'DiffusionLoss',
-           'guided_prediction', 'classifier_free_guidance', 'class_guidance', 'ClassifierConfig', 'DDPMConfig',
-           'ddpm_config', 'build_scheduler', 'build_unet', 'make_sampler', 'sample_images', 'sample_evolution',
-           'ddpm_checkpoint_path', 'save_ddpm', 'LoadedDDPM', 'load_ddpm', 'ImageClassifier', 'random_shift',
-           'ClassificationLoss', 'train_classifier', 'predict_labels', 'classifier_accuracy', 'chapter_judge_path',
-           'save_classifier', 'judge_training_key', 'load_classifier', 'GuidanceSweep', 'guidance_sweep',
-           'plot_forward_noising', 'plot_evolution', 'plot_guidance_grid', 'plot_guidance_accuracy']
+__all__ = ['ModelFn', 'DDPM_PRESETS', 'SAMPLERS', 'DDPM_FORMAT', 'CLASSIFIER_FORMAT', 'DDPM_CHAPTERS', 'diffusion_loss',
+           'DiffusionLoss', 'guided_prediction', 'classifier_free_guidance', 'class_guidance', 'ClassifierConfig',
+           'DDPMConfig', 'ddpm_config', 'build_scheduler', 'build_unet', 'make_sampler', 'sample_images',
+           'sample_evolution', 'ddpm_checkpoint_path', 'save_ddpm', 'LoadedDDPM', 'load_ddpm', 'ImageClassifier',
+           'random_shift', 'ClassificationLoss', 'train_classifier', 'predict_labels', 'classifier_accuracy',
+           'chapter_judge_path', 'save_classifier', 'judge_training_key', 'load_classifier', 'GuidanceSweep',
+           'guidance_sweep', 'plot_forward_noising', 'plot_evolution', 'plot_guidance_grid', 'plot_guidance_accuracy',
+           'ddpm_training_config', 'ddpm_training_data', 'train_ddpm', 'train_ddpm_chapter']
 
 # %% ../nbs/05_ddpm_mnist.ipynb #a1aac510
 def diffusion_loss(model: nn.Module, # ε_θ(x_t, t, **model_kwargs) (or v_θ): same shape as x_t
@@ -616,3 +621,61 @@ def plot_guidance_accuracy(sweep: GuidanceSweep, # from guidance_sweep
     ax.set_title(title); ax.legend(loc="lower right", fontsize=8); ax.grid(alpha=0.3)
     fig.tight_layout()
     return fig
+
+# %% ../nbs/05_ddpm_mnist.ipynb #ff6bdaa6
+DDPM_CHAPTERS = {"05_ddpm_mnist": "mnist", "06_ddpm_cifar10": "cifar10"}  # chapter -> dataset
+_LOADERS = {"mnist": load_mnist, "cifar10": load_cifar10}
+
+def ddpm_training_config(dataset: str, # "mnist" or "cifar10"
+                         profile: str = "auto", # run profile
+                         seed: int = 0, # the notebook's seed: initialisation and data order
+                        ) -> DDPMConfig:
+    "The experiment of chapter 05 (mnist) or 06 (cifar10) as its notebook sets it: the preset, with the run's seed."
+    cfg = ddpm_config(dataset, profile)
+    return cfg.replace(train=cfg.train.replace(seed=seed))
+
+def ddpm_training_data(dataset: str, # "mnist" or "cifar10"
+                       profile: str = "auto", # run profile: sizes
+                       seed: int = 0, # the notebook's seed
+                       source: str = "auto", # "auto", "real" or "synthetic"
+                      ) -> tuple[DDPMConfig, Tensor, Tensor, DataSource]: # (experiment, images, labels, data source)
+    "The experiment and training images of chapter 05 or 06, loaded as its notebook's data cell does."
+    cfg = ddpm_training_config(dataset, profile, seed)
+    train_set, data_source = _LOADERS[dataset](train=True, source=source, seed=seed, profile=profile)
+    images, labels = to_tensors(train_set, limit=cfg.num_train_images or None)
+    return cfg, images, labels, data_source
+
+def train_ddpm(cfg: DDPMConfig, # the experiment (`ddpm_training_config`)
+               images: Tensor, # (N, C, H, W) training images in [-1, 1]
+               labels: Tensor, # (N,) their classes
+               chapter: str, # "05_ddpm_mnist" or "06_ddpm_cifar10": the checkpoint folder
+               data_source: str, # "real" or "synthetic": part of the data's identity
+               profile: str = "auto", # run profile: the checkpoint folder, and the CPU for smoke
+               checkpoints: bool = True, # write checkpoints and resume an interrupted run (False: train in memory)
+               device: str | None = None, # default: the CPU for smoke, else core.get_device()
+              ) -> TrainedRun:
+    "Chapter 05/06's training (U-Net, L_simple with label dropout, Trainer) in runs/<profile>/checkpoints/<chapter>/train-<fingerprint>; a finished run of the same recipe and data there is read back, not retrained."
+    profile = resolve_profile(profile)
+    train_data = TensorDataset(images, labels)
+    data_id = data_identity(train_data, source=f"{cfg.dataset} {data_source}")  # hashes every image
+    folder = training_dir(ddpm_checkpoint_path(chapter, profile).parent, cfg, data_id)
+    keep = checkpoints or finished_checkpoint(folder, cfg.train) is not None
+    trainer = Trainer(build_unet(cfg), train_data, DiffusionLoss(build_scheduler(cfg), cfg.null_class, cfg.cond_drop_prob),
+                      cfg.train, checkpoint_dir=folder if keep else None, device=device or ("cpu" if profile == "smoke" else None),
+                      metadata={"chapter": chapter}, model_config=cfg, data_identity=data_id)
+    return fit_or_reuse(trainer, resume=checkpoints)
+
+def train_ddpm_chapter(chapter: str, # "05_ddpm_mnist" or "06_ddpm_cifar10"
+                       profile: str = "auto", # run profile
+                       seed: int = 0, # as the notebook's `seed` parameter
+                       source: str = "auto", # as the notebook's `source` parameter
+                       checkpoint_every: int | None = None, # steps between checkpoints (None: the recipe's; not part of the run's identity)
+                      ) -> TrainedRun:
+    "`ldm-course train 05|06`: the notebook's data and `train_ddpm`, with checkpoints (the main process prepares the data first)."
+    if chapter not in DDPM_CHAPTERS: raise ValueError(f"Unknown DDPM chapter {chapter!r}; expected one of {list(DDPM_CHAPTERS)}")
+    profile = resolve_profile(profile)
+    device = "cpu" if profile == "smoke" else None  # as the notebook
+    with main_process_first(device):  # a synthetic fallback is generated once, by the main process
+        cfg, images, labels, data_source = ddpm_training_data(DDPM_CHAPTERS[chapter], profile, seed, source)
+    if checkpoint_every is not None: cfg = cfg.replace(train=cfg.train.replace(checkpoint_every=checkpoint_every))
+    return train_ddpm(cfg, images, labels, chapter, data_source.source, profile, checkpoints=True, device=device)

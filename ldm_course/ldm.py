@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import os
 import time
 import warnings
 from collections.abc import Callable, Mapping, Sequence
@@ -33,7 +34,10 @@ from .scheduler import DDIMSampler, DDPMSampler, DiffusionSampler, DPMSolverMult
 from ldm_course.text import (
     EmbeddingCache, TextEmbeddings, TextEncoder, default_embedding_cache, encode_cached, load_text_encoder,
 )
-from .training import TrainConfig, TrainHistory, Trainer, condition_dropout_mask, drop_condition, train_config
+from ldm_course.training import (
+    TrainConfig, TrainedRun, TrainHistory, Trainer, condition_dropout_mask, data_identity, drop_condition, finished_checkpoint,
+    fit_or_reuse, main_process_first, train_config, training_dir,
+)
 from .unet import UNet, UNetConfig, cross_attention_block_class, unet_preset
 from ldm_course.vae import (
     Autoencoder, VAEConfig, VAELoss, build_vae, encode_dataset, estimate_scale_factor, load_vae, save_vae,
@@ -41,13 +45,14 @@ from ldm_course.vae import (
 )
 
 # %% auto #0
-__all__ = ['HELD_OUT_PAIRS', 'LDM_SAMPLERS', 'LDM_PIPELINE_FORMAT', 'PATTERN_WORDS', 'pair_prompt', 'held_out_mask',
-           'split_catalogue', 'LDMConfig', 'ldm_config', 'ldm_checkpoint_dir', 'ldm_checkpoint_path',
+__all__ = ['HELD_OUT_PAIRS', 'LDM_SAMPLERS', 'LDM_PIPELINE_FORMAT', 'PATTERN_WORDS', 'LDM_CHAPTERS', 'pair_prompt',
+           'held_out_mask', 'split_catalogue', 'LDMConfig', 'ldm_config', 'ldm_checkpoint_dir', 'ldm_checkpoint_path',
            'fallback_vae_path', 'find_vae', 'load_or_train_vae', 'fit_length', 'trim_padding', 'CaptionedLatents',
            'caption_table', 'TextDiffusionLoss', 'text_condition', 'text_guidance', 'cross_attention_factory',
            'build_ldm_unet', 'build_ldm_scheduler', 'text_encoder_spec', 'LDMTrajectory', 'LDMOutput',
            'LatentDiffusionPipeline', 'latent_sampler', 'fashion_latents', 'caption_embeddings', 'short_captions',
-           'LDMData', 'prepare_ldm_data', 'train_ldm', 'training_summary', 'plot_denoising_evolution',
+           'LDMData', 'prepare_ldm_data', 'ldm_trainer', 'train_ldm', 'train_ldm_chapter', 'ldm_training_config',
+           'prepare_ldm_data_once', 'train_additive_chapter', 'training_summary', 'plot_denoising_evolution',
            'plot_prompt_grid', 'train_step_seconds']
 
 # %% ../nbs/09_ldm_additive.ipynb #45607fc3
@@ -614,6 +619,22 @@ def prepare_ldm_data(cfg: LDMConfig, # held-out pairs, cap on training items
                    train_idx, held_idx, {k: round(v, 1) for k, v in seconds.items()})
 
 # %% ../nbs/09_ldm_additive.ipynb #c25778d4
+def ldm_trainer(cfg: LDMConfig, # the experiment
+                train_set: CaptionedLatents, # latents with their caption embeddings
+                null: TextEmbeddings, # the embedding of "" (tokens as long as train_set's)
+                checkpoint_dir: str | Path | None = None, # training checkpoints (None: none)
+                device: str | None = None, # "cpu" forces the CPU; default: core.get_device()
+                metadata: Mapping[str, Any] | None = None, # extras stored in the training checkpoints
+                data_identity: Mapping[str, Any] | None = None, # `training.data_identity(train_set)` if already computed
+               ) -> Trainer:
+    "The chapter 04 Trainer of a latent U-Net with the text-conditioned L_simple (chapters 09 and 10)."
+    if cfg.unet.cross_attention_levels and not train_set.with_tokens:
+        raise ValueError("a cross-attention U-Net needs token embeddings: CaptionedLatents(..., with_tokens=True)")
+    loss_fn = TextDiffusionLoss(build_ldm_scheduler(cfg), null, cfg.cond_drop_prob, use_pooled=cfg.unet.cond_dim is not None,
+                                use_tokens=bool(cfg.unet.cross_attention_levels), pooled_scale=cfg.pooled_scale)
+    return Trainer(build_ldm_unet(cfg), train_set, loss_fn, cfg.train, checkpoint_dir=checkpoint_dir, device=device,
+                   metadata=metadata, model_config=cfg, data_identity=data_identity)
+
 def train_ldm(cfg: LDMConfig, # the experiment
               train_set: CaptionedLatents, # latents with their caption embeddings
               null: TextEmbeddings, # the embedding of "" (tokens as long as train_set's)
@@ -624,15 +645,68 @@ def train_ldm(cfg: LDMConfig, # the experiment
               data_identity: Mapping[str, Any] | None = None, # `training.data_identity(train_set)` if already computed
              ) -> tuple[UNet, TrainHistory, float]: # (EMA U-Net in eval mode, history, wall seconds)
     "Train a latent U-Net with the chapter 04 Trainer and the text-conditioned L_simple."
-    if cfg.unet.cross_attention_levels and not train_set.with_tokens:
-        raise ValueError("a cross-attention U-Net needs token embeddings: CaptionedLatents(..., with_tokens=True)")
-    loss_fn = TextDiffusionLoss(build_ldm_scheduler(cfg), null, cfg.cond_drop_prob, use_pooled=cfg.unet.cond_dim is not None,
-                                use_tokens=bool(cfg.unet.cross_attention_levels), pooled_scale=cfg.pooled_scale)
-    trainer = Trainer(build_ldm_unet(cfg), train_set, loss_fn, cfg.train, checkpoint_dir=checkpoint_dir, device=device,
-                      metadata=metadata, model_config=cfg, data_identity=data_identity)
+    trainer = ldm_trainer(cfg, train_set, null, checkpoint_dir, device, metadata, data_identity)
     start = time.perf_counter()
     history = trainer.fit(resume=resume)
     return trainer.ema_model.eval(), history, time.perf_counter() - start
+
+LDM_CHAPTERS = ("09_ldm_additive", "10_cross_attention")
+
+def train_ldm_chapter(chapter: str, # "09_ldm_additive" or "10_cross_attention": the checkpoint folder
+                      cfg: LDMConfig, # the experiment
+                      data: LDMData, # from `prepare_ldm_data`
+                      profile: str = "auto", # run profile: the checkpoint folder, and the CPU for smoke
+                      checkpoints: bool = True, # write checkpoints and resume an interrupted run (False: train in memory)
+                      device: str | None = None, # default: the CPU for smoke, else core.get_device()
+                     ) -> TrainedRun:
+    "Chapter 09/10's training in runs/<profile>/checkpoints/<chapter>/train-<fingerprint of config, latents, captions>; a finished run of the same recipe and data there is read back, not retrained."
+    if chapter not in LDM_CHAPTERS: raise ValueError(f"Unknown latent diffusion chapter {chapter!r}; expected one of {LDM_CHAPTERS}")
+    profile = resolve_profile(profile)
+    data_id = data_identity(data.train_set, source=f"fashion {data.data_source.source}")
+    folder = training_dir(ldm_checkpoint_dir(chapter, profile), cfg, data_id)
+    keep = checkpoints or finished_checkpoint(folder, cfg.train) is not None
+    trainer = ldm_trainer(cfg, data.train_set, data.null, folder if keep else None,
+                          device or ("cpu" if profile == "smoke" else None), {"chapter": chapter}, data_id)
+    return fit_or_reuse(trainer, resume=checkpoints)
+
+def ldm_training_config(profile: str = "auto", # run profile
+                        seed: int = 0, # the notebook's seed: initialisation, data order, every draw
+                        cond_dim: int = 384, # the text encoder's pooled size
+                       ) -> LDMConfig:
+    "Chapter 09's experiment as its notebook sets it: the preset sized for the text encoder, with the run's seed."
+    cfg = ldm_config(profile, cond_dim=cond_dim)
+    return cfg.replace(train=cfg.train.replace(seed=seed))
+
+def prepare_ldm_data_once(cfg: LDMConfig, # held-out pairs, cap on training items
+                          text_encoder: TextEncoder, # the frozen text encoder
+                          profile: str = "auto", # run profile
+                          source: str = "auto", # catalogue: "auto", "real" or "synthetic"
+                          seed: int = 0, # synthetic catalogue seed
+                          device: str | torch.device | None = None, # where the VAE runs
+                          with_tokens: bool = False, # keep token embeddings (cross-attention)
+                         ) -> LDMData:
+    "`prepare_ldm_data` under `accelerate launch`: the main process fills the caches first; chapter 07's VAE must exist."
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1 and find_vae(profile) is None:
+        raise FileNotFoundError(f"no KL-VAE for profile {profile!r} ({vae_checkpoint_path('kl', profile)} or "
+                                f"{fallback_vae_path(profile)}): several processes do not train the fallback VAE. Run chapter 07 "
+                                f"first (ldm-course run --only 07 --profile {profile}), or this command on one process")
+    with main_process_first(device):
+        return prepare_ldm_data(cfg, text_encoder, profile, source, seed, device, with_tokens)
+
+def train_additive_chapter(profile: str = "auto", # run profile
+                           seed: int = 0, # as the notebook's `seed` parameter
+                           source: str = "auto", # as the notebook's `source` parameter
+                           encoder: str = "auto", # as the notebook's `encoder` parameter
+                           checkpoint_every: int | None = None, # steps between checkpoints (None: the recipe's; not part of the run's identity)
+                          ) -> TrainedRun:
+    "`ldm-course train 09`: the notebook's text encoder, experiment and data, then `train_ldm_chapter` with checkpoints."
+    profile = resolve_profile(profile)
+    device = get_device("cpu" if profile == "smoke" else None)
+    with main_process_first(device): text_encoder = load_text_encoder(encoder, device=device)
+    cfg = ldm_training_config(profile, seed, text_encoder.dim)
+    if checkpoint_every is not None: cfg = cfg.replace(train=cfg.train.replace(checkpoint_every=checkpoint_every))
+    data = prepare_ldm_data_once(cfg, text_encoder, profile, source, seed, device)
+    return train_ldm_chapter("09_ldm_additive", cfg, data, profile, device=str(device))
 
 def training_summary(history: TrainHistory, # from train_ldm
                      seconds: float, # its wall time

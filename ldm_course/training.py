@@ -11,12 +11,13 @@ import dataclasses
 import hashlib
 import json
 import math
+import os
 import re
 import time
 import warnings
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import matplotlib.pyplot as plt
 import numpy as np
@@ -29,8 +30,8 @@ from torch import Tensor, nn
 from torch.utils.data import DataLoader, Dataset, Sampler, Subset
 
 from ldm_course.core import (
-    RUN_PROFILES, Config, capture_rng_state, get_device, image_grid, load_checkpoint, progress, resolve_profile,
-    restore_rng_state, save_checkpoint, seed_everything,
+    RUN_PROFILES, Config, capture_rng_state, get_device, image_grid, load_checkpoint, progress, read_checkpoint_metadata,
+    resolve_profile, restore_rng_state, save_checkpoint, seed_everything,
 )
 
 # %% auto #0
@@ -41,8 +42,9 @@ __all__ = ['MIXED_PRECISIONS', 'TRAIN_PROFILES', 'LossFn', 'SampleFn', 'TrainCon
            'remove_unfinished_writes', 'set_aside_checkpoints', 'read_training_checkpoint', 'TrainHistory',
            'plot_training_curves', 'NonFiniteLossError', 'content_digest', 'data_identity', 'model_identity',
            'recipe_identity', 'identity_fingerprint', 'training_dir', 'identity_differences', 'state_dict_differences',
-           'check_state_fits', 'check_resumable', 'gather_rng_states', 'restore_process_rng',
-           'accelerate_state_differs', 'make_accelerator', 'Trainer', 'train', 'load_trained_weights']
+           'check_state_fits', 'check_resumable', 'gather_rng_states', 'process_seed', 'restore_process_rng',
+           'accelerate_state_differs', 'make_accelerator', 'Trainer', 'train', 'load_trained_weights',
+           'finished_checkpoint', 'main_process_first', 'TrainedRun', 'fit_or_reuse']
 
 # %% ../nbs/04_training.ipynb #495280ba
 MIXED_PRECISIONS = ("no", "bf16", "fp16")
@@ -56,7 +58,7 @@ class TrainConfig(Config):
     warmup_steps: int = 100         # linear warm-up length, in optimizer steps
     max_steps: int = 1_000          # total optimizer steps; the cosine reaches its end here
     min_lr_ratio: float = 0.0       # final lr / peak lr at the end of the cosine
-    batch_size: int = 64            # samples per micro-batch and per process
+    batch_size: int = 64            # samples per micro-batch, all processes together (each takes batch_size / K)
     grad_accum: int = 1             # micro-batches accumulated per optimizer step
     clip_grad_norm: float | None = 1.0 # max global gradient norm (None: no clipping)
     ema_decay: float = 0.999        # β of the EMA of the weights
@@ -81,6 +83,15 @@ class TrainConfig(Config):
             raise ValueError(f"TrainConfig.clip_grad_norm must be > 0 or None, got {self.clip_grad_norm!r}")
         if self.mixed_precision not in MIXED_PRECISIONS:
             raise ValueError(f"TrainConfig.mixed_precision must be one of {MIXED_PRECISIONS}, got {self.mixed_precision!r}")
+
+    def per_process_batch(self, num_processes: int, # K, the processes of the run
+                         ) -> int: # samples per micro-batch on each process
+        "The global micro-batch split over K processes: a recipe sees the same batches whatever the number of processes."
+        if num_processes < 1 or self.batch_size % num_processes:
+            raise ValueError(f"TrainConfig.batch_size = {self.batch_size} (the micro-batch of all processes together) does not "
+                             f"split over {num_processes} processes; launch a number of processes that divides it, or change "
+                             "batch_size (that is another recipe: its checkpoints go to another folder)")
+        return self.batch_size // num_processes
 
 # %% ../nbs/04_training.ipynb #a9f2a407
 TRAIN_PROFILES = {
@@ -420,6 +431,13 @@ def _as_json(value: Any) -> Any:
     "The form a value takes once stored in a checkpoint's JSON metadata (Configs, even nested, become dicts; tuples lists)."
     return json.loads(json.dumps(value, default=lambda v: v.to_dict() if isinstance(v, Config) else str(v)))
 
+def _trajectory_only(value: Any) -> Any:
+    "A stored config without the TrainConfig fields that do not change a trajectory (checkpoint_every...), wherever a recipe sits."
+    if isinstance(value, list): return [_trajectory_only(v) for v in value]
+    if not isinstance(value, dict): return value
+    is_recipe = {f.name for f in dataclasses.fields(TrainConfig)} <= value.keys()
+    return {k: _trajectory_only(v) for k, v in value.items() if not (is_recipe and k in _NOT_TRAJECTORY)}
+
 def data_identity(dataset: Dataset, # map-style dataset
                   source: str | None = None, # where it comes from, e.g. "mnist real" (default: the dataset's class name)
                   num_probes: int = 16, # items hashed when the dataset does not expose its `tensors`
@@ -444,7 +462,7 @@ def model_identity(model: nn.Module, # the model to train
     "What a run trains: the class, a fingerprint of the tensors' names, dtypes and shapes, the size, the config."
     layout = [[name, str(t.dtype), list(t.shape)] for name, t in model.state_dict().items()]
     return {"class": type(model).__name__, "tensors": content_digest(layout)[:16],
-            "num_parameters": sum(p.numel() for p in model.parameters()), "config": _as_json(config)}
+            "num_parameters": sum(p.numel() for p in model.parameters()), "config": _trajectory_only(_as_json(config))}
 
 def recipe_identity(cfg: TrainConfig, # the training recipe
                    ) -> dict:
@@ -454,8 +472,8 @@ def recipe_identity(cfg: TrainConfig, # the training recipe
 def identity_fingerprint(*parts: Any, # Configs, identity dicts, strings: everything a run consumes
                          length: int = 10, # hex characters kept
                         ) -> str:
-    "A short hash of what a run consumes: names its checkpoint folder, so new data or a new config opens a new one."
-    return content_digest(_as_json(list(parts)))[:length]
+    "A short hash of what a run consumes: names its folder, so new data or a new config opens a new one (not checkpoint_every, keep_last, sample_every, num_workers)."
+    return content_digest(_trajectory_only(_as_json(list(parts))))[:length]
 
 def training_dir(root: str | Path, # a chapter's checkpoint folder
                  *consumed: Any, # everything the run consumes: its Configs, `data_identity(...)` of its data...
@@ -531,8 +549,9 @@ def check_resumable(metadata: Mapping[str, Any], # metadata of the checkpoint to
                          "Train in another checkpoint_dir (chapters name theirs with training_dir(root, config, "
                          "data_identity(dataset))), or fit(resume=False) to move that run aside and start afresh")
     if metadata["num_processes"] != num_processes:
-        warnings.warn(f"Resuming on {num_processes} processes a run saved on {metadata['num_processes']}: "
-                      "the data split and random draws change")
+        warnings.warn(f"Resuming on {num_processes} processes a run saved on {metadata['num_processes']}: the data order and the "
+                      "global batch are unchanged, but each process's random draws restart from process_seed(seed, step, "
+                      "rank), so the run does not repeat an uninterrupted one draw for draw")
 
 def gather_rng_states(accelerator: Accelerator, # the run's accelerator
                      ) -> list[dict]: # one state per process, in rank order
@@ -540,13 +559,24 @@ def gather_rng_states(accelerator: Accelerator, # the run's accelerator
     state = [capture_rng_state()]
     return gather_object(state) if accelerator.num_processes > 1 else state
 
+def process_seed(seed: int, # the run's seed
+                 step: int, # optimizer steps done when the run resumes
+                 rank: int, # the process index
+                ) -> int:
+    "A seed for one process of a run resumed on another number of processes: distinct per (seed, step, rank), reproducible."
+    return int(np.random.SeedSequence([seed, step, rank]).generate_state(1)[0])
+
 def restore_process_rng(rng_states: Sequence[dict], # as returned by `gather_rng_states`
                         accelerator: Accelerator, # the run's accelerator
-                        fallback_seed: int, # seed used when the number of processes changed
-                       ) -> None:
-    "Restore this process's random state from a checkpoint (reseed when the process count changed)."
-    if len(rng_states) == accelerator.num_processes: restore_rng_state(rng_states[accelerator.process_index])
-    else: seed_everything(fallback_seed + accelerator.process_index)
+                        seed: int, # the run's seed, for `process_seed` when the number of processes changed
+                        step: int = 0, # optimizer steps done, for `process_seed`
+                       ) -> bool: # True when this process got back its own saved state
+    "Restore this process's random state from a checkpoint; on another number of processes, reseed from (seed, step, rank)."
+    if len(rng_states) == accelerator.num_processes:
+        restore_rng_state(rng_states[accelerator.process_index])
+        return True
+    seed_everything(process_seed(seed, step, accelerator.process_index))
+    return False
 
 # %% ../nbs/04_training.ipynb #c4843a9e
 def accelerate_state_differs(mixed_precision: str, # "no", "bf16" or "fp16"
@@ -596,7 +626,7 @@ class Trainer:
         self.lr_scheduler = make_lr_scheduler(optimizer, cfg)
         self.model, self.optimizer = self.accelerator.prepare(model, optimizer)
         self.unwrapped_model = self.accelerator.unwrap_model(self.model)  # once: unwrapping costs a package lookup
-        self.sampler = ResumableBatchSampler(len(dataset), cfg.batch_size, cfg.seed,
+        self.sampler = ResumableBatchSampler(len(dataset), cfg.per_process_batch(self.num_processes), cfg.seed,
                                              rank=self.accelerator.process_index, world_size=self.num_processes)
         self.step, self.history, self.last_checkpoint = 0, TrainHistory(), None
         self._model_identity = model_identity(model, model_config)
@@ -711,7 +741,7 @@ class Trainer:
         self.optimizer.zero_grad(set_to_none=True)
         self.ema.update(self.unwrapped_model)
         self.step += 1
-        images = self.cfg.batch_size * self.cfg.grad_accum * self.num_processes
+        images = self.cfg.batch_size * self.cfg.grad_accum  # the global batch of a step, whatever the number of processes
         return dict(step=self.step, loss=loss, lr=lr, grad_norm=grad_norm,
                     images_per_s=images / (time.perf_counter() - start))
 
@@ -806,7 +836,7 @@ class Trainer:
             self.accelerator.scaler.load_state_dict(state["grad_scaler"])
         self.history = TrainHistory.from_state_dict(state["history"])
         self.step, self.last_checkpoint = int(metadata["step"]), path
-        restore_process_rng(state["rng"], self.accelerator, self.cfg.seed)
+        restore_process_rng(state["rng"], self.accelerator, self.cfg.seed, self.step)
 
 # %% ../nbs/04_training.ipynb #3450161d
 def train(model: nn.Module, # the model to train (trained in place)
@@ -838,3 +868,44 @@ def load_trained_weights(model: nn.Module, # same architecture as the trained on
     check_state_fits(model, weights, path)
     model.load_state_dict(weights)
     return model
+
+# %% ../nbs/04_training.ipynb #abe584b0
+def finished_checkpoint(checkpoint_dir: str | Path | None, # a run's folder (`training_dir`), or None
+                        cfg: TrainConfig, # the recipe that would be trained
+                       ) -> Path | None: # the checkpoint that ends this recipe, or None
+    "The folder's latest checkpoint if it is readable, made with this recipe and at cfg.max_steps: that run is done."
+    path = latest_checkpoint(checkpoint_dir) if checkpoint_dir is not None else None
+    if path is None: return None
+    try: metadata = read_checkpoint_metadata(path)
+    except Exception: return None  # unreadable: fit(resume="auto") says so and falls back to an earlier one
+    recipe = (metadata.get("identity") or {}).get("recipe")
+    return path if metadata.get("step", 0) >= cfg.max_steps and recipe == _as_json(recipe_identity(cfg)) else None
+
+@contextlib.contextmanager
+def main_process_first(device: str | torch.device | None = None, # where the run's Trainer will train (None: core.get_device())
+                      ):
+    "Under `accelerate launch`, run the block on the main process first, then on the others (one writer per data file or cache)."
+    if int(os.environ.get("WORLD_SIZE", "1")) <= 1: yield; return
+    from accelerate import PartialState  # the Trainer's Accelerator reuses this state: it must know the device already
+    with PartialState(cpu=get_device(device).type == "cpu").main_process_first(): yield
+
+class TrainedRun(NamedTuple):
+    "A chapter's training, done now or found done: what its notebook and `ldm-course train` go on with."
+    trainer: Trainer             # its ema_model, unwrapped_model, step, last_checkpoint
+    history: TrainHistory        # every step (read back from the checkpoint when reused)
+    checkpoint_dir: Path | None  # the run's folder (None: trained in memory, nothing written)
+    reused: Path | None          # the finished checkpoint loaded instead of training (None: trained now)
+    seconds: float               # wall time of the fit (reading the checkpoint, when reused)
+
+    @property
+    def train_seconds(self) -> float: # the steps' own time, summed over the history: what the training took, even read back
+        return sum(self.trainer.cfg.batch_size * self.trainer.cfg.grad_accum / s for s in self.history.images_per_s)
+
+def fit_or_reuse(trainer: Trainer, # built with checkpoint_dir = `training_dir` of its recipe and data (or None)
+                 resume: bool = True, # continue an unfinished run of the folder (False: set it aside, start afresh)
+                ) -> TrainedRun:
+    "Load the folder's finished checkpoint of this recipe (nothing is trained), else train, resuming if asked."
+    done = finished_checkpoint(trainer.checkpoint_dir, trainer.cfg)
+    start = time.perf_counter()
+    history = trainer.fit(resume="auto" if resume or done else False)
+    return TrainedRun(trainer, history, trainer.checkpoint_dir, done, time.perf_counter() - start)

@@ -370,7 +370,7 @@ def test_two_cpu_processes_under_accelerate_launch(tmp_path):
     assert run.stdout.count("DONE") == 2 and "processes=2" in run.stdout
     assert [p.name for p in list_checkpoints(tmp_path / "ckpt")] == ["step_0000006.safetensors", "step_0000012.safetensors"]
     state, meta = load_checkpoint(tmp_path / "ckpt" / "step_0000012.safetensors")
-    assert meta["num_processes"] == 2 and meta["data_position"]["global_batch"] == 32
+    assert meta["num_processes"] == 2 and meta["data_position"]["global_batch"] == 16  # batch_size is global: 8 per process
     assert len(state["rng"]) == 2 and not torch.equal(state["rng"][0]["torch"], state["rng"][1]["torch"])
     (r0, m0), (r1, _) = load_checkpoint(tmp_path / "final_0.safetensors"), load_checkpoint(tmp_path / "final_1.safetensors")
     assert_same_tensors(r0["model"], r1["model"])  # gradients were averaged: both processes hold the same weights
