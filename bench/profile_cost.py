@@ -195,7 +195,7 @@ def time_recipe(recipe: Recipe, device: torch.device, warmup: int, steps: int) -
     "Seconds per optimizer step of the Trainer over `steps` steps after `warmup`, from its own history."
     trainer = Trainer(recipe.model, recipe.dataset, recipe.loss_fn, recipe.train, checkpoint_dir=None, device=str(device))
     history = trainer.fit(resume=False, until_step=warmup + steps)
-    images = recipe.train.batch_size * recipe.train.grad_accum * trainer.num_processes
+    images = recipe.train.batch_size * recipe.train.grad_accum  # the global batch of a step (chapter 04), whatever the processes
     seconds = [images / r for r in history.images_per_s]
     timed = seconds[warmup:]
     if not timed: raise ValueError(f"max_steps = {recipe.train.max_steps} leaves no step to time after {warmup} warm-up steps")
