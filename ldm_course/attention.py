@@ -12,7 +12,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .core import get_device, make_generator, resolve_profile, show_image
+from .core import get_device, make_generator, rehearse, resolve_profile, show_image
 from ldm_course.ldm import (
     LatentDiffusionPipeline, LDMConfig, ldm_config, prepare_ldm_data_once, text_condition, train_ldm_chapter,
 )
@@ -184,7 +184,7 @@ def cross_attention_config(profile: str = "auto", # "auto", "smoke", "cpu" or "g
     block = {"smoke": dict(head_dim=16, groups=8), "cpu": dict(head_dim=32, groups=8),
              "gpu": dict(head_dim=64, groups=32)}[profile]
     unet = base.unet.replace(cross_attention_levels=levels, context_dim=context_dim, cond_dim=cond_dim)
-    return base.replace(unet=unet, cross_attention_block=spatial_transformer_spec(**block)).replace(**overrides)
+    return rehearse(base.replace(unet=unet, cross_attention_block=spatial_transformer_spec(**block)).replace(**overrides))
 
 # %% ../nbs/10_cross_attention.ipynb #bebccc75
 def cross_attention_training_config(profile: str = "auto", # run profile

@@ -11,8 +11,8 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 
-from .core import PROFILES, absolute_env_paths, data_dir, resolve_profile, runs_dir
-from .pipeline import ChapterFailed, RunLocked, run_lock, run_pipeline
+from .core import PROFILES, Rehearsal, absolute_env_paths, data_dir, resolve_profile, runs_dir
+from .pipeline import ChapterFailed, RunLocked, rehearsal_environment, run_lock, run_pipeline
 
 # %% auto #0
 __all__ = ['SAMPLE_CHAPTERS', 'SAMPLER_NAMES', 'MAX_STEPS', 'MAX_IMAGES', 'MAX_SEED', 'TRAIN_RECIPES', 'TEXT_CHAPTERS',
@@ -24,7 +24,7 @@ __all__ = ['SAMPLE_CHAPTERS', 'SAMPLER_NAMES', 'MAX_STEPS', 'MAX_IMAGES', 'MAX_S
 from .report_build import ReportBuildError, build_report
 
 def _cmd_report(args: argparse.Namespace) -> int:
-    with run_lock(runs_dir(args.profile)):
+    with rehearsal_environment(Rehearsal() if args.rehearse else None), run_lock(runs_dir(args.profile)):   # its folder, its banner
         files = build_report(profile=args.profile, out_dir=args.out, pdf=False if args.no_pdf else None)
     for name, why in files.left_out.items(): print(f"left out {name}: not made by this run ({why})")
     for kind in ("pdf", "html", "tex"):
@@ -39,6 +39,8 @@ def _add_report_parser(sub: argparse._SubParsersAction) -> None:
     report.add_argument("--profile", default="auto", choices=("auto", *PROFILES), help="whose metrics to report (default: auto)")
     report.add_argument("--out", type=Path, metavar="DIR", help="output folder (default: reports/, or runs/smoke/report/ for smoke)")
     report.add_argument("--no-pdf", action="store_true", help="build the HTML only, even when TeX is installed")
+    report.add_argument("--rehearse", action="store_true",
+                        help="report the rehearsal of the profile (runs/<profile>-rehearsal), marked as such on its first page")
     report.set_defaults(func=_cmd_report)
 
 # %% ../nbs/14_cli.ipynb #bcf123c4
@@ -244,17 +246,18 @@ def _add_sample_parser(sub: argparse._SubParsersAction) -> None:
     sample.set_defaults(func=_cmd_sample)
 
 # %% ../nbs/14_cli.ipynb #8de92a15
-import importlib
-
 import torch
 
+from .attention import train_cross_attention_chapter
+from .ddpm import train_ddpm_chapter
+from .ldm import train_additive_chapter
 from .training import TrainedRun
 
-TRAIN_RECIPES = {  # chapter -> (module, function, fixed arguments): imported on demand
-    "05_ddpm_mnist": ("ldm_course.ddpm", "train_ddpm_chapter", {"chapter": "05_ddpm_mnist"}),
-    "06_ddpm_cifar10": ("ldm_course.ddpm", "train_ddpm_chapter", {"chapter": "06_ddpm_cifar10"}),
-    "09_ldm_additive": ("ldm_course.ldm", "train_additive_chapter", {}),
-    "10_cross_attention": ("ldm_course.attention", "train_cross_attention_chapter", {}),
+TRAIN_RECIPES = {  # chapter -> (the function its notebook's training calls, fixed arguments)
+    "05_ddpm_mnist": (train_ddpm_chapter, {"chapter": "05_ddpm_mnist"}),
+    "06_ddpm_cifar10": (train_ddpm_chapter, {"chapter": "06_ddpm_cifar10"}),
+    "09_ldm_additive": (train_additive_chapter, {}),
+    "10_cross_attention": (train_cross_attention_chapter, {}),
 }
 TEXT_CHAPTERS = ("09_ldm_additive", "10_cross_attention")  # the ones that take --encoder
 NOTEBOOK_ONLY = {"07_vae": "its KL-VAE, VQ-VAE and ablation branches train together inside the notebook: "
@@ -282,9 +285,8 @@ def train_chapter(chapter: str, # a name `train_chapter_name` accepts
     chapter = train_chapter_name(chapter)
     if encoder is not None and chapter not in TEXT_CHAPTERS:
         raise ValueError(f"--encoder is for the text-conditioned chapters {list(TEXT_CHAPTERS)}, not {chapter}")
-    module, function, fixed = TRAIN_RECIPES[chapter]
+    recipe, fixed = TRAIN_RECIPES[chapter]
     options = {"encoder": encoder or "auto"} if chapter in TEXT_CHAPTERS else {}
-    recipe = getattr(importlib.import_module(module), function)
     return recipe(**fixed, profile=resolve_profile(profile), seed=seed, source=source, checkpoint_every=checkpoint_every, **options)
 
 def train_report(chapter: str, # the chapter trained
@@ -338,7 +340,9 @@ def _cmd_run(args: argparse.Namespace) -> int:
     extra = dict(_parse_param(p) for p in args.param or [])
     if "profile" in extra:  # the profile also decides runs/<profile>/: it cannot be a plain notebook parameter
         raise ValueError(f"--param profile={extra['profile']} is not allowed; use --profile {extra['profile']}")
-    results = run_pipeline(profile=args.profile, only=args.only, force=args.force, extra_parameters=extra)
+    if args.rehearse_batch_size and not args.rehearse: raise ValueError("--rehearse-batch-size needs --rehearse")
+    rehearsal = Rehearsal(batch_size=args.rehearse_batch_size or 0) if args.rehearse else None
+    results = run_pipeline(profile=args.profile, only=args.only, force=args.force, extra_parameters=extra, rehearsal=rehearsal)
     for r in results: print(f"{r.notebook:<28} {r.status:<8} {r.seconds:>7.1f} s  {r.output}")
     return EXIT_OK
 
@@ -354,6 +358,11 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--force", action="store_true", help="re-run notebooks even when up to date")
     run.add_argument("--param", action="append", metavar="NAME=VALUE",
                      help="inject a parameter into the notebooks that define it, e.g. encoder=fashion-clip or source=real (repeatable)")
+    run.add_argument("--rehearse", action="store_true",
+                     help="rehearse the profile: its real models, image and batch sizes, precision and loaders, but a few "
+                          "training steps and images per chapter, in runs/<profile>-rehearsal (never mistaken for results)")
+    run.add_argument("--rehearse-batch-size", type=_int_between(1, 4096, "images per batch"), metavar="N",
+                     help="with --rehearse: cap every batch size at N (to fit a small machine; shapes stay real)")
     run.set_defaults(func=_cmd_run)
     _add_report_parser(sub)
     _add_data_parser(sub)

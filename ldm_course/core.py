@@ -24,12 +24,13 @@ import torch
 from torch import Tensor
 
 # %% auto #0
-__all__ = ['PROFILES', 'RUN_PROFILES', 'PATH_VARIABLES', 'CHECKPOINT_FORMAT', 'RUN_SESSION', 'get_device', 'seed_everything',
-           'make_generator', 'capture_rng_state', 'restore_rng_state', 'torch_seeded', 'Config', 'RunProfile',
-           'resolve_profile', 'get_profile', 'repo_root', 'absolute_env_paths', 'data_dir', 'runs_dir', 'figures_dir',
-           'atomic_path', 'atomic_write', 'save_checkpoint', 'read_checkpoint_metadata', 'load_checkpoint',
-           'run_provenance', 'read_json', 'save_metrics', 'load_metrics', 'progress', 'image_grid', 'show_image',
-           'show_images', 'french_ticks', 'figure_provenance_path', 'save_figure']
+__all__ = ['PROFILES', 'RUN_PROFILES', 'REHEARSAL_VARIABLE', 'REHEARSAL_RULES', 'PATH_VARIABLES', 'CHECKPOINT_FORMAT',
+           'RUN_SESSION', 'get_device', 'seed_everything', 'make_generator', 'capture_rng_state', 'restore_rng_state',
+           'torch_seeded', 'Config', 'RunProfile', 'resolve_profile', 'get_profile', 'Rehearsal', 'active_rehearsal',
+           'rehearse', 'repo_root', 'absolute_env_paths', 'data_dir', 'runs_dir', 'figures_dir', 'atomic_path',
+           'atomic_write', 'save_checkpoint', 'read_checkpoint_metadata', 'load_checkpoint', 'run_provenance',
+           'read_json', 'save_metrics', 'load_metrics', 'progress', 'image_grid', 'show_image', 'show_images',
+           'french_ticks', 'figure_provenance_path', 'save_figure']
 
 # %% ../nbs/00_core.ipynb #9d057792
 def _mps_available() -> bool:
@@ -156,8 +157,77 @@ def resolve_profile(profile: str = "auto", # "auto", "smoke", "cpu" or "gpu"
 
 def get_profile(profile: str = "auto", # "auto", "smoke", "cpu" or "gpu"
                ) -> RunProfile:
-    "The `RunProfile` for a profile name (resolving auto)."
-    return RUN_PROFILES[resolve_profile(profile)]
+    "The `RunProfile` for a profile name (resolving auto), with its dataset cap lowered during a rehearsal."
+    return rehearse(RUN_PROFILES[resolve_profile(profile)])
+
+# %% ../nbs/00_core.ipynb #acc189e4
+@dataclasses.dataclass(frozen=True)
+class Rehearsal(Config):
+    "A rehearsal of a profile: its real models, image sizes, batch sizes, precision and loaders; few steps and images."
+    train_steps: int = 4      # optimizer steps of every training run (>= 2: the autoencoder's detail terms start halfway)
+    images: int = 96          # items per dataset split, generated or loaded
+    samples: int = 2          # generated images per prompt, class, figure or prompt group
+    sampling_steps: int = 4   # sampler steps, the DDPM ancestral chain included
+    batch_size: int = 0       # cap on every batch size (0: the profile's own, as in the real run)
+
+    def __post_init__(self):
+        minimum = {"train_steps": 2, "images": 8, "samples": 1, "sampling_steps": 1, "batch_size": 0}
+        for name, low in minimum.items():
+            value = getattr(self, name)
+            if not isinstance(value, int) or value < low: raise ValueError(f"Rehearsal.{name} must be an integer >= {low}, got {value!r}")
+
+REHEARSAL_VARIABLE = "LDM_COURSE_REHEARSAL"
+
+def active_rehearsal() -> Rehearsal | None:
+    "The rehearsal this process belongs to (env LDM_COURSE_REHEARSAL: JSON of `Rehearsal` fields, or 1), else None."
+    text = os.environ.get(REHEARSAL_VARIABLE, "").strip()
+    if text in ("", "0"): return None
+    try: return Rehearsal.from_dict(json.loads(text)) if text.startswith("{") else Rehearsal()
+    except (ValueError, TypeError) as e:
+        raise ValueError(f"{REHEARSAL_VARIABLE}={text!r} is not a rehearsal ({e}); expected 1 or a JSON object of Rehearsal fields") from None
+
+def _all_capped(value: int, cap: int) -> int: return cap if value == 0 else min(value, cap)   # 0 means "all": capped too
+def _when_on(value: int, cap: int) -> int: return min(value, cap) if value else 0            # 0 means "never": kept
+
+REHEARSAL_RULES = {  # field or key name -> its value in a rehearsal; every other field (shapes, widths, rates, sizes) is kept
+    "max_steps": lambda v, r: min(v, r.train_steps),
+    "warmup_steps": lambda v, r: min(v, 1),
+    "checkpoint_every": lambda v, r: _when_on(v, r.train_steps - 1),     # a checkpoint mid-run, as the real run writes
+    "sample_every": lambda v, r: _when_on(v, r.train_steps),
+    "perceptual_start": lambda v, r: _when_on(v, r.train_steps // 2),     # the detail terms still switch on
+    "disc_start": lambda v, r: _when_on(v, r.train_steps // 2),
+    **{k: (lambda v, r: _all_capped(v, r.images)) for k in ("num_train_images", "max_train_images", "n_train_eval", "min_draws")},
+    # images passed whole through the autoencoder (512² on gpu: seconds each on a CPU), a part of the data, never all of it
+    **{k: (lambda v, r: min(v, 4 * r.samples, r.images // 4)) for k in ("num_heldout", "recon_images", "num_scale_images")},
+    "speed_rounds": lambda v, r: min(v, 1),   # timings repeated for a median: once is enough to run the code
+    **{k: (lambda v, r: min(v, r.samples)) for k in ("num_compare", "samples_per_class", "num_show", "grid_rows", "n_per",
+                                                     "images_per_group", "sweep_images_per_group", "curve_samples")},
+    **{k: (lambda v, r: min(v, max(r.samples, 2))) for k in ("num_fid_samples", "num_clothing_fid")},  # a covariance needs 2
+    **{k: (lambda v, r: min(v, r.sampling_steps)) for k in ("ddpm_steps", "ddim_steps", "sweep_steps", "num_inference_steps",
+                                                            "fid_steps", "prompt_steps")},
+    "steps_curve": lambda v, r: tuple(dict.fromkeys(min(s, r.sampling_steps) for s in v)),
+    # chapter 11's prompt sets: the smoke profile's counts (every group present, every type and colour in the everyday one)
+    **{k: (lambda v, r, cap=cap: min(v, cap)) for k, cap in (("num_catalogue_prompts", 3), ("held_out_wordings", 2),
+                                                              ("num_solid_prompts", 1), ("num_everyday_prompts", 12))},
+    "guidance_scales": lambda v, r: tuple(v) if len(v) <= 2 else (v[0], v[-1]),   # the two ends of a sweep
+    **{k: (lambda v, r: min(v, r.batch_size) if r.batch_size else v) for k in ("batch_size", "sample_batch_size", "speed_batch")},
+}
+
+def rehearse(config, # a Config dataclass (nested ones included) or a mapping of named sizes
+             rehearsal: Rehearsal | None = None, # default: the active one; None outside a rehearsal: `config` unchanged
+            ):
+    "`config` with the counts named in REHEARSAL_RULES lowered for a rehearsal; the same object outside one."
+    rehearsal = rehearsal or active_rehearsal()
+    if rehearsal is None: return config
+    def value(name, v):
+        if isinstance(v, (Config, Mapping)) and not isinstance(v, Rehearsal): return rehearse(v, rehearsal)
+        rule = REHEARSAL_RULES.get(name)
+        return rule(v, rehearsal) if rule and isinstance(v, (int, tuple)) and not isinstance(v, bool) else v
+    if dataclasses.is_dataclass(config):
+        changes = {f.name: value(f.name, getattr(config, f.name)) for f in dataclasses.fields(config)}
+        return dataclasses.replace(config, **{k: v for k, v in changes.items() if v is not getattr(config, k)})
+    if isinstance(config, Mapping): return {k: value(k, v) for k, v in config.items()}
+    raise TypeError(f"rehearse expects a Config dataclass or a mapping, got {type(config).__name__}")
 
 # %% ../nbs/00_core.ipynb #4a813f45
 def repo_root(start: str | Path | None = None, # where to start looking (default: cwd)
@@ -187,13 +257,14 @@ def data_dir() -> Path:
 
 def runs_dir(profile: str = "auto", # run profile
             ) -> Path:
-    "Where executed notebooks, checkpoints and metrics of a profile go: env LDM_COURSE_RUNS or <repo>/runs, then /<profile>."
-    return Path(os.environ.get("LDM_COURSE_RUNS") or repo_root() / "runs") / resolve_profile(profile)
+    "Where executed notebooks, checkpoints and metrics of a profile go: env LDM_COURSE_RUNS or <repo>/runs, then /<profile> (/<profile>-rehearsal in a rehearsal)."
+    name = resolve_profile(profile) + ("-rehearsal" if active_rehearsal() else "")   # a rehearsal never mixes with real runs
+    return Path(os.environ.get("LDM_COURSE_RUNS") or repo_root() / "runs") / name
 
 def figures_dir(profile: str = "auto", # run profile
                ) -> Path:
-    "Where the chapters save their figures: env LDM_COURSE_FIGURES, else runs/<profile>/figures."
-    if os.environ.get("LDM_COURSE_FIGURES"): return Path(os.environ["LDM_COURSE_FIGURES"])
+    "Where the chapters save their figures: env LDM_COURSE_FIGURES, else runs/<profile>/figures (always the latter in a rehearsal)."
+    if os.environ.get("LDM_COURSE_FIGURES") and not active_rehearsal(): return Path(os.environ["LDM_COURSE_FIGURES"])
     return runs_dir(profile) / "figures"
 
 # %% ../nbs/00_core.ipynb #463717e3
@@ -313,9 +384,10 @@ def save_metrics(chapter: str, # chapter name, e.g. "05_ddpm_mnist"
                  metrics: Mapping[str, Any], # JSON-serialisable numbers, strings, lists, dicts
                  profile: str = "auto", # run profile: decides the folder
                 ) -> Path:
-    "Write a chapter's metrics to runs/<profile>/metrics/<chapter>.json with their provenance, atomically; returns the path."
+    "Write a chapter's metrics to runs/<profile>/metrics/<chapter>.json with their provenance (and rehearsal), atomically; returns the path."
+    rehearsal = active_rehearsal()
     payload = {"chapter": chapter, "profile": resolve_profile(profile), **_jsonable(dict(metrics)),
-               "provenance": run_provenance()}
+               **({"rehearsal": rehearsal.to_dict()} if rehearsal else {}), "provenance": run_provenance()}
     return atomic_write(runs_dir(profile) / "metrics" / f"{chapter}.json", json.dumps(payload, indent=2, ensure_ascii=False) + "\n")
 
 def load_metrics(profile: str = "auto", # run profile

@@ -35,7 +35,7 @@ from torchvision.datasets import CIFAR10, MNIST
 from fastcore.basics import patch
 from torchvision.datasets.utils import check_integrity
 
-from .core import Config, atomic_path, atomic_write, data_dir, resolve_profile
+from .core import Config, atomic_path, atomic_write, data_dir, rehearse, resolve_profile
 # The stand-ins are drawn in ldm_course.synthetic; this module writes them in the real formats. The catalogue's
 # vocabulary (GARMENT_COLOURS, GARMENT_TYPES, PATTERNS, SEED_PROMPTS) is re-exported on purpose: it labels the
 # catalogue these loaders read, and chapters 07-11 import it from here.
@@ -151,7 +151,7 @@ def synthetic_size(name: str, # "mnist", "cifar10" or "fashion"
     "Number of synthetic training items for a dataset under a profile."
     sizes = SYNTHETIC_SIZES[resolve_profile(profile)]
     if name not in sizes: raise ValueError(f"Unknown dataset {name!r}; expected one of {sorted(sizes)}")
-    return sizes[name]
+    return rehearse({"num_train_images": sizes[name]})["num_train_images"]   # a rehearsal generates few items
 
 def read_manifest(folder: str | Path, # a generated dataset folder
                  ) -> dict | None:

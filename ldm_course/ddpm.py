@@ -21,7 +21,7 @@ from torch import Tensor, nn
 from torch.utils.data import TensorDataset
 
 from ldm_course.core import (
-    Config, image_grid, load_checkpoint, make_generator, read_checkpoint_metadata, resolve_profile, runs_dir,
+    Config, image_grid, load_checkpoint, make_generator, read_checkpoint_metadata, rehearse, resolve_profile, runs_dir,
     save_checkpoint, show_image, torch_seeded,
 )
 from .scheduler import DDIMSampler, DDPMSampler, DiffusionSampler, NoiseScheduler, SamplingTrajectory
@@ -240,7 +240,7 @@ def ddpm_config(dataset: str = "mnist", # "mnist" or "cifar10"
                ) -> DDPMConfig:
     "The preset DDPMConfig of a dataset for a run profile, with `overrides` applied."
     if dataset not in DDPM_PRESETS: raise ValueError(f"Unknown dataset {dataset!r}; expected one of {sorted(DDPM_PRESETS)}")
-    return DDPM_PRESETS[dataset](resolve_profile(profile)).replace(**overrides)
+    return rehearse(DDPM_PRESETS[dataset](resolve_profile(profile)).replace(**overrides))
 
 def build_scheduler(cfg: DDPMConfig, # the experiment
                    ) -> NoiseScheduler:

@@ -25,7 +25,7 @@ from fastcore.basics import patch
 from torch.utils.data import Subset
 
 from ldm_course.core import (
-    Config, get_device, load_checkpoint, make_generator, read_checkpoint_metadata, resolve_profile, runs_dir,
+    Config, get_device, load_checkpoint, make_generator, read_checkpoint_metadata, rehearse, resolve_profile, runs_dir,
     save_checkpoint, show_image, torch_seeded,
 )
 from .data import GARMENT_TYPES, SEED_PROMPTS, load_fashion, to_tensors
@@ -40,7 +40,7 @@ from ldm_course.training import (
 )
 from .unet import UNet, UNetConfig, cross_attention_block_class, unet_preset
 from ldm_course.vae import (
-    Autoencoder, VAEConfig, VAELoss, build_vae, encode_dataset, estimate_scale_factor, load_vae, save_vae,
+    Autoencoder, VAEConfig, VAELoss, build_vae, encode_dataset, estimate_scale_factor, images_per_pass, load_vae, save_vae,
     set_scale_factor, vae_checkpoint_path, vae_config, vae_train_config,
 )
 
@@ -53,7 +53,7 @@ __all__ = ['HELD_OUT_PAIRS', 'LDM_SAMPLERS', 'LDM_PIPELINE_FORMAT', 'PATTERN_WOR
            'LatentDiffusionPipeline', 'latent_sampler', 'fashion_latents', 'caption_embeddings', 'short_captions',
            'LDMData', 'prepare_ldm_data', 'ldm_trainer', 'train_ldm', 'train_ldm_chapter', 'ldm_training_config',
            'prepare_ldm_data_once', 'train_additive_chapter', 'training_summary', 'plot_denoising_evolution',
-           'plot_prompt_grid', 'train_step_seconds']
+           'plot_prompt_grid', 'train_step_seconds', 'pixel_unet_config']
 
 # %% ../nbs/09_ldm_additive.ipynb #45607fc3
 HELD_OUT_PAIRS = (("Skirts", "Green"), ("Jeans", "Purple"))  # (articleType, baseColour) pairs never seen in training
@@ -156,7 +156,7 @@ def ldm_config(profile: str = "auto", # "auto", "smoke", "cpu" or "gpu"
                                  checkpoint_every=2_500, sample_every=0)}[profile]
     sampling = {"smoke": dict(num_inference_steps=5, num_train_images=256), "cpu": dict(num_inference_steps=50),
                 "gpu": dict(num_inference_steps=50)}[profile]
-    return LDMConfig(unet=unet, train=train, pooled_scale=math.sqrt(cond_dim), **sampling).replace(**overrides)
+    return rehearse(LDMConfig(unet=unet, train=train, pooled_scale=math.sqrt(cond_dim), **sampling).replace(**overrides))
 
 # %% ../nbs/09_ldm_additive.ipynb #6e6187b4
 def ldm_checkpoint_dir(chapter: str, # "09_ldm_additive" or "10_cross_attention"
@@ -436,8 +436,9 @@ class LatentDiffusionPipeline:
 
     def decode(self, latents: Tensor, # scaled latents s·z, (B, c, h, w)
               ) -> Tensor: # images (B, 3, H, W) in [-1, 1]
-        "Decode latents with the VAE and clamp to the image range."
-        return self.vae.decode_latents(latents.to(self.device)).float().clamp(-1, 1)
+        "Decode latents with the VAE, in passes that fit memory at any image size, and clamp to the image range."
+        per_pass = images_per_pass(self.vae.config.image_size, len(latents))
+        return torch.cat([self.vae.decode_latents(z.to(self.device)).float().clamp(-1, 1) for z in latents.split(per_pass)])
 
 # %% ../nbs/09_ldm_additive.ipynb #b68bcfa0
 def _decode_snapshots(pipe: LatentDiffusionPipeline, snapshots: Tensor) -> Tensor:
@@ -776,3 +777,13 @@ def train_step_seconds(unet: UNet, # the network to time (trained in place: use 
         return time.perf_counter() - start
     step()
     return float(np.median([step() for _ in range(steps)]))
+
+def pixel_unet_config(unet: UNetConfig, # the latent U-Net's config
+                      image_size: int, # side of the images the pixel U-Net would denoise
+                      max_positions: int = 32 * 32, # self-attention only at levels with at most this many positions
+                     ) -> UNetConfig:
+    "The same U-Net in pixel space (RGB in and out), with self-attention only where it sees ≤ 32×32 positions, as pixel DMs do."
+    levels = tuple(lvl for lvl in unet.attention_levels if (image_size >> lvl) ** 2 <= max_positions)
+    lowest = image_size >> (len(unet.block_out_channels) - 1)
+    return unet.replace(in_channels=3, out_channels=3, attention_levels=levels,
+                        mid_attention=unet.mid_attention and lowest ** 2 <= max_positions)

