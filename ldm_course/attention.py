@@ -12,12 +12,10 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .core import get_device, make_generator, rehearse, resolve_profile, show_image
-from ldm_course.ldm import (
-    LatentDiffusionPipeline, LDMConfig, ldm_config, prepare_ldm_data_once, text_condition, train_ldm_chapter,
-)
-from .text import TextEmbeddings, load_text_encoder
-from .training import TrainedRun, main_process_first
+from .core import make_generator, rehearse, resolve_profile, show_image
+from .ldm import LatentDiffusionPipeline, LDMConfig, ldm_config, text_condition, train_text_chapter
+from .text import TextEmbeddings
+from .training import TrainedRun
 from .unet import register_cross_attention_block
 
 # %% auto #0
@@ -195,20 +193,11 @@ def cross_attention_training_config(profile: str = "auto", # run profile
     cfg = cross_attention_config(profile, context_dim=context_dim)
     return cfg.replace(train=cfg.train.replace(seed=seed))
 
-def train_cross_attention_chapter(profile: str = "auto", # run profile
-                                  seed: int = 0, # as the notebook's `seed` parameter
-                                  source: str = "auto", # as the notebook's `source` parameter
-                                  encoder: str = "auto", # as the notebook's `encoder` parameter
-                                  checkpoint_every: int | None = None, # steps between checkpoints (None: the recipe's; not part of the run's identity)
-                                 ) -> TrainedRun:
-    "`ldm-course train 10`: the notebook's text encoder, experiment and data (with tokens), then `train_ldm_chapter` with checkpoints."
-    profile = resolve_profile(profile)
-    device = get_device("cpu" if profile == "smoke" else None)
-    with main_process_first(device): text_encoder = load_text_encoder(encoder, device=device)
-    cfg = cross_attention_training_config(profile, seed, text_encoder.token_dim)
-    if checkpoint_every is not None: cfg = cfg.replace(train=cfg.train.replace(checkpoint_every=checkpoint_every))
-    data = prepare_ldm_data_once(cfg, text_encoder, profile, source, seed, device, with_tokens=True)
-    return train_ldm_chapter("10_cross_attention", cfg, data, profile, device=str(device))
+def train_cross_attention_chapter(profile: str = "auto", seed: int = 0, source: str = "auto", encoder: str = "auto",
+                                  checkpoint_every: int | None = None) -> TrainedRun:
+    "`ldm-course train 10`: chapter 09's `train_text_chapter` with this chapter's experiment (the tokens read by cross-attention)."
+    return train_text_chapter("10_cross_attention", lambda p, s, enc: cross_attention_training_config(p, s, enc.token_dim), True,
+                              profile, seed, source, encoder, checkpoint_every)
 
 # %% ../nbs/10_cross_attention.ipynb #0a07be95
 def plot_method_comparison(images: Mapping[str, Tensor], # method name -> (P·n, 3, H, W), n samples per prompt, prompt-major

@@ -52,8 +52,8 @@ __all__ = ['HELD_OUT_PAIRS', 'LDM_SAMPLERS', 'LDM_PIPELINE_FORMAT', 'PATTERN_WOR
            'build_ldm_unet', 'build_ldm_scheduler', 'text_encoder_spec', 'LDMTrajectory', 'LDMOutput',
            'LatentDiffusionPipeline', 'latent_sampler', 'fashion_latents', 'caption_embeddings', 'short_captions',
            'LDMData', 'prepare_ldm_data', 'ldm_trainer', 'train_ldm', 'train_ldm_chapter', 'ldm_training_config',
-           'prepare_ldm_data_once', 'train_additive_chapter', 'training_summary', 'plot_denoising_evolution',
-           'plot_prompt_grid', 'train_step_seconds', 'pixel_unet_config']
+           'prepare_ldm_data_once', 'train_text_chapter', 'train_additive_chapter', 'training_summary',
+           'plot_denoising_evolution', 'plot_prompt_grid', 'train_step_seconds', 'pixel_unet_config']
 
 # %% ../nbs/09_ldm_additive.ipynb #45607fc3
 HELD_OUT_PAIRS = (("Skirts", "Green"), ("Jeans", "Purple"))  # (articleType, baseColour) pairs never seen in training
@@ -694,20 +694,29 @@ def prepare_ldm_data_once(cfg: LDMConfig, # held-out pairs, cap on training item
     with main_process_first(device):
         return prepare_ldm_data(cfg, text_encoder, profile, source, seed, device, with_tokens)
 
-def train_additive_chapter(profile: str = "auto", # run profile
-                           seed: int = 0, # as the notebook's `seed` parameter
-                           source: str = "auto", # as the notebook's `source` parameter
-                           encoder: str = "auto", # as the notebook's `encoder` parameter
-                           checkpoint_every: int | None = None, # steps between checkpoints (None: the recipe's; not part of the run's identity)
-                          ) -> TrainedRun:
-    "`ldm-course train 09`: the notebook's text encoder, experiment and data, then `train_ldm_chapter` with checkpoints."
+def train_text_chapter(chapter: str, # "09_ldm_additive" or "10_cross_attention": the checkpoint folder
+                       experiment: Callable[[str, int, TextEncoder], LDMConfig], # (profile, seed, encoder) -> the notebook's experiment
+                       with_tokens: bool, # the U-Net reads the token sequence (cross-attention), not only the pooled vector
+                       profile: str = "auto", # run profile
+                       seed: int = 0, # as the notebook's `seed` parameter
+                       source: str = "auto", # as the notebook's `source` parameter
+                       encoder: str = "auto", # as the notebook's `encoder` parameter
+                       checkpoint_every: int | None = None, # steps between checkpoints (None: the recipe's; not part of the run's identity)
+                      ) -> TrainedRun:
+    "`ldm-course train 09` or `10`: the notebook's text encoder, experiment and data, then `train_ldm_chapter` with checkpoints."
     profile = resolve_profile(profile)
     device = get_device("cpu" if profile == "smoke" else None)
     with main_process_first(device): text_encoder = load_text_encoder(encoder, device=device)
-    cfg = ldm_training_config(profile, seed, text_encoder.dim)
+    cfg = experiment(profile, seed, text_encoder)
     if checkpoint_every is not None: cfg = cfg.replace(train=cfg.train.replace(checkpoint_every=checkpoint_every))
-    data = prepare_ldm_data_once(cfg, text_encoder, profile, source, seed, device)
-    return train_ldm_chapter("09_ldm_additive", cfg, data, profile, device=str(device))
+    data = prepare_ldm_data_once(cfg, text_encoder, profile, source, seed, device, with_tokens=with_tokens)
+    return train_ldm_chapter(chapter, cfg, data, profile, device=str(device))
+
+def train_additive_chapter(profile: str = "auto", seed: int = 0, source: str = "auto", encoder: str = "auto",
+                           checkpoint_every: int | None = None) -> TrainedRun:
+    "`ldm-course train 09`: `train_text_chapter` with chapter 09's experiment (the pooled text vector added to the time embedding)."
+    return train_text_chapter("09_ldm_additive", lambda p, s, enc: ldm_training_config(p, s, enc.dim), False,
+                              profile, seed, source, encoder, checkpoint_every)
 
 def training_summary(history: TrainHistory, # from train_ldm
                      seconds: float, # its wall time
