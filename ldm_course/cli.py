@@ -137,7 +137,7 @@ import numpy as np
 from PIL import Image
 
 from . import attention  # noqa: F401  (registers chapter 10's cross-attention block: pipelines of chapter 10 load)
-from .core import atomic_path, image_grid, runs_dir
+from .core import atomic_path, image_grid
 from .ldm import LDM_SAMPLERS, LatentDiffusionPipeline, ldm_checkpoint_path
 from .text import TextEncoderUnavailable
 
