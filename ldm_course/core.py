@@ -220,7 +220,7 @@ def rehearse(config, # a Config dataclass (nested ones included) or a mapping of
     rehearsal = rehearsal or active_rehearsal()
     if rehearsal is None: return config
     def value(name, v):
-        if isinstance(v, (Config, Mapping)) and not isinstance(v, Rehearsal): return rehearse(v, rehearsal)
+        if isinstance(v, (Config, Mapping)): return rehearse(v, rehearsal)
         rule = REHEARSAL_RULES.get(name)
         return rule(v, rehearsal) if rule and isinstance(v, (int, tuple)) and not isinstance(v, bool) else v
     if dataclasses.is_dataclass(config):
@@ -484,9 +484,14 @@ def save_figure(fig: plt.Figure, # the figure to save
     if not name.endswith(".png"): raise ValueError(f"Figure name must end in .png, got {name!r}")
     path = figures_dir(profile) / name
     french_ticks(fig)  # the course's figures are French: 0,25 not 0.25
+    rehearsal = active_rehearsal()
+    if rehearsal:   # a rehearsal's figure says so on itself, wherever it is shown
+        fig.text(0.5, 1.01, f"RÉPÉTITION du profil {resolve_profile(profile)} ({rehearsal.train_steps} pas d'entraînement) : pas un résultat",
+                 ha="center", va="bottom", color="red", fontsize=9)
     with atomic_path(path) as tmp:
         fig.savefig(tmp, format="png", dpi=dpi, bbox_inches="tight")
         digest = hashlib.sha256(tmp.read_bytes()).hexdigest()
-    provenance = {"figure": name, "profile": resolve_profile(profile), "sha256": digest, **run_provenance()}
+    provenance = {"figure": name, "profile": resolve_profile(profile), "sha256": digest, **run_provenance(),
+                  **({"rehearsal": rehearsal.to_dict()} if rehearsal else {})}
     atomic_write(figure_provenance_path(path), json.dumps(provenance, indent=2) + "\n")
     return path

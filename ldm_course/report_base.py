@@ -15,7 +15,7 @@ from typing import Any
 
 import torch
 
-from .core import active_rehearsal, repo_root
+from .core import Rehearsal, active_rehearsal, repo_root
 from .diagrams import ModelConfig
 from ldm_course.report_format import (
     CHAPTER_TITLES, DATASET_NAMES, NBSP, SOURCE_NAMES, SPLIT_NAMES, chapter_metrics, describe_data_source, find_data_sources,
@@ -24,9 +24,9 @@ from ldm_course.report_format import (
 
 # %% auto #0
 __all__ = ['PROFILE_DESCRIPTIONS', 'MONTHS', 'FIGURE_CAPTIONS', 'METRIC_LABELS', 'SHORT_TITLES', 'SUMMARY_COLUMNS',
-           'TEXT_ENCODERS', 'PRECISION_NAMES', 'ReportBase', 'ReportFigures', 'flatten_metrics', 'metric_label',
-           'ReportTables', 'git_commit', 'machine_description', 'collect_values', 'text_encoder_name', 'RunConditions',
-           'training_precisions', 'run_conditions']
+           'TEXT_ENCODERS', 'PRECISION_NAMES', 'rehearsal_of', 'ReportBase', 'ReportFigures', 'flatten_metrics',
+           'metric_label', 'ReportTables', 'git_commit', 'machine_description', 'collect_values', 'text_encoder_name',
+           'RunConditions', 'training_precisions', 'run_conditions']
 
 # %% ../nbs/13_report_base.ipynb #dc806e33
 PROFILE_DESCRIPTIONS = {  # French descriptions of core.RUN_PROFILES
@@ -37,6 +37,12 @@ PROFILE_DESCRIPTIONS = {  # French descriptions of core.RUN_PROFILES
 }
 
 MONTHS = ("janvier", "février", "mars", "avril", "mai", "juin", "juillet", "août", "septembre", "octobre", "novembre", "décembre")
+
+def rehearsal_of(metrics: Mapping[str, Mapping], # every chapter's metrics (core.load_metrics)
+                ) -> Rehearsal | None:
+    "The rehearsal that produced these metrics (each chapter's file records it), or None for a real run."
+    recorded = [m["rehearsal"] for m in metrics.values() if "rehearsal" in m]
+    return Rehearsal.from_dict(recorded[0]) if recorded else None
 
 class ReportBase:
     "What every part of the report's context `r` needs: the chapters' measures, and numbers for figures and tables."
@@ -50,7 +56,7 @@ class ReportBase:
                 ):
         self.profile, self.metrics, self.figures_dir = profile, dict(metrics), Path(figures)
         self.profile_description = PROFILE_DESCRIPTIONS.get(profile, profile)
-        self.rehearsal = active_rehearsal()   # the metrics of a rehearsal (runs/<profile>-rehearsal) are not results
+        self.rehearsal = rehearsal_of(self.metrics) or active_rehearsal()   # the caps the run used, as its metrics recorded them
         self.data_sources = find_data_sources(self.metrics)
         self.drawn, self.stages, self.benchmarks = dict(drawn or {}), list(stages), benchmarks
         self.used_figures: list[str] = []

@@ -77,6 +77,7 @@ def test_the_cross_attention_model_has_the_gpu_widths(rehearsal):
 def test_the_report_says_it_is_a_rehearsal(rehearsal):
     html = (rehearsal["runs"] / "report" / "rapport.html").read_text(encoding="utf-8")
     assert "RÉPÉTITION" in html and "pas des résultats" in html
+    assert "lots plafonnés à 2 images" in html, "the banner states the caps the run used, read from its metrics"
 
 
 def test_the_caps_are_part_of_the_stage_identity(rehearsal):
