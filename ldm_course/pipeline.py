@@ -23,6 +23,7 @@ from pathlib import Path
 
 import nbformat
 import papermill
+from fastcore.xtras import modified_env
 from papermill.exceptions import PapermillExecutionError
 
 from ldm_course.core import (
@@ -286,29 +287,15 @@ def clear_stage_checkpoints(out_dir: str | Path, # a rehearsal's runs folder
 @contextmanager
 def rehearsal_environment(rehearsal: Rehearsal | None, # the rehearsal to run (None: a real run, nothing changes)
                          ) -> Iterator[None]:
-    "Set LDM_COURSE_REHEARSAL for this process and the kernels it starts; the previous value comes back afterwards."
-    if rehearsal is None:
-        yield
-        return
-    saved = os.environ.get(REHEARSAL_VARIABLE)
-    os.environ[REHEARSAL_VARIABLE] = rehearsal.to_json(indent=None)
-    try: yield
-    finally:
-        if saved is None: os.environ.pop(REHEARSAL_VARIABLE, None)
-        else: os.environ[REHEARSAL_VARIABLE] = saved
+    "Set LDM_COURSE_REHEARSAL for this process and the kernels it starts; the previous environment comes back afterwards."
+    with modified_env(**({REHEARSAL_VARIABLE: rehearsal.to_json(indent=None)} if rehearsal else {})): yield
 
 @contextmanager
 def stage_environment(stem: str, # the stage being run
                       fingerprint: str, # its input fingerprint
                      ) -> Iterator[None]:
-    "Tell the kernel (which inherits os.environ) which stage it runs; the previous values come back afterwards."
-    saved = {k: os.environ.get(k) for k in ("LDM_COURSE_STAGE", "LDM_COURSE_STAGE_FINGERPRINT")}
-    os.environ.update(LDM_COURSE_STAGE=stem, LDM_COURSE_STAGE_FINGERPRINT=fingerprint)
-    try: yield
-    finally:
-        for k, v in saved.items():
-            if v is None: os.environ.pop(k, None)
-            else: os.environ[k] = v
+    "Tell the kernel (which inherits os.environ) which stage it runs; the previous environment comes back afterwards."
+    with modified_env(LDM_COURSE_STAGE=stem, LDM_COURSE_STAGE_FINGERPRINT=fingerprint): yield
 
 def _kernel_manager_logging_to(log: Path) -> type:
     "A Jupyter kernel manager whose kernel process writes its own stdout/stderr (start-up warnings...) to `log`."
