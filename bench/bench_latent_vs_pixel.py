@@ -1,7 +1,7 @@
 """Latent (16×16×4) against pixel (64×64×3) diffusion: training step time of the same U-Net.
 
-Both denoisers are the course's latent U-Net (unet_preset("latent", <profile>)), same widths, same levels, same
-attention levels; only the input differs: 4×16×16 VAE latents, or the 3×64×64 images those latents encode (the
+Both denoisers are the course's latent U-Net (unet_preset("latent", <profile>), the network chapter 09 trains), same
+widths, same levels, same attention levels; only the input differs: 4×16×16 VAE latents, or the 3×64×64 images those latents encode (the
 VAE has f = 4). One step = forward + MSE + backward + AdamW, fp32, one fixed batch; the two are timed interleaved
 (latent, pixel, pixel, latent, ...) and we report medians. A second pair drops every self-attention layer, to
 separate the quadratic cost of attention from the linear cost of convolutions. The VAE encoding of the images is

@@ -38,17 +38,14 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from ldm_course.unet import UNet, UNetConfig, count_parameters
+from ldm_course.unet import UNet, UNetConfig, count_parameters, unet_preset
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from machine import add_machine_arguments, describe_device, matmul_peak, out_dir, setup, step_flops, write_result  # noqa: E402
 
-# The three configurations of the course (28×28×1 MNIST, 32×32×3 CIFAR10, 16×16×4 VAE latents).
-CONFIGS = {
-    "mnist": ((1, 28, 28), UNetConfig(1, 1, (32, 64, 64), attention_levels=(2,), norm_num_groups=8)),
-    "cifar10": ((3, 32, 32), UNetConfig(3, 3, (32, 64, 128), attention_levels=(2,), norm_num_groups=8)),
-    "latent": ((4, 16, 16), UNetConfig(4, 4, (64, 128, 128), attention_levels=(1, 2), norm_num_groups=8)),
-}
+# The three inputs of the course (28×28×1 MNIST, 32×32×3 CIFAR10, 16×16×4 VAE latents); the networks are chapter 03's
+# presets of the run profile, the ones chapters 05, 06 and 09 train (before their class or text inputs are added).
+SHAPES = {"mnist": (1, 28, 28), "cifar10": (3, 32, 32), "latent": (4, 16, 16)}
 
 
 def diffusers_unet(c: UNetConfig):
@@ -167,9 +164,9 @@ def _parse_label(label: str) -> tuple[str, str, str]:
     return words[0], words[1], words[2] if len(words) > 2 else "eager"
 
 
-def bench_config(name: str, args, device: torch.device) -> dict:
-    "Interleaved timing of every (model, memory format) contender on one configuration."
-    shape, config = CONFIGS[name]
+def bench_config(name: str, args, device: torch.device, profile: str = "cpu") -> dict:
+    "Interleaved timing of every (model, memory format) contender on one configuration (chapter 03's preset of `profile`)."
+    shape, config = SHAPES[name], unet_preset(name, profile)
     builders = {"ours": lambda: UNet(config), "diffusers": lambda: diffusers_unet(config)}
     x = torch.randn(args.batch_size, *shape, device=device)
     t, target = torch.randint(0, 1000, (args.batch_size,), device=device), torch.randn_like(x)
@@ -290,9 +287,10 @@ def trace_table(results: list[dict], meta: dict) -> list[str]:
 
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--configs", default=",".join(CONFIGS), help=f"comma-separated, among {list(CONFIGS)}")
+    p.add_argument("--configs", default=",".join(SHAPES), help=f"comma-separated, among {list(SHAPES)}")
     p.add_argument("--formats", default="contiguous,channels_last", help=f"comma-separated, among {list(FORMATS)}")
-    add_machine_arguments(p, batch_help="default 32 on CPU, 128 on GPU")
+    add_machine_arguments(p, profile_help="U-Net presets of this profile (default: gpu on CUDA, else cpu)",
+                          batch_help="default 32 on CPU, 128 on GPU")
     p.add_argument("--repeats", type=int, default=5, help="timed repeats per contender (median reported)")
     p.add_argument("--steps", type=int, default=2, help="training steps per repeat")
     p.add_argument("--warmup", type=int, default=2, help="untimed steps per contender before timing")
@@ -301,17 +299,17 @@ def main(argv=None):
                    help=f"with --compile: comma-separated torch.compile modes, among {list(COMPILE_MODES)} (default: default)")
     p.add_argument("--trace", action="store_true", help="also profile a few steps of every contender with torch.profiler")
     args = p.parse_args(argv)
-    device, _, info = setup(args, cpu_batch=32, gpu_batch=128)
+    device, profile, info = setup(args, cpu_batch=32, gpu_batch=128)
     names = [n.strip() for n in args.configs.split(",") if n.strip()]
     args.formats = [f.strip() for f in args.formats.split(",") if f.strip()]
     args.compile_modes = [m.strip() for m in args.compile_modes.split(",") if m.strip()]
-    unknown = ([n for n in names if n not in CONFIGS] + [f for f in args.formats if f not in FORMATS]
+    unknown = ([n for n in names if n not in SHAPES] + [f for f in args.formats if f not in FORMATS]
                + [m for m in args.compile_modes if m not in COMPILE_MODES])
-    if unknown: p.error(f"unknown configs, formats or compile modes {unknown}; expected configs among {list(CONFIGS)}, "
+    if unknown: p.error(f"unknown configs, formats or compile modes {unknown}; expected configs among {list(SHAPES)}, "
                         f"formats among {list(FORMATS)}, compile modes among {list(COMPILE_MODES)}")
 
     import diffusers
-    meta = {"device": device.type, "threads": torch.get_num_threads(), "batch_size": args.batch_size,
+    meta = {"device": device.type, "profile": profile, "threads": torch.get_num_threads(), "batch_size": args.batch_size,
             "repeats": args.repeats, "steps": args.steps, "warmup": args.warmup, "compile": args.compile,
             "compile_modes": args.compile_modes if args.compile else [], "trace": args.trace,
             "formats": args.formats, "load_average_start": os.getloadavg(),
@@ -320,7 +318,7 @@ def main(argv=None):
     results = []
     for name in names:
         start = time.perf_counter()
-        r = bench_config(name, args, device)
+        r = bench_config(name, args, device, profile)
         results.append(r)
         rates = ", ".join(f"{label} {tm['images_per_s_median']:.1f}" for label, tm in r["timings"].items())
         print(f"{name}: params ours {r['parameters']['ours']:,d} / diffusers {r['parameters']['diffusers']:,d}; "

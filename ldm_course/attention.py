@@ -12,17 +12,17 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .core import make_generator, rehearse, resolve_profile, show_image
-from .ldm import LatentDiffusionPipeline, LDMConfig, ldm_config, text_condition, train_text_chapter
+from .core import Config, make_generator, rehearse, resolve_profile, show_image
+from .ldm import LatentDiffusionPipeline, LDMConfig, ldm_config, ldm_eval_config, text_condition, train_text_chapter
 from .text import TextEmbeddings
 from .training import TrainedRun
 from .unet import register_cross_attention_block
 
 # %% auto #0
-__all__ = ['Attention', 'GEGLU', 'FeedForward', 'BasicTransformerBlock', 'SpatialTransformer', 'to_multihead_attention',
-           'spatial_transformer_spec', 'spatial_transformers', 'cross_attention_config',
-           'cross_attention_training_config', 'train_cross_attention_chapter', 'plot_method_comparison',
-           'plot_resolution_zoom', 'denoising_losses', 'plot_guidance_sweep']
+__all__ = ['CROSS_ATTENTION_EVAL_PRESETS', 'Attention', 'GEGLU', 'FeedForward', 'BasicTransformerBlock', 'SpatialTransformer',
+           'to_multihead_attention', 'spatial_transformer_spec', 'spatial_transformers', 'cross_attention_config',
+           'cross_attention_chapter_configs', 'cross_attention_training_config', 'train_cross_attention_chapter',
+           'plot_method_comparison', 'plot_resolution_zoom', 'denoising_losses', 'plot_guidance_sweep']
 
 # %% ../nbs/10_cross_attention.ipynb #3651aa2a
 class Attention(nn.Module):
@@ -184,14 +184,28 @@ def cross_attention_config(profile: str = "auto", # "auto", "smoke", "cpu" or "g
     unet = base.unet.replace(cross_attention_levels=levels, context_dim=context_dim, cond_dim=cond_dim)
     return rehearse(base.replace(unet=unet, cross_attention_block=spatial_transformer_spec(**block)).replace(**overrides))
 
+CROSS_ATTENTION_EVAL_PRESETS = {  # chapter 09's sizes, and what only this chapter measures
+    "smoke": dict(n_per=2, n_train_eval=32, min_draws=64, guidance_scales=(0.0, 1.0, 3.0)),
+    "cpu": dict(n_per=4, n_train_eval=512, min_draws=1024, guidance_scales=(0.0, 1.0, 2.0, 3.0, 5.0, 8.0)),
+    "gpu": dict(n_per=6, n_train_eval=1024, min_draws=2048, guidance_scales=(0.0, 1.0, 2.0, 3.0, 5.0, 8.0))}
+
+def cross_attention_chapter_configs(profile: str = "auto", # run profile
+                                    seed: int = 0, # the notebook's seed (as in chapter 09)
+                                    context_dim: int = 384, # the text encoder's token size
+                                   ) -> dict[str, Config]:
+    "Every size of chapter 10 for a profile: the experiment (model, training, sampling) and the evaluation sizes."
+    profile = resolve_profile(profile)
+    experiment = cross_attention_config(profile, context_dim=context_dim)
+    return {"experiment": experiment.replace(train=experiment.train.replace(seed=seed)),
+            "evaluation": ldm_eval_config(profile, **CROSS_ATTENTION_EVAL_PRESETS[profile])}
+
 # %% ../nbs/10_cross_attention.ipynb #bebccc75
 def cross_attention_training_config(profile: str = "auto", # run profile
                                     seed: int = 0, # the notebook's seed (as in chapter 09)
                                     context_dim: int = 384, # the text encoder's token size
                                    ) -> LDMConfig:
     "Chapter 10's experiment as its notebook sets it: the preset sized for the text encoder's tokens, with the run's seed."
-    cfg = cross_attention_config(profile, context_dim=context_dim)
-    return cfg.replace(train=cfg.train.replace(seed=seed))
+    return cross_attention_chapter_configs(profile, seed, context_dim)["experiment"]
 
 def train_cross_attention_chapter(profile: str = "auto", seed: int = 0, source: str = "auto", encoder: str = "auto",
                                   checkpoint_every: int | None = None) -> TrainedRun:

@@ -29,8 +29,8 @@ __all__ = ['PROFILES', 'RUN_PROFILES', 'REHEARSAL_VARIABLE', 'REHEARSAL_RULES', 
            'torch_seeded', 'Config', 'RunProfile', 'resolve_profile', 'get_profile', 'Rehearsal', 'active_rehearsal',
            'rehearse', 'repo_root', 'absolute_env_paths', 'data_dir', 'runs_dir', 'figures_dir', 'atomic_path',
            'atomic_write', 'save_checkpoint', 'read_checkpoint_metadata', 'load_checkpoint', 'run_provenance',
-           'read_json', 'save_metrics', 'load_metrics', 'progress', 'image_grid', 'show_image', 'show_images',
-           'french_ticks', 'figure_provenance_path', 'save_figure']
+           'read_json', 'save_metrics', 'load_metrics', 'configs_path', 'save_configs', 'progress', 'image_grid',
+           'show_image', 'show_images', 'french_ticks', 'figure_provenance_path', 'save_figure']
 
 # %% ../nbs/00_core.ipynb #9d057792
 def _mps_available() -> bool:
@@ -366,10 +366,13 @@ def load_checkpoint(path: str | Path, # a file written by `save_checkpoint`
 # %% ../nbs/00_core.ipynb #95bb4012
 RUN_SESSION = uuid.uuid4().hex  # one per Python process: ties a chapter's figures to the metrics written beside them
 
+_SAVED_CONFIGS: dict[str, str] = {}   # chapter -> sha256 of the configs file this process wrote (see `save_configs`)
+
 def run_provenance() -> dict:
-    "Who is writing now: this process's session and, under the pipeline, the stage and its input fingerprint."
+    "Who is writing now: this process's session, the chapter configs it saved and, under the pipeline, the stage and its input fingerprint."
     return {"session": RUN_SESSION, "stage": os.environ.get("LDM_COURSE_STAGE") or None,
             "stage_fingerprint": os.environ.get("LDM_COURSE_STAGE_FINGERPRINT") or None,
+            "configs": dict(_SAVED_CONFIGS),
             "written": datetime.now(timezone.utc).isoformat(timespec="seconds")}
 
 def read_json(path: str | Path, # a JSON file written by the course (metrics, state, provenance)
@@ -395,6 +398,26 @@ def load_metrics(profile: str = "auto", # run profile
     "Every chapter's metrics of a profile, keyed by chapter name; a corrupt file is an error naming it."
     folder = runs_dir(profile) / "metrics"
     return {p.stem: read_json(p) for p in sorted(folder.glob("*.json"))}
+
+# %% ../nbs/00_core.ipynb #6b7abc36
+def configs_path(chapter: str, # chapter name, e.g. "05_ddpm_mnist"
+                 profile: str = "auto", # run profile: decides the folder
+                ) -> Path:
+    "runs/<profile>/configs/<chapter>.json: the configs a chapter ran with."
+    return runs_dir(profile) / "configs" / f"{chapter}.json"
+
+def save_configs(chapter: str, # chapter name, e.g. "05_ddpm_mnist"
+                 configs: Mapping[str, Config], # concern ("experiment", "evaluation"...) -> the Config the chapter uses
+                 profile: str = "auto", # run profile: decides the folder
+                ) -> Path:
+    "Write a chapter's configs to `configs_path`, atomically; later metrics and figures of this process carry its sha256."
+    bad = {k: type(v).__name__ for k, v in configs.items() if not isinstance(v, Config)}
+    if bad: raise TypeError(f"save_configs expects Config objects, got {bad}")
+    text = json.dumps({"chapter": chapter, "profile": resolve_profile(profile),
+                       "configs": {k: v.to_dict() for k, v in configs.items()}}, indent=2, ensure_ascii=False) + "\n"
+    path = atomic_write(configs_path(chapter, profile), text)
+    _SAVED_CONFIGS[chapter] = hashlib.sha256(text.encode()).hexdigest()
+    return path
 
 # %% ../nbs/00_core.ipynb #1d166924
 from tqdm.auto import tqdm

@@ -163,6 +163,7 @@ class DDPMConfig(Config):
     guidance_scales: tuple[float, ...] = (0.0, 1.0, 2.0, 3.0, 5.0) # w values of the sweep
     sweep_steps: int = 25               # DDIM steps of the guidance sweep
     samples_per_class: int = 20         # samples per class and per w, scored by the judge
+    grid_rows: int = 3                  # rows of the sample figures (one image per class in each row)
     sample_batch_size: int = 500        # images per sampling call (memory bound)
     judge: ClassifierConfig = dataclasses.field(default_factory=ClassifierConfig) # the judge classifier
     judge_train: TrainConfig = dataclasses.field(default_factory=TrainConfig) # its training recipe
@@ -191,9 +192,7 @@ class DDPMConfig(Config):
 
 # %% ../nbs/05_ddpm_mnist.ipynb #24f628fb
 def _mnist_preset(profile: str) -> DDPMConfig:
-    # chapter 03's sizes, made class-conditional; on CPU one ResBlock per level and no attention (3x faster at 28×28)
-    unet = unet_preset("mnist", profile).replace(num_classes=10)
-    if profile == "cpu": unet = unet.replace(layers_per_block=1, attention_levels=(), mid_attention=False)
+    unet = unet_preset("mnist", profile).replace(num_classes=10)   # chapter 03's network of this profile, class-conditional
     train = {"smoke": train_config("smoke", lr=2e-3, max_steps=30, warmup_steps=5, checkpoint_every=0, sample_every=0),
              "cpu": train_config("cpu", lr=2e-3, max_steps=360, warmup_steps=30, batch_size=64, ema_decay=0.995,
                                  checkpoint_every=0, sample_every=0),
@@ -203,18 +202,17 @@ def _mnist_preset(profile: str) -> DDPMConfig:
                    "cpu": TrainConfig(lr=3e-3, max_steps=300, warmup_steps=30, batch_size=64, ema_decay=0.99),
                    "gpu": TrainConfig(lr=3e-3, max_steps=3_000, warmup_steps=100, batch_size=128, ema_decay=0.999)}[profile]
     sizes = {"smoke": dict(num_train_images=512, ddpm_steps=50, ddim_steps=10, num_compare=4, guidance_scales=(0.0, 1.0, 3.0),
-                           sweep_steps=5, samples_per_class=2),
+                           sweep_steps=5, samples_per_class=2, grid_rows=2),
              "cpu": dict(num_train_images=20_000, ddpm_steps=1000, ddim_steps=50, num_compare=2,
-                         guidance_scales=(0.0, 1.0, 2.0, 3.0, 5.0), sweep_steps=20, samples_per_class=6),
+                         guidance_scales=(0.0, 1.0, 2.0, 3.0, 5.0), sweep_steps=20, samples_per_class=6, grid_rows=3),
              "gpu": dict(num_train_images=0, ddpm_steps=1000, ddim_steps=50, num_compare=64,
-                         guidance_scales=(0.0, 0.5, 1.0, 1.5, 2.0, 3.0, 5.0, 8.0), sweep_steps=50, samples_per_class=100)}[profile]
+                         guidance_scales=(0.0, 0.5, 1.0, 1.5, 2.0, 3.0, 5.0, 8.0), sweep_steps=50, samples_per_class=100,
+                         grid_rows=10)}[profile]
     return DDPMConfig(dataset="mnist", image_size=28, unet=unet, train=train, judge=ClassifierConfig(in_channels=1),
                       judge_train=judge_train, **sizes)
 
 def _cifar10_preset(profile: str) -> DDPMConfig:
-    # chapter 03's sizes with attention at the lowest level, class-conditional; narrower and shallower on CPU
-    unet = unet_preset("cifar10", profile).replace(num_classes=10)
-    if profile == "cpu": unet = unet.replace(block_out_channels=(32, 64, 64), layers_per_block=1, mid_attention=False)
+    unet = unet_preset("cifar10", profile).replace(num_classes=10)   # chapter 03's network of this profile, class-conditional
     train = {"smoke": train_config("smoke", lr=2e-3, max_steps=30, warmup_steps=5, checkpoint_every=0, sample_every=0),
              "cpu": train_config("cpu", lr=2e-3, max_steps=280, warmup_steps=30, batch_size=48, ema_decay=0.995,
                                  checkpoint_every=0, sample_every=0),
@@ -224,11 +222,11 @@ def _cifar10_preset(profile: str) -> DDPMConfig:
                    "cpu": TrainConfig(lr=3e-3, max_steps=300, warmup_steps=30, batch_size=64, ema_decay=0.99),
                    "gpu": TrainConfig(lr=3e-3, max_steps=5_000, warmup_steps=200, batch_size=128, ema_decay=0.999)}[profile]
     sizes = {"smoke": dict(num_train_images=500, ddpm_steps=100, ddim_steps=10, num_compare=4, guidance_scales=(0.0, 1.0, 3.0),
-                           sweep_steps=5, samples_per_class=2),
+                           sweep_steps=5, samples_per_class=2, grid_rows=2),
              "cpu": dict(num_train_images=10_000, ddpm_steps=1000, ddim_steps=50, num_compare=2,
-                         guidance_scales=(0.0, 1.0, 3.0), sweep_steps=20, samples_per_class=6),
+                         guidance_scales=(0.0, 1.0, 3.0), sweep_steps=20, samples_per_class=6, grid_rows=6),
              "gpu": dict(num_train_images=0, ddpm_steps=1000, ddim_steps=50, num_compare=64,
-                         guidance_scales=(0.0, 1.0, 2.0, 3.0, 5.0), sweep_steps=50, samples_per_class=100)}[profile]
+                         guidance_scales=(0.0, 1.0, 2.0, 3.0, 5.0), sweep_steps=50, samples_per_class=100, grid_rows=6)}[profile]
     judge = ClassifierConfig(in_channels=3, channels=(32, 64, 128) if profile == "gpu" else (16, 32, 64))
     return DDPMConfig(dataset="cifar10", image_size=32, unet=unet, train=train, judge=judge, judge_train=judge_train, **sizes)
 

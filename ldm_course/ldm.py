@@ -45,15 +45,16 @@ from ldm_course.vae import (
 )
 
 # %% auto #0
-__all__ = ['HELD_OUT_PAIRS', 'LDM_SAMPLERS', 'LDM_PIPELINE_FORMAT', 'PATTERN_WORDS', 'LDM_CHAPTERS', 'pair_prompt',
-           'held_out_mask', 'split_catalogue', 'LDMConfig', 'ldm_config', 'ldm_checkpoint_dir', 'ldm_checkpoint_path',
-           'fallback_vae_path', 'find_vae', 'load_or_train_vae', 'fit_length', 'trim_padding', 'CaptionedLatents',
-           'caption_table', 'TextDiffusionLoss', 'text_condition', 'text_guidance', 'cross_attention_factory',
-           'build_ldm_unet', 'build_ldm_scheduler', 'text_encoder_spec', 'LDMTrajectory', 'LDMOutput',
-           'LatentDiffusionPipeline', 'latent_sampler', 'fashion_latents', 'caption_embeddings', 'short_captions',
-           'LDMData', 'prepare_ldm_data', 'ldm_trainer', 'train_ldm', 'train_ldm_chapter', 'ldm_training_config',
-           'prepare_ldm_data_once', 'train_text_chapter', 'train_additive_chapter', 'training_summary',
-           'plot_denoising_evolution', 'plot_prompt_grid', 'train_step_seconds', 'pixel_unet_config']
+__all__ = ['HELD_OUT_PAIRS', 'LDM_SAMPLERS', 'LDM_EVAL_PRESETS', 'LDM_PIPELINE_FORMAT', 'PATTERN_WORDS', 'LDM_CHAPTERS',
+           'pair_prompt', 'held_out_mask', 'split_catalogue', 'LDMConfig', 'ldm_config', 'LDMEvalConfig',
+           'ldm_eval_config', 'ldm_chapter_configs', 'ldm_checkpoint_dir', 'ldm_checkpoint_path', 'fallback_vae_path',
+           'find_vae', 'load_or_train_vae', 'fit_length', 'trim_padding', 'CaptionedLatents', 'caption_table',
+           'TextDiffusionLoss', 'text_condition', 'text_guidance', 'cross_attention_factory', 'build_ldm_unet',
+           'build_ldm_scheduler', 'text_encoder_spec', 'LDMTrajectory', 'LDMOutput', 'LatentDiffusionPipeline',
+           'latent_sampler', 'fashion_latents', 'caption_embeddings', 'short_captions', 'LDMData', 'prepare_ldm_data',
+           'ldm_trainer', 'train_ldm', 'train_ldm_chapter', 'ldm_training_config', 'prepare_ldm_data_once',
+           'train_text_chapter', 'train_additive_chapter', 'training_summary', 'plot_denoising_evolution',
+           'plot_prompt_grid', 'train_step_seconds', 'pixel_unet_config']
 
 # %% ../nbs/09_ldm_additive.ipynb #45607fc3
 HELD_OUT_PAIRS = (("Skirts", "Green"), ("Jeans", "Purple"))  # (articleType, baseColour) pairs never seen in training
@@ -145,9 +146,7 @@ def ldm_config(profile: str = "auto", # "auto", "smoke", "cpu" or "gpu"
     "The additive (report) latent diffusion experiment of a run profile, with `overrides` applied."
     profile = resolve_profile(profile)
     c = vae_config("kl", profile).latent_channels   # the U-Net denoises chapter 07's latents of this profile
-    unet = {"smoke": UNetConfig(c, c, (16, 32), layers_per_block=1, mid_attention=False, norm_num_groups=8),
-            "cpu": UNetConfig(c, c, (32, 64, 64), layers_per_block=1, mid_attention=False, norm_num_groups=8),
-            "gpu": unet_preset("latent", "gpu").replace(in_channels=c, out_channels=c)}[profile].replace(cond_dim=cond_dim)
+    unet = unet_preset("latent", profile).replace(in_channels=c, out_channels=c, cond_dim=cond_dim)   # chapter 03's network
     train = {"smoke": train_config("smoke", lr=2e-3, max_steps=30, warmup_steps=5, batch_size=16, ema_decay=0.9,
                                    checkpoint_every=0, sample_every=0),
              "cpu": train_config("cpu", lr=2e-3, max_steps=600, warmup_steps=50, batch_size=64, ema_decay=0.995,
@@ -157,6 +156,35 @@ def ldm_config(profile: str = "auto", # "auto", "smoke", "cpu" or "gpu"
     sampling = {"smoke": dict(num_inference_steps=5, num_train_images=256), "cpu": dict(num_inference_steps=50),
                 "gpu": dict(num_inference_steps=50)}[profile]
     return rehearse(LDMConfig(unet=unet, train=train, pooled_scale=math.sqrt(cond_dim), **sampling).replace(**overrides))
+
+# %% ../nbs/09_ldm_additive.ipynb #9b61f887
+@dataclasses.dataclass
+class LDMEvalConfig(Config):
+    "What a latent diffusion chapter (09 or 10) samples, times and measures besides training."
+    n_per: int = 6                     # images per prompt in the sample figures
+    speed_batch: int = 16              # latents per timed training step (latent against pixels, chapter 09)
+    speed_rounds: int = 3              # timed repeats behind the median (chapter 09)
+    n_train_eval: int = 512            # training items whose denoising loss is measured with and without text (chapter 10)
+    min_draws: int = 1024              # (item, t, noise) draws behind each of those losses (chapter 10)
+    guidance_scales: tuple[float, ...] = (0.0, 1.0, 2.0, 3.0, 5.0, 8.0)   # the guidance sweep (chapter 10)
+
+LDM_EVAL_PRESETS = {"smoke": LDMEvalConfig(n_per=2, speed_batch=4, speed_rounds=1),
+                    "cpu": LDMEvalConfig(n_per=6, speed_batch=16, speed_rounds=3),
+                    "gpu": LDMEvalConfig(n_per=8, speed_batch=64, speed_rounds=3)}
+
+def ldm_eval_config(profile: str = "auto", # "auto", "smoke", "cpu" or "gpu"
+                    **overrides, # LDMEvalConfig fields to change
+                   ) -> LDMEvalConfig:
+    "Chapter 09's evaluation sizes of a run profile (fewer in a rehearsal), with `overrides` applied."
+    return rehearse(LDM_EVAL_PRESETS[resolve_profile(profile)].replace(**overrides))
+
+def ldm_chapter_configs(profile: str = "auto", # run profile
+                        seed: int = 0, # the notebook's seed: initialisation, data order, every draw
+                        cond_dim: int = 384, # the text encoder's pooled size (384 MiniLM, 512 FashionCLIP)
+                       ) -> dict[str, Config]:
+    "Every size of chapter 09 for a profile: the experiment (model, training, sampling) and the evaluation sizes."
+    experiment = ldm_config(profile, cond_dim=cond_dim)
+    return {"experiment": experiment.replace(train=experiment.train.replace(seed=seed)), "evaluation": ldm_eval_config(profile)}
 
 # %% ../nbs/09_ldm_additive.ipynb #6e6187b4
 def ldm_checkpoint_dir(chapter: str, # "09_ldm_additive" or "10_cross_attention"
@@ -675,8 +703,7 @@ def ldm_training_config(profile: str = "auto", # run profile
                         cond_dim: int = 384, # the text encoder's pooled size
                        ) -> LDMConfig:
     "Chapter 09's experiment as its notebook sets it: the preset sized for the text encoder, with the run's seed."
-    cfg = ldm_config(profile, cond_dim=cond_dim)
-    return cfg.replace(train=cfg.train.replace(seed=seed))
+    return ldm_chapter_configs(profile, seed, cond_dim)["experiment"]
 
 def prepare_ldm_data_once(cfg: LDMConfig, # held-out pairs, cap on training items
                           text_encoder: TextEncoder, # the frozen text encoder

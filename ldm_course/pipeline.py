@@ -15,7 +15,7 @@ import shutil
 import socket
 import sys
 import time
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from datetime import datetime, timezone
 from importlib import metadata as importlib_metadata
@@ -26,20 +26,47 @@ import papermill
 from fastcore.xtras import modified_env
 from papermill.exceptions import PapermillExecutionError
 
+from .attention import cross_attention_chapter_configs
 from ldm_course.core import (
-    REHEARSAL_VARIABLE, Config, Rehearsal, absolute_env_paths, atomic_write, data_dir, progress, read_json, repo_root,
+    PROFILES, REHEARSAL_VARIABLE, Config, Rehearsal, absolute_env_paths, atomic_write, data_dir, progress, read_json, repo_root,
     resolve_profile, runs_dir,
 )
 from .data import FASHION_DIRNAMES, find_fashion_root
+from .ddpm import ddpm_training_config
+from .ldm import ldm_chapter_configs
+from .metrics import eval_config
 from .text import FASHION_CLIP_REPO
+from .vae import vae_chapter_configs
 
 # %% auto #0
-__all__ = ['ALL_DATASETS', 'STAGE_INPUTS', 'PACKAGES', 'ENV_INPUTS', 'has_parameters_cell', 'pipeline_notebooks',
-           'select_notebooks', 'check_parameters', 'stage_parameters', 'StageInputs', 'stage_inputs', 'folder_digest',
-           'dataset_locations', 'dataset_digest', 'package_versions', 'encoder_identity', 'environment_inputs',
-           'library_digest', 'input_components', 'input_fingerprint', 'rerun_reasons', 'ChapterFailed', 'StageResult',
-           'running_cell', 'rehearsal_dir', 'clear_stage_checkpoints', 'rehearsal_environment', 'stage_environment',
-           'run_stage', 'stage_status', 'RunLocked', 'run_lock', 'load_pipeline_state', 'run_pipeline']
+__all__ = ['CHAPTER_CONFIGS', 'ALL_DATASETS', 'STAGE_INPUTS', 'PACKAGES', 'ENV_INPUTS', 'chapter_configs', 'has_parameters_cell',
+           'pipeline_notebooks', 'select_notebooks', 'check_parameters', 'stage_parameters', 'StageInputs',
+           'stage_inputs', 'folder_digest', 'dataset_locations', 'dataset_digest', 'package_versions',
+           'encoder_identity', 'environment_inputs', 'library_digest', 'input_components', 'input_fingerprint',
+           'rerun_reasons', 'ChapterFailed', 'StageResult', 'running_cell', 'rehearsal_dir', 'clear_stage_checkpoints',
+           'rehearsal_environment', 'stage_environment', 'run_stage', 'stage_status', 'RunLocked', 'run_lock',
+           'load_pipeline_state', 'run_pipeline']
+
+# %% ../nbs/12_pipeline.ipynb #feb9a733
+CHAPTER_CONFIGS: dict[str, Callable[[str, int, int, int], dict[str, Config]]] = {  # (profile, seed, text dim, token dim)
+    "05_ddpm_mnist": lambda p, seed, dim, token_dim: {"experiment": ddpm_training_config("mnist", p, seed)},
+    "06_ddpm_cifar10": lambda p, seed, dim, token_dim: {"experiment": ddpm_training_config("cifar10", p, seed)},
+    "07_vae": lambda p, seed, dim, token_dim: vae_chapter_configs(p, seed),
+    "09_ldm_additive": lambda p, seed, dim, token_dim: ldm_chapter_configs(p, seed, dim),
+    "10_cross_attention": lambda p, seed, dim, token_dim: cross_attention_chapter_configs(p, seed, token_dim),
+    "11_evaluation": lambda p, seed, dim, token_dim: {"evaluation": eval_config(p)},
+}
+
+def chapter_configs(chapter: str, # e.g. "10_cross_attention"
+                    profile: str = "auto", # "auto", "smoke", "cpu" or "gpu"
+                    seed: int = 0, # the notebook's `seed` parameter
+                    text_dim: int = 384, # the text encoder's pooled size (384 MiniLM, 512 FashionCLIP)
+                    token_dim: int = 384, # the text encoder's token size
+                   ) -> dict[str, Config]:
+    "Every size a chapter uses at a profile, as its notebook builds them: concern ('experiment', 'evaluation'...) -> Config."
+    if chapter not in CHAPTER_CONFIGS:
+        raise ValueError(f"No configs for chapter {chapter!r}; chapters with sizes: {sorted(CHAPTER_CONFIGS)}")
+    return CHAPTER_CONFIGS[chapter](resolve_profile(profile), seed, text_dim, token_dim)
 
 # %% ../nbs/12_pipeline.ipynb #b51b32b5
 def has_parameters_cell(notebook: str | Path, # an .ipynb file

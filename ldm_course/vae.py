@@ -30,18 +30,18 @@ from .data import GARMENT_COLOURS
 from .training import TrainConfig, train_config
 
 # %% auto #0
-__all__ = ['PERCEPTUAL_LOSSES', 'RECON_LOSSES', 'PIXELS_PER_PASS', 'VAE_CHECKPOINT_FORMAT', 'VAE_FACTORS', 'DiagonalGaussian',
-           'VAEConfig', 'GroupNorm', 'ResnetBlock', 'AttnBlock', 'Downsample', 'Upsample', 'mid_block', 'Encoder',
-           'Decoder', 'PatchDiscriminator', 'make_discriminator', 'VAEOutput', 'Autoencoder', 'AutoencoderKL',
-           'random_crops', 'patch_spectrum_distance', 'perceptual_distance', 'hinge_d_loss', 'hinge_g_loss',
-           'adaptive_weight', 'frozen', 'reconstruction_loss', 'VAELoss', 'QuantizerOutput', 'code_perplexity',
-           'VectorQuantizer', 'VQVAE', 'build_vae', 'images_per_pass', 'estimate_scale_factor', 'set_scale_factor',
-           'vae_checkpoint_dir', 'vae_checkpoint_path', 'save_vae', 'load_vae', 'vae_fingerprint', 'encode_dataset',
-           'psnr', 'ssim', 'gradient_energy', 'high_frequency_ratio', 'colour_error', 'reconstruct', 'codebook_usage',
-           'dominant_colour', 'garment_mask', 'colour_preserved', 'colour_fidelity', 'interpolate',
+__all__ = ['PERCEPTUAL_LOSSES', 'RECON_LOSSES', 'PIXELS_PER_PASS', 'VAE_CHECKPOINT_FORMAT', 'VAE_FACTORS', 'VAE_EVAL_PRESETS',
+           'DiagonalGaussian', 'VAEConfig', 'GroupNorm', 'ResnetBlock', 'AttnBlock', 'Downsample', 'Upsample',
+           'mid_block', 'Encoder', 'Decoder', 'PatchDiscriminator', 'make_discriminator', 'VAEOutput', 'Autoencoder',
+           'AutoencoderKL', 'random_crops', 'patch_spectrum_distance', 'perceptual_distance', 'hinge_d_loss',
+           'hinge_g_loss', 'adaptive_weight', 'frozen', 'reconstruction_loss', 'VAELoss', 'QuantizerOutput',
+           'code_perplexity', 'VectorQuantizer', 'VQVAE', 'build_vae', 'images_per_pass', 'estimate_scale_factor',
+           'set_scale_factor', 'vae_checkpoint_dir', 'vae_checkpoint_path', 'save_vae', 'load_vae', 'vae_fingerprint',
+           'encode_dataset', 'psnr', 'ssim', 'gradient_energy', 'high_frequency_ratio', 'colour_error', 'reconstruct',
+           'codebook_usage', 'dominant_colour', 'garment_mask', 'colour_preserved', 'colour_fidelity', 'interpolate',
            'pixel_interpolation', 'detail_box', 'plot_full_size', 'plot_latent_channels', 'plot_interpolations',
            'plot_vae_curves', 'cpu_supports_bf16', 'cpu_mixed_precision', 'vae_config', 'vae_train_config',
-           'ByteImages']
+           'VAEEvalConfig', 'vae_eval_config', 'vae_chapter_configs', 'ByteImages']
 
 # %% ../nbs/07_vae.ipynb #c9a9b2b4
 class DiagonalGaussian:
@@ -1045,6 +1045,36 @@ def vae_train_config(kind: str = "kl", # "kl" or "vq"
                                checkpoint_every=2_500, sample_every=0, keep_last=2, **gan)}[profile]
     if kind == "vq": cfg = cfg.replace(ema_decay=0.0)
     return rehearse(cfg.replace(**overrides))
+
+# %% ../nbs/07_vae.ipynb #21246350
+@dataclasses.dataclass
+class VAEEvalConfig(Config):
+    "What chapter 07 measures its autoencoders on and shows, apart from how it trains them."
+    num_heldout: int = 150        # catalogue images kept out of training: every reconstruction measure and figure
+    num_scale_images: int = 256   # training images whose latents give the scale factor 1/σ
+    num_show: int = 3             # images per row of the reconstruction figures
+
+VAE_EVAL_PRESETS = {"smoke": VAEEvalConfig(num_heldout=48, num_scale_images=64, num_show=2),
+                    "cpu": VAEEvalConfig(num_heldout=150, num_scale_images=256, num_show=3),
+                    "gpu": VAEEvalConfig(num_heldout=1_000, num_scale_images=5_000, num_show=3)}
+
+def vae_eval_config(profile: str = "auto", # "auto", "smoke", "cpu" or "gpu"
+                    **overrides, # VAEEvalConfig fields to change
+                   ) -> VAEEvalConfig:
+    "Chapter 07's evaluation sizes of a run profile (a rehearsal holds out and shows fewer images), with `overrides`."
+    return rehearse(VAE_EVAL_PRESETS[resolve_profile(profile)].replace(**overrides))
+
+def vae_chapter_configs(profile: str = "auto", # run profile
+                        seed: int = 0, # the notebook's seed: initialisation, data order, every draw
+                       ) -> dict[str, Config]:
+    "Every size of chapter 07 for a profile: both autoencoders, their training recipes and the evaluation sizes."
+    kl_train = vae_train_config("kl", profile, seed=seed)
+    return {"autoencoder": vae_config("kl", profile),
+            # the VQ-VAE: reconstruction + commitment only (see "Entraîner"), in the KL-VAE's precision
+            "vq_autoencoder": vae_config("vq", profile, perceptual_weight=0.0, disc_weight=0.0),
+            "training": kl_train,
+            "vq_training": vae_train_config("vq", profile, seed=seed, mixed_precision=kl_train.mixed_precision),
+            "evaluation": vae_eval_config(profile)}
 
 # %% ../nbs/07_vae.ipynb #bc8a758e
 class ByteImages(Dataset):

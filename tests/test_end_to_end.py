@@ -1,5 +1,6 @@
 """End to end, as a newcomer runs it: every chapter notebook on the smoke profile, then the report, through the
 `ldm-course` console script, in a temporary runs/figures folder. Then a second run, which must skip everything."""
+import hashlib
 import json
 import os
 import shutil
@@ -12,7 +13,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from ldm_course.pipeline import pipeline_notebooks
+from ldm_course.core import read_checkpoint_metadata
+from ldm_course.pipeline import CHAPTER_CONFIGS, chapter_configs, pipeline_notebooks
 
 ROOT = Path(__file__).resolve().parents[1]
 CLI = [str(Path(sys.executable).parent / "ldm-course")]  # the console script, as a user calls it
@@ -80,6 +82,29 @@ def test_metrics_and_figures_are_where_the_report_reads_them(smoke_run):
     for fig in figures:
         pixels = np.asarray(Image.open(fig).convert("L"), dtype=np.float32) / 255
         assert pixels.std() > 0.02, f"{fig.name} looks blank"
+
+
+def test_each_chapter_ran_with_the_sizes_its_config_function_gives(smoke_run):
+    "Issue 15: `chapter_configs(N, P)` answers 'what sizes did chapter N use at profile P', and a run proves it."
+    runs = smoke_run["runs"]
+    for chapter in CHAPTER_CONFIGS:
+        expected = {name: c.to_dict() for name, c in chapter_configs(chapter, "smoke").items()}
+        saved_file = runs / "configs" / f"{chapter}.json"
+        assert json.loads(saved_file.read_text())["configs"] == expected, f"{chapter} ran with other sizes than chapter_configs"
+        digest = hashlib.sha256(saved_file.read_bytes()).hexdigest()
+        metrics = json.loads((runs / "metrics" / f"{chapter}.json").read_text())
+        assert metrics["provenance"]["configs"][chapter] == digest, f"{chapter}'s metrics do not name the configs they came from"
+    # the checkpoints carry the same models
+    model = lambda chapter: chapter_configs(chapter, "smoke")["experiment"]
+    for chapter in ("05_ddpm_mnist", "06_ddpm_cifar10"):
+        header = read_checkpoint_metadata(runs / "checkpoints" / chapter / "ddpm_ema.safetensors")
+        assert header["config"]["unet"] == model(chapter).unet.to_dict(), chapter
+    for chapter in ("09_ldm_additive", "10_cross_attention"):
+        header = read_checkpoint_metadata(runs / "checkpoints" / chapter / "ldm.safetensors")
+        assert header["ldm_config"]["unet"] == model(chapter).unet.to_dict(), chapter
+        assert header["vae_config"] == chapter_configs("07_vae", "smoke")["autoencoder"].to_dict(), chapter
+    figures = [json.loads(p.read_text()) for p in smoke_run["figures"].glob("fig*.png.json")]
+    assert any("09_ldm_additive" in f.get("configs", {}) for f in figures), "no figure names the configs it came from"
 
 
 def test_report_is_built_from_this_run(smoke_run):
