@@ -33,7 +33,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from machine import add_machine_arguments, describe, out_dir, setup, write_result  # noqa: E402
 
-from ldm_course.attention import cross_attention_config  # noqa: E402
+from ldm_course.cross_attention import cross_attention_config  # noqa: E402
 from ldm_course.ldm import LDMConfig, LatentDiffusionPipeline, build_ldm_scheduler, prepare_ldm_data, train_ldm  # noqa: E402
 from ldm_course.metrics import (  # noqa: E402
     eval_config, evaluation_prompts, judge_checkpoint_path, load_judge, pipeline_generate, prompt_alignment,

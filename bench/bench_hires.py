@@ -30,7 +30,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from machine import add_machine_arguments, describe, out_dir, seconds_of, setup, verdict, write_result  # noqa: E402
 
-from ldm_course.attention import cross_attention_config  # noqa: E402
+from ldm_course.cross_attention import cross_attention_config  # noqa: E402
 from ldm_course.benchmarks import BENCHMARK_TARGETS  # noqa: E402
 from ldm_course.ldm import LatentDiffusionPipeline, build_ldm_scheduler, build_ldm_unet, text_condition  # noqa: E402
 from ldm_course.text import load_text_encoder  # noqa: E402

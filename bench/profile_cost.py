@@ -46,13 +46,11 @@ from torch.utils.data import Dataset, TensorDataset
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from machine import add_machine_arguments, describe, out_dir, setup, write_result  # noqa: E402
 
-from ldm_course.attention import cross_attention_config  # noqa: E402
 from ldm_course.core import PROFILES, repo_root, runs_dir, torch_seeded  # noqa: E402
+from ldm_course.cross_attention import cross_attention_config  # noqa: E402
 from ldm_course.data import GARMENT_COLOURS, GARMENT_TYPES  # noqa: E402
-from ldm_course.ddpm import (  # noqa: E402
-    ClassificationLoss, DiffusionLoss, ImageClassifier, build_scheduler, build_unet, ddpm_config,
-)
-from ldm_course.ldm import CaptionedLatents, LDMConfig, TextDiffusionLoss, build_ldm_scheduler, build_ldm_unet, ldm_config  # noqa: E402
+from ldm_course.ddpm import ClassificationLoss, build_classifier, build_loss, build_unet, ddpm_config  # noqa: E402
+from ldm_course.ldm import CaptionedLatents, LDMConfig, build_ldm_loss, build_ldm_unet, ldm_config  # noqa: E402
 from ldm_course.text import TextEmbeddings  # noqa: E402
 from ldm_course.training import TrainConfig, Trainer  # noqa: E402
 from ldm_course.unet import count_parameters  # noqa: E402
@@ -91,7 +89,7 @@ def ddpm_recipe(dataset: str, profile: str) -> Recipe:
     cfg, g = ddpm_config(dataset, profile), torch.Generator().manual_seed(0)
     n = num_items(cfg.train)
     data = TensorDataset(random_images(n, cfg.image_shape, g), torch.randint(0, cfg.num_classes, (n,), generator=g))
-    return Recipe(build_unet(cfg), data, DiffusionLoss(build_scheduler(cfg), cfg.null_class, cfg.cond_drop_prob), cfg.train)
+    return Recipe(build_unet(cfg), data, build_loss(cfg), cfg.train)
 
 
 def judge_recipe(dataset: str, profile: str) -> Recipe:
@@ -99,7 +97,7 @@ def judge_recipe(dataset: str, profile: str) -> Recipe:
     cfg, g = ddpm_config(dataset, profile), torch.Generator().manual_seed(0)
     n = num_items(cfg.judge_train)
     data = TensorDataset(random_images(n, cfg.image_shape, g), torch.randint(0, cfg.judge.num_classes, (n,), generator=g))
-    with torch_seeded(cfg.judge_train.seed): model = ImageClassifier(cfg.judge).to(memory_format=torch.channels_last)
+    with torch_seeded(cfg.judge_train.seed): model = build_classifier(cfg.judge)
     return Recipe(model, data, ClassificationLoss(), cfg.judge_train)
 
 
@@ -126,27 +124,22 @@ def ldm_recipe(cfg: LDMConfig, profile: str, tokens: int) -> Recipe:
     data = CaptionedLatents(torch.randn(n, *vae_config("kl", profile).latent_shape, generator=g), torch.arange(2 * n).view(n, 2),
                             random_embeddings(lengths, tokens, g), with_tokens, (1 - cfg.short_caption_prob, cfg.short_caption_prob))
     null = random_embeddings(torch.tensor([2]), tokens, g)   # "" is [CLS] [SEP]
-    loss = TextDiffusionLoss(build_ldm_scheduler(cfg), null, cfg.cond_drop_prob, use_pooled=cfg.unet.cond_dim is not None,
-                             use_tokens=with_tokens, pooled_scale=cfg.pooled_scale)
-    return Recipe(build_ldm_unet(cfg), data, loss, cfg.train)
+    return Recipe(build_ldm_unet(cfg), data, build_ldm_loss(cfg, null), cfg.train)
 
 
 def garment_judge_recipe(profile: str) -> Recipe:
     "Chapter 11: the three-headed clothing judge, as `train_garment_judge` builds it (images at the trunk's size, native crops)."
-    from ldm_course.metrics import GarmentJudge, GarmentJudgeConfig, GarmentJudgeLoss, eval_config  # torchmetrics: only here
+    from ldm_course.metrics import GarmentJudgeLoss, build_garment_judge, eval_config  # torchmetrics: only here
     from ldm_course.synthetic import PATTERNS
     ecfg, g = eval_config(profile), torch.Generator().manual_seed(0)
-    config = GarmentJudgeConfig(tuple(GARMENT_TYPES), tuple(GARMENT_COLOURS), image_size=ecfg.judge_image_size,
-                                channels=ecfg.judge_channels, pattern_names=tuple(sorted(PATTERNS)),
-                                pattern_crop=ecfg.judge_pattern_crop, pattern_size=ecfg.judge_pattern_size,
-                                pattern_channels=ecfg.judge_pattern_channels)
+    config = ecfg.garment_judge_config(GARMENT_TYPES, GARMENT_COLOURS, sorted(PATTERNS))
     n = num_items(ecfg.judge_train)
     data = TensorDataset(random_images(n, (3, config.image_size, config.image_size), g),
                          torch.randint(0, len(config.type_names), (n,), generator=g),
                          torch.randint(0, len(config.colour_names), (n,), generator=g),
                          random_images(n, (3, config.pattern_size, config.pattern_size), g),
                          torch.randint(0, len(config.pattern_names), (n,), generator=g))
-    with torch_seeded(ecfg.judge_train.seed): model = GarmentJudge(config).to(memory_format=torch.channels_last)
+    with torch_seeded(ecfg.judge_train.seed): model = build_garment_judge(config)
     return Recipe(model, data, GarmentJudgeLoss(), ecfg.judge_train)
 
 

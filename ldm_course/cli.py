@@ -248,7 +248,7 @@ def _add_sample_parser(sub: argparse._SubParsersAction) -> None:
 # %% ../nbs/14_cli.ipynb #8de92a15
 import torch
 
-from .attention import train_cross_attention_chapter
+from .cross_attention import train_cross_attention_chapter
 from .ddpm import train_ddpm_chapter
 from .ldm import train_additive_chapter
 from .training import TrainedRun

@@ -27,10 +27,10 @@ from torch import Tensor
 __all__ = ['PROFILES', 'RUN_PROFILES', 'REHEARSAL_VARIABLE', 'REHEARSAL_RULES', 'PATH_VARIABLES', 'CHECKPOINT_FORMAT',
            'RUN_SESSION', 'get_device', 'seed_everything', 'make_generator', 'capture_rng_state', 'restore_rng_state',
            'torch_seeded', 'Config', 'RunProfile', 'resolve_profile', 'get_profile', 'Rehearsal', 'active_rehearsal',
-           'rehearse', 'repo_root', 'absolute_env_paths', 'data_dir', 'runs_dir', 'figures_dir', 'atomic_path',
-           'atomic_write', 'save_checkpoint', 'read_checkpoint_metadata', 'load_checkpoint', 'run_provenance',
-           'read_json', 'save_metrics', 'load_metrics', 'configs_path', 'save_configs', 'progress', 'image_grid',
-           'show_image', 'show_images', 'french_ticks', 'figure_provenance_path', 'save_figure']
+           'rehearse', 'profile_preset', 'repo_root', 'absolute_env_paths', 'data_dir', 'runs_dir', 'figures_dir',
+           'atomic_path', 'atomic_write', 'save_checkpoint', 'read_checkpoint_metadata', 'load_checkpoint',
+           'run_provenance', 'read_json', 'save_metrics', 'load_metrics', 'configs_path', 'save_configs', 'progress',
+           'image_grid', 'show_image', 'show_images', 'french_ticks', 'figure_provenance_path', 'save_figure']
 
 # %% ../nbs/00_core.ipynb #9d057792
 def _mps_available() -> bool:
@@ -228,6 +228,15 @@ def rehearse(config, # a Config dataclass (nested ones included) or a mapping of
         return dataclasses.replace(config, **{k: v for k, v in changes.items() if v is not getattr(config, k)})
     if isinstance(config, Mapping): return {k: value(k, v) for k, v in config.items()}
     raise TypeError(f"rehearse expects a Config dataclass or a mapping, got {type(config).__name__}")
+
+def profile_preset(presets: Mapping[str, Config], # profile name -> the preset Config of that profile
+                   profile: str = "auto", # "auto", "smoke", "cpu" or "gpu"
+                   **overrides, # fields to change
+                  ) -> Config:
+    "The preset of a run profile with `overrides` applied, its counts lowered in a rehearsal: how a chapter sizes a concern."
+    profile = resolve_profile(profile)
+    if profile not in presets: raise ValueError(f"No preset for profile {profile!r}; presets exist for {sorted(presets)}")
+    return rehearse(presets[profile].replace(**overrides))
 
 # %% ../nbs/00_core.ipynb #4a813f45
 def repo_root(start: str | Path | None = None, # where to start looking (default: cwd)

@@ -35,12 +35,12 @@ from .unet import UNet, UNetConfig, unet_preset
 # %% auto #0
 __all__ = ['ModelFn', 'DDPM_PRESETS', 'SAMPLERS', 'DDPM_FORMAT', 'CLASSIFIER_FORMAT', 'DDPM_CHAPTERS', 'diffusion_loss',
            'DiffusionLoss', 'guided_prediction', 'classifier_free_guidance', 'class_guidance', 'ClassifierConfig',
-           'DDPMConfig', 'ddpm_config', 'build_scheduler', 'build_unet', 'make_sampler', 'sample_images',
+           'DDPMConfig', 'ddpm_config', 'build_scheduler', 'build_unet', 'build_loss', 'make_sampler', 'sample_images',
            'sample_evolution', 'ddpm_checkpoint_path', 'save_ddpm', 'LoadedDDPM', 'load_ddpm', 'ImageClassifier',
-           'random_shift', 'ClassificationLoss', 'train_classifier', 'predict_labels', 'classifier_accuracy',
-           'chapter_judge_path', 'save_classifier', 'judge_training_key', 'load_classifier', 'GuidanceSweep',
-           'guidance_sweep', 'plot_forward_noising', 'plot_evolution', 'plot_guidance_grid', 'plot_guidance_accuracy',
-           'ddpm_training_config', 'ddpm_training_data', 'train_ddpm', 'train_ddpm_chapter']
+           'random_shift', 'ClassificationLoss', 'build_classifier', 'train_classifier', 'predict_labels',
+           'classifier_accuracy', 'chapter_judge_path', 'save_classifier', 'judge_training_key', 'load_classifier',
+           'GuidanceSweep', 'guidance_sweep', 'plot_forward_noising', 'plot_evolution', 'plot_guidance_grid',
+           'plot_guidance_accuracy', 'ddpm_training_config', 'ddpm_training_data', 'train_ddpm', 'train_ddpm_chapter']
 
 # %% ../nbs/05_ddpm_mnist.ipynb #a1aac510
 def diffusion_loss(model: nn.Module, # ε_θ(x_t, t, **model_kwargs) (or v_θ): same shape as x_t
@@ -250,6 +250,11 @@ def build_unet(cfg: DDPMConfig, # the experiment
     "A freshly initialised U-Net for an experiment: its weights are drawn from cfg.train.seed, whatever ran before."
     with torch_seeded(cfg.train.seed): return UNet(cfg.unet)
 
+def build_loss(cfg: DDPMConfig, # the experiment
+              ) -> DiffusionLoss:
+    "The experiment's training loss: L_simple, labels dropped to ∅ with probability cond_drop_prob (classifier-free guidance)."
+    return DiffusionLoss(build_scheduler(cfg), cfg.null_class, cfg.cond_drop_prob)
+
 # %% ../nbs/05_ddpm_mnist.ipynb #90f5d997
 SAMPLERS = ("ddpm", "ddim")
 
@@ -429,6 +434,11 @@ class ClassificationLoss:
         images, labels = batch[0], batch[1]
         return F.cross_entropy(model(random_shift(images, self.max_shift)), labels.long())
 
+def build_classifier(config: ClassifierConfig, # architecture
+                    ) -> ImageClassifier:
+    "A new ImageClassifier in channels-last memory (faster convolutions on CPU, oneDNN); seed torch first to fix its weights."
+    return ImageClassifier(config).to(memory_format=torch.channels_last)
+
 def train_classifier(images: Tensor, # (N, C, H, W) in [-1, 1]
                      labels: Tensor, # (N,) class indices
                      config: ClassifierConfig, # architecture
@@ -441,7 +451,7 @@ def train_classifier(images: Tensor, # (N, C, H, W) in [-1, 1]
     if int(labels.max()) >= config.num_classes or int(labels.min()) < 0:
         raise ValueError(f"labels must be in [0, {config.num_classes}), got {int(labels.min())}..{int(labels.max())}")
     with torch_seeded(cfg.seed):  # weights, dropout and shifts drawn from cfg.seed: the same judge whatever ran before
-        model = ImageClassifier(config).to(memory_format=torch.channels_last)  # faster convolutions on CPU (oneDNN)
+        model = build_classifier(config)
         trainer = Trainer(model, TensorDataset(images, labels.long()), ClassificationLoss(max_shift), cfg,
                           device=device)
         history = trainer.fit(resume=False)
@@ -658,7 +668,7 @@ def train_ddpm(cfg: DDPMConfig, # the experiment (`ddpm_training_config`)
     data_id = data_identity(train_data, source=f"{cfg.dataset} {data_source}")  # hashes every image
     folder = training_dir(ddpm_checkpoint_path(chapter, profile).parent, cfg, data_id)
     keep = checkpoints or finished_checkpoint(folder, cfg.train) is not None
-    trainer = Trainer(build_unet(cfg), train_data, DiffusionLoss(build_scheduler(cfg), cfg.null_class, cfg.cond_drop_prob),
+    trainer = Trainer(build_unet(cfg), train_data, build_loss(cfg),
                       cfg.train, checkpoint_dir=folder if keep else None, device=device or ("cpu" if profile == "smoke" else None),
                       metadata={"chapter": chapter}, model_config=cfg, data_identity=data_id)
     return fit_or_reuse(trainer, resume=checkpoints)

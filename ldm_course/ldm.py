@@ -25,8 +25,8 @@ from fastcore.basics import patch
 from torch.utils.data import Subset
 
 from ldm_course.core import (
-    Config, get_device, load_checkpoint, make_generator, read_checkpoint_metadata, rehearse, resolve_profile, runs_dir,
-    save_checkpoint, show_image, torch_seeded,
+    Config, get_device, load_checkpoint, make_generator, profile_preset, read_checkpoint_metadata, rehearse, resolve_profile,
+    runs_dir, save_checkpoint, show_image, torch_seeded,
 )
 from .data import GARMENT_TYPES, SEED_PROMPTS, load_fashion, to_tensors
 from .ddpm import ModelFn, classifier_free_guidance, diffusion_loss
@@ -52,9 +52,9 @@ __all__ = ['HELD_OUT_PAIRS', 'LDM_SAMPLERS', 'LDM_EVAL_PRESETS', 'LDM_PIPELINE_F
            'TextDiffusionLoss', 'text_condition', 'text_guidance', 'cross_attention_factory', 'build_ldm_unet',
            'build_ldm_scheduler', 'text_encoder_spec', 'LDMTrajectory', 'LDMOutput', 'LatentDiffusionPipeline',
            'latent_sampler', 'fashion_latents', 'caption_embeddings', 'short_captions', 'LDMData', 'prepare_ldm_data',
-           'ldm_trainer', 'train_ldm', 'train_ldm_chapter', 'ldm_training_config', 'prepare_ldm_data_once',
-           'train_text_chapter', 'train_additive_chapter', 'training_summary', 'plot_denoising_evolution',
-           'plot_prompt_grid', 'train_step_seconds', 'pixel_unet_config']
+           'build_ldm_loss', 'ldm_trainer', 'train_ldm', 'train_ldm_chapter', 'ldm_training_config',
+           'prepare_ldm_data_once', 'train_text_chapter', 'train_additive_chapter', 'training_summary',
+           'plot_denoising_evolution', 'plot_prompt_grid', 'train_step_seconds', 'pixel_unet_config']
 
 # %% ../nbs/09_ldm_additive.ipynb #45607fc3
 HELD_OUT_PAIRS = (("Skirts", "Green"), ("Jeans", "Purple"))  # (articleType, baseColour) pairs never seen in training
@@ -176,7 +176,7 @@ def ldm_eval_config(profile: str = "auto", # "auto", "smoke", "cpu" or "gpu"
                     **overrides, # LDMEvalConfig fields to change
                    ) -> LDMEvalConfig:
     "Chapter 09's evaluation sizes of a run profile (fewer in a rehearsal), with `overrides` applied."
-    return rehearse(LDM_EVAL_PRESETS[resolve_profile(profile)].replace(**overrides))
+    return profile_preset(LDM_EVAL_PRESETS, profile, **overrides)
 
 def ldm_chapter_configs(profile: str = "auto", # run profile
                         seed: int = 0, # the notebook's seed: initialisation, data order, every draw
@@ -648,6 +648,13 @@ def prepare_ldm_data(cfg: LDMConfig, # held-out pairs, cap on training items
                    train_idx, held_idx, {k: round(v, 1) for k, v in seconds.items()})
 
 # %% ../nbs/09_ldm_additive.ipynb #c25778d4
+def build_ldm_loss(cfg: LDMConfig, # the experiment
+                   null: TextEmbeddings, # the embedding of "" (tokens as long as the training captions')
+                  ) -> TextDiffusionLoss:
+    "The experiment's L_simple with text dropout: the pooled vector and/or the tokens, as the U-Net reads them."
+    return TextDiffusionLoss(build_ldm_scheduler(cfg), null, cfg.cond_drop_prob, use_pooled=cfg.unet.cond_dim is not None,
+                             use_tokens=bool(cfg.unet.cross_attention_levels), pooled_scale=cfg.pooled_scale)
+
 def ldm_trainer(cfg: LDMConfig, # the experiment
                 train_set: CaptionedLatents, # latents with their caption embeddings
                 null: TextEmbeddings, # the embedding of "" (tokens as long as train_set's)
@@ -659,9 +666,7 @@ def ldm_trainer(cfg: LDMConfig, # the experiment
     "The chapter 04 Trainer of a latent U-Net with the text-conditioned L_simple (chapters 09 and 10)."
     if cfg.unet.cross_attention_levels and not train_set.with_tokens:
         raise ValueError("a cross-attention U-Net needs token embeddings: CaptionedLatents(..., with_tokens=True)")
-    loss_fn = TextDiffusionLoss(build_ldm_scheduler(cfg), null, cfg.cond_drop_prob, use_pooled=cfg.unet.cond_dim is not None,
-                                use_tokens=bool(cfg.unet.cross_attention_levels), pooled_scale=cfg.pooled_scale)
-    return Trainer(build_ldm_unet(cfg), train_set, loss_fn, cfg.train, checkpoint_dir=checkpoint_dir, device=device,
+    return Trainer(build_ldm_unet(cfg), train_set, build_ldm_loss(cfg, null), cfg.train, checkpoint_dir=checkpoint_dir, device=device,
                    metadata=metadata, model_config=cfg, data_identity=data_identity)
 
 def train_ldm(cfg: LDMConfig, # the experiment

@@ -31,8 +31,8 @@ from torchmetrics.image.kid import KernelInceptionDistance
 from torchvision.transforms.functional import gaussian_blur
 
 from ldm_course.core import (
-    Config, load_checkpoint, make_generator, read_checkpoint_metadata, rehearse, resolve_profile, runs_dir, save_checkpoint,
-    show_image, torch_seeded,
+    Config, load_checkpoint, make_generator, profile_preset, read_checkpoint_metadata, runs_dir,
+    save_checkpoint, show_image, torch_seeded,
 )
 from .data import PATTERNS, SEED_PROMPTS
 from .ddpm import ClassifierConfig, ImageClassifier, random_shift
@@ -46,14 +46,14 @@ __all__ = ['INCEPTION_WEIGHTS', 'CLOTH_THRESHOLD', 'JUDGE_INPUTS_VERSION', 'JUDG
            'WOMENSWEAR', 'EVERYDAY_FORMS', 'PATTERN_FORMS', 'SOLID_WORDS', 'METRIC_NAMES', 'PATTERN_FRENCH',
            'PATTERN_SCALE_SPLIT', 'ClassifierFeatures', 'inception_status', 'fid_kid', 'real_baseline',
            'GarmentJudgeConfig', 'pattern_boxes', 'pattern_crops', 'JudgeInputs', 'resize_images', 'judge_inputs',
-           'GarmentLogits', 'GarmentJudge', 'random_blur', 'GarmentJudgeLoss', 'train_garment_judge',
-           'GarmentPredictions', 'predict_garments', 'accuracy_of', 'garment_accuracy', 'judge_checkpoint_path',
-           'save_judge', 'load_judge', 'cached_judge', 'EvalConfig', 'eval_config', 'steps_sweep',
-           'plot_quality_vs_steps', 'PromptSpec', 'proportion_se', 'AlignmentResult', 'prompt_alignment', 'targets_met',
-           'garment_words', 'everyday_phrase', 'everyday_prompts', 'pattern_prompts', 'evaluation_prompts',
-           'samples_per_prompt', 'prompt_subset', 'judge_pattern_labels', 'catalogue_fingerprint', 'texture_period',
-           'pattern_scales', 'accuracy_by_stratum', 'pipeline_generate', 'clip_score', 'plot_alignment',
-           'plot_group_accuracy', 'plot_pattern_check', 'reconstruction_check']
+           'GarmentLogits', 'GarmentJudge', 'random_blur', 'GarmentJudgeLoss', 'build_garment_judge',
+           'train_garment_judge', 'GarmentPredictions', 'predict_garments', 'accuracy_of', 'garment_accuracy',
+           'judge_checkpoint_path', 'save_judge', 'load_judge', 'cached_judge', 'EvalConfig', 'eval_config',
+           'steps_sweep', 'plot_quality_vs_steps', 'PromptSpec', 'proportion_se', 'AlignmentResult', 'prompt_alignment',
+           'targets_met', 'garment_words', 'everyday_phrase', 'everyday_prompts', 'pattern_prompts',
+           'evaluation_prompts', 'samples_per_prompt', 'prompt_subset', 'judge_pattern_labels', 'catalogue_fingerprint',
+           'texture_period', 'pattern_scales', 'accuracy_by_stratum', 'pipeline_generate', 'clip_score',
+           'plot_alignment', 'plot_group_accuracy', 'plot_pattern_check', 'reconstruction_check']
 
 # %% ../nbs/11_evaluation.ipynb #29720458
 class ClassifierFeatures(nn.Module):
@@ -334,6 +334,11 @@ def _check_labels(name: str, labels: Tensor, names: Sequence[str], n: int) -> Te
         raise ValueError(f"{name} labels must be in [-1, {k}), got {int(labels.min())}..{int(labels.max())}")
     return labels.long()
 
+def build_garment_judge(config: GarmentJudgeConfig, # architecture and class names
+                       ) -> GarmentJudge:
+    "A new GarmentJudge in channels-last memory (1.35× faster training steps on CPU, oneDNN); seed torch first to fix its weights."
+    return GarmentJudge(config).to(memory_format=torch.channels_last)
+
 def train_garment_judge(images: Tensor | Dataset | JudgeInputs, # (N, 3, H, W) in [-1, 1] at full size (real catalogue photos only), a Dataset of them, or judge_inputs(...)
                         type_labels: Tensor, # (N,) indices into config.type_names, -1 if unknown
                         colour_labels: Tensor, # (N,) indices into config.colour_names, -1 if unknown
@@ -351,7 +356,7 @@ def train_garment_judge(images: Tensor | Dataset | JudgeInputs, # (N, 3, H, W) i
     labels = [_check_labels("type", type_labels, config.type_names, n), _check_labels("colour", colour_labels, config.colour_names, n)]
     if config.has_pattern: labels.append(_check_labels("pattern", pattern_labels, config.pattern_names, n))
     with torch_seeded(cfg.seed):  # initial weights, dropout and shifts drawn from cfg.seed: the judge is the same whatever ran before
-        model = GarmentJudge(config).to(memory_format=torch.channels_last)  # 1.35× faster training steps on CPU (oneDNN)
+        model = build_garment_judge(config)
         inputs = images if isinstance(images, JudgeInputs) else judge_inputs(config, images)
         if len(inputs.images) != n: raise ValueError(f"{len(inputs.images)} prepared images but {n} type labels")
         tensors = (inputs.images, *labels[:2]) + ((inputs.crops, labels[2]) if config.has_pattern else ())
@@ -500,6 +505,16 @@ class EvalConfig(Config):
         if self.images_per_group < 1 or self.sweep_images_per_group < 1:
             raise ValueError(f"images_per_group and sweep_images_per_group must be >= 1, got {self.images_per_group}, {self.sweep_images_per_group}")
 
+    def garment_judge_config(self, type_names: Sequence[str], # the catalogue's articleType classes, in label order
+                             colour_names: Sequence[str], # its baseColour classes
+                             pattern_names: Sequence[str] = (), # its pattern classes; (): no pattern head
+                            ) -> GarmentJudgeConfig:
+        "The clothing judge these sizes describe, for a catalogue's class names."
+        return GarmentJudgeConfig(tuple(type_names), tuple(colour_names), image_size=self.judge_image_size,
+                                  channels=self.judge_channels, pattern_names=tuple(pattern_names),
+                                  pattern_crop=self.judge_pattern_crop, pattern_size=self.judge_pattern_size,
+                                  pattern_channels=self.judge_pattern_channels)
+
     @classmethod
     def from_dict(cls, d: Mapping) -> "EvalConfig":
         d = dict(d)
@@ -529,7 +544,7 @@ def eval_config(profile: str = "auto", # "auto", "smoke", "cpu" or "gpu"
                 **overrides, # EvalConfig fields to change
                ) -> EvalConfig:
     "The evaluation sizes of a run profile, with `overrides` applied."
-    return rehearse(EVAL_PRESETS[resolve_profile(profile)].replace(**overrides))
+    return profile_preset(EVAL_PRESETS, profile, **overrides)
 
 # %% ../nbs/11_evaluation.ipynb #18356aad
 _BOOKKEEPING = ("sampler", "steps", "num_images", "seconds", "seconds_per_image")

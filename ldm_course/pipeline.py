@@ -26,11 +26,11 @@ import papermill
 from fastcore.xtras import modified_env
 from papermill.exceptions import PapermillExecutionError
 
-from .attention import cross_attention_chapter_configs
 from ldm_course.core import (
-    PROFILES, REHEARSAL_VARIABLE, Config, Rehearsal, absolute_env_paths, atomic_write, data_dir, progress, read_json, repo_root,
+    REHEARSAL_VARIABLE, Config, Rehearsal, absolute_env_paths, atomic_write, data_dir, progress, read_json, repo_root,
     resolve_profile, runs_dir,
 )
+from .cross_attention import cross_attention_chapter_configs
 from .data import FASHION_DIRNAMES, find_fashion_root
 from .ddpm import ddpm_training_config
 from .ldm import ldm_chapter_configs

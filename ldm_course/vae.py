@@ -23,7 +23,7 @@ from torch.utils.data import DataLoader, Dataset
 from torchmetrics.functional.image import structural_similarity_index_measure
 
 from ldm_course.core import (
-    Config, image_grid, load_checkpoint, read_checkpoint_metadata, rehearse, resolve_profile, runs_dir,
+    Config, image_grid, load_checkpoint, profile_preset, read_checkpoint_metadata, rehearse, resolve_profile, runs_dir,
     save_checkpoint, show_image, torch_seeded,
 )
 from .data import GARMENT_COLOURS
@@ -1062,7 +1062,7 @@ def vae_eval_config(profile: str = "auto", # "auto", "smoke", "cpu" or "gpu"
                     **overrides, # VAEEvalConfig fields to change
                    ) -> VAEEvalConfig:
     "Chapter 07's evaluation sizes of a run profile (a rehearsal holds out and shows fewer images), with `overrides`."
-    return rehearse(VAE_EVAL_PRESETS[resolve_profile(profile)].replace(**overrides))
+    return profile_preset(VAE_EVAL_PRESETS, profile, **overrides)
 
 def vae_chapter_configs(profile: str = "auto", # run profile
                         seed: int = 0, # the notebook's seed: initialisation, data order, every draw

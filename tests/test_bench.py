@@ -258,7 +258,7 @@ def test_text_budget_ablation_says_what_is_missing_and_writes_nothing(tmp_path, 
 
 def test_text_budget_ablation_trains_and_scores_each_variant(tmp_path, monkeypatch, one_thread):
     "Smoke-sized end to end: a variant is chapter 10's config with one change, trained, sampled and judged."
-    from ldm_course.attention import cross_attention_config
+    from ldm_course.cross_attention import cross_attention_config
     from ldm_course.data import load_fashion
     from ldm_course.metrics import GarmentJudge, GarmentJudgeConfig, judge_checkpoint_path, save_judge
     ablation = bench_module("ablation_text_budget")

@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from ldm_course.attention import cross_attention_config
+from ldm_course.cross_attention import cross_attention_config
 from ldm_course.ddpm import ddpm_config
 from ldm_course.ldm import ldm_config
 from ldm_course.metrics import eval_config

@@ -62,7 +62,7 @@ def test_the_autoencoder_has_the_gpu_shapes(rehearsal):
 
 
 def test_the_cross_attention_model_has_the_gpu_widths(rehearsal):
-    from ldm_course.attention import cross_attention_config
+    from ldm_course.cross_attention import cross_attention_config
     from ldm_course.ldm import LatentDiffusionPipeline
     real = cross_attention_config("gpu")   # this process is no rehearsal: the real gpu preset
     pipe = LatentDiffusionPipeline.load(rehearsal["runs"] / "checkpoints" / "10_cross_attention" / "ldm.safetensors", device="cpu")

@@ -319,35 +319,34 @@ def test_bad_inputs_raise_clear_errors():
 
 
 # ---------------------------------------------------------------- the sizes the chapters train (issue 15.1)
-# "Where is the size of chapter N's model for profile P?": in chapter N's config function, and nowhere else.
-# Chapter 03's UNET_PRESETS are the starting points those functions adapt; these pins are the networks the
-# checkpoints of a cpu run hold (a change here changes every cpu checkpoint of that chapter).
+# "Where is the size of chapter N's model for profile P?": `pipeline.chapter_configs(N, P)`, which calls chapter N's
+# own config function. These pins are the networks the checkpoints of a cpu run hold (a change here changes every cpu
+# checkpoint of that chapter); tests/test_end_to_end.py checks that a run trains exactly these configs.
 CHAPTER_SIZES_CPU = {"05_ddpm_mnist": 1_125_569, "06_ddpm_cifar10": 1_177_027, "07_vae": 771_842,
                      "09_ldm_additive": 1_191_684, "10_cross_attention": 2_052_804}
+CHAPTER_FUNCTIONS = {"05_ddpm_mnist": "ddpm_config(", "06_ddpm_cifar10": "ddpm_training_config(", "07_vae": "vae_chapter_configs(",
+                     "09_ldm_additive": "ldm_chapter_configs(", "10_cross_attention": "cross_attention_chapter_configs("}
 
 
 def _chapter_parameters(chapter: str, profile: str) -> int:
-    from ldm_course.attention import cross_attention_config
-    from ldm_course.ddpm import ddpm_config
-    from ldm_course.ldm import build_ldm_unet, ldm_config
-    from ldm_course.vae import build_vae, vae_config
-    if chapter == "05_ddpm_mnist": return count_parameters(UNet(ddpm_config("mnist", profile).unet))
-    if chapter == "06_ddpm_cifar10": return count_parameters(UNet(ddpm_config("cifar10", profile).unet))
+    from ldm_course.ldm import build_ldm_unet
+    from ldm_course.pipeline import chapter_configs
+    from ldm_course.vae import build_vae
+    configs = chapter_configs(chapter, profile)
     if chapter == "07_vae":   # the autoencoder that chapter 09 loads (its critic is dropped after training)
-        return sum(p.numel() for n, p in build_vae(vae_config("kl", profile)).named_parameters() if not n.startswith("discriminator"))
-    if chapter == "09_ldm_additive": return count_parameters(build_ldm_unet(ldm_config(profile)))
-    return count_parameters(build_ldm_unet(cross_attention_config(profile)))
+        model = build_vae(configs["autoencoder"])
+        return sum(p.numel() for n, p in model.named_parameters() if not n.startswith("discriminator"))
+    experiment = configs["experiment"]
+    return count_parameters(UNet(experiment.unet) if chapter.startswith("0") else build_ldm_unet(experiment))
 
 
 def test_the_chapters_cpu_models_have_the_pinned_sizes():
     assert {c: _chapter_parameters(c, "cpu") for c in CHAPTER_SIZES_CPU} == CHAPTER_SIZES_CPU
 
 
-@pytest.mark.parametrize("chapter,builder", [("05_ddpm_mnist", "ddpm_config("), ("06_ddpm_cifar10", "ddpm_config("),
-                                             ("07_vae", "vae_config("), ("09_ldm_additive", "ldm_config("),
-                                             ("10_cross_attention", "cross_attention_config(")])
-def test_each_chapter_builds_its_model_from_its_config_function(chapter, builder):
-    "The pinned sizes above are what the notebooks train: each builds its model from that function."
+@pytest.mark.parametrize("chapter,builder", list(CHAPTER_FUNCTIONS.items()))
+def test_each_chapter_builds_its_sizes_with_its_config_function(chapter, builder):
+    "The notebook builds its sizes with the function `chapter_configs` calls (the end-to-end test checks the values)."
     import nbformat
     from pathlib import Path
     nb = nbformat.read(str(Path(__file__).resolve().parents[1] / "nbs" / f"{chapter}.ipynb"), as_version=4)
