@@ -122,3 +122,32 @@ def test_precisions_are_timed_interleaved_on_the_same_recipe(tmp_path, one_threa
     assert row["chapter"] == "05_mnist" and set(row["seconds_per_step"]) == {"no", "bf16"} and not row["errors"]
     assert row["speedup"]["bf16"] == pytest.approx(row["seconds_per_step"]["no"] / row["seconds_per_step"]["bf16"])
     assert "speed-up bf16 autocast" in (tmp_path / "precision_smoke_cpu.md").read_text()
+
+
+# --- issue 17.3: bf16 quality against fp32 (bench/precision_quality.py) ------------------------------------------------
+
+def test_precision_quality_trains_both_precisions_and_gives_a_verdict_per_measure(tmp_path, one_thread, monkeypatch):
+    monkeypatch.setenv("LDM_COURSE_RUNS", str(tmp_path / "runs"))
+    if str(BENCH) not in sys.path: sys.path.insert(0, str(BENCH))
+    bench = importlib.import_module("precision_quality")
+    assert bench.main(["--chapters", "05", "--profile", "smoke", "--seeds", "0,1", "--samples", "1", "--device", "cpu",
+                       "--out-dir", str(tmp_path)]) == 0
+    result = json.loads((tmp_path / "precision_quality_smoke_cpu.json").read_text())["results"][0]
+    assert {(r["seed"], r["precision"]) for r in result["rows"]} == {(0, "no"), (0, "bf16"), (1, "no"), (1, "bf16")}
+    assert all(0 <= r["judge_accuracy"] <= 1 and r["test_loss"] > 0 for r in result["rows"])
+    verdicts = {v["measure"]: v for v in result["verdicts"]}
+    assert set(verdicts) == {"judge_accuracy", "test_loss"}
+    by = {(r["seed"], r["precision"]): r["test_loss"] for r in result["rows"]}
+    assert verdicts["test_loss"]["fp32_seed_spread"] == pytest.approx(abs(by[0, "no"] - by[1, "no"]))
+    assert verdicts["test_loss"]["standard_error"] == 0.0   # fixed draws: the seed spread is the only noise
+    assert "| 05_ddpm_mnist | judge_accuracy |" in (tmp_path / "precision_quality_smoke_cpu.md").read_text()
+
+
+def test_precision_verdict_is_within_noise_only_inside_the_spread():
+    if str(BENCH) not in sys.path: sys.path.insert(0, str(BENCH))
+    bench = importlib.import_module("precision_quality")
+    rows = [{"seed": s, "precision": p, "test_loss": v} for (s, p), v in
+            {(0, "no"): 0.10, (1, "no"): 0.11, (0, "bf16"): 0.105, (1, "bf16"): 0.115}.items()]
+    assert bench.verdicts({"rows": rows, "measures": ("test_loss",)})[0]["within_noise"]
+    rows[2]["test_loss"], rows[3]["test_loss"] = 0.20, 0.21   # far outside the fp32 seeds' spread
+    assert not bench.verdicts({"rows": rows, "measures": ("test_loss",)})[0]["within_noise"]
