@@ -115,7 +115,8 @@ class SpatialTransformer(nn.Module):
         self.proj_in = nn.Conv2d(channels, channels, 1)
         self.blocks = nn.ModuleList(BasicTransformerBlock(channels, context_dim, heads, self.head_dim, ff_mult) for _ in range(depth))
         self.proj_out = nn.Conv2d(channels, channels, 1)
-        nn.init.zeros_(self.proj_out.weight); nn.init.zeros_(self.proj_out.bias)   # a new block is the identity
+        nn.init.zeros_(self.proj_out.weight)
+        nn.init.zeros_(self.proj_out.bias)  # a new block is the identity
 
     def forward(self, x: Tensor, # image features (B, C, H, W)
                 context: Tensor, # text tokens (B, L, context_dim)
@@ -143,9 +144,12 @@ def to_multihead_attention(attn: Attention, # our attention module
         if mha.in_proj_weight is not None:   # same sizes: PyTorch packs W_Q, W_K, W_V in one matrix
             mha.in_proj_weight.copy_(torch.cat([attn.to_q.weight, attn.to_k.weight, attn.to_v.weight]))
         else:
-            mha.q_proj_weight.copy_(attn.to_q.weight); mha.k_proj_weight.copy_(attn.to_k.weight); mha.v_proj_weight.copy_(attn.to_v.weight)
+            mha.q_proj_weight.copy_(attn.to_q.weight)
+            mha.k_proj_weight.copy_(attn.to_k.weight)
+            mha.v_proj_weight.copy_(attn.to_v.weight)
         mha.in_proj_bias.zero_()
-        mha.out_proj.weight.copy_(attn.to_out.weight); mha.out_proj.bias.copy_(attn.to_out.bias)
+        mha.out_proj.weight.copy_(attn.to_out.weight)
+        mha.out_proj.bias.copy_(attn.to_out.bias)
     return mha.eval()
 
 # %% ../nbs/10_attention.ipynb #d2de1551

@@ -95,7 +95,9 @@ def _check_synthetic(root: Path) -> list[str]:
     lines = []
     for folder in folders:
         m = data.read_manifest(folder)
-        if m is None: lines.append(f"  {folder.name:<24} incomplete (no manifest.json): delete it, it will be regenerated"); continue
+        if m is None:
+            lines.append(f"  {folder.name:<24} incomplete (no manifest.json): delete it, it will be regenerated")
+            continue
         stale = "" if m.get("generator_version") == data.GENERATOR_VERSION else f" STALE (generator v{m.get('generator_version')}, now v{data.GENERATOR_VERSION})"
         items = f"{m['num_train']:,} train + {m['num_test']:,} test" if "num_train" in m else f"{m.get('num_items', 0):,} items"
         extra = ""
@@ -379,9 +381,11 @@ def main(argv: Sequence[str] | None = None, # arguments without the program name
     absolute_env_paths()  # relative LDM_COURSE_* folders mean the same folder to this command and to the notebooks
     try: return args.func(args)
     except (ChapterFailed, ReportBuildError, CheckpointNotFound, TextEncoderUnavailable, RunLocked) as e:
-        print(f"ldm-course: {e}", file=sys.stderr); return EXIT_FAILED
+        print(f"ldm-course: {e}", file=sys.stderr)
+        return EXIT_FAILED
     except (ValueError, FileNotFoundError, TypeError) as e:
-        print(f"ldm-course: {e}", file=sys.stderr); return EXIT_USAGE
+        print(f"ldm-course: {e}", file=sys.stderr)
+        return EXIT_USAGE
 
 # %% ../nbs/14_cli.ipynb #6dd6a74c
 if __name__ == "__main__" and "__file__" in globals():  # `python -m ldm_course.cli`, e.g. under `accelerate launch -m`; not in a notebook

@@ -278,7 +278,8 @@ def figures_dir(profile: str = "auto", # run profile
 
 # %% ../nbs/00_core.ipynb #463717e3
 def _umask() -> int:
-    mask = os.umask(0); os.umask(mask)
+    mask = os.umask(0)
+    os.umask(mask)
     return mask
 
 @contextlib.contextmanager
@@ -467,7 +468,8 @@ def show_image(ax: plt.Axes, # where to draw
     if img.ndim != 3 or img.shape[0] not in (1, 3): raise ValueError(f"image must be (C, H, W) with C in {{1, 3}}, got shape {tuple(image.shape)}")
     if img.shape[0] == 1: ax.imshow(img[0].numpy(), cmap="gray", vmin=0, vmax=1, interpolation=interpolation)
     else: ax.imshow(img.permute(1, 2, 0).numpy(), interpolation=interpolation)
-    ax.set_xticks([]); ax.set_yticks([])
+    ax.set_xticks([])
+    ax.set_yticks([])
 
 def show_images(images: Tensor, # (B, C, H, W) in [-1, 1]
                 nrow: int = 8, # images per row

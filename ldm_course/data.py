@@ -518,7 +518,9 @@ def read_styles(path: str | Path, # a styles.csv file
         for number, line in enumerate(f, start=2):
             fields = _line_fields(line.rstrip("\n"))
             if fields is not None and not any(v.strip() for v in fields): continue   # blank line
-            if fields is None or len(fields) != len(header): malformed.append(number); continue
+            if fields is None or len(fields) != len(header):
+                malformed.append(number)
+                continue
             rows.append([v.strip() or None for v in fields])
     return pd.DataFrame(rows, columns=header, dtype=object), malformed
 
@@ -643,13 +645,17 @@ class FashionProducts(Dataset):
             try: item_id = int(row["id"])
             except (TypeError, ValueError): reason = "bad_id"
             if reason is None and item_id in seen: reason = "duplicate_id"
-            if reason is None: seen.add(item_id); reason = next((f"missing_{c}" for c in self.require if row.get(c) is None), None)
+            if reason is None:
+                seen.add(item_id)
+                reason = next((f"missing_{c}" for c in self.require if row.get(c) is None), None)
             caption, origin = caption_of(row)
             if reason is None and caption is None: reason = "missing_caption"
             if reason is None:
                 size = sizes.get(f"{item_id}.jpg")
                 reason = "missing_image" if size is None else "empty_image" if size == 0 else None
-            if reason: self.skipped[reason] += 1; continue
+            if reason:
+                self.skipped[reason] += 1
+                continue
             kept.append({**row, "id": item_id, "caption": caption, "caption_from": origin, "pattern": pattern_of(caption),
                          "path": str(self.root / "images" / f"{item_id}.jpg")})
         return pd.DataFrame(kept, columns=[*table.columns, "caption", "caption_from", "pattern", "path"])
@@ -670,7 +676,8 @@ class FashionProducts(Dataset):
                 mode, image = im.mode, to_rgb(im)
         except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as e:
             if self._status[i] != 2:
-                self._status[i] = 2; self.skipped["unreadable_image"] += 1
+                self._status[i] = 2
+                self.skipped["unreadable_image"] += 1
                 if warn: warnings.warn(f"unreadable image {path} ({e}); skipping to the next item", stacklevel=3)
             return None
         if self._status[i] == 0:
@@ -699,7 +706,8 @@ class FashionProducts(Dataset):
         keep = self._status != 2
         if not keep.all():
             status = self._status[keep]
-            self._set_records(self.records[keep]); self._status = status
+            self._set_records(self.records[keep])
+            self._status = status
         if verbose: print(self.summary())
         return self
 

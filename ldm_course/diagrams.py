@@ -167,8 +167,10 @@ def draw_unet(config: Any, # a UNetConfig, or a dict of its fields (from a chapt
          _COLOURS["time"], fontsize=7.5)
     condition = _condition_text(s)
     if condition: _box(ax, out[0] + 0.2, -n * dy + 0.1, 2.8, 0.3 + 0.2 * condition.count("\n") + 0.2, condition, _COLOURS["text"], fontsize=7.5)
-    ax.set_xlim(x_min, x_max); ax.set_ylim(y_min, y_max)
-    ax.set_aspect("equal"); ax.set_axis_off()
+    ax.set_xlim(x_min, x_max)
+    ax.set_ylim(y_min, y_max)
+    ax.set_aspect("equal")
+    ax.set_axis_off()
     ax.set_title(title or f"U-Net $\\varepsilon_\\theta$ : {n} niveaux de résolution, canaux {', '.join(map(str, s.channels))}", fontsize=11)
     return ax.figure
 
@@ -230,8 +232,10 @@ def draw_ldm_architecture(unet_config: Any, # the latent U-Net's UNetConfig (or 
     _arrow(ax, (6.0, low), (6.7, low))
     how = "K, V de la cross-attention" if cross else "ajouté au plongement de $t$"
     _arrow(ax, (8.0, low + 0.4), (8.0, mid - 0.66), colour=_COLOURS["cond"], label=how, label_offset=(1.35, 0))
-    ax.set_xlim(-0.2, 12.6); ax.set_ylim(-3.3, 3.6)
-    ax.set_aspect("equal"); ax.set_axis_off()
+    ax.set_xlim(-0.2, 12.6)
+    ax.set_ylim(-3.3, 3.6)
+    ax.set_aspect("equal")
+    ax.set_axis_off()
     return ax.figure
 
 # %% ../nbs/13_report_diagrams.ipynb #4411c3d6

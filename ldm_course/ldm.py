@@ -558,8 +558,10 @@ def load(cls: LatentDiffusionPipeline, path: str | Path, # a file written by `La
     device = torch.device(device) if device is not None else get_device()
     cfg, spec = LDMConfig.from_dict(meta["ldm_config"]), meta["text_encoder"]
     state, _ = load_checkpoint(path)
-    unet = build_ldm_unet(cfg); unet.load_state_dict(state["unet"])
-    vae = build_vae(VAEConfig.from_dict(meta["vae_config"])); vae.load_state_dict(state["vae"])
+    unet = build_ldm_unet(cfg)
+    unet.load_state_dict(state["unet"])
+    vae = build_vae(VAEConfig.from_dict(meta["vae_config"]))
+    vae.load_state_dict(state["vae"])
     if text_encoder is None:
         text_encoder = load_text_encoder(spec["spec"], device=device, max_length=spec["max_length"],
                                          normalize=spec["normalize"], allow_download=False, verbose=False)
@@ -810,7 +812,8 @@ def train_step_seconds(unet: UNet, # the network to time (trained in place: use 
     cond = torch.randn(batch_size, unet.config.cond_dim, device=device) if unet.config.cond_dim else None
     sync = torch.cuda.synchronize if torch.device(device).type == "cuda" else (lambda: None)
     def step() -> float:
-        sync(); start = time.perf_counter()
+        sync()
+        start = time.perf_counter()
         opt.zero_grad(set_to_none=True)
         F.mse_loss(unet(x, t, cond=cond), x).backward()
         opt.step()

@@ -119,7 +119,8 @@ def fid_kid(real: Tensor, # (N_r, C, H, W) real images, in the range `feature` e
         warnings.filterwarnings("ignore", message=".*will save all extracted features.*")  # that is the point of KID
         kid = KernelInceptionDistance(feature=feature, subsets=kid_subsets, subset_size=m)
     for images, is_real in ((real, True), (fake, False)):
-        _update(fid, images, is_real, batch_size); _update(kid, images, is_real, batch_size)
+        _update(fid, images, is_real, batch_size)
+        _update(kid, images, is_real, batch_size)
     with torch.random.fork_rng(devices=[]):   # KID draws its subsets with the global generator: keep it untouched
         torch.manual_seed(seed)
         kid_mean, kid_std = kid.compute()
@@ -592,13 +593,22 @@ def plot_quality_vs_steps(table: pd.DataFrame, # from steps_sweep, with columns 
     if chance is not None: axes[0].axhline(100 * chance, ls=":", c="gray", label="hasard")
     for n_floor, value in sorted(fid_floor.items()):
         axes[1].axhline(value, ls="--" if n_floor == main_n else ":", c="gray", label=f"plancher vraies/vraies, N = {n_floor}")
-    axes[0].set_ylabel("précision du juge (%)"); axes[0].set_ylim(0, 102); axes[0].set_title("Classe demandée reconnue")
-    axes[1].set_ylabel("FID (features du juge)"); axes[1].set_title("FID contre de vraies images")
-    axes[2].set_ylabel("secondes par image"); axes[2].set_yscale("log"); axes[2].set_title("Coût de l'échantillonnage")
+    axes[0].set_ylabel("précision du juge (%)")
+    axes[0].set_ylim(0, 102)
+    axes[0].set_title("Classe demandée reconnue")
+    axes[1].set_ylabel("FID (features du juge)")
+    axes[1].set_title("FID contre de vraies images")
+    axes[2].set_ylabel("secondes par image")
+    axes[2].set_yscale("log")
+    axes[2].set_title("Coût de l'échantillonnage")
     steps = sorted(set(table["steps"]))
     for ax in axes:
-        ax.set_xscale("log"); ax.set_xticks(steps, [str(v) for v in steps]); ax.minorticks_off()
-        ax.set_xlabel("nombre de pas"); ax.grid(alpha=0.3); ax.legend(fontsize=7)
+        ax.set_xscale("log")
+        ax.set_xticks(steps, [str(v) for v in steps])
+        ax.minorticks_off()
+        ax.set_xlabel("nombre de pas")
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=7)
     axes[2].yaxis.set_major_locator(matplotlib.ticker.LogLocator(base=10, subs=(1.0, 2.0, 5.0)))  # 1-2-5 ticks: readable on a narrow range
     axes[2].yaxis.set_major_formatter(matplotlib.ticker.FuncFormatter(lambda v, _: f"{v:.3g}"))
     fig.suptitle(title)
@@ -981,7 +991,9 @@ def plot_alignment(results: Mapping[tuple[str, float], AlignmentResult], # (meth
         ax.set_title(f"{GROUP_NAMES[group]}\n({span(n_prompts)} requêtes, {span(sorted(sizes))} images par point)", fontsize=9)
         ws = sorted({w for _, w in results})
         ax.set_xticks(ws, [f"{w:g}" for w in ws])
-        ax.set_xlabel("échelle de guidage w"); ax.set_ylim(0, 102); ax.grid(alpha=0.3)
+        ax.set_xlabel("échelle de guidage w")
+        ax.set_ylim(0, 102)
+        ax.grid(alpha=0.3)
     for row in axes: row[0].set_ylabel("précision du juge (%)")
     labels = {}
     for ax in axes.flat[:len(groups)]:
@@ -1021,7 +1033,9 @@ def plot_group_accuracy(result: AlignmentResult, # one method at one w, every gr
     if ceiling: ax.plot([], [], ":", c="gray", label="le juge sur de vraies photos")
     counts = [f"{GROUP_NAMES[g]}\n{int(summary.loc[g, 'num_prompts'])} requêtes, {int(summary.loc[g, 'num_images'])} images" for g in groups]
     ax.set_xticks(np.arange(len(groups)), counts, fontsize=8)
-    ax.set_ylim(0, 105); ax.set_ylabel("précision du juge (%), ± 1 erreur type"); ax.grid(alpha=0.3, axis="y")
+    ax.set_ylim(0, 105)
+    ax.set_ylabel("précision du juge (%), ± 1 erreur type")
+    ax.grid(alpha=0.3, axis="y")
     ax.set_title(title, fontsize=10)
     fig.tight_layout(rect=(0, 0.08, 1, 1))
     fig.legend(*ax.get_legend_handles_labels(), loc="lower center", ncol=6, fontsize=8, frameon=False)
@@ -1047,7 +1061,9 @@ def plot_pattern_check(images: Tensor, # (n, 3, H, W) in [-1, 1]: originals at f
             show_image(axes[r, j], x[j, :, t:t + s, l:l + s], interpolation="nearest")
             ok = truth[j].split()[0] == decisions[j]
             axes[r, j].set_title(f"{name + ' : ' if name else 'juge : '}{_in_french(decisions[j])} {'✓' if ok else '✗'}", fontsize=8, color="g" if ok else "r")
-    for ax in axes.flat: ax.set_xticks([]); ax.set_yticks([])
+    for ax in axes.flat:
+        ax.set_xticks([])
+        ax.set_yticks([])
     axes[0, 0].set_ylabel(f"photo {side}×{side}", fontsize=8)
     for r, name in enumerate(rows, start=1): axes[r, 0].set_ylabel(f"zone lue ({boxes[0][2]} px)" if not name else name, fontsize=8)
     fig.suptitle(title, fontsize=10)
@@ -1070,8 +1086,11 @@ def reconstruction_check(judge: GarmentJudge, # the clothing judge (trained on r
     for x in _image_batches(images, batch_size):
         x_hat = reconstruct(x).detach().float().cpu().clamp(-1, 1)
         if x_hat.shape != x.shape: raise ValueError(f"reconstruct returned {tuple(x_hat.shape)} for images {tuple(x.shape)}: expected the same shape")
-        inputs["original"].append(judge.prepare(x)); inputs["reconstruction"].append(judge.prepare(x_hat))
-        psnrs.append(psnr(x_hat, x)); ssims.append(ssim(x_hat, x)); size = x.shape[-1]
+        inputs["original"].append(judge.prepare(x))
+        inputs["reconstruction"].append(judge.prepare(x_hat))
+        psnrs.append(psnr(x_hat, x))
+        ssims.append(ssim(x_hat, x))
+        size = x.shape[-1]
     seconds = time.perf_counter() - start
     inputs = {k: JudgeInputs(torch.cat([i.images for i in v]), None if v[0].crops is None else torch.cat([i.crops for i in v]))
               for k, v in inputs.items()}

@@ -218,7 +218,8 @@ def library_digest(library_dir: str | Path) -> str:
     "Hash of the package sources a notebook imports."
     h = hashlib.sha256()
     for src in sorted(Path(library_dir).glob("*.py")):
-        h.update(src.name.encode()); h.update(src.read_bytes())
+        h.update(src.name.encode())
+        h.update(src.read_bytes())
     return h.hexdigest()[:16]
 
 def input_components(notebook: str | Path, # the stage's notebook
@@ -358,7 +359,8 @@ def run_stage(notebook: Path, # the chapter notebook
              ) -> float:
     "Execute one notebook with papermill; returns its wall time, raises ChapterFailed on a failing cell or a dead kernel."
     output, log = out_dir / "notebooks" / notebook.name, out_dir / "logs" / f"{notebook.stem}.log"
-    output.parent.mkdir(parents=True, exist_ok=True); log.parent.mkdir(parents=True, exist_ok=True)
+    output.parent.mkdir(parents=True, exist_ok=True)
+    log.parent.mkdir(parents=True, exist_ok=True)
     output.unlink(missing_ok=True)  # a copy left by an earlier run must not be mistaken for this one's
     start = time.perf_counter()
     with open(log, "w", encoding="utf-8") as log_file, _StatusWatcher(output, log, on_status):
@@ -432,7 +434,8 @@ def _locked_message(folder: Path, holder: Mapping) -> str:
 def run_lock(folder: str | Path, # the runs folder to hold, e.g. runs/cpu
             ) -> Iterator[Path]:
     "Hold an exclusive lock on `folder` for the block; raises RunLocked naming the other process."
-    folder = Path(folder); folder.mkdir(parents=True, exist_ok=True)
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
     path = folder / ".lock"
     me = {"pid": os.getpid(), "host": socket.gethostname(), "command": " ".join(sys.argv) or "python",
           "started": datetime.now(timezone.utc).isoformat(timespec="seconds")}
@@ -444,7 +447,8 @@ def run_lock(folder: str | Path, # the runs folder to hold, e.g. runs/cpu
         try: fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
         except FileExistsError: raise RunLocked(_locked_message(folder, _holder(path))) from None
         try:
-            os.write(fd, json.dumps(me).encode()); os.close(fd)
+            os.write(fd, json.dumps(me).encode())
+            os.close(fd)
             yield path
         finally: path.unlink(missing_ok=True)
         return
@@ -452,7 +456,8 @@ def run_lock(folder: str | Path, # the runs folder to hold, e.g. runs/cpu
     try:
         try: fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError: raise RunLocked(_locked_message(folder, _holder(path))) from None
-        os.ftruncate(fd, 0); os.write(fd, json.dumps(me).encode())
+        os.ftruncate(fd, 0)
+        os.write(fd, json.dumps(me).encode())
         try: yield path
         finally: os.ftruncate(fd, 0)   # released below by close; an empty file means "free"
     finally: os.close(fd)

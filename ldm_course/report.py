@@ -194,7 +194,8 @@ class FidSection(ReportTables):
             if not isinstance(scores, Mapping) or scores.get("fid") is None:  # said under the table: the columns stay narrow
                 why = self.value("11", f"skipped.{path.split('.')[-1]}")
                 absent.append(f"{name} : {missing(chapter) if why or not self.has(chapter) else missing('11')}")
-                rows.append([name, "—", "—", "—", "—", "—"]); continue
+                rows.append([name, "—", "—", "—", "—", "—"])
+                continue
             floor = floor if isinstance(floor, Mapping) else {}
             kid = md_escape(format_value(scores.get("kid"), 3))
             n = f"{format_value(scores.get('num_fake'))} / {format_value(scores.get('num_real'))}"

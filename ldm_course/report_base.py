@@ -326,7 +326,8 @@ class ReportTables(ReportBase):
         for number in numbers:
             title = f"{number} – {SHORT_TITLES.get(number, CHAPTER_TITLES.get(number, ''))}"
             if not self.has(number):
-                rows.append([title, missing(number)] + ["—"] * len(SUMMARY_COLUMNS)); continue
+                rows.append([title, missing(number)] + ["—"] * len(SUMMARY_COLUMNS))
+                continue
             sources = find_data_sources(self.chapter(number))
             data = ", ".join(f"{DATASET_NAMES.get(s['name'], s['name'])} ({SOURCE_NAMES.get(s['source'], s['source']).split(' ')[0]})"
                              for s in sources) or "—"

@@ -229,12 +229,14 @@ def draw_report_figures(metrics: Mapping[str, Mapping], # every chapter's metric
                        "config.num_inference_steps", "sampling.ddim_steps", "config.ddim_steps")
         fig = draw_ldm_architecture(latent.config, vae if isinstance(vae, Mapping) else None, str(text) if text else None,
                                     latent_size=latent.sample_size, num_inference_steps=steps)
-        save_figure(fig, FIG1_NAME, profile); plt.close(fig)
+        save_figure(fig, FIG1_NAME, profile)
+        plt.close(fig)
         drawn[FIG1_NAME] = latent
     unet = find_unet_config(metrics, chapters=("10", "09", "06", "05"))
     if unet is not None:
         fig = draw_unet(unet.config, unet.sample_size, input_name="z_t" if unet.chapter in ("09", "10") else "x_t")
-        save_figure(fig, FIG3_NAME, profile); plt.close(fig)
+        save_figure(fig, FIG3_NAME, profile)
+        plt.close(fig)
         drawn[FIG3_NAME] = unet
     for name in {FIG1_NAME, FIG3_NAME} - set(drawn):  # a diagram of an earlier build must not outlive its configuration
         (figures_dir(profile) / name).unlink(missing_ok=True)

@@ -32,7 +32,9 @@ def lookup(values: Mapping | None, # nested metrics of one chapter
     for path in paths:
         node = values
         for part in path.split("."):
-            if not isinstance(node, Mapping) or part not in node: node = None; break
+            if not isinstance(node, Mapping) or part not in node:
+                node = None
+                break
             node = node[part]
         if node is not None: return node
     return None
@@ -124,7 +126,9 @@ def find_data_sources(metrics: Mapping[str, Any], # every chapter's metrics (or 
     def visit(node):
         if is_data_source(node):
             key = (node["name"], node["split"], node["source"], node["root"])
-            if key not in seen: seen.add(key); found.append(dict(node))
+            if key not in seen:
+                seen.add(key)
+                found.append(dict(node))
         elif isinstance(node, Mapping):
             for v in node.values(): visit(v)
         elif isinstance(node, (list, tuple)):

@@ -281,10 +281,15 @@ class DiffusionSampler:
         keep = set(torch.linspace(0, n, n_snapshots).round().long().tolist())  # state i = after i steps
         ts, xs, x0s, current = [], [], [], [x_T]
         def record(i, t, x, x0):
-            if i in keep: ts.append(t); xs.append(current[0]); x0s.append(x0)
+            if i in keep:
+                ts.append(t)
+                xs.append(current[0])
+                x0s.append(x0)
             current[0] = x
         x = self.sample(model_fn, shape, generator, x_T=x_T, device=device, callback=record)
-        ts.append(-1); xs.append(x); x0s.append(x)  # n is always kept: the final sample
+        ts.append(-1)
+        xs.append(x)
+        x0s.append(x)  # n is always kept: the final sample
         return SamplingTrajectory(x, torch.tensor(ts), torch.stack(xs), torch.stack(x0s))
 
 # %% ../nbs/02_scheduler.ipynb #c085c200

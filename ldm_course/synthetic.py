@@ -104,12 +104,16 @@ def generate_digits(n: int, # number of images
     rng = np.random.default_rng(seed)
     labels = balanced_labels(n, 10, seed) if labels is None else np.asarray(labels, np.uint8)
     if labels.shape != (n,) or labels.max(initial=0) > 9: raise ValueError(f"labels must be {n} digits in 0..9, got shape {labels.shape}")
-    font = rng.integers(0, templates.shape[0], n); width = rng.integers(0, templates.shape[2], n)
-    angle = np.deg2rad(rng.normal(0, 8, n)); shear = rng.normal(0, 0.15, n)
+    font = rng.integers(0, templates.shape[0], n)
+    width = rng.integers(0, templates.shape[2], n)
+    angle = np.deg2rad(rng.normal(0, 8, n))
+    shear = rng.normal(0, 0.15, n)
     scale = np.stack([rng.uniform(0.7, 1.0, n), rng.uniform(0.82, 1.0, n)], -1)
     cos, sin = np.cos(angle), np.sin(angle)
     rotation = np.stack([np.stack([cos, -sin], -1), np.stack([sin, cos], -1)], -2)
-    shearing = np.zeros((n, 2, 2)); shearing[:, 0, 0] = shearing[:, 1, 1] = 1; shearing[:, 0, 1] = shear
+    shearing = np.zeros((n, 2, 2))
+    shearing[:, 0, 0] = shearing[:, 1, 1] = 1
+    shearing[:, 0, 1] = shear
     linear = rotation @ shearing / scale[:, None, :] * (size / _GLYPH) * 2   # output [-1,1] -> template [-1,1]
     coords, modes = _elastic_basis(size)
     coeffs = rng.normal(0, 1, (n, 2, len(modes))) * rng.uniform(0.015, 0.045, (n, 1, 1))
@@ -202,7 +206,8 @@ def _draw_tree(rng, s, cx, cy):
             y, w = base - 14 * s - k * 8 * s, (13 - 3 * k) * s
             d.polygon([(cx - w, y), (cx, y - 14 * s), (cx + w, y)], fill=leaves)
     else:
-        r = rng.uniform(11, 15) * s; yc = base - 22 * s - r * 0.6
+        r = rng.uniform(11, 15) * s
+        yc = base - 22 * s - r * 0.6
         for dx, dy in ((0, 0), (-r * 0.5, r * 0.3), (r * 0.5, r * 0.3)):
             d.ellipse((cx + dx - r * 0.8, yc + dy - r * 0.8, cx + dx + r * 0.8, yc + dy + r * 0.8), fill=leaves)
     return img
@@ -225,7 +230,8 @@ def _draw_car(rng, s, cx, cy):
     d.polygon([(cx - w * 0.45, y - 12 * s), (cx - w * 0.3, y - 17 * s), (cx + w * 0.3, y - 17 * s), (cx + w * 0.47, y - 12 * s)], fill=_jitter(rng, (170, 200, 230), 15))
     for wx in (cx - w * 0.6, cx + w * 0.6):
         r = 5 * s
-        d.ellipse((wx - r, y - r, wx + r, y + r), fill=(20, 20, 20)); d.ellipse((wx - r / 2, y - r / 2, wx + r / 2, y + r / 2), fill=(160, 160, 160))
+        d.ellipse((wx - r, y - r, wx + r, y + r), fill=(20, 20, 20))
+        d.ellipse((wx - r / 2, y - r / 2, wx + r / 2, y + r / 2), fill=(160, 160, 160))
     return img
 
 def _draw_mountain(rng, s, cx, cy):
@@ -241,12 +247,14 @@ def _draw_mountain(rng, s, cx, cy):
 # %% ../nbs/01_synthetic.ipynb #dae66875
 def _draw_fish(rng, s, cx, cy):
     img = _backdrop(rng, _jitter(rng, (30, 110, 170)), _jitter(rng, (10, 40, 90), 20))
-    d = ImageDraw.Draw(img); w, h, colour = rng.uniform(12, 17) * s, rng.uniform(6, 10) * s, _hsv(rng, sat=(0.6, 1), val=(0.7, 1))
+    d = ImageDraw.Draw(img)
+    w, h, colour = rng.uniform(12, 17) * s, rng.uniform(6, 10) * s, _hsv(rng, sat=(0.6, 1), val=(0.7, 1))
     d.polygon([(cx + w * 0.7, cy), (cx + w * 1.5, cy - h), (cx + w * 1.5, cy + h)], fill=colour)
     d.ellipse((cx - w, cy - h, cx + w, cy + h), fill=colour)
     if rng.random() < 0.5: d.line([(cx, cy - h + 1), (cx, cy + h - 1)], fill=_hsv(rng, sat=(0, 0.3), val=(0.9, 1)), width=3)
     ex = cx - w * 0.55
-    d.ellipse((ex - 2.5, cy - 3.5, ex + 2.5, cy + 1.5), fill=(250, 250, 250)); d.ellipse((ex - 1.2, cy - 2.2, ex + 1.2, cy + 0.2), fill=(0, 0, 0))
+    d.ellipse((ex - 2.5, cy - 3.5, ex + 2.5, cy + 1.5), fill=(250, 250, 250))
+    d.ellipse((ex - 1.2, cy - 2.2, ex + 1.2, cy + 0.2), fill=(0, 0, 0))
     for _ in range(int(rng.integers(0, 4))):
         bx, by, br = rng.uniform(4, 60), rng.uniform(4, 60), rng.uniform(1.5, 3)
         d.ellipse((bx - br, by - br, bx + br, by + br), outline=(200, 230, 250))
@@ -254,7 +262,8 @@ def _draw_fish(rng, s, cx, cy):
 
 def _draw_flower(rng, s, cx, cy):
     img = _backdrop(rng, _jitter(rng, (120, 180, 110), 35), _jitter(rng, (50, 100, 50), 25))
-    d = ImageDraw.Draw(img); colour = _hsv(rng, float(rng.choice([0.0, 0.9, 0.8, 0.12, 0.55, 0.05])), (0.4, 1), (0.8, 1))
+    d = ImageDraw.Draw(img)
+    colour = _hsv(rng, float(rng.choice([0.0, 0.9, 0.8, 0.12, 0.55, 0.05])), (0.4, 1), (0.8, 1))
     d.line([(cx, cy), (cx + rng.normal(0, 3), 64)], fill=(40, 110, 40), width=3)
     n, r = int(rng.integers(5, 9)), rng.uniform(7, 10) * s
     for a in np.arange(n) * 2 * np.pi / n + rng.random():
@@ -266,10 +275,12 @@ def _draw_flower(rng, s, cx, cy):
 
 def _draw_balloon(rng, s, cx, cy):
     img = _backdrop(rng, *_sky(rng))
-    d = ImageDraw.Draw(img); _clouds(rng, d, 30, 60)
+    d = ImageDraw.Draw(img)
+    _clouds(rng, d, 30, 60)
     w, h, cy, colour = rng.uniform(10, 14) * s, rng.uniform(12, 16) * s, min(cy, 34), _hsv(rng, sat=(0.6, 1), val=(0.7, 1))
     by = cy + h + 9 * s
-    d.line([(cx - w * 0.5, cy + h * 0.8), (cx - 3, by)], fill=(60, 50, 40)); d.line([(cx + w * 0.5, cy + h * 0.8), (cx + 3, by)], fill=(60, 50, 40))
+    d.line([(cx - w * 0.5, cy + h * 0.8), (cx - 3, by)], fill=(60, 50, 40))
+    d.line([(cx + w * 0.5, cy + h * 0.8), (cx + 3, by)], fill=(60, 50, 40))
     d.ellipse((cx - w, cy - h, cx + w, cy + h), fill=colour)
     if rng.random() < 0.6: d.ellipse((cx - w * 0.4, cy - h, cx + w * 0.4, cy + h), fill=_hsv(rng, sat=(0.5, 1), val=(0.8, 1)))
     d.rectangle((cx - 3.5, by, cx + 3.5, by + 5), fill=_jitter(rng, (120, 80, 40), 15))
@@ -383,8 +394,20 @@ def _widen(points: list, cx: float, grow: float, drop: float) -> list:
 @dataclasses.dataclass
 class _Top:
     "The frame shared by tops: centre, neck, shoulders S, armpits A (r: right), hem, sleeves."
-    cx: float; y0: float; y1: float; sw: float; bw: float; nw: float; nd: float
-    S: tuple; A: tuple; Sr: tuple; Ar: tuple; neck: list; sleeves: list; length: float
+    cx: float
+    y0: float
+    y1: float
+    sw: float
+    bw: float
+    nw: float
+    nd: float
+    S: tuple
+    A: tuple
+    Sr: tuple
+    Ar: tuple
+    neck: list
+    sleeves: list
+    length: float
 
 def _top_frame(rng: np.random.Generator, kind: str) -> _Top:
     "Random proportions of a top of type `kind`: sleeve length and angle, shoulder and hem widths, neckline."
@@ -441,7 +464,8 @@ def _shirt_collar(t: _Top, rng: np.random.Generator, g: GarmentShape, stand: flo
     spread, point = rng.uniform(0.9, 1.5), rng.uniform(0.08, 0.12)
     for sgn in (-1, 1):
         flap = [(t.cx + sgn * t.nw * 1.05, t.y0 - stand), (t.cx + sgn * 0.004, t.y0 + 0.01), (t.cx + sgn * t.nw * spread * 0.55, t.y0 + point)]
-        g.panels.append((flap, 0.96)); g.marks.append(("seam", flap + [flap[0]], 0.003))
+        g.panels.append((flap, 0.96))
+        g.marks.append(("seam", flap + [flap[0]], 0.003))
 
 def _chest_pocket(t: _Top, sgn: int, pointed: bool) -> tuple[tuple, list]:
     "A patch pocket on the chest: (panel, [outline, stitched top hem])."
@@ -463,9 +487,13 @@ def _shirt(rng: np.random.Generator) -> GarmentShape:
     if rng.random() < 0.7:
         pointed = rng.random() < 0.5
         for sgn in ((-1, 1) if rng.random() < 0.35 else (-1,)):
-            panel, marks = _chest_pocket(t, sgn, pointed); g.panels.append(panel); g.marks += marks
+            panel, marks = _chest_pocket(t, sgn, pointed)
+            g.panels.append(panel)
+            g.marks += marks
     for s in t.sleeves:
-        if t.length < 0.3: g.marks.append(("stitch", _cuff(s, 0.025)[1], 0.0025)); continue
+        if t.length < 0.3:
+            g.marks.append(("stitch", _cuff(s, 0.025)[1], 0.0025))
+            continue
         edge, top = _cuff(s, 0.055)
         g.panels.append((edge + top, 0.93))
         g.marks += [("seam", edge + top + [edge[0]], 0.0025), ("button", _lerp(_lerp(*edge, 0.5), _lerp(*top, 0.5), 0.5), 0.007)]
@@ -479,7 +507,9 @@ def _sweater(rng: np.random.Generator) -> GarmentShape:
     hem = [(t.cx - t.bw, t.y1), (t.cx + t.bw, t.y1)]
     bands = [_rib(t.neck, _widen(t.neck, t.cx, 0.3, 0.028), 0.007), _rib(hem, [(x, y - 0.06) for x, y in hem], 0.008)]
     bands += [_rib(edge, top[::-1], 0.007) for edge, top in (_cuff(s, 0.06) for s in t.sleeves)]
-    for panel, rib in bands: g.panels.append(panel); g.marks.append(rib)
+    for panel, rib in bands:
+        g.panels.append(panel)
+        g.marks.append(rib)
     raglan = rng.random() < 0.5
     g.marks += [("seam", [t.neck[0], t.A], 0.003), ("seam", [t.neck[-1], t.Ar], 0.003)] if raglan else _shoulder_seams(t)
     return g
@@ -495,7 +525,8 @@ def _jacket(rng: np.random.Generator) -> GarmentShape:
     g.marks += [("stitch", _neckline(t.cx, t.y0, t.nw, t.nd * 0.6, False), 0.003), ("seam", waist, 0.003)]
     for s in t.sleeves:
         edge, top = _cuff(s, 0.05)
-        g.panels.append((edge + top, 0.86)); g.marks.append(("seam", top, 0.003))
+        g.panels.append((edge + top, 0.86))
+        g.marks.append(("seam", top, 0.003))
     g.marks += [("zip", [(t.cx, t.y0 - high * 0.85), (t.cx, t.y1)], 0.009), ("pull", (t.cx, t.y0 + rng.uniform(0.0, 0.25)), 0.012)]
     for sgn in (-1, 1):   # slanted zipped pockets
         g.marks.append(("zip", [(t.cx + sgn * t.bw * 0.3, t.y1 - band - rng.uniform(0.2, 0.24)), (t.cx + sgn * t.bw * 0.62, t.y1 - band - 0.04)], 0.006))
@@ -536,7 +567,8 @@ def _dress(rng: np.random.Generator) -> GarmentShape:
                 ("stitch", [(x, y - 0.02) for x, y in hem[1:-1]], 0.003)]
     if rng.random() < 0.5:
         belt = [(cx - ww, yw - 0.014), (cx + ww, yw - 0.014), (cx + ww, yw + 0.014), (cx - ww, yw + 0.014)]
-        g.panels.append((belt, 0.8)); g.marks += [("seam", belt + [belt[0]], 0.0025), ("buckle", (cx, yw), 0.02)]
+        g.panels.append((belt, 0.8))
+        g.marks += [("seam", belt + [belt[0]], 0.0025), ("buckle", (cx, yw), 0.02)]
     if hw > 0.33 * _W: g.marks += [("seam", [(cx + k * ww * 0.5, yw + 0.03), (cx + k * hw * 0.6, y1 - 0.015)], 0.0025) for k in (-1, 0, 1)]
     return g
 
@@ -560,10 +592,12 @@ def _skirt(rng: np.random.Generator) -> GarmentShape:
 def _waistband(g: GarmentShape, cx: float, y0: float, wb: float, yc: float, jeans: bool, bh: float = 0.035) -> None:
     "Waistband with four belt loops, a button and the fly (a J of stitching on jeans)."
     band = [(cx - wb, y0), (cx + wb, y0), (cx + wb, y0 + bh), (cx - wb, y0 + bh)]
-    g.panels.append((band, 0.9)); g.marks.append(("seam", band + [band[0]], 0.0025))
+    g.panels.append((band, 0.9))
+    g.marks.append(("seam", band + [band[0]], 0.0025))
     for x in (-0.8, -0.35, 0.35, 0.8):
         loop = [(cx + x * wb - 0.008, y0 - 0.004), (cx + x * wb + 0.008, y0 - 0.004), (cx + x * wb + 0.008, y0 + bh + 0.006), (cx + x * wb - 0.008, y0 + bh + 0.006)]
-        g.panels.append((loop, 0.8)); g.marks.append(("seam", loop + [loop[0]], 0.002))
+        g.panels.append((loop, 0.8))
+        g.marks.append(("seam", loop + [loop[0]], 0.002))
     fly = [(cx - 0.045, y0 + bh), (cx - 0.045, yc - 0.07), (cx - 0.01, yc - 0.03)]
     g.marks += [("stitch" if jeans else "seam", fly, 0.0025), ("seam", [(cx, y0 + bh), (cx, yc - 0.01)], 0.003),
                 ("button", (cx - 0.02, y0 + bh / 2), 0.011 if jeans else 0.009)]
@@ -720,7 +754,9 @@ class _Pen:
     def rivet(self, centre, r): self.d.ellipse(self.box(*centre, r, r), fill=(184, 115, 51), outline=(120, 70, 30))
     def zip(self, points, w):      # tape, then teeth alternating from side to side
         self.d.line(self.px(points), fill=self.c["tape"], width=self.width(w * 1.6))
-        p = np.asarray(points, np.float64); v = (p[-1] - p[0]) / np.linalg.norm(p[-1] - p[0]); normal = np.array([-v[1], v[0]])
+        p = np.asarray(points, np.float64)
+        v = (p[-1] - p[0]) / np.linalg.norm(p[-1] - p[0])
+        normal = np.array([-v[1], v[0]])
         for k, t in enumerate(np.arange(0, _length(points), w * 0.55)):
             c, side = p[0] + v * t, normal * w * 0.5 * (1 if k % 2 else -1)
             self.d.line(self.px([c - side * 0.1, c + side]), fill=self.c["metal"], width=self.width(w * 0.3, 0))

@@ -399,7 +399,8 @@ class EmbeddingCache:
                 if meta.get("format") != EMBEDDING_CACHE_FORMAT: raise ValueError(f"format {meta.get('format')!r}")
                 texts = json.loads(meta["texts"])
             except Exception as e:
-                warnings.warn(f"Ignoring unreadable embedding-cache file {path} ({e})"); continue
+                warnings.warn(f"Ignoring unreadable embedding-cache file {path} ({e})")
+                continue
             seen.add(path.name)
             index.update({t: (path, row) for row, t in enumerate(texts)})
         return index

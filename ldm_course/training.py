@@ -375,10 +375,13 @@ def plot_training_curves(history: TrainHistory, # as returned by `train` / `Trai
     centre = window // 2  # a centred window: the average does not lag behind the raw curve
     ax_loss.plot(steps[centre:centre + len(smooth)], smooth, label=f"moyenne glissante ({window} pas)")
     if (loss > 0).all(): ax_loss.set_yscale("log")
-    ax_loss.set_xlabel("pas d'optimisation"); ax_loss.set_ylabel("perte"); ax_loss.set_title("Courbe de perte")
+    ax_loss.set_xlabel("pas d'optimisation")
+    ax_loss.set_ylabel("perte")
+    ax_loss.set_title("Courbe de perte")
     ax_loss.legend()
     ax_lr.plot(steps, history.lr)
-    ax_lr.set_xlabel("pas d'optimisation"); ax_lr.set_ylabel("taux d'apprentissage")
+    ax_lr.set_xlabel("pas d'optimisation")
+    ax_lr.set_ylabel("taux d'apprentissage")
     ax_lr.set_title("Taux d'apprentissage")
     fig.suptitle(title)
     fig.tight_layout()
@@ -408,10 +411,13 @@ def _digest(h: Any, x: Any) -> None:
         h.update(x.reshape(-1).view(torch.uint8).numpy())  # the raw bytes, whatever the dtype, without a copy
     elif isinstance(x, np.ndarray) or hasattr(x, "__array_interface__"):  # numpy arrays, PIL images
         a = np.ascontiguousarray(x)
-        h.update(f"array {a.dtype} {a.shape};".encode()); h.update(a.tobytes())
+        h.update(f"array {a.dtype} {a.shape};".encode())
+        h.update(a.tobytes())
     elif isinstance(x, Mapping):
         h.update(b"{")
-        for k in sorted(x, key=str): h.update(f"{k!r}:".encode()); _digest(h, x[k])
+        for k in sorted(x, key=str):
+            h.update(f"{k!r}:".encode())
+            _digest(h, x[k])
         h.update(b"}")
     elif isinstance(x, (list, tuple)):
         h.update(b"[")
@@ -682,7 +688,9 @@ class Trainer:
             if removed: warnings.warn(f"Removed {len(removed)} unfinished checkpoint write(s) left in {folder} by an "
                                       f"interrupted save: {[p.name for p in removed]}")
         if resume == "auto": start = self._resume_latest() if folder is not None else None
-        elif resume: start = Path(resume); self.load(start)
+        elif resume:
+            start = Path(resume)
+            self.load(start)
         else: start = None
         if start is None and self.step == 0: seed_everything(self.cfg.seed + self.accelerator.process_index)
         if folder is not None: self._set_aside_other_runs(start)
@@ -693,7 +701,8 @@ class Trainer:
         for path in reversed(list_checkpoints(self.checkpoint_dir)):
             try: state, metadata = read_training_checkpoint(path)
             except Exception as e:  # truncated, corrupted, foreign: an earlier one may be good
-                skipped.append(path.name); reasons.append(f"{type(e).__name__}: {' '.join(str(e).split())[:200]}")
+                skipped.append(path.name)
+                reasons.append(f"{type(e).__name__}: {' '.join(str(e).split())[:200]}")
                 continue
             if skipped: warnings.warn(f"Skipped {', '.join(skipped)}, unreadable ({'; '.join(reasons)}): resuming from "
                                       f"{path.name}, the previous checkpoint")
@@ -885,7 +894,9 @@ def finished_checkpoint(checkpoint_dir: str | Path | None, # a run's folder (`tr
 def main_process_first(device: str | torch.device | None = None, # where the run's Trainer will train (None: core.get_device())
                       ):
     "Under `accelerate launch`, run the block on the main process first, then on the others (one writer per data file or cache)."
-    if int(os.environ.get("WORLD_SIZE", "1")) <= 1: yield; return
+    if int(os.environ.get("WORLD_SIZE", "1")) <= 1:
+        yield
+        return
     from accelerate import PartialState  # the Trainer's Accelerator reuses this state: it must know the device already
     with PartialState(cpu=get_device(device).type == "cpu").main_process_first(): yield
 

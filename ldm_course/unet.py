@@ -331,7 +331,9 @@ class UNet(nn.Module):
         for level, cout in enumerate(chs):
             layers = []
             for _ in range(c.layers_per_block):
-                layers.append(layer(ch, cout, level)); ch = cout; skip_channels.append(ch)
+                layers.append(layer(ch, cout, level))
+                ch = cout
+                skip_channels.append(ch)
             if level < lowest: skip_channels.append(ch)
             self.down.append(UNetLevel(layers, Downsample(ch) if level < lowest else None))
 
@@ -342,7 +344,8 @@ class UNet(nn.Module):
         for level, cout in reversed(list(enumerate(chs))):
             layers = []
             for _ in range(c.layers_per_block + 1):
-                layers.append(layer(ch + skip_channels.pop(), cout, level)); ch = cout
+                layers.append(layer(ch + skip_channels.pop(), cout, level))
+                ch = cout
             self.up.append(UNetLevel(layers, Upsample(ch) if level > 0 else None))
 
         self.norm_out = nn.GroupNorm(c.norm_num_groups, ch, c.norm_eps)
@@ -364,9 +367,11 @@ class UNet(nn.Module):
         skips = [h]
         for level in self.down:
             for layer in level.layers:
-                h = layer(h, emb, context, context_mask); skips.append(h)
+                h = layer(h, emb, context, context_mask)
+                skips.append(h)
             if level.resample is not None:
-                h = level.resample(h); skips.append(h)
+                h = level.resample(h)
+                skips.append(h)
         h = self.mid_res(self.mid(h, emb, context, context_mask), emb)
         for level in self.up:
             for layer in level.layers:

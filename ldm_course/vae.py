@@ -216,7 +216,9 @@ class Encoder(nn.Module):
         levels, c = [], channels[0]
         for i, c_out in enumerate(channels):
             blocks = []
-            for _ in range(cfg.layers_per_block): blocks.append(ResnetBlock(c, c_out, groups)); c = c_out
+            for _ in range(cfg.layers_per_block):
+                blocks.append(ResnetBlock(c, c_out, groups))
+                c = c_out
             if i < len(channels) - 1: blocks.append(Downsample(c))
             levels.append(nn.Sequential(*blocks))
         self.down = nn.Sequential(*levels)
@@ -915,7 +917,8 @@ def plot_latent_channels(images: Tensor, # (n, C, H, W) in [-1, 1]
         show_image(axes[i, 0], images[i])
         for k in range(c):
             im = axes[i, k + 1].imshow(latents[i, k].float().cpu().numpy(), cmap="RdBu_r", vmin=-lim, vmax=lim, interpolation="nearest")
-            axes[i, k + 1].set_xticks([]); axes[i, k + 1].set_yticks([])
+            axes[i, k + 1].set_xticks([])
+            axes[i, k + 1].set_yticks([])
             if i == 0: axes[i, k + 1].set_title(f"canal {k}", fontsize=9)
     axes[0, 0].set_title("image", fontsize=9)
     fig.colorbar(im, ax=axes[:, 1:].ravel().tolist(), shrink=0.8, label="valeur du latent $s\\cdot z$")
@@ -967,12 +970,16 @@ def plot_vae_curves(kl_terms: Mapping[str, Sequence[float]], # VAELoss.terms of 
     _curve(axes[0], kl_terms, "reconstruction", window, label="KL-VAE : reconstruction")
     _curve(axes[0], vq_terms, "reconstruction", window, label="VQ-VAE : reconstruction")
     _curve(axes[0], kl_terms, "perceptual", window, label="KL-VAE : spectre local")
-    axes[0].set_yscale("log"); axes[0].set_title("Reconstruction et terme perceptuel"); _legend_below(axes[0])
+    axes[0].set_yscale("log")
+    axes[0].set_title("Reconstruction et terme perceptuel")
+    _legend_below(axes[0])
     _curve(axes[1], kl_terms, "kl", window, color="C0")
-    axes[1].set_yscale("log"); axes[1].set_title("KL-VAE : KL par valeur d'image")
+    axes[1].set_yscale("log")
+    axes[1].set_title("KL-VAE : KL par valeur d'image")
     _curve(axes[2], kl_terms, "logits_real", window, label="$D(x)$ (vraies)", color="C2")
     _curve(axes[2], kl_terms, "logits_fake", window, label="$D(\\hat x)$ (reconstruites)", color="C3")
-    ax_w = axes[2].twinx(); _curve(ax_w, kl_terms, "adaptive_weight", window, color="C4", ls="--", label="λ (poids adaptatif)")
+    ax_w = axes[2].twinx()
+    _curve(ax_w, kl_terms, "adaptive_weight", window, color="C4", ls="--", label="λ (poids adaptatif)")
     ax_w.set_ylabel("λ")
     handles = axes[2].get_legend_handles_labels()[0] + ax_w.get_legend_handles_labels()[0]
     _legend_below(axes[2], handles)
@@ -981,8 +988,11 @@ def plot_vae_curves(kl_terms: Mapping[str, Sequence[float]], # VAELoss.terms of 
     _curve(axes[3], vq_terms, "perplexity", window, color="C1", label="perplexité")
     _curve(axes[3], vq_terms, "codes_used", window, color="C2", label="codes utilisés (lot)")
     axes[3].axhline(num_codes, color="gray", ls=":", label=f"K = {num_codes}")
-    axes[3].set_title("VQ-VAE : usage du dictionnaire"); _legend_below(axes[3])
-    for ax in axes: ax.set_xlabel("pas d'optimisation"); ax.grid(alpha=0.3)
+    axes[3].set_title("VQ-VAE : usage du dictionnaire")
+    _legend_below(axes[3])
+    for ax in axes:
+        ax.set_xlabel("pas d'optimisation")
+        ax.grid(alpha=0.3)
     fig.suptitle(title)
     fig.tight_layout()
     return fig
