@@ -42,9 +42,8 @@ from ldm_course.benchmarks import BENCHMARK_TARGETS, UNRESOLVED_STD_ERROR  # noq
 from ldm_course.core import make_generator  # noqa: E402
 from ldm_course.data import load_fashion  # noqa: E402
 from ldm_course.ldm import LatentDiffusionPipeline, ldm_checkpoint_path  # noqa: E402
-from ldm_course.metrics import (  # noqa: E402
-    ClassifierFeatures, PromptSpec, fid_kid, judge_checkpoint_path, load_judge, prompt_alignment, real_baseline,
-)
+from ldm_course.judge import judge_checkpoint_path, load_judge  # noqa: E402
+from ldm_course.metrics import ClassifierFeatures, PromptSpec, fid_kid, prompt_alignment, real_baseline  # noqa: E402
 
 TARGET_SPEEDUP, TARGET_ACCURACY_LOSS = BENCHMARK_TARGETS["sampling"]["speedup"], BENCHMARK_TARGETS["sampling"]["accuracy_loss"]
 

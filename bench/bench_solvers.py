@@ -44,7 +44,8 @@ from machine import add_machine_arguments, describe, out_dir, setup, write_resul
 from ldm_course import attention  # noqa: E402,F401  (registers chapter 10's cross-attention block, to load its pipeline)
 from ldm_course.benchmarks import BENCHMARK_TARGETS, UNRESOLVED_STD_ERROR  # noqa: E402
 from ldm_course.ldm import LatentDiffusionPipeline  # noqa: E402
-from ldm_course.metrics import ClassifierFeatures, PromptSpec, fid_kid, load_judge, prompt_alignment  # noqa: E402
+from ldm_course.judge import load_judge  # noqa: E402
+from ldm_course.metrics import ClassifierFeatures, PromptSpec, fid_kid, prompt_alignment  # noqa: E402
 
 TARGETS = BENCHMARK_TARGETS["solvers"]   # accuracy_loss, max_evaluations: shared with the report
 SAMPLERS = ("ddim", "ddim-eta0", "dpm++", "sde-dpm++")

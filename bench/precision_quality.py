@@ -80,7 +80,8 @@ def ddpm_chapter(chapter: str, profile: str, seeds: list[int], samples_per_class
 
 def judge_chapter(profile: str, seeds: list[int], device: str) -> dict:
     "Train chapter 11's clothing judge in fp32 and bf16 per seed on the notebook's split; held-out accuracies."
-    from ldm_course.metrics import eval_config, garment_accuracy, judge_inputs, judge_pattern_labels, train_garment_judge
+    from ldm_course.judge import garment_accuracy, judge_inputs, train_garment_judge
+    from ldm_course.metrics import eval_config, judge_pattern_labels
     ecfg = eval_config(profile)
     catalogue, source = load_fashion(profile=profile, require=("articleType", "baseColour"), verbose=False)
     types, type_names = catalogue.labels("articleType")

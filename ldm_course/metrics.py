@@ -7,8 +7,6 @@ from __future__ import annotations
 
 import dataclasses
 import inspect
-import json
-import math
 import os
 import re
 import time
@@ -23,37 +21,30 @@ import matplotlib.pyplot as plt
 import numpy as np
 import pandas as pd
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
-from torch.utils.data import DataLoader, Dataset, TensorDataset
+from torch.utils.data import Dataset
 from torchmetrics.image.fid import FrechetInceptionDistance
 from torchmetrics.image.kid import KernelInceptionDistance
-from torchvision.transforms.functional import gaussian_blur
 
-from ldm_course.core import (
-    Config, load_checkpoint, make_generator, profile_preset, read_checkpoint_metadata, runs_dir,
-    save_checkpoint, show_image, torch_seeded,
-)
+from .core import Config, make_generator, profile_preset, show_image
 from .data import PATTERNS, SEED_PROMPTS
-from .ddpm import ClassifierConfig, ImageClassifier, random_shift
+from ldm_course.judge import (
+    GarmentJudge, GarmentJudgeConfig, JudgeInputs, accuracy_of, image_batches, known_fraction, pattern_boxes, predict_garments,
+)
 from .ldm import pair_prompt
-from .training import TrainConfig, TrainHistory, Trainer, content_digest
+from .training import TrainConfig, content_digest
 from .vae import psnr, ssim
 
 # %% auto #0
-__all__ = ['INCEPTION_WEIGHTS', 'CLOTH_THRESHOLD', 'JUDGE_INPUTS_VERSION', 'JUDGE_FORMAT', 'EVAL_PRESETS', 'PROMPT_GROUPS',
-           'GROUP_NAMES', 'GenerateFn', 'ALIGNMENT_METRICS', 'ALIGNMENT_TARGETS', 'COLOUR_WORDS', 'GARMENT_WORDS',
-           'WOMENSWEAR', 'EVERYDAY_FORMS', 'PATTERN_FORMS', 'SOLID_WORDS', 'METRIC_NAMES', 'PATTERN_FRENCH',
-           'PATTERN_SCALE_SPLIT', 'ClassifierFeatures', 'inception_status', 'fid_kid', 'real_baseline',
-           'GarmentJudgeConfig', 'pattern_boxes', 'pattern_crops', 'JudgeInputs', 'resize_images', 'judge_inputs',
-           'GarmentLogits', 'GarmentJudge', 'random_blur', 'GarmentJudgeLoss', 'build_garment_judge',
-           'train_garment_judge', 'GarmentPredictions', 'predict_garments', 'accuracy_of', 'garment_accuracy',
-           'judge_checkpoint_path', 'save_judge', 'load_judge', 'cached_judge', 'EvalConfig', 'eval_config',
-           'steps_sweep', 'plot_quality_vs_steps', 'PromptSpec', 'proportion_se', 'AlignmentResult', 'prompt_alignment',
-           'targets_met', 'garment_words', 'everyday_phrase', 'everyday_prompts', 'pattern_prompts',
-           'evaluation_prompts', 'samples_per_prompt', 'prompt_subset', 'judge_pattern_labels', 'catalogue_fingerprint',
-           'texture_period', 'pattern_scales', 'accuracy_by_stratum', 'pipeline_generate', 'clip_score',
-           'plot_alignment', 'plot_group_accuracy', 'plot_pattern_check', 'reconstruction_check']
+__all__ = ['INCEPTION_WEIGHTS', 'EVAL_PRESETS', 'PROMPT_GROUPS', 'GROUP_NAMES', 'GenerateFn', 'ALIGNMENT_METRICS',
+           'ALIGNMENT_TARGETS', 'COLOUR_WORDS', 'GARMENT_WORDS', 'WOMENSWEAR', 'EVERYDAY_FORMS', 'PATTERN_FORMS',
+           'SOLID_WORDS', 'METRIC_NAMES', 'PATTERN_FRENCH', 'PATTERN_SCALE_SPLIT', 'ClassifierFeatures',
+           'inception_status', 'fid_kid', 'real_baseline', 'EvalConfig', 'eval_config', 'steps_sweep',
+           'plot_quality_vs_steps', 'PromptSpec', 'proportion_se', 'AlignmentResult', 'prompt_alignment', 'targets_met',
+           'garment_words', 'everyday_phrase', 'everyday_prompts', 'pattern_prompts', 'evaluation_prompts',
+           'samples_per_prompt', 'prompt_subset', 'judge_pattern_labels', 'catalogue_fingerprint', 'texture_period',
+           'pattern_scales', 'accuracy_by_stratum', 'pipeline_generate', 'clip_score', 'plot_alignment',
+           'plot_group_accuracy', 'plot_pattern_check', 'reconstruction_check']
 
 # %% ../nbs/11_evaluation.ipynb #29720458
 class ClassifierFeatures(nn.Module):
@@ -138,337 +129,6 @@ def real_baseline(real: Tensor, # (N, C, H, W) real images, N >= 2 * num_samples
         raise ValueError(f"num_samples must be in [2, {len(real) // 2}] for {len(real)} real images (two disjoint subsets), got {num_samples}")
     order = torch.randperm(len(real), generator=make_generator(seed))
     return fid_kid(real[order[:num_samples]], real[order[num_samples:2 * num_samples]], feature, seed=seed, **kwargs)
-
-# %% ../nbs/11_evaluation.ipynb #4e6dc360
-@dataclasses.dataclass
-class GarmentJudgeConfig(Config):
-    "Architecture of the clothing judge: a CNN trunk (type and colour heads) on the resized image, and a pattern branch on a full-resolution crop."
-    type_names: tuple[str, ...] = ()     # articleType classes, in label order
-    colour_names: tuple[str, ...] = ()   # baseColour classes, in label order
-    image_size: int = 32                 # the trunk sees the image resized to image_size × image_size
-    channels: tuple[int, ...] = (32, 64, 128) # width of each stage of the trunk
-    feature_dim: int = 128               # size of features(x), the space of the clothing FID/KID
-    dropout: float = 0.1                 # before each head
-    pattern_names: tuple[str, ...] = ()  # pattern classes in label order, e.g. ("checked", "solid", "striped"); (): no pattern head
-    pattern_crop: float = 0.25           # side of the pattern crop, as a fraction of the image's side
-    pattern_size: int = 64               # the crop is resampled to pattern_size × pattern_size (native pixels for 0.25 of 256)
-    pattern_channels: tuple[int, ...] = (8, 16, 32) # width of each stage of the pattern branch
-
-    def __post_init__(self):
-        for name in ("type_names", "colour_names", "channels", "pattern_names", "pattern_channels"): setattr(self, name, tuple(getattr(self, name)))
-        for name in ("type_names", "colour_names", "pattern_names"):
-            values = getattr(self, name)
-            if (values or name != "pattern_names") and (len(values) < 2 or len(set(values)) != len(values)):
-                raise ValueError(f"GarmentJudgeConfig.{name} must list at least 2 distinct class names, got {values!r}")
-        if not 8 <= self.image_size <= 512: raise ValueError(f"image_size must be in [8, 512], got {self.image_size!r}")
-        if not 0 < self.pattern_crop <= 1: raise ValueError(f"pattern_crop must be in (0, 1], got {self.pattern_crop!r}")
-        if not 8 <= self.pattern_size <= 512: raise ValueError(f"pattern_size must be in [8, 512], got {self.pattern_size!r}")
-
-    @property
-    def has_pattern(self) -> bool: return bool(self.pattern_names)
-
-    def trunk_config(self) -> ClassifierConfig:
-        "The ImageClassifier (chapter 05) used as trunk; its own head predicts the garment type."
-        return ClassifierConfig(in_channels=3, num_classes=len(self.type_names), channels=self.channels,
-                                feature_dim=self.feature_dim, dropout=self.dropout)
-
-    def pattern_config(self) -> ClassifierConfig:
-        "The ImageClassifier (chapter 05) that reads the pattern crop; its head predicts the pattern."
-        return ClassifierConfig(in_channels=3, num_classes=len(self.pattern_names), channels=self.pattern_channels,
-                                feature_dim=self.pattern_channels[-1], dropout=self.dropout)
-
-# %% ../nbs/11_evaluation.ipynb #e11c0002
-CLOTH_THRESHOLD = 0.35  # a pixel is cloth when a channel is this far below white ([0, 1] units); the drop shadow reaches 0.28
-JUDGE_INPUTS_VERSION = 2  # bump when judge_inputs or pattern_boxes change what the judge sees (it is part of the judge's cache key)
-
-def pattern_boxes(images: Tensor, # (B, 3, H, W) in [-1, 1], garments on white
-                  crop: float = 0.25, # side of the square crop, as a fraction of min(H, W)
-                 ) -> Tensor: # (B, 3) long: top, left, side (pixels)
-    "Where to read the pattern: the square window that holds the most cloth, nearest the centre among equals."
-    B, _, H, W = images.shape
-    side = max(2, round(crop * min(H, W)))
-    cloth = ((1 - images.float()) / 2).amax(1, keepdim=True).gt(CLOTH_THRESHOLD).float()   # (B, 1, H, W)
-    k = 2 * (side // 16) + 1   # closing (dilate, then erode): pale stripes and checks inside the garment count as cloth
-    cloth = -F.max_pool2d(-F.max_pool2d(cloth, k, 1, k // 2), k, 1, k // 2)
-    stride = max(1, side // 8)
-    cover = F.avg_pool2d(cloth, side, stride)[:, 0]   # share of cloth in each window, (B, h, w)
-    h, w = cover.shape[-2:]
-    ys = (torch.arange(h) * stride + (side - H) / 2) / H
-    xs = (torch.arange(w) * stride + (side - W) / 2) / W
-    k = (cover - 1e-3 * (ys[:, None] ** 2 + xs[None, :] ** 2).to(cover)).flatten(1).argmax(1)   # tiny pull to the centre breaks ties
-    return torch.stack([(k // w) * stride, (k % w) * stride, torch.full_like(k, side)], 1)
-
-def pattern_crops(images: Tensor, # (B, 3, H, W) in [-1, 1]
-                  crop: float = 0.25, # side of the crop, as a fraction of min(H, W)
-                  size: int = 64, # side of the returned crops (resampled when the crop has another size)
-                 ) -> Tensor: # (B, 3, size, size)
-    "The pattern crops of `pattern_boxes`, at `size` pixels: native pixels when crop · H = size, so fine stripes survive."
-    if len(images) == 0: return images.new_zeros(0, images.shape[1], size, size)
-    out = torch.stack([images[b, :, t:t + s, l:l + s] for b, (t, l, s) in enumerate(pattern_boxes(images, crop).tolist())])
-    return out if out.shape[-1] == size else F.interpolate(out.float(), size=(size, size), mode="bilinear", antialias=True, align_corners=False)
-
-# %% ../nbs/11_evaluation.ipynb #e11c0004
-class JudgeInputs(NamedTuple):
-    "What the judge looks at, prepared once: the resized image (trunk) and the full-resolution pattern crop (pattern branch)."
-    images: Tensor        # (N, 3, image_size, image_size)
-    crops: Tensor | None  # (N, 3, pattern_size, pattern_size); None for a judge without a pattern head
-
-    def select(self, index) -> "JudgeInputs":
-        "The inputs of some images: a slice, an index tensor or a boolean mask."
-        return JudgeInputs(self.images[index], None if self.crops is None else self.crops[index])
-
-    def to(self, device) -> "JudgeInputs":
-        return JudgeInputs(self.images.to(device, torch.float32), None if self.crops is None else self.crops.to(device, torch.float32))
-
-def _image_batches(images: Tensor | Dataset, batch_size: int):
-    "Float image batches from a tensor, or from a Dataset of (image, ...) items decoded batch_size at a time."
-    if isinstance(images, Tensor):
-        for i in range(0, len(images), batch_size): yield images[i:i + batch_size].float()
-        return
-    for batch in DataLoader(images, batch_size=batch_size, shuffle=False):
-        yield (batch[0] if isinstance(batch, (list, tuple)) else batch).float()
-
-def resize_images(x: Tensor, # images (B, 3, H, W)
-                  size: int, # side of the output
-                 ) -> Tensor: # (B, 3, size, size)
-    "Antialiased bilinear resize; a no-op when the images already have that size."
-    if x.ndim != 4 or x.shape[1] != 3: raise ValueError(f"expected RGB images (B, 3, H, W), got shape {tuple(x.shape)}")
-    return x if x.shape[-2:] == (size, size) else F.interpolate(x, size=(size, size), mode="bilinear", antialias=True, align_corners=False)
-
-@torch.no_grad()
-def judge_inputs(config: GarmentJudgeConfig, # decides the sizes and the crop
-                 images: Tensor | Dataset, # (N, 3, H, W) in [-1, 1] at full size, or a Dataset of (image, ...) items
-                 batch_size: int = 256, # images resized at a time (a Dataset is never decoded whole)
-                ) -> JudgeInputs:
-    "Prepare images for the judge once: resized for the trunk, cropped at full resolution for the pattern branch."
-    small, crops = [], []
-    for x in _image_batches(images, batch_size):
-        small.append(resize_images(x, config.image_size))
-        if config.has_pattern: crops.append(pattern_crops(x, config.pattern_crop, config.pattern_size))
-    if not small: raise ValueError("judge_inputs got no images")
-    return JudgeInputs(torch.cat(small), torch.cat(crops) if crops else None)
-
-class GarmentLogits(NamedTuple):
-    "The judge's three verdicts, as logits."
-    type: Tensor            # (B, n_types)
-    colour: Tensor          # (B, n_colours)
-    pattern: Tensor | None  # (B, n_patterns); None for a judge without a pattern head
-
-class GarmentJudge(nn.Module):
-    "Independent judge of clothing images: type, colour and pattern from a trunk on the resized image and a branch on a full-resolution crop; `features(x)` for FID/KID."
-    def __init__(self, config: GarmentJudgeConfig, # architecture and class names
-                ):
-        super().__init__()
-        self.config = config
-        self.trunk = ImageClassifier(config.trunk_config())
-        self.colour_head = nn.Sequential(nn.Dropout(config.dropout), nn.Linear(config.feature_dim, len(config.colour_names)))
-        self.pattern_branch = ImageClassifier(config.pattern_config()) if config.has_pattern else None
-        if config.has_pattern:   # every head reads both feature vectors: logits = W_image φ(x) + W_crop ψ(crop)
-            d = config.pattern_channels[-1]
-            self.crop_to_type = nn.Linear(d, len(config.type_names), bias=False)
-            self.crop_to_colour = nn.Linear(d, len(config.colour_names), bias=False)
-            self.image_to_pattern = nn.Linear(config.feature_dim, len(config.pattern_names), bias=False)
-
-    def resize(self, x: Tensor, # images (B, 3, H, W) in [-1, 1]
-              ) -> Tensor: # (B, 3, image_size, image_size)
-        "Bring images to the trunk's input size (antialiased bilinear); a no-op when they already have it."
-        return resize_images(x, self.config.image_size)
-
-    def prepare(self, x: Tensor, # images (B, 3, H, W) in [-1, 1], at full size
-               ) -> JudgeInputs:
-        "The trunk's resized image and the pattern branch's crop."
-        c = self.config
-        return JudgeInputs(self.resize(x), pattern_crops(x, c.pattern_crop, c.pattern_size) if c.has_pattern else None)
-
-    def features(self, x: Tensor, # images (B, 3, H, W) in [-1, 1], any H, W
-                ) -> Tensor: # (B, feature_dim)
-        "Penultimate features of the trunk, shared by the type and colour heads (the pattern branch is not in them)."
-        return self.trunk.features(self.resize(x))
-
-    def forward(self, x: Tensor | JudgeInputs, # images (B, 3, H, W) in [-1, 1], or inputs already prepared
-               ) -> GarmentLogits:
-        inputs = x if isinstance(x, JudgeInputs) else self.prepare(x)
-        h = self.trunk.features(inputs.images)
-        if self.pattern_branch is None: return GarmentLogits(self.trunk.head(h), self.colour_head(h), None)
-        g = self.pattern_branch.features(inputs.crops)
-        return GarmentLogits(self.trunk.head(h) + self.crop_to_type(g), self.colour_head(h) + self.crop_to_colour(g),
-                             self.pattern_branch.head(g) + self.image_to_pattern(h))
-
-def _masked_ce(logits: Tensor, labels: Tensor) -> Tensor:
-    "Cross-entropy over the labelled items (label -1 ignored): summed then divided by their count, so an unlabelled batch gives 0, not NaN."
-    return F.cross_entropy(logits, labels.long(), ignore_index=-1, reduction="sum") / (labels >= 0).sum().clamp(min=1)
-
-def random_blur(images: Tensor, # (B, C, H, W)
-                max_sigma: float = 1.0, # largest Gaussian σ, in pixels
-                p: float = 0.5, # share of the images blurred
-               ) -> Tensor:
-    "Blur a random share of the images with a Gaussian of random σ in [0, max_sigma] pixels (the rest unchanged)."
-    if max_sigma <= 0 or p <= 0: return images
-    out, chosen = images.clone(), torch.nonzero(torch.rand(len(images)) < p).flatten().tolist()
-    for i, sigma in zip(chosen, (max_sigma * torch.rand(len(chosen))).clamp(min=0.05).tolist()):
-        k = 2 * math.ceil(2.5 * sigma) + 1
-        out[i] = gaussian_blur(images[i], [k, k], [sigma, sigma])
-    return out
-
-class GarmentJudgeLoss:
-    "The Trainer's loss_fn: CE(type) + CE(colour) [+ CE(pattern)] on randomly shifted (and softened) inputs; label -1 is ignored."
-    def __init__(self, max_shift: float = 1.0, # augmentation: random translation of the resized image, in pixels
-                 crop_shift: float = 2.0, # the same for the pattern crop, in its pixels
-                 crop_blur: float = 1.0, # half the crops are blurred with σ up to this, in crop pixels (0: never)
-                ):
-        self.max_shift, self.crop_shift, self.crop_blur = max_shift, crop_shift, crop_blur
-
-    def __call__(self, model: nn.Module, batch: Sequence[Tensor], # (images, types, colours) or (images, types, colours, crops, patterns)
-                ) -> Tensor:
-        images, types, colours, *pattern = batch
-        crops, patterns = pattern if pattern else (None, None)
-        if crops is not None: crops = random_shift(random_blur(crops, self.crop_blur), self.crop_shift)
-        out = model(JudgeInputs(random_shift(images, self.max_shift), crops))
-        loss = _masked_ce(out.type, types) + _masked_ce(out.colour, colours)
-        return loss if crops is None else loss + _masked_ce(out.pattern, patterns)
-
-# %% ../nbs/11_evaluation.ipynb #c89e5c26
-def _check_labels(name: str, labels: Tensor, names: Sequence[str], n: int) -> Tensor:
-    if len(labels) != n: raise ValueError(f"{n} images but {len(labels)} {name} labels")
-    k = len(names)
-    if len(labels) and (int(labels.max()) >= k or int(labels.min()) < -1):
-        raise ValueError(f"{name} labels must be in [-1, {k}), got {int(labels.min())}..{int(labels.max())}")
-    return labels.long()
-
-def build_garment_judge(config: GarmentJudgeConfig, # architecture and class names
-                       ) -> GarmentJudge:
-    "A new GarmentJudge in channels-last memory (1.35× faster training steps on CPU, oneDNN); seed torch first to fix its weights."
-    return GarmentJudge(config).to(memory_format=torch.channels_last)
-
-def train_garment_judge(images: Tensor | Dataset | JudgeInputs, # (N, 3, H, W) in [-1, 1] at full size (real catalogue photos only), a Dataset of them, or judge_inputs(...)
-                        type_labels: Tensor, # (N,) indices into config.type_names, -1 if unknown
-                        colour_labels: Tensor, # (N,) indices into config.colour_names, -1 if unknown
-                        config: GarmentJudgeConfig, # architecture and class names
-                        cfg: TrainConfig, # recipe (the Trainer's)
-                        pattern_labels: Tensor | None = None, # (N,) indices into config.pattern_names, -1 if unknown; required with a pattern head
-                        max_shift: float = 1.0, # augmentation, in pixels of the trunk's input
-                        device: str | None = None, # "cpu" forces the CPU; default: core.get_device()
-                       ) -> tuple[GarmentJudge, TrainHistory]: # (EMA judge in eval mode, history)
-    "Train a GarmentJudge on real catalogue images, prepared once (resized for the trunk, cropped for the pattern branch)."
-    if config.has_pattern != (pattern_labels is not None):
-        raise ValueError(f"pattern_labels must be given exactly when the judge has a pattern head (pattern_names={config.pattern_names!r})")
-    n = len(type_labels)
-    if not isinstance(images, JudgeInputs) and len(images) != n: raise ValueError(f"{len(images)} images but {n} type labels")
-    labels = [_check_labels("type", type_labels, config.type_names, n), _check_labels("colour", colour_labels, config.colour_names, n)]
-    if config.has_pattern: labels.append(_check_labels("pattern", pattern_labels, config.pattern_names, n))
-    with torch_seeded(cfg.seed):  # initial weights, dropout and shifts drawn from cfg.seed: the judge is the same whatever ran before
-        model = build_garment_judge(config)
-        inputs = images if isinstance(images, JudgeInputs) else judge_inputs(config, images)
-        if len(inputs.images) != n: raise ValueError(f"{len(inputs.images)} prepared images but {n} type labels")
-        tensors = (inputs.images, *labels[:2]) + ((inputs.crops, labels[2]) if config.has_pattern else ())
-        trainer = Trainer(model, TensorDataset(*tensors), GarmentJudgeLoss(max_shift), cfg, device=device)
-        history = trainer.fit(resume=False)
-    return trainer.ema_model.eval(), history
-
-class GarmentPredictions(NamedTuple):
-    "The judge's decisions, as class indices (N,) on the CPU."
-    type: Tensor
-    colour: Tensor
-    pattern: Tensor | None  # None for a judge without a pattern head
-
-@torch.no_grad()
-def predict_garments(judge: GarmentJudge, # the clothing judge
-                     images: Tensor | JudgeInputs, # (N, 3, H, W) in [-1, 1] at full size, or judge_inputs(...)
-                     batch_size: int = 256, # images per forward
-                    ) -> GarmentPredictions:
-    "The judge's decisions: garment type, colour and (with a pattern head) pattern of each image."
-    judge.eval()
-    device = next(judge.parameters()).device
-    n = len(images.images) if isinstance(images, JudgeInputs) else len(images)
-    out = []
-    for i in range(0, n, batch_size):
-        chunk = images.select(slice(i, i + batch_size)).to(device) if isinstance(images, JudgeInputs) else images[i:i + batch_size].to(device, torch.float32)
-        out.append([None if l is None else l.argmax(-1).cpu() for l in judge(chunk)])
-    return GarmentPredictions(*(None if parts[0] is None else torch.cat(parts) for parts in zip(*out)))
-
-def _fraction(ok: Tensor, known: Tensor) -> float:
-    return float(ok[known].float().mean()) if known.any() else float("nan")
-
-def accuracy_of(pred: GarmentPredictions, # the judge's decisions (predict_garments)
-                type_labels: Tensor, # (N,) expected type indices (-1: unknown, not counted)
-                colour_labels: Tensor, # (N,) expected colour indices (-1: unknown, not counted)
-                pattern_labels: Tensor | None = None, # (N,) expected pattern indices (-1: unknown); None: pattern not scored
-                pattern_names: Sequence[str] = (), # names of the pattern classes, for the per-class accuracies
-               ) -> dict: # type, colour, both [, pattern, pattern_by_class] (fractions) and the counts they are computed on
-    "Accuracies of decisions against labels: type, colour, both, and pattern (overall and per class)."
-    t_ok, c_ok = pred.type == type_labels.cpu(), pred.colour == colour_labels.cpu()
-    t_known, c_known = type_labels.cpu() >= 0, colour_labels.cpu() >= 0
-    both_known = t_known & c_known
-    acc = {"type": _fraction(t_ok, t_known), "colour": _fraction(c_ok, c_known), "both": _fraction(t_ok & c_ok, both_known),
-           "num_type": int(t_known.sum()), "num_colour": int(c_known.sum()), "num_both": int(both_known.sum())}
-    if pattern_labels is not None and pred.pattern is not None:
-        p = pattern_labels.cpu()
-        p_ok = pred.pattern == p
-        patterned = (p >= 0) & (p != pattern_names.index("solid")) if "solid" in pattern_names else p >= 0
-        acc.update(pattern=_fraction(p_ok, p >= 0), num_pattern=int((p >= 0).sum()),
-                   pattern_non_solid=_fraction(p_ok, patterned), num_pattern_non_solid=int(patterned.sum()),   # stripes and checks only
-                   pattern_by_class={name: {"accuracy": _fraction(p_ok, p == k), "num": int((p == k).sum())} for k, name in enumerate(pattern_names)})
-    return acc
-
-def garment_accuracy(judge: GarmentJudge, # the clothing judge
-                     images: Tensor | JudgeInputs, # (N, 3, H, W) in [-1, 1] at full size, or judge_inputs(...)
-                     type_labels: Tensor, # (N,) expected type indices (-1: unknown, not counted)
-                     colour_labels: Tensor, # (N,) expected colour indices (-1: unknown, not counted)
-                     pattern_labels: Tensor | None = None, # (N,) expected pattern indices (-1: unknown); None: pattern not scored
-                    ) -> dict: # type, colour, both [, pattern, pattern_by_class] (fractions) and the counts they are computed on
-    "How often the judge finds the right type, colour, both, and pattern, on labelled images."
-    return accuracy_of(predict_garments(judge, images), type_labels, colour_labels, pattern_labels, judge.config.pattern_names)
-
-# %% ../nbs/11_evaluation.ipynb #0a29f503
-JUDGE_FORMAT = "ldm_course.judge/1"
-
-def judge_checkpoint_path(name: str, # "mnist", "cifar10", "fashion"...
-                          profile: str = "auto", # run profile: decides the folder
-                         ) -> Path:
-    "Where a judge is cached: runs/<profile>/checkpoints/11_judge/<name>.safetensors."
-    if not name or "/" in name: raise ValueError(f"judge name must be a plain non-empty name, got {name!r}")
-    return runs_dir(profile) / "checkpoints" / "11_judge" / f"{name}.safetensors"
-
-def save_judge(path: str | Path, # destination .safetensors
-               judge: nn.Module, # an ImageClassifier or a GarmentJudge
-               metadata: Mapping[str, Any] | None = None, # extras: cache key, held-out accuracy, data source...
-              ) -> Path:
-    "Save a judge (weights + architecture config) in one safetensors file, atomically."
-    kinds = {ImageClassifier: "classifier", GarmentJudge: "garment"}
-    if type(judge) not in kinds: raise TypeError(f"save_judge expects an ImageClassifier or a GarmentJudge, got {type(judge).__name__}")
-    meta = {**dict(metadata or {}), "format": JUDGE_FORMAT, "kind": kinds[type(judge)], "config": judge.config.to_dict()}
-    return save_checkpoint(path, {"model": judge.state_dict()}, meta)
-
-def load_judge(path: str | Path, # a file written by `save_judge`
-               device: str | torch.device = "cpu", # where to put the judge
-              ) -> tuple[nn.Module, dict]: # (judge in eval mode, metadata)
-    "Rebuild a judge saved by `save_judge`."
-    meta = read_checkpoint_metadata(path)
-    if meta.get("format") != JUDGE_FORMAT:
-        raise ValueError(f"{path} is not a judge file: format {meta.get('format')!r}, expected {JUDGE_FORMAT!r}")
-    judge = (ImageClassifier(ClassifierConfig.from_dict(meta["config"])) if meta["kind"] == "classifier"
-             else GarmentJudge(GarmentJudgeConfig.from_dict(meta["config"])))
-    state, _ = load_checkpoint(path, device="cpu")
-    judge.load_state_dict(state["model"])
-    return judge.to(device, memory_format=torch.channels_last).eval(), meta
-
-def cached_judge(path: str | Path, # the cache file
-                 key: Mapping[str, Any], # JSON description of everything that makes this judge (data, config, recipe, seed)
-                 train_fn: Callable[[], tuple[nn.Module, dict]], # trains one: () -> (judge, metadata such as accuracy)
-                 device: str | torch.device = "cpu", # where to put the judge
-                ) -> tuple[nn.Module, dict, bool]: # (judge, metadata, True when it was just trained)
-    "The judge cached at `path` if it was made with the same `key`, else a freshly trained one, saved there."
-    key = json.loads(json.dumps(dict(key), default=str))  # the form it takes once stored: tuples become lists
-    path = Path(path)
-    if path.is_file():
-        try:
-            judge, meta = load_judge(path, device)
-            if meta.get("cache_key") == key: return judge, meta, False
-        except (ValueError, KeyError, RuntimeError): pass  # unreadable or foreign file: train again and overwrite
-    judge, meta = train_fn()
-    meta = {**meta, "cache_key": key}
-    save_judge(path, judge, meta)
-    return judge.to(device, memory_format=torch.channels_last).eval(), meta, True
 
 # %% ../nbs/11_evaluation.ipynb #56fdbe5a
 @dataclasses.dataclass
@@ -1083,7 +743,7 @@ def reconstruction_check(judge: GarmentJudge, # the clothing judge (trained on r
                         ) -> dict: # accuracies (original, reconstruction), agreement, pattern_lost, psnr, ssim (+ standard errors), counts
     "The judge on reconstructions of held-out photos against the same photos, with PSNR and SSIM (torchmetrics) at full size."
     start, inputs, psnrs, ssims, size = time.perf_counter(), {"original": [], "reconstruction": []}, [], [], None
-    for x in _image_batches(images, batch_size):
+    for x in image_batches(images, batch_size):
         x_hat = reconstruct(x).detach().float().cpu().clamp(-1, 1)
         if x_hat.shape != x.shape: raise ValueError(f"reconstruct returned {tuple(x_hat.shape)} for images {tuple(x.shape)}: expected the same shape")
         inputs["original"].append(judge.prepare(x))
@@ -1110,5 +770,5 @@ def reconstruction_check(judge: GarmentJudge, # the clothing judge (trained on r
         out["pattern_by_stratum"] = {}
         for s in dict.fromkeys(strata):
             member = torch.from_numpy(groups == s) & (truth >= 0)
-            out["pattern_by_stratum"][s] = {"num": int(member.sum()), **{k: _fraction(p.pattern == truth, member) for k, p in preds.items()}}
+            out["pattern_by_stratum"][s] = {"num": int(member.sum()), **{k: known_fraction(p.pattern == truth, member) for k, p in preds.items()}}
     return {"num_images": len(psnrs), "image_size": size, **out, "seconds": round(seconds, 1)}

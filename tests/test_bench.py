@@ -129,7 +129,7 @@ def test_sampling_benchmark_with_a_tiny_untrained_pipeline_and_judge(tmp_path, m
     "End to end: a smoke-sized pipeline and judge saved where the chapters save them; DDIM and DDPM both scored."
     from ldm_course.data import load_fashion
     from ldm_course.ldm import LatentDiffusionPipeline, build_ldm_scheduler, build_ldm_unet, ldm_checkpoint_path, ldm_config
-    from ldm_course.metrics import GarmentJudge, GarmentJudgeConfig, judge_checkpoint_path, save_judge
+    from ldm_course.judge import GarmentJudge, GarmentJudgeConfig, judge_checkpoint_path, save_judge
     from ldm_course.text import load_text_encoder
     from ldm_course.vae import build_vae, vae_config
     monkeypatch.setenv("LDM_COURSE_RUNS", str(tmp_path / "runs"))
@@ -260,7 +260,7 @@ def test_text_budget_ablation_trains_and_scores_each_variant(tmp_path, monkeypat
     "Smoke-sized end to end: a variant is chapter 10's config with one change, trained, sampled and judged."
     from ldm_course.cross_attention import cross_attention_config
     from ldm_course.data import load_fashion
-    from ldm_course.metrics import GarmentJudge, GarmentJudgeConfig, judge_checkpoint_path, save_judge
+    from ldm_course.judge import GarmentJudge, GarmentJudgeConfig, judge_checkpoint_path, save_judge
     ablation = bench_module("ablation_text_budget")
     base = cross_attention_config("cpu", context_dim=8)
     changed = ablation.variant_config("cpu", 8, 6, {"max_steps": 900, "pooled": True, "levels": (2,)}, seed=3)

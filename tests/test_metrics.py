@@ -15,11 +15,14 @@ from torchmetrics.image.kid import KernelInceptionDistance
 
 from ldm_course.core import make_generator
 from ldm_course.ddpm import ClassifierConfig, ImageClassifier
+from ldm_course.judge import (
+    GarmentJudge, GarmentJudgeConfig, GarmentLogits, cached_judge, garment_accuracy, judge_checkpoint_path,
+    judge_inputs, load_judge, predict_garments, save_judge, train_garment_judge,
+)
 from ldm_course.metrics import (
-    ClassifierFeatures, EvalConfig, GarmentJudge, GarmentJudgeConfig, GarmentLogits, PromptSpec, cached_judge, catalogue_fingerprint,
-    eval_config, evaluation_prompts, fid_kid, garment_accuracy, judge_checkpoint_path, judge_inputs, judge_pattern_labels, load_judge,
-    pattern_scales, predict_garments, prompt_alignment, prompt_subset, proportion_se, real_baseline, reconstruction_check,
-    samples_per_prompt, save_judge, steps_sweep, targets_met, texture_period, train_garment_judge,
+    ClassifierFeatures, EvalConfig, PromptSpec, catalogue_fingerprint, eval_config, evaluation_prompts, fid_kid,
+    judge_pattern_labels, pattern_scales, prompt_alignment, prompt_subset, proportion_se, real_baseline,
+    reconstruction_check, samples_per_prompt, steps_sweep, targets_met, texture_period,
 )
 from ldm_course.training import TrainConfig
 

@@ -107,10 +107,10 @@ ALLOWED_NUMBERS = {
                "parfaite obtient 100 %", "l'identité conserve 100 %"],          # what the score gives by definition (tested)
     "08_text": ["pauses de 8 s", "plus de 20 s perdues", "délai de 3 s"],      # the Hub client's retry settings, our probe's timeout
     "09_ldm_additive": ["256 fois plus"],                                      # arithmetic: (256/16)² positions
-    "11_evaluation": ["période 1,2 à 2 %", "larges de 4 à 7,5 %", "fins de 2 à 3,2 %", "larges de 6 à 10 %",  # chapter 01's drawing settings
-                      "plus sombre que 72 %", "période 1,1 % du côté",                                # the stand-in's shadow and denim twill (drawing settings)
-                      "11 % de son contraste",                                                        # arithmetic: exp(-2 pi^2 sigma^2 / T^2)
-                      "(2,8 % pour les rayures", "entre 2 % et 4 %", "4,4 % pour les carreaux", "3,2 % et 6 %",  # cut-offs from the settings
+    "11_clothing_judge": ["période 1,2 à 2 %", "larges de 4 à 7,5 %", "fins de 2 à 3,2 %", "larges de 6 à 10 %",  # chapter 01's drawing settings
+                          "sombre que 72 %", "période 1,1 % du côté",                           # the stand-in's shadow and denim twill (drawing settings)
+                          "11 % de son contraste"],                                             # arithmetic: exp(-2 pi^2 sigma^2 / T^2)
+    "11_evaluation": ["(2,8 % pour les rayures", "entre 2 % et 4 %", "4,4 % pour les carreaux", "3,2 % et 6 %",  # cut-offs from the settings
                       "obtenir 100 %", "doit obtenir 0 %",                                            # what a fake generator gets by construction (tested)
                       "type ≥ 90 %", "couleur ≥ 95 %", "motif ≥ 80 %", "90 % de motifs reconnus", "L'objectif de 90 %",  # issue 16's targets
                       "plafonné à 100 dB"],                                                           # vae.psnr's cap (a setting)
