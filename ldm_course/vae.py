@@ -23,7 +23,7 @@ from torch.utils.data import DataLoader, Dataset
 from torchmetrics.functional.image import structural_similarity_index_measure
 
 from ldm_course.core import (
-    Config, image_grid, load_checkpoint, profile_preset, read_checkpoint_metadata, rehearse, resolve_profile, runs_dir,
+    Config, load_checkpoint, profile_preset, read_checkpoint_metadata, rehearse, resolve_profile, runs_dir,
     save_checkpoint, show_image, torch_seeded,
 )
 from .data import GARMENT_COLOURS
