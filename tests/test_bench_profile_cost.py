@@ -151,3 +151,22 @@ def test_precision_verdict_is_within_noise_only_inside_the_spread():
     assert bench.verdicts({"rows": rows, "measures": ("test_loss",)})[0]["within_noise"]
     rows[2]["test_loss"], rows[3]["test_loss"] = 0.20, 0.21   # far outside the fp32 seeds' spread
     assert not bench.verdicts({"rows": rows, "measures": ("test_loss",)})[0]["within_noise"]
+
+
+# --- issue 15: the same-weights check of a refactor (bench/compare_checkpoints.py) ---------------------------------------
+
+def test_compare_checkpoints_sees_one_changed_weight_and_ignores_timings(tmp_path):
+    from ldm_course.core import save_checkpoint
+    if str(BENCH) not in sys.path: sys.path.insert(0, str(BENCH))
+    bench = importlib.import_module("compare_checkpoints")
+    weights = {"model": {"w": torch.arange(6.0)}, "ema": {"model": {"w": torch.arange(6.0)}}}
+    for name, speed in (("before", 10.0), ("after", 11.0)):
+        folder = tmp_path / name / "cpu" / "checkpoints" / "05_ddpm_mnist" / "train-abc"
+        folder.mkdir(parents=True)
+        save_checkpoint(folder / "step_0000010.safetensors", {**weights, "history": {"images_per_s": torch.tensor([speed])}}, {})
+    args = ["--before", str(tmp_path / "before"), "--after", str(tmp_path / "after"), "--chapters", "05_ddpm_mnist"]
+    assert bench.main(args) == 0   # only the measured speed differs
+    changed = {**weights, "model": {"w": torch.arange(6.0) + 1e-6}, "history": {"images_per_s": torch.tensor([11.0])}}
+    save_checkpoint(tmp_path / "after" / "cpu" / "checkpoints" / "05_ddpm_mnist" / "train-abc" / "step_0000010.safetensors", changed, {})
+    assert bench.main(args) == 1
+    assert bench.compare(*(bench.final_checkpoint(tmp_path / n, "cpu", "05_ddpm_mnist") for n in ("before", "after")))["differ"] == ["/model/w"]
