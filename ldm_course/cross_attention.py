@@ -14,8 +14,8 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .attention import SpatialTransformer
-from .core import Config, make_generator, rehearse, resolve_profile, show_image
-from .ldm import LatentDiffusionPipeline, LDMConfig, ldm_config, ldm_eval_config, text_condition, train_text_chapter
+from .core import Config, make_generator, profile_preset, rehearse, resolve_profile, show_image
+from .ldm import LDM_EVAL_PRESETS, LatentDiffusionPipeline, LDMConfig, ldm_config, text_condition, train_text_chapter
 from .text import TextEmbeddings
 from .training import TrainedRun
 
@@ -68,7 +68,7 @@ def cross_attention_chapter_configs(profile: str = "auto", # run profile
     profile = resolve_profile(profile)
     experiment = cross_attention_config(profile, context_dim=context_dim)
     return {"experiment": experiment.replace(train=experiment.train.replace(seed=seed)),
-            "evaluation": ldm_eval_config(profile, **CROSS_ATTENTION_EVAL_PRESETS[profile])}
+            "evaluation": profile_preset(LDM_EVAL_PRESETS, profile, **CROSS_ATTENTION_EVAL_PRESETS[profile])}
 
 # %% ../nbs/10_cross_attention.ipynb #bebccc75
 def cross_attention_training_config(profile: str = "auto", # run profile

@@ -47,14 +47,14 @@ from ldm_course.vae import (
 # %% auto #0
 __all__ = ['HELD_OUT_PAIRS', 'LDM_SAMPLERS', 'LDM_EVAL_PRESETS', 'LDM_PIPELINE_FORMAT', 'PATTERN_WORDS', 'LDM_CHAPTERS',
            'pair_prompt', 'held_out_mask', 'split_catalogue', 'LDMConfig', 'ldm_config', 'LDMEvalConfig',
-           'ldm_eval_config', 'ldm_chapter_configs', 'ldm_checkpoint_dir', 'ldm_checkpoint_path', 'fallback_vae_path',
-           'find_vae', 'load_or_train_vae', 'fit_length', 'trim_padding', 'CaptionedLatents', 'caption_table',
-           'TextDiffusionLoss', 'text_condition', 'text_guidance', 'cross_attention_factory', 'build_ldm_unet',
-           'build_ldm_scheduler', 'text_encoder_spec', 'LDMTrajectory', 'LDMOutput', 'LatentDiffusionPipeline',
-           'latent_sampler', 'fashion_latents', 'caption_embeddings', 'short_captions', 'LDMData', 'prepare_ldm_data',
-           'build_ldm_loss', 'ldm_trainer', 'train_ldm', 'train_ldm_chapter', 'ldm_training_config',
-           'prepare_ldm_data_once', 'train_text_chapter', 'train_additive_chapter', 'training_summary',
-           'plot_denoising_evolution', 'plot_prompt_grid', 'train_step_seconds', 'pixel_unet_config']
+           'ldm_chapter_configs', 'ldm_checkpoint_dir', 'ldm_checkpoint_path', 'fallback_vae_path', 'find_vae',
+           'load_or_train_vae', 'fit_length', 'trim_padding', 'CaptionedLatents', 'caption_table', 'TextDiffusionLoss',
+           'text_condition', 'text_guidance', 'cross_attention_factory', 'build_ldm_unet', 'build_ldm_scheduler',
+           'text_encoder_spec', 'LDMTrajectory', 'LDMOutput', 'LatentDiffusionPipeline', 'latent_sampler',
+           'fashion_latents', 'caption_embeddings', 'short_captions', 'LDMData', 'prepare_ldm_data', 'build_ldm_loss',
+           'ldm_trainer', 'train_ldm', 'train_ldm_chapter', 'ldm_training_config', 'prepare_ldm_data_once',
+           'train_text_chapter', 'train_additive_chapter', 'training_summary', 'plot_denoising_evolution',
+           'plot_prompt_grid', 'train_step_seconds', 'pixel_unet_config']
 
 # %% ../nbs/09_ldm_additive.ipynb #45607fc3
 HELD_OUT_PAIRS = (("Skirts", "Green"), ("Jeans", "Purple"))  # (articleType, baseColour) pairs never seen in training
@@ -172,19 +172,14 @@ LDM_EVAL_PRESETS = {"smoke": LDMEvalConfig(n_per=2, speed_batch=4, speed_rounds=
                     "cpu": LDMEvalConfig(n_per=6, speed_batch=16, speed_rounds=3),
                     "gpu": LDMEvalConfig(n_per=8, speed_batch=64, speed_rounds=3)}
 
-def ldm_eval_config(profile: str = "auto", # "auto", "smoke", "cpu" or "gpu"
-                    **overrides, # LDMEvalConfig fields to change
-                   ) -> LDMEvalConfig:
-    "Chapter 09's evaluation sizes of a run profile (fewer in a rehearsal), with `overrides` applied."
-    return profile_preset(LDM_EVAL_PRESETS, profile, **overrides)
-
 def ldm_chapter_configs(profile: str = "auto", # run profile
                         seed: int = 0, # the notebook's seed: initialisation, data order, every draw
                         cond_dim: int = 384, # the text encoder's pooled size (384 MiniLM, 512 FashionCLIP)
                        ) -> dict[str, Config]:
     "Every size of chapter 09 for a profile: the experiment (model, training, sampling) and the evaluation sizes."
     experiment = ldm_config(profile, cond_dim=cond_dim)
-    return {"experiment": experiment.replace(train=experiment.train.replace(seed=seed)), "evaluation": ldm_eval_config(profile)}
+    return {"experiment": experiment.replace(train=experiment.train.replace(seed=seed)),
+            "evaluation": profile_preset(LDM_EVAL_PRESETS, profile)}   # fewer images in a rehearsal
 
 # %% ../nbs/09_ldm_additive.ipynb #6e6187b4
 def ldm_checkpoint_dir(chapter: str, # "09_ldm_additive" or "10_cross_attention"

@@ -41,7 +41,7 @@ __all__ = ['PERCEPTUAL_LOSSES', 'RECON_LOSSES', 'PIXELS_PER_PASS', 'VAE_CHECKPOI
            'codebook_usage', 'dominant_colour', 'garment_mask', 'colour_preserved', 'colour_fidelity', 'interpolate',
            'pixel_interpolation', 'detail_box', 'plot_full_size', 'plot_latent_channels', 'plot_interpolations',
            'plot_vae_curves', 'cpu_supports_bf16', 'cpu_mixed_precision', 'vae_config', 'vae_train_config',
-           'VAEEvalConfig', 'vae_eval_config', 'vae_chapter_configs', 'ByteImages']
+           'VAEEvalConfig', 'vae_chapter_configs', 'ByteImages']
 
 # %% ../nbs/07_vae.ipynb #c9a9b2b4
 class DiagonalGaussian:
@@ -1068,12 +1068,6 @@ VAE_EVAL_PRESETS = {"smoke": VAEEvalConfig(num_heldout=48, num_scale_images=64, 
                     "cpu": VAEEvalConfig(num_heldout=150, num_scale_images=256, num_show=3),
                     "gpu": VAEEvalConfig(num_heldout=1_000, num_scale_images=5_000, num_show=3)}
 
-def vae_eval_config(profile: str = "auto", # "auto", "smoke", "cpu" or "gpu"
-                    **overrides, # VAEEvalConfig fields to change
-                   ) -> VAEEvalConfig:
-    "Chapter 07's evaluation sizes of a run profile (a rehearsal holds out and shows fewer images), with `overrides`."
-    return profile_preset(VAE_EVAL_PRESETS, profile, **overrides)
-
 def vae_chapter_configs(profile: str = "auto", # run profile
                         seed: int = 0, # the notebook's seed: initialisation, data order, every draw
                        ) -> dict[str, Config]:
@@ -1084,7 +1078,7 @@ def vae_chapter_configs(profile: str = "auto", # run profile
             "vq_autoencoder": vae_config("vq", profile, perceptual_weight=0.0, disc_weight=0.0),
             "training": kl_train,
             "vq_training": vae_train_config("vq", profile, seed=seed, mixed_precision=kl_train.mixed_precision),
-            "evaluation": vae_eval_config(profile)}
+            "evaluation": profile_preset(VAE_EVAL_PRESETS, profile)}   # fewer images in a rehearsal
 
 # %% ../nbs/07_vae.ipynb #bc8a758e
 class ByteImages(Dataset):
