@@ -71,7 +71,7 @@ def ddpm_chapter(chapter: str, profile: str, seeds: list[int], samples_per_class
                 loss = float(build_loss(cfg.replace(cond_drop_prob=0.0))(model, batch, make_generator(99)))
             accuracy = classifier_accuracy(judge, samples, eval_labels)
             rows.append({"seed": seed, "precision": precision, "train_seconds": round(seconds, 1),
-                         "judge_accuracy": accuracy, "accuracy_se": binomial_se(accuracy, len(eval_labels)),
+                         "judge_accuracy": accuracy, "judge_accuracy_se": binomial_se(accuracy, len(eval_labels)),
                          "test_loss": loss, "train_loss_last_20": float(statistics.fmean(run.history.loss[-20:]))})
             print(f"{chapter} seed {seed} {precision:>4}: {seconds:.0f} s, judge {accuracy:.3f}, test loss {loss:.4f}", flush=True)
     return {"chapter": chapter, "num_samples": len(eval_labels), "guidance": GUIDANCE, "steps": cfg.ddim_steps,
@@ -104,7 +104,7 @@ def judge_chapter(profile: str, seeds: list[int], device: str) -> dict:
             acc = garment_accuracy(judge.float(), pick(inputs, heldout), types[heldout], colours[heldout], patterns[heldout])
             row = {"seed": seed, "precision": precision, "train_seconds": round(seconds, 1)}
             for head in ("type", "colour", "pattern"):
-                row[f"{head}_accuracy"], row[f"{head}_se"] = acc[head], binomial_se(acc[head], n_heldout)
+                row[f"{head}_accuracy"], row[f"{head}_accuracy_se"] = acc[head], binomial_se(acc[head], n_heldout)
             rows.append(row)
             print(f"11 judge seed {seed} {precision:>4}: {seconds:.0f} s, type {acc['type']:.3f}, colour {acc['colour']:.3f}, "
                   f"pattern {acc['pattern']:.3f}", flush=True)
@@ -123,8 +123,7 @@ def verdicts(result: dict) -> list[dict]:
         diff = statistics.fmean(b - f for b, f in zip(bf16, fp32))
         spread = max(fp32) - min(fp32) if len(fp32) > 1 else 0.0
         # a binomial standard error for accuracies; a loss on fixed draws has none besides the seed spread
-        se_key = {"judge_accuracy": "accuracy_se"}.get(measure, measure.replace("_accuracy", "_se"))
-        se = statistics.fmean(by[s, "no"][se_key] for s in seeds) if measure.endswith("accuracy") else 0.0
+        se = statistics.fmean(by[s, "no"].get(f"{measure}_se", 0.0) for s in seeds)
         out.append({"measure": measure, "fp32": statistics.fmean(fp32), "bf16": statistics.fmean(bf16), "difference": diff,
                     "fp32_seed_spread": spread, "standard_error": se,
                     "within_noise": abs(diff) <= spread + 2 * se * math.sqrt(2)})
@@ -159,16 +158,16 @@ def main(argv=None) -> int:
     chapters = [c.strip() for c in args.chapters.split(",") if c.strip()]
     unknown = [c for c in chapters if c not in ("05", "06", "11")]
     if unknown: p.error(f"unknown chapters {unknown}; expected among 05, 06, 11")
+    meta = {"profile": profile, "seeds": seeds, "device": device.type, "threads": torch.get_num_threads(),
+            "command": " ".join(["bench/precision_quality.py", *(sys.argv[1:] if argv is None else argv)])}
     results = []
     for c in chapters:
         if c == "11": r = judge_chapter(profile, seeds, str(device))
         else: r = ddpm_chapter({"05": "05_ddpm_mnist", "06": "06_ddpm_cifar10"}[c], profile, seeds, args.samples, str(device))
         r["verdicts"] = verdicts(r)
-        results.append(r)
-    meta = {"profile": profile, "seeds": seeds, "device": device.type, "threads": torch.get_num_threads(),
-            "command": " ".join(["bench/precision_quality.py", *(sys.argv[1:] if argv is None else argv)])}
-    write_result(f"precision_quality_{profile}_{device.type}", {"meta": meta, "machine": info, "results": results},
-                 markdown(results, meta, info), out_dir(args))
+        results.append(r)   # written after each chapter: a stopped run keeps what it measured
+        write_result(f"precision_quality_{profile}_{device.type}", {"meta": meta, "machine": info, "results": results},
+                     markdown(results, meta, info), out_dir(args))
     return 0
 
 
