@@ -40,8 +40,9 @@ from machine import add_machine_arguments, describe, out_dir, setup, synchronize
 from ldm_course import attention  # noqa: E402,F401  (registers chapter 10's cross-attention block, to load its pipeline)
 from ldm_course.benchmarks import BENCHMARK_TARGETS, UNRESOLVED_STD_ERROR  # noqa: E402  (the report judges with the same rule)
 from ldm_course.core import make_generator  # noqa: E402
-from ldm_course.data import load_fashion  # noqa: E402
-from ldm_course.ldm import LatentDiffusionPipeline, ldm_checkpoint_path  # noqa: E402
+from ldm_course.fashion import load_fashion  # noqa: E402
+from ldm_course.ldm import ldm_checkpoint_path  # noqa: E402
+from ldm_course.ldm_pipeline import LatentDiffusionPipeline
 from ldm_course.judge import judge_checkpoint_path, load_judge  # noqa: E402
 from ldm_course.metrics import ClassifierFeatures, PromptSpec, fid_kid, prompt_alignment, real_baseline  # noqa: E402
 

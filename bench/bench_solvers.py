@@ -43,7 +43,7 @@ from machine import add_machine_arguments, describe, out_dir, setup, write_resul
 
 from ldm_course import attention  # noqa: E402,F401  (registers chapter 10's cross-attention block, to load its pipeline)
 from ldm_course.benchmarks import BENCHMARK_TARGETS, UNRESOLVED_STD_ERROR  # noqa: E402
-from ldm_course.ldm import LatentDiffusionPipeline  # noqa: E402
+from ldm_course.ldm_pipeline import LatentDiffusionPipeline  # noqa: E402
 from ldm_course.judge import load_judge  # noqa: E402
 from ldm_course.metrics import ClassifierFeatures, PromptSpec, fid_kid, prompt_alignment  # noqa: E402
 

@@ -52,9 +52,11 @@ from ldm_course.data import GARMENT_COLOURS, GARMENT_TYPES  # noqa: E402
 from ldm_course.ddpm import ClassificationLoss, build_classifier, build_loss, build_unet, ddpm_config  # noqa: E402
 from ldm_course.ldm import CaptionedLatents, LDMConfig, build_ldm_loss, build_ldm_unet, ldm_config  # noqa: E402
 from ldm_course.text import TextEmbeddings  # noqa: E402
-from ldm_course.training import TrainConfig, Trainer  # noqa: E402
+from ldm_course.training import TrainConfig  # noqa: E402
+from ldm_course.trainer import Trainer
 from ldm_course.unet import count_parameters  # noqa: E402
-from ldm_course.vae import VAELoss, build_vae, vae_config, vae_train_config  # noqa: E402
+from ldm_course.vae import build_vae, vae_config, vae_train_config  # noqa: E402
+from ldm_course.vae_losses import VAELoss  # noqa: E402
 
 TEXT_DIM = 384        # MiniLM, the offline text encoder: size of the pooled vector and of each token
 DATASET_BATCHES = 4   # random items = 4 global batches: the sampler needs one, and epochs turn over as in training

@@ -45,13 +45,14 @@ def _add_report_parser(sub: argparse._SubParsersAction) -> None:
 
 # %% ../nbs/14_cli.ipynb #bcf123c4
 from . import data
+from . import fashion as catalogue
 
-_GENERATORS = {"mnist": data.make_synthetic_mnist, "cifar10": data.make_synthetic_cifar10, "fashion": data.make_synthetic_fashion}
+_GENERATORS = {"mnist": data.make_synthetic_mnist, "cifar10": data.make_synthetic_cifar10, "fashion": catalogue.make_synthetic_fashion}
 
 def _cmd_data_generate(args: argparse.Namespace) -> int:
     profile, root = resolve_profile(args.profile), Path(args.root) if args.root else data_dir()
     for name in args.only or list(_GENERATORS):
-        size_kw = {"image_size": data.catalogue_image_size(profile)} if name == "fashion" else {}   # drawn at the profile's size
+        size_kw = {"image_size": catalogue.catalogue_image_size(profile)} if name == "fashion" else {}   # drawn at the profile's size
         folder, manifest = _GENERATORS[name](root, data.synthetic_size(name, profile), args.seed, **size_kw)
         how = "up to date" if manifest.get("reused") else f"generated in {manifest.get('seconds', 0):.1f} s"
         items = f"{manifest['num_train']:,} train + {manifest['num_test']:,} test" if "num_train" in manifest else f"{manifest['num_items']:,} items"
@@ -72,7 +73,7 @@ def _check_real(root: Path) -> list[str]:
         except FileNotFoundError as e: lines.append(f"{name:<8} missing  {e}")
         except (RuntimeError, ValueError) as e: lines.append(f"{name:<8} unusable {e}")  # truncated or corrupt files
     try:   # read at the smallest size first: a 60×80 archive is present, whatever it can serve
-        fashion, src = data.load_fashion(root, source="real", image_size=data.CATALOGUE_IMAGE_SIZES["smoke"], verbose=False)
+        fashion, src = catalogue.load_fashion(root, source="real", image_size=catalogue.CATALOGUE_IMAGE_SIZES["smoke"], verbose=False)
         lines.append(f"fashion  real     {len(fashion):,} usable of {fashion.num_rows:,} rows in {src.root}")
         lines.append(f"         skipped  {_skips(fashion.skipped)}")
         lines.append(f"         profiles {_fashion_profiles(fashion)}")
@@ -84,8 +85,8 @@ def _fashion_profiles(fashion) -> str:
     "Which profiles the real catalogue's photos serve without upscaling (the loader's rule: longer side >= the profile's size)."
     if not fashion.photo_size: return "photo size unread"
     side = max(fashion.photo_size)
-    ok = [p for p, size in data.CATALOGUE_IMAGE_SIZES.items() if size <= side]
-    too_small = [f"{p} ({size} px)" for p, size in data.CATALOGUE_IMAGE_SIZES.items() if size > side]
+    ok = [p for p, size in catalogue.CATALOGUE_IMAGE_SIZES.items() if size <= side]
+    too_small = [f"{p} ({size} px)" for p, size in catalogue.CATALOGUE_IMAGE_SIZES.items() if size > side]
     served = f"photos {fashion.photo_size[0]}x{fashion.photo_size[1]} serve {', '.join(ok) or 'no profile'}"
     return served + (f"; too small for {', '.join(too_small)}: get the full-size archive fashion-product-images (Kaggle)" if too_small else "")
 
@@ -102,7 +103,7 @@ def _check_synthetic(root: Path) -> list[str]:
         items = f"{m['num_train']:,} train + {m['num_test']:,} test" if "num_train" in m else f"{m.get('num_items', 0):,} items"
         extra = ""
         if m.get("dataset") == "fashion":
-            extra = f"; skipped {_skips(data.FashionProducts(folder, verbose=False).skipped)}"
+            extra = f"; skipped {_skips(catalogue.FashionProducts(folder, verbose=False).skipped)}"
         lines.append(f"  {folder.name:<24} {m.get('dataset')}, seed {m.get('seed')}, {items}{stale}{extra}")
     return lines or ["  none (they are generated on first use, or by `ldm-course data generate`)"]
 
@@ -140,7 +141,8 @@ from PIL import Image
 
 from . import attention  # noqa: F401  (registers chapter 10's cross-attention block: pipelines of chapter 10 load)
 from .core import atomic_path, image_grid
-from .ldm import LDM_SAMPLERS, LatentDiffusionPipeline, ldm_checkpoint_path
+from .ldm import LDM_SAMPLERS, ldm_checkpoint_path
+from .ldm_pipeline import LatentDiffusionPipeline
 from .text import TextEncoderUnavailable
 
 SAMPLE_CHAPTERS = ("10_cross_attention", "09_ldm_additive")  # pipelines `sample` looks for, preferred first
@@ -253,7 +255,7 @@ import torch
 from .cross_attention import train_cross_attention_chapter
 from .ddpm import train_ddpm_chapter
 from .ldm import train_additive_chapter
-from .training import TrainedRun
+from .trainer import TrainedRun
 
 TRAIN_RECIPES = {  # chapter -> (the function its notebook's training calls, fixed arguments)
     "05_ddpm_mnist": (train_ddpm_chapter, {"chapter": "05_ddpm_mnist"}),

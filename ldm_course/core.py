@@ -25,12 +25,13 @@ from torch import Tensor
 
 # %% auto #0
 __all__ = ['PROFILES', 'RUN_PROFILES', 'REHEARSAL_VARIABLE', 'REHEARSAL_RULES', 'PATH_VARIABLES', 'CHECKPOINT_FORMAT',
-           'RUN_SESSION', 'get_device', 'seed_everything', 'make_generator', 'capture_rng_state', 'restore_rng_state',
-           'torch_seeded', 'Config', 'RunProfile', 'resolve_profile', 'get_profile', 'Rehearsal', 'active_rehearsal',
-           'rehearse', 'profile_preset', 'repo_root', 'absolute_env_paths', 'data_dir', 'runs_dir', 'figures_dir',
-           'atomic_path', 'atomic_write', 'save_checkpoint', 'read_checkpoint_metadata', 'load_checkpoint',
-           'run_provenance', 'read_json', 'save_metrics', 'load_metrics', 'configs_path', 'save_configs', 'progress',
-           'image_grid', 'show_image', 'show_images', 'french_ticks', 'figure_provenance_path', 'save_figure']
+           'RUN_SESSION', 'get_device', 'model_device', 'seed_everything', 'make_generator', 'capture_rng_state',
+           'restore_rng_state', 'torch_seeded', 'Config', 'RunProfile', 'resolve_profile', 'get_profile', 'Rehearsal',
+           'active_rehearsal', 'rehearse', 'profile_preset', 'repo_root', 'absolute_env_paths', 'data_dir', 'runs_dir',
+           'figures_dir', 'atomic_path', 'atomic_write', 'save_checkpoint', 'read_checkpoint_metadata',
+           'load_checkpoint', 'run_provenance', 'read_json', 'save_metrics', 'load_metrics', 'configs_path',
+           'save_configs', 'progress', 'image_grid', 'show_image', 'show_images', 'french_ticks',
+           'figure_provenance_path', 'save_figure']
 
 # %% ../nbs/00_core.ipynb #9d057792
 def _mps_available() -> bool:
@@ -50,6 +51,10 @@ def get_device(prefer: str | None = None, # "cuda", "cuda:1", "mps", "cpu"; None
     if device.type == "mps" and not _mps_available():
         raise RuntimeError(f"Device {prefer!r} was requested but MPS is not available on this machine")
     return device
+
+def model_device(model: torch.nn.Module) -> torch.device:
+    "The device a module's parameters live on."
+    return next(model.parameters()).device
 
 # %% ../nbs/00_core.ipynb #f05936e9
 def seed_everything(seed: int, # the seed for python, numpy and torch (cpu and cuda)

@@ -15,9 +15,10 @@ from torch import Tensor, nn
 
 from .attention import SpatialTransformer
 from .core import Config, make_generator, profile_preset, rehearse, resolve_profile, show_image
-from .ldm import LDM_EVAL_PRESETS, LatentDiffusionPipeline, LDMConfig, ldm_config, text_condition, train_text_chapter
+from .ldm import LDM_EVAL_PRESETS, LDMConfig, ldm_config, text_condition, train_text_chapter
+from .ldm_pipeline import LatentDiffusionPipeline
 from .text import TextEmbeddings
-from .training import TrainedRun
+from .trainer import TrainedRun
 
 # %% auto #0
 __all__ = ['SPATIAL_TRANSFORMER_ARGUMENTS', 'CROSS_ATTENTION_EVAL_PRESETS', 'spatial_transformer_spec', 'spatial_transformers',

@@ -5,16 +5,12 @@
 # %% ../nbs/01_data.ipynb #79db8218
 from __future__ import annotations
 
-import concurrent.futures
-import csv
 import dataclasses
 import gzip
 import json
 import math
-import multiprocessing
 import os
 import pickle
-import re
 import shutil
 import socket
 import struct
@@ -26,35 +22,31 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 
 import numpy as np
-import pandas as pd
 import torch
 from PIL import Image
 from torch import Tensor
 from torch.utils.data import Dataset
 from torchvision.datasets import CIFAR10, MNIST
-from fastcore.basics import patch
 from torchvision.datasets.utils import check_integrity
 
 from .core import Config, atomic_path, atomic_write, data_dir, rehearse, resolve_profile
 # The stand-ins are drawn in ldm_course.synthetic; this module writes them in the real formats. The catalogue's
 # vocabulary (GARMENT_COLOURS, GARMENT_TYPES, PATTERNS, SEED_PROMPTS) is re-exported on purpose: it labels the
 # catalogue these loaders read, and chapters 07-11 import it from here.
-from .synthetic import (
-    GARMENT_COLOURS, GARMENT_TYPES, GENERATOR_VERSION, PATTERNS, SCENE_CLASSES, SEED_PROMPTS,
-    balanced_labels, catalogue_plan, draw_garment, generate_digits, generate_scenes, product_row)
+from ldm_course.synthetic import (
+    GARMENT_COLOURS, GARMENT_TYPES, GENERATOR_VERSION, PATTERNS, SCENE_CLASSES, SEED_PROMPTS, balanced_labels,
+    generate_digits, generate_scenes,
+)
 _all_ = ["GARMENT_COLOURS", "GARMENT_TYPES", "PATTERNS", "SEED_PROMPTS"]   # in data.__all__ too
 
 # %% auto #0
 __all__ = ['SOURCES', 'SOURCE_NAMES_FR', 'CLASS_NAMES_FR', 'REACHABILITY_TTL', 'SYNTHETIC_FORMAT', 'SYNTHETIC_SIZES',
-           'MNIST_FILES', 'MNIST_HOST', 'CIFAR10_HOST', 'KAGGLE_COLUMNS', 'SKIP_REASONS', 'FASHION_DIRNAMES',
-           'KAGGLE_URLS', 'PATTERN_WORDS', 'CATALOGUE_IMAGE_SIZES', 'pil_to_signed', 'french_class_names',
-           'SyntheticDataWarning', 'UpscaledImagesWarning', 'DataFormatError', 'DataSource', 'network_available',
-           'synthetic_size', 'read_manifest', 'write_idx', 'write_mnist', 'idx_shape', 'read_idx',
-           'make_synthetic_mnist', 'check_mnist', 'load_mnist', 'LocalCIFAR10', 'write_cifar10',
-           'make_synthetic_cifar10', 'load_cifar10', 'read_styles', 'caption_of', 'pattern_of', 'to_rgb',
-           'pad_to_square', 'catalogue_image_size', 'photo_size', 'FashionProducts', 'make_synthetic_fashion',
-           'find_fashion_root', 'load_fashion', 'to_tensors', 'GARMENT_COLOURS', 'GARMENT_TYPES', 'PATTERNS',
-           'SEED_PROMPTS']
+           'MNIST_FILES', 'MNIST_HOST', 'CIFAR10_HOST', 'pil_to_signed', 'french_class_names', 'SyntheticDataWarning',
+           'UpscaledImagesWarning', 'DataFormatError', 'DataSource', 'check_source', 'network_available',
+           'synthetic_size', 'read_manifest', 'generate_once', 'synthetic_folder', 'check_dataset_size', 'write_idx',
+           'write_mnist', 'idx_shape', 'read_idx', 'make_synthetic_mnist', 'check_mnist', 'announce_source',
+           'load_mnist', 'LocalCIFAR10', 'write_cifar10', 'make_synthetic_cifar10', 'load_cifar10', 'to_tensors',
+           'GARMENT_COLOURS', 'GARMENT_TYPES', 'PATTERNS', 'SEED_PROMPTS']
 
 # %% ../nbs/01_data.ipynb #ca9132a2
 def pil_to_signed(image: Image.Image, # a PIL image (mode L or RGB)
@@ -112,7 +104,7 @@ class DataSource(Config):
         note = f" ({self.note})" if self.note else ""
         return f"{self.name} [{self.split}]: {self.source.upper()} data, {self.num_items:,} items{seed}{extra} from {self.root}{note}"
 
-def _check_source(source: str) -> None:
+def check_source(source: str) -> None:
     if source not in SOURCES: raise ValueError(f"Unknown source {source!r}; expected one of {SOURCES}")
 
 # %% ../nbs/01_data.ipynb #1f5ba157
@@ -162,7 +154,7 @@ def read_manifest(folder: str | Path, # a generated dataset folder
 def _matches(manifest: dict | None, request: dict) -> bool:
     return manifest is not None and all(manifest.get(k) == v for k, v in request.items())
 
-def _generate_once(folder: Path, # final folder, e.g. <data>/synthetic/mnist-seed0-n20000
+def generate_once(folder: Path, # final folder, e.g. <data>/synthetic/mnist-seed0-n20000
                    request: dict, # what is generated (dataset, seed, sizes): must match to re-use
                    write: Callable[[Path], None], # writes the files into the folder it is given
                   ) -> dict:
@@ -185,10 +177,10 @@ def _generate_once(folder: Path, # final folder, e.g. <data>/synthetic/mnist-see
         shutil.rmtree(tmp, ignore_errors=True)
     return {**manifest, "reused": False}
 
-def _synthetic_folder(root: Path, name: str, seed: int, size: int, suffix: str = "") -> Path:
+def synthetic_folder(root: Path, name: str, seed: int, size: int, suffix: str = "") -> Path:
     return Path(root) / "synthetic" / f"{name}-seed{seed}-n{size}{suffix}"
 
-def _check_size(size: int, minimum: int = 10) -> int:
+def check_dataset_size(size: int, minimum: int = 10) -> int:
     if not isinstance(size, (int, np.integer)) or size < minimum:
         raise ValueError(f"size must be an integer >= {minimum}, got {size!r}")
     return int(size)
@@ -255,14 +247,14 @@ def make_synthetic_mnist(root: str | Path | None = None, # data root (default da
                          seed: int = 0, # generator seed
                         ) -> tuple[Path, dict]: # (folder to give torchvision's MNIST as root, manifest)
     "Generate (or re-use) handwritten-style digits written as MNIST IDX files."
-    size = _check_size(size)
-    folder = _synthetic_folder(Path(root or data_dir()), "mnist", seed, size)
+    size = check_dataset_size(size)
+    folder = synthetic_folder(Path(root or data_dir()), "mnist", seed, size)
     num_test = max(size // 6, 10)
     def write(tmp: Path):
         labels = np.concatenate([balanced_labels(size, 10, seed), balanced_labels(num_test, 10, seed + 1)])  # balanced splits
         images, labels = generate_digits(size + num_test, seed, labels)
         write_mnist(tmp, images[:size], labels[:size], images[size:], labels[size:])
-    return folder, _generate_once(folder, {"dataset": "mnist", "seed": seed, "num_train": size, "num_test": num_test}, write)
+    return folder, generate_once(folder, {"dataset": "mnist", "seed": seed, "num_train": size, "num_test": num_test}, write)
 
 def _gunzip(gz: Path, dest: Path) -> None:
     "Decompress gz to dest atomically; a damaged archive raises DataFormatError naming it and leaves no dest."
@@ -298,7 +290,7 @@ def _mnist_help(root: Path) -> str:
             f"(or from https://{MNIST_HOST}/mnist/, gunzipped), or use source='auto' / 'synthetic' for generated digits.")
 
 # %% ../nbs/01_data.ipynb #ca67c1ba
-def _announce(src: DataSource, manifest: dict | None, verbose: bool) -> DataSource:
+def announce_source(src: DataSource, manifest: dict | None, verbose: bool) -> DataSource:
     "Print the source line; warn loudly when the data are synthetic."
     if src.source == "synthetic":
         how = "re-used" if manifest and manifest.get("reused") else f"generated in {manifest['seconds']:.1f} s" if manifest else "read"
@@ -318,25 +310,25 @@ def load_mnist(root: str | Path | None = None, # data root (default data_dir()):
                verbose: bool = True, # print which data were used
               ) -> tuple[MNIST, DataSource]: # dataset of ((1, 28, 28) in [-1, 1], label) and where it came from
     "MNIST from real files, a download, or the synthetic digits; returns (dataset, DataSource)."
-    _check_source(source)
+    check_source(source)
     root, split = Path(root or data_dir()), "train" if train else "test"
     if source != "synthetic" and _mnist_present(root):
         check_mnist(root / "MNIST" / "raw")   # damaged files are an error, never a silent fallback
         ds = MNIST(str(root), train=train, transform=pil_to_signed)
-        return ds, _announce(DataSource("mnist", "real", str(root), split, len(ds)), None, verbose)
+        return ds, announce_source(DataSource("mnist", "real", str(root), split, len(ds)), None, verbose)
     if source == "real": raise FileNotFoundError(_mnist_help(root))
     note = "source='synthetic' requested" if source == "synthetic" else f"no MNIST files in {root / 'MNIST' / 'raw'}"
     if source == "auto" and download:
         if network_available(MNIST_HOST, timeout=timeout):
             try:
                 ds = MNIST(str(root), train=train, transform=pil_to_signed, download=True)
-                return ds, _announce(DataSource("mnist", "downloaded", str(root), split, len(ds)), None, verbose)
+                return ds, announce_source(DataSource("mnist", "downloaded", str(root), split, len(ds)), None, verbose)
             except Exception as e: note += f"; download failed ({type(e).__name__}: {e})"
         else: note += f"; {MNIST_HOST} unreachable within {timeout:g} s"
     size = size or synthetic_size("mnist", profile)
     folder, manifest = make_synthetic_mnist(root, size, seed)
     ds = MNIST(str(folder), train=train, transform=pil_to_signed)
-    return ds, _announce(DataSource("mnist", "synthetic", str(folder), split, len(ds), seed, note=note), manifest, verbose)
+    return ds, announce_source(DataSource("mnist", "synthetic", str(folder), split, len(ds), seed, note=note), manifest, verbose)
 
 # %% ../nbs/01_data.ipynb #3a1fb28b
 CIFAR10_HOST = "www.cs.toronto.edu"
@@ -442,14 +434,14 @@ def make_synthetic_cifar10(root: str | Path | None = None, # data root (default 
                            seed: int = 0, # generator seed
                           ) -> tuple[Path, dict]: # (folder to give LocalCIFAR10 as root, manifest)
     "Generate (or re-use) procedural scenes written as CIFAR10 pickles, with label_names in batches.meta."
-    size = _check_size(size)
-    folder = _synthetic_folder(Path(root or data_dir()), "cifar10", seed, size)
+    size = check_dataset_size(size)
+    folder = synthetic_folder(Path(root or data_dir()), "cifar10", seed, size)
     num_test = max(size // 5, 10)
     def write(tmp: Path):
         labels = np.concatenate([balanced_labels(size, 10, seed), balanced_labels(num_test, 10, seed + 1)])
         images, labels = generate_scenes(size + num_test, seed, labels)
         write_cifar10(tmp, images[:size], labels[:size], images[size:], labels[size:], SCENE_CLASSES)
-    return folder, _generate_once(folder, {"dataset": "cifar10", "seed": seed, "num_train": size, "num_test": num_test}, write)
+    return folder, generate_once(folder, {"dataset": "cifar10", "seed": seed, "num_train": size, "num_test": num_test}, write)
 
 def _cifar_help(root: Path) -> str:
     return (f"CIFAR10 not found under {root / 'cifar-10-batches-py'}; expected data_batch_1..5, test_batch and batches.meta "
@@ -468,369 +460,24 @@ def load_cifar10(root: str | Path | None = None, # data root (default data_dir()
                  verbose: bool = True, # print which data were used
                 ) -> tuple[LocalCIFAR10, DataSource]: # dataset of ((3, 32, 32) in [-1, 1], label) and where it came from
     "CIFAR10 from real files, a download, or the procedural scenes; returns (dataset, DataSource)."
-    _check_source(source)
+    check_source(source)
     root, split = Path(root or data_dir()), "train" if train else "test"
     if source != "synthetic" and (root / "cifar-10-batches-py").is_dir():
         ds = LocalCIFAR10(root, train=train, verify_md5=verify_md5)   # a partial folder raises, naming the missing files
-        return ds, _announce(DataSource("cifar10", "real", str(root), split, len(ds)), None, verbose)
+        return ds, announce_source(DataSource("cifar10", "real", str(root), split, len(ds)), None, verbose)
     if source == "real": raise FileNotFoundError(_cifar_help(root))
     note = "source='synthetic' requested" if source == "synthetic" else f"no CIFAR10 files in {root / 'cifar-10-batches-py'}"
     if source == "auto" and download:
         if network_available(CIFAR10_HOST, timeout=timeout):
             try:
                 ds = LocalCIFAR10(root, train=train, download=True)
-                return ds, _announce(DataSource("cifar10", "downloaded", str(root), split, len(ds)), None, verbose)
+                return ds, announce_source(DataSource("cifar10", "downloaded", str(root), split, len(ds)), None, verbose)
             except Exception as e: note += f"; download failed ({type(e).__name__}: {e})"
         else: note += f"; {CIFAR10_HOST} unreachable within {timeout:g} s"
     size = size or synthetic_size("cifar10", profile)
     folder, manifest = make_synthetic_cifar10(root, size, seed)
     ds = LocalCIFAR10(folder, train=train, verify_md5=False)
-    return ds, _announce(DataSource("cifar10", "synthetic", str(folder), split, len(ds), seed, note=note), manifest, verbose)
-
-# %% ../nbs/01_data.ipynb #2d225cb6
-KAGGLE_COLUMNS = ("id", "gender", "masterCategory", "subCategory", "articleType", "baseColour", "season", "year",
-                  "usage", "productDisplayName")
-SKIP_REASONS = ("malformed_line", "bad_id", "duplicate_id", "missing_caption", "missing_image", "empty_image", "unreadable_image")
-FASHION_DIRNAMES = ("fashion-product-images", "fashion-product-images-small")
-KAGGLE_URLS = {"fashion-product-images": "https://www.kaggle.com/datasets/paramaggarwal/fashion-product-images-dataset",  # 1800x2400
-               "fashion-product-images-small": "https://www.kaggle.com/datasets/paramaggarwal/fashion-product-images-small"}  # 60x80
-
-def _fashion_layout(root: Path) -> str:
-    return (f"expected the Kaggle 'Fashion Product Images' layout: {root}/styles.csv (columns {', '.join(KAGGLE_COLUMNS)}) "
-            f"and {root}/images/<id>.jpg; download the full-size archive (1800x2400 photos) by hand from "
-            f"{KAGGLE_URLS['fashion-product-images']} (a Kaggle account is required)")
-
-def _line_fields(line: str) -> list[str] | None:
-    "The csv fields of one physical line, or None when a quote is left open or a field exceeds csv's limit (128 KiB)."
-    try: fields = next(csv.reader([line + "\n"]))   # lenient like pandas: a stray quote inside a field is kept
-    except csv.Error: return None
-    return None if any("\n" in f for f in fields) else fields   # only a quote left open swallows the line end
-
-def read_styles(path: str | Path, # a styles.csv file
-               ) -> tuple[pd.DataFrame, list[int]]: # (well-formed rows as strings, None where empty; malformed line numbers)
-    "Parse styles.csv one physical line per record; malformed lines (unquoted commas, open quotes) are dropped and listed."
-    path, rows, malformed = Path(path), [], []
-    with open(path, encoding="utf-8", errors="replace") as f:   # \n, \r\n or \r ends a line, and a line is a record:
-        # assumed: Kaggle's writer does not quote (it leaves 22 names' commas bare), so no field spans two lines
-        header = [h.strip().lstrip("\ufeff") for h in _line_fields(f.readline().rstrip("\n")) or []]
-        needed = [c for c in ("id", "articleType", "baseColour", "productDisplayName") if c not in header]
-        if needed: raise DataFormatError(f"{path} lacks column(s) {needed}: header is {header}, expected {list(KAGGLE_COLUMNS)}")
-        for number, line in enumerate(f, start=2):
-            fields = _line_fields(line.rstrip("\n"))
-            if fields is not None and not any(v.strip() for v in fields): continue   # blank line
-            if fields is None or len(fields) != len(header):
-                malformed.append(number)
-                continue
-            rows.append([v.strip() or None for v in fields])
-    return pd.DataFrame(rows, columns=header, dtype=object), malformed
-
-def caption_of(row: dict, # one styles.csv row (None for missing values)
-              ) -> tuple[str | None, str]: # (caption or None, "name" | "fallback" | "none")
-    "productDisplayName (whitespace tidied), else 'baseColour articleType', else None."
-    if row.get("productDisplayName"): return " ".join(row["productDisplayName"].split()), "name"
-    if row.get("articleType"): return " ".join(p for p in (row.get("baseColour"), row["articleType"]) if p), "fallback"
-    return None, "none"
-PATTERN_WORDS = {  # productDisplayName keywords -> pattern label (Kaggle has no pattern column; its names say it)
-    "checked": r"\b(?:checks?|checked|checkered|chequered|plaid|gingham|tartan)\b",
-    "striped": r"\b(?:pin)?strip(?:e|es|ed|y)\b"}
-_PATTERN_RES = {p: re.compile(words, re.IGNORECASE) for p, words in PATTERN_WORDS.items()}
-
-def pattern_of(name: str | None, # a productDisplayName or caption (None when missing)
-              ) -> str: # "checked", "striped" or "solid" (one of PATTERNS)
-    "The fabric pattern a product name states: checks (plaid, gingham, tartan), else stripes, else solid."
-    return next((p for p, words in _PATTERN_RES.items() if name and words.search(name)), "solid")
-
-# %% ../nbs/01_data.ipynb #d23e750c
-def to_rgb(image: Image.Image, # any PIL mode: L, LA, P, RGBA, CMYK, I;16...
-          ) -> Image.Image:
-    "Convert to RGB; transparent pixels become white (product photos are shot on white)."
-    if image.mode == "RGB": return image
-    if image.mode == "P" and "transparency" in image.info: image = image.convert("RGBA")
-    if image.mode in ("RGBA", "LA", "PA", "RGBa", "La"):
-        white = Image.new("RGBA", image.size, (255, 255, 255, 255))
-        return Image.alpha_composite(white, image.convert("RGBA")).convert("RGB")
-    if image.mode.startswith("I") or image.mode == "F":   # 16/32-bit grey: rescale to 8 bits
-        a = np.asarray(image, np.float64)
-        image = Image.fromarray(np.clip(a / (257 if a.max() > 255 else 1), 0, 255).astype(np.uint8))
-    return image.convert("RGB")
-
-def pad_to_square(image: Image.Image, # an RGB image
-                  fill: tuple = (255, 255, 255), # padding colour (white, like the photos' background)
-                 ) -> Image.Image:
-    "Centre the image on a square canvas of side max(width, height)."
-    w, h = image.size
-    if w == h: return image
-    canvas = Image.new("RGB", (max(w, h), max(w, h)), fill)
-    canvas.paste(image, ((max(w, h) - w) // 2, (max(w, h) - h) // 2))
-    return canvas
-
-# %% ../nbs/01_data.ipynb #39bfb912
-CATALOGUE_IMAGE_SIZES = {"smoke": 64, "cpu": 256, "gpu": 512}   # side of the catalogue's square images per profile
-
-def catalogue_image_size(profile: str = "auto", # run profile
-                        ) -> int: # side in pixels: smoke 64, cpu 256 (f = 16 -> 16x16 latents), gpu 512 (f = 32)
-    "Side of the clothing catalogue's square images under a profile, for the loader, the stand-in and chapters 07-11."
-    return CATALOGUE_IMAGE_SIZES[resolve_profile(profile)]
-
-def photo_size(paths: Sequence[str | Path], # image files
-               sample: int = 16, # files read, spread evenly over `paths`
-              ) -> tuple[int, int] | None: # median (width, height), None when none is readable
-    "The typical size of a catalogue's photos, read from the headers of a few files (nothing is decoded)."
-    sizes = []
-    for i in np.unique(np.linspace(0, len(paths) - 1, min(sample, len(paths))).round().astype(int)):
-        try:
-            with Image.open(paths[i]) as im: sizes.append(im.size)
-        except (OSError, ValueError, SyntaxError, Image.DecompressionBombError): continue
-    return tuple(int(v) for v in np.median(np.array(sizes), 0)) if sizes else None
-
-def _check_upscale(root: Path, photo: tuple[int, int] | None, image_size: int, allow_upscale: bool) -> int | None:
-    "The photos' side when they must be upscaled to image_size (allowed: warn loudly), None when not; refused: ValueError."
-    side = max(photo) if photo else None
-    if side is None or image_size <= side: return None
-    w, h = photo
-    if not allow_upscale:
-        small = "The small archive 'fashion-product-images-small' has 60x80 photos only. " if side <= 80 else ""
-        raise ValueError(f"image_size={image_size} but the photos in {root} are {w}x{h} (median): upscaling adds pixels, not detail. "
-                         f"{small}For {image_size}x{image_size} images, download the full-size archive 'fashion-product-images' (Kaggle, paramaggarwal: {KAGGLE_URLS['fashion-product-images']}, "
-                         f"1800x2400 photos) into <data>/{FASHION_DIRNAMES[0]}; or ask image_size <= {side}; "
-                         "or pass allow_upscale=True to upscale anyway (it is recorded in the data source)")
-    warnings.warn(f"UPSCALING {w}x{h} photos from {root} to {image_size}x{image_size} (allow_upscale=True): the images gain pixels, "
-                  f"not detail; get the full-size archive '{FASHION_DIRNAMES[0]}' for real {image_size}-pixel images",
-                  UpscaledImagesWarning, stacklevel=3)
-    return side
-
-def _draft_size(size: tuple[int, int], side: int) -> tuple[int, int]:
-    "The smallest decoded size whose longer side still covers `side` once padded to a square (for Image.draft)."
-    w, h = size
-    return max(1, math.ceil(side * w / max(w, h))), max(1, math.ceil(side * h / max(w, h)))
-
-# %% ../nbs/01_data.ipynb #f31c2a04
-class FashionProducts(Dataset):
-    "The Kaggle 'Fashion Product Images' catalogue as (image, caption) pairs, letterboxed to squares, robust to the file's faults."
-    def __init__(self, root: str | Path, # folder with styles.csv and images/<id>.jpg
-                 image_size: int = 64, # side of the square images returned (see catalogue_image_size; the original report used 512)
-                 verify_images: bool = False, # decode every image now (exact counts) instead of lazily
-                 require: Sequence[str] = (), # columns that must be present, e.g. ("articleType", "baseColour")
-                 transform: Callable | None = None, # PIL RGB image -> tensor (default: pil_to_signed, [-1, 1])
-                 verbose: bool = True, # print the one-line summary
-                 allow_upscale: bool = False, # upscale photos smaller than image_size (warns, recorded) instead of refusing
-                ):
-        root = Path(root)
-        if not (root / "styles.csv").is_file(): raise FileNotFoundError(f"styles.csv not found in {root}; {_fashion_layout(root)}")
-        if not (root / "images").is_dir(): raise FileNotFoundError(f"images/ folder not found in {root}; {_fashion_layout(root)}")
-        if not isinstance(image_size, int) or not 8 <= image_size <= 1024:
-            raise ValueError(f"image_size must be an integer in [8, 1024], got {image_size!r}")
-        unknown = [c for c in require if c not in KAGGLE_COLUMNS]
-        if unknown: raise ValueError(f"require names unknown column(s) {unknown}; expected some of {list(KAGGLE_COLUMNS)}")
-        self.root, self.image_size, self.transform, self.require = root, image_size, transform, tuple(require)
-        self.skipped = dict.fromkeys(SKIP_REASONS + tuple(f"missing_{c}" for c in self.require), 0)
-        self.converted: dict[str, int] = {}   # original image mode -> images converted to RGB
-        table, self.malformed_lines = read_styles(root / "styles.csv")   # line numbers in styles.csv (header = 1)
-        self.skipped["malformed_line"] = len(self.malformed_lines)
-        self.num_rows = len(table) + len(self.malformed_lines)
-        self._set_records(self._usable_rows(table))
-        if verify_images: self.verify(verbose=False)
-        if len(self) == 0:
-            raise ValueError(f"No usable items in {root}: all {self.num_rows} rows were skipped ({self._skip_text()}); {_fashion_layout(root)}")
-        self.photo_size = photo_size(self.records["path"].tolist())   # median (width, height), from a few headers
-        self.upscaled_from = _check_upscale(root, self.photo_size, image_size, allow_upscale)   # photos' side when upscaled
-        if verbose: print(self.summary())
-
-    def _usable_rows(self, table: pd.DataFrame) -> pd.DataFrame:
-        "Keep rows with a valid unique id, the required columns, a caption and a non-empty image file; count the others. Adds caption, pattern, path."
-        sizes = {e.name: e.stat().st_size for e in os.scandir(self.root / "images") if e.is_file()}
-        kept, seen = [], set()
-        for row in table.to_dict("records"):
-            reason = None
-            try: item_id = int(row["id"])
-            except (TypeError, ValueError): reason = "bad_id"
-            if reason is None and item_id in seen: reason = "duplicate_id"
-            if reason is None:
-                seen.add(item_id)
-                reason = next((f"missing_{c}" for c in self.require if row.get(c) is None), None)
-            caption, origin = caption_of(row)
-            if reason is None and caption is None: reason = "missing_caption"
-            if reason is None:
-                size = sizes.get(f"{item_id}.jpg")
-                reason = "missing_image" if size is None else "empty_image" if size == 0 else None
-            if reason:
-                self.skipped[reason] += 1
-                continue
-            kept.append({**row, "id": item_id, "caption": caption, "caption_from": origin, "pattern": pattern_of(caption),
-                         "path": str(self.root / "images" / f"{item_id}.jpg")})
-        return pd.DataFrame(kept, columns=[*table.columns, "caption", "caption_from", "pattern", "path"])
-
-    def _set_records(self, records: pd.DataFrame) -> None:
-        self.records = records.reset_index(drop=True)   # one row per usable item: the CSV columns + caption + path
-        self._status = np.zeros(len(self.records), np.uint8)  # 0 not decoded yet, 1 readable, 2 unreadable
-
-    def __len__(self) -> int: return len(self.records)
-
-    def _decode(self, i: int, warn: bool = True) -> Image.Image | None:
-        "The RGB image of item i, or None (counted once as unreadable) when it cannot be decoded."
-        path = self.records.at[i, "path"]
-        try:
-            with Image.open(path) as im:
-                im.draft("RGB", _draft_size(im.size, self.image_size))  # JPEG: decode big photos at 1/2, 1/4 or 1/8 scale
-                im.load()
-                mode, image = im.mode, to_rgb(im)
-        except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as e:
-            if self._status[i] != 2:
-                self._status[i] = 2
-                self.skipped["unreadable_image"] += 1
-                if warn: warnings.warn(f"unreadable image {path} ({e}); skipping to the next item", stacklevel=3)
-            return None
-        if self._status[i] == 0:
-            self._status[i] = 1
-            if mode != "RGB": self.converted[mode] = self.converted.get(mode, 0) + 1
-        return image
-
-    def __getitem__(self, index: int) -> tuple[Tensor, str]:
-        "(image (3, S, S) in [-1, 1], caption); an unreadable image is replaced by the next readable item."
-        n = len(self)
-        if not -n <= index < n: raise IndexError(f"index {index} out of range for {n} items")
-        for k in range(n):
-            i = (index + k) % n
-            if self._status[i] == 2: continue
-            image = self._decode(i)
-            if image is not None:
-                image = pad_to_square(image).resize((self.image_size, self.image_size), Image.LANCZOS)
-                return (self.transform or pil_to_signed)(image), self.records.at[i, "caption"]
-        raise RuntimeError(f"No readable image left in {self.root}: {self._skip_text()}")
-
-    def verify(self, verbose: bool = True, # print the summary afterwards
-              ) -> "FashionProducts":
-        "Decode every image not decoded yet and drop the unreadable ones, so len() and `skipped` are exact."
-        for i in range(len(self)):
-            if self._status[i] == 0: self._decode(i, warn=False)
-        keep = self._status != 2
-        if not keep.all():
-            status = self._status[keep]
-            self._set_records(self.records[keep])
-            self._status = status
-        if verbose: print(self.summary())
-        return self
-
-# %% ../nbs/01_data.ipynb #50f96e4f
-@patch(as_prop=True)
-def captions(self: FashionProducts) -> list[str]:
-    "Captions of every usable item, in order."
-    return self.records["caption"].tolist()
-
-@patch
-def item_info(self: FashionProducts, i: int, # item index
-             ) -> dict:
-    "Metadata of item i: id, gender, articleType, baseColour, ..., caption, pattern, path (None where missing)."
-    return {k: (None if pd.isna(v) else v) for k, v in self.records.iloc[i].to_dict().items()}
-
-@patch
-def labels(self: FashionProducts, column: str = "articleType", # a records column, e.g. "articleType", "baseColour" or "pattern"
-          ) -> tuple[Tensor, list[str]]: # (class index per item, -1 where missing; sorted class names)
-    "Integer labels of one metadata column, for classifiers."
-    if column not in self.records.columns: raise ValueError(f"Unknown column {column!r}; expected one of {list(self.records.columns)}")
-    classes = sorted({v for v in self.records[column] if isinstance(v, str)})
-    index = {c: k for k, c in enumerate(classes)}
-    return torch.tensor([index.get(v, -1) for v in self.records[column]], dtype=torch.long), classes
-
-@patch
-def _skip_text(self: FashionProducts) -> str:
-    return ", ".join(f"{k} {v}" for k, v in self.skipped.items() if v) or "none"
-
-@patch
-def summary(self: FashionProducts) -> str:
-    "One line: usable rows, photo size (and upscaling), skips by reason, conversions, caption fallbacks, patterns, missing values, decoding."
-    missing = {c: int(self.records[c].isna().sum()) for c in KAGGLE_COLUMNS if c in self.records}
-    missing = ", ".join(f"{c} {n}" for c, n in missing.items() if n) or "none"
-    converted = ", ".join(f"{m} {n}" for m, n in sorted(self.converted.items())) or "none"
-    fallback = int((self.records["caption_from"] == "fallback").sum())
-    checked = int((self._status != 0).sum())
-    decoded = "all images decoded" if checked == len(self) else f"images decoded lazily ({checked:,} so far)"
-    photos = f"{self.photo_size[0]}x{self.photo_size[1]} photos -> {self.image_size}x{self.image_size}" if self.photo_size else "photos unread"
-    if self.upscaled_from: photos += f" UPSCALED from {self.upscaled_from} px (allow_upscale=True)"
-    patterns = ", ".join(f"{p} {n}" for p, n in self.records["pattern"].value_counts().items())
-    return (f"fashion: {len(self):,} usable of {self.num_rows:,} rows in {self.root} | {photos} | skipped {sum(self.skipped.values())}: "
-            f"{self._skip_text()} | converted to RGB: {converted} | fallback captions: {fallback} | patterns: {patterns} | "
-            f"missing values kept: {missing} | {decoded}")
-
-# %% ../nbs/01_data.ipynb #1b0ddfc6
-def _draw_photos(folder: Path, seed: int, items: list, image_size: int, quality: int) -> None:
-    "Draw and save the photos of catalogue items [(n, id, articleType, baseColour)]; item n depends only on (seed, n)."
-    for n, item_id, article_type, colour in items:
-        rng = np.random.default_rng([seed, n])
-        _, pattern = product_row(rng, item_id, article_type, colour)   # the name comes first from the item's generator
-        draw_garment(article_type, colour, pattern, rng, image_size).save(folder / f"{item_id}.jpg", quality=quality, subsampling=0)
-
-def _draw_in_parallel(folder: Path, seed: int, items: list, image_size: int, quality: int, workers: int) -> None:
-    "Split the items among `workers` forked processes (sequential where fork is unavailable): same bytes either way."
-    if workers <= 1 or "fork" not in multiprocessing.get_all_start_methods(): return _draw_photos(folder, seed, items, image_size, quality)
-    with concurrent.futures.ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("fork")) as pool:
-        jobs = [pool.submit(_draw_photos, folder, seed, items[k::workers], image_size, quality) for k in range(workers)]
-        for job in jobs: job.result()   # re-raises a worker's error
-
-def make_synthetic_fashion(root: str | Path | None = None, # data root (default data_dir()); writes <root>/synthetic/fashion-seed<seed>-n<size>-s<image_size>
-                           size: int = 5_000, # number of catalogue items
-                           seed: int = 0, # generator seed
-                           image_size: int | None = None, # side of the square photos, drawn at that size (default: catalogue_image_size())
-                           quality: int = 95, # JPEG quality (saved 4:4:4: fine stripes survive)
-                           workers: int | None = None, # processes drawing photos (default: 1 under 500 items, else up to 8 CPUs)
-                          ) -> tuple[Path, dict]: # (folder with styles.csv and images/, manifest)
-    "Generate (or re-use) a synthetic clothing catalogue in the Kaggle layout: styles.csv + images/<id>.jpg, square photos drawn natively."
-    size, image_size = _check_size(size), image_size or catalogue_image_size()
-    if not isinstance(image_size, (int, np.integer)) or not 16 <= image_size <= 1024:
-        raise ValueError(f"image_size must be an integer in [16, 1024], got {image_size!r}")
-    workers = workers or (1 if size < 500 else min(8, os.cpu_count() or 1))
-    folder = _synthetic_folder(Path(root or data_dir()), "fashion", seed, size, f"-s{image_size}")
-    def write(tmp: Path):
-        (tmp / "images").mkdir()
-        items = [(n, *item) for n, item in enumerate(catalogue_plan(size, seed))]
-        rows = [product_row(np.random.default_rng([seed, n]), item_id, kind, colour)[0] for n, item_id, kind, colour in items]
-        _draw_in_parallel(tmp / "images", seed, items, int(image_size), quality, workers)
-        atomic_write(tmp / "styles.csv", pd.DataFrame(rows, columns=list(KAGGLE_COLUMNS)).to_csv(index=False, lineterminator="\n"))
-    request = {"dataset": "fashion", "seed": seed, "num_items": size, "image_size": int(image_size), "quality": quality}
-    return folder, _generate_once(folder, request, write)
-
-# %% ../nbs/01_data.ipynb #6e93a226
-def find_fashion_root(root: str | Path, # data root, or the catalogue folder itself
-                     ) -> Path | None:
-    "The folder holding styles.csv: root itself, <root>/fashion-product-images[-small], or one level below (Kaggle archives nest it)."
-    root = Path(root)
-    if (root / "styles.csv").is_file(): return root
-    for name in FASHION_DIRNAMES:
-        base = root / name
-        if (base / "styles.csv").is_file(): return base
-        nested = sorted(p.parent for p in base.glob("*/styles.csv")) if base.is_dir() else []
-        if nested: return nested[0]
-    return None
-
-def load_fashion(root: str | Path | None = None, # data root (default data_dir()): real catalogue in <root>/fashion-product-images
-                 source: str = "auto", # "auto", "real" or "synthetic"
-                 image_size: int | None = None, # side of the square images (default: catalogue_image_size(profile))
-                 size: int | None = None, # synthetic catalogue items (default: per profile)
-                 seed: int = 0, # seed of the synthetic fallback
-                 profile: str = "auto", # run profile, for the default sizes
-                 verify_images: bool = False, # decode every image up front (exact skip counts) instead of lazily
-                 require: Sequence[str] = (), # columns that must be present, e.g. ("articleType", "baseColour")
-                 allow_upscale: bool = False, # real photos smaller than image_size: upscale them (loudly) instead of refusing
-                 verbose: bool = True, # print which data were used and the skip summary
-                ) -> tuple[FashionProducts, DataSource]: # dataset of ((3, S, S) in [-1, 1], caption) and where it came from
-    "The Kaggle clothing catalogue at the profile's size, else the synthetic one drawn at that size (Kaggle needs an account: no download)."
-    _check_source(source)
-    root, image_size = Path(root or data_dir()), image_size or catalogue_image_size(profile)
-    real = find_fashion_root(root) if source != "synthetic" else None
-    if real is not None:
-        ds = FashionProducts(real, image_size, verify_images, require, verbose=verbose, allow_upscale=allow_upscale)
-        skipped = {k: v for k, v in ds.skipped.items() if v}
-        note = f"UPSCALED from {ds.upscaled_from} px to {image_size} px (allow_upscale=True)" if ds.upscaled_from else ""
-        return ds, _announce(DataSource("fashion", "real", str(real), "all", len(ds), skipped=skipped, note=note), None, verbose)
-    if source == "real":
-        raise FileNotFoundError(f"Fashion catalogue not found under {root}: put it in {root / FASHION_DIRNAMES[0]} "
-                                f"({_fashion_layout(root / FASHION_DIRNAMES[0])}), or use source='auto' / 'synthetic'")
-    note = "source='synthetic' requested" if source == "synthetic" else f"no styles.csv under {root / FASHION_DIRNAMES[0]} (Kaggle needs a manual download)"
-    drawn = max(image_size, catalogue_image_size(profile))   # the catalogue's own size, or larger when asked: never upscaled
-    folder, manifest = make_synthetic_fashion(root, size or synthetic_size("fashion", profile), seed, drawn)
-    ds = FashionProducts(folder, image_size, verify_images, require, verbose=verbose)
-    skipped = {k: v for k, v in ds.skipped.items() if v}
-    return ds, _announce(DataSource("fashion", "synthetic", str(folder), "all", len(ds), seed, skipped, note), manifest, verbose)
+    return ds, announce_source(DataSource("cifar10", "synthetic", str(folder), split, len(ds), seed, note=note), manifest, verbose)
 
 # %% ../nbs/01_data.ipynb #304e658b
 def to_tensors(dataset: Dataset, # MNIST, LocalCIFAR10, FashionProducts or any (image, target) dataset

@@ -21,15 +21,13 @@ from torch import Tensor, nn
 from torch.utils.data import TensorDataset
 
 from ldm_course.core import (
-    Config, image_grid, load_checkpoint, make_generator, read_checkpoint_metadata, rehearse, resolve_profile, runs_dir,
-    save_checkpoint, show_image, torch_seeded,
+    Config, image_grid, load_checkpoint, make_generator, model_device, read_checkpoint_metadata, rehearse,
+    resolve_profile, runs_dir, save_checkpoint, show_image, torch_seeded,
 )
 from .scheduler import DDIMSampler, DDPMSampler, DiffusionSampler, NoiseScheduler, SamplingTrajectory
 from .data import DataSource, load_cifar10, load_mnist, to_tensors
-from ldm_course.training import (
-    TrainConfig, TrainedRun, TrainHistory, Trainer, data_identity, drop_condition, finished_checkpoint, fit_or_reuse,
-    main_process_first, train_config, training_dir,
-)
+from .training import TrainConfig, TrainHistory, data_identity, drop_condition, train_config, training_dir
+from .trainer import TrainedRun, Trainer, finished_checkpoint, fit_or_reuse, main_process_first
 from .unet import UNet, UNetConfig, unet_preset
 
 # %% auto #0
@@ -269,9 +267,6 @@ def make_sampler(scheduler: NoiseScheduler, # the model's schedule
     if sampler == "ddim": return DDIMSampler(scheduler, eta=eta, clip_sample=clip_sample, use_clipped_model_output=clip_sample)
     raise ValueError(f"Unknown sampler {sampler!r}; expected one of {SAMPLERS}")
 
-def _model_device(model: nn.Module) -> torch.device:
-    return next(model.parameters()).device
-
 @torch.inference_mode()
 def sample_images(model: nn.Module, # the trained (EMA) U-Net
                   scheduler: NoiseScheduler, # its schedule
@@ -290,7 +285,7 @@ def sample_images(model: nn.Module, # the trained (EMA) U-Net
     "Generate images with DDPM or DDIM, unconditionally (∅ label) or per class with classifier-free guidance."
     if (num_samples is None) == (class_labels is None): raise ValueError("give exactly one of num_samples and class_labels")
     n = num_samples if class_labels is None else len(class_labels)
-    device, batch_size = _model_device(model), batch_size or n
+    device, batch_size = model_device(model), batch_size or n
     model.eval()
     scheduler.to(device)
     out = []
@@ -320,7 +315,7 @@ def sample_evolution(model: nn.Module, # the trained (EMA) U-Net
     "Like `sample_images` (one batch), keeping `n_snapshots` states of the chain x_T → x_0 for figures."
     if (num_samples is None) == (class_labels is None): raise ValueError("give exactly one of num_samples and class_labels")
     n = num_samples if class_labels is None else len(class_labels)
-    device = _model_device(model)
+    device = model_device(model)
     model.eval()
     scheduler.to(device)
     labels = None if class_labels is None else class_labels.to(device)
@@ -464,7 +459,7 @@ def predict_labels(classifier: nn.Module, # an ImageClassifier (or any images ->
                   ) -> Tensor: # (N,) predicted classes, on the CPU
     "The classifier's decision for each image."
     classifier.eval()
-    device = _model_device(classifier)
+    device = model_device(classifier)
     return torch.cat([classifier(images[i:i + batch_size].to(device)).argmax(-1).cpu()
                       for i in range(0, len(images), batch_size)])
 

@@ -22,7 +22,8 @@ from ldm_course.core import (
     Config, load_checkpoint, make_generator, read_checkpoint_metadata, runs_dir, save_checkpoint, torch_seeded,
 )
 from .ddpm import ClassifierConfig, ImageClassifier, random_shift
-from .training import TrainConfig, TrainHistory, Trainer
+from .training import TrainConfig, TrainHistory
+from .trainer import Trainer
 
 # %% auto #0
 __all__ = ['CLOTH_THRESHOLD', 'JUDGE_INPUTS_VERSION', 'JUDGE_FORMAT', 'GarmentJudgeConfig', 'pattern_boxes', 'pattern_crops',

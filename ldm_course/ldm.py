@@ -14,47 +14,44 @@ from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any, NamedTuple
 
-import matplotlib.pyplot as plt
 import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.utils.data import Dataset, TensorDataset
 
-from fastcore.basics import patch
 from torch.utils.data import Subset
 
 from ldm_course.core import (
-    Config, get_device, load_checkpoint, make_generator, profile_preset, read_checkpoint_metadata, rehearse, resolve_profile,
-    runs_dir, save_checkpoint, show_image, torch_seeded,
+    Config, get_device, make_generator, profile_preset, rehearse, resolve_profile, runs_dir, torch_seeded,
 )
-from .data import GARMENT_TYPES, SEED_PROMPTS, load_fashion, to_tensors
+from .data import GARMENT_TYPES, SEED_PROMPTS, to_tensors
+from .fashion import load_fashion
 from .ddpm import ModelFn, classifier_free_guidance, diffusion_loss
-from .scheduler import DDIMSampler, DDPMSampler, DiffusionSampler, DPMSolverMultistepSampler, NoiseScheduler
+from .scheduler import NoiseScheduler
 from ldm_course.text import (
     EmbeddingCache, TextEmbeddings, TextEncoder, default_embedding_cache, encode_cached, load_text_encoder,
 )
 from ldm_course.training import (
-    TrainConfig, TrainedRun, TrainHistory, Trainer, condition_dropout_mask, data_identity, drop_condition, finished_checkpoint,
-    fit_or_reuse, main_process_first, train_config, training_dir,
+    TrainConfig, TrainHistory, condition_dropout_mask, data_identity, drop_condition, train_config, training_dir,
 )
+from .trainer import TrainedRun, Trainer, finished_checkpoint, fit_or_reuse, main_process_first
 from .unet import UNet, UNetConfig, cross_attention_block_class, unet_preset
 from ldm_course.vae import (
-    Autoencoder, VAEConfig, VAELoss, build_vae, encode_dataset, estimate_scale_factor, images_per_pass, load_vae, save_vae,
-    set_scale_factor, vae_checkpoint_path, vae_config, vae_train_config,
+    Autoencoder, build_vae, encode_dataset, estimate_scale_factor, load_vae, save_vae, set_scale_factor,
+    vae_checkpoint_path, vae_config, vae_train_config,
 )
+from .vae_losses import VAELoss
 
 # %% auto #0
-__all__ = ['HELD_OUT_PAIRS', 'LDM_SAMPLERS', 'LDM_EVAL_PRESETS', 'LDM_PIPELINE_FORMAT', 'PATTERN_WORDS', 'LDM_CHAPTERS',
-           'pair_prompt', 'held_out_mask', 'split_catalogue', 'LDMConfig', 'ldm_config', 'LDMEvalConfig',
-           'ldm_chapter_configs', 'ldm_checkpoint_dir', 'ldm_checkpoint_path', 'fallback_vae_path', 'find_vae',
-           'load_or_train_vae', 'fit_length', 'trim_padding', 'CaptionedLatents', 'caption_table', 'TextDiffusionLoss',
-           'text_condition', 'text_guidance', 'cross_attention_factory', 'build_ldm_unet', 'build_ldm_scheduler',
-           'text_encoder_spec', 'LDMTrajectory', 'LDMOutput', 'LatentDiffusionPipeline', 'latent_sampler',
-           'fashion_latents', 'caption_embeddings', 'short_captions', 'LDMData', 'prepare_ldm_data', 'build_ldm_loss',
-           'ldm_trainer', 'train_ldm', 'train_ldm_chapter', 'ldm_training_config', 'prepare_ldm_data_once',
-           'train_text_chapter', 'train_additive_chapter', 'training_summary', 'plot_denoising_evolution',
-           'plot_prompt_grid', 'train_step_seconds', 'pixel_unet_config']
+__all__ = ['HELD_OUT_PAIRS', 'LDM_SAMPLERS', 'LDM_EVAL_PRESETS', 'PATTERN_WORDS', 'LDM_CHAPTERS', 'pair_prompt', 'held_out_mask',
+           'split_catalogue', 'LDMConfig', 'ldm_config', 'LDMEvalConfig', 'ldm_chapter_configs', 'ldm_checkpoint_dir',
+           'ldm_checkpoint_path', 'fallback_vae_path', 'find_vae', 'load_or_train_vae', 'fit_length', 'trim_padding',
+           'CaptionedLatents', 'caption_table', 'TextDiffusionLoss', 'text_condition', 'text_guidance',
+           'cross_attention_factory', 'build_ldm_unet', 'build_ldm_scheduler', 'fashion_latents', 'caption_embeddings',
+           'short_captions', 'LDMData', 'prepare_ldm_data', 'build_ldm_loss', 'ldm_trainer', 'train_ldm',
+           'train_ldm_chapter', 'ldm_training_config', 'prepare_ldm_data_once', 'train_text_chapter',
+           'train_additive_chapter', 'training_summary', 'train_step_seconds', 'pixel_unet_config']
 
 # %% ../nbs/09_ldm_additive.ipynb #45607fc3
 HELD_OUT_PAIRS = (("Skirts", "Green"), ("Jeans", "Purple"))  # (articleType, baseColour) pairs never seen in training
@@ -382,190 +379,6 @@ def build_ldm_scheduler(cfg: LDMConfig, # the experiment
     "The noise scheduler of an experiment."
     return NoiseScheduler(cfg.num_train_timesteps, cfg.beta_schedule, cfg.beta_start, cfg.beta_end, cfg.prediction_type)
 
-# %% ../nbs/09_ldm_additive.ipynb #4a04e826
-def text_encoder_spec(encoder: TextEncoder, # a loaded text encoder
-                     ) -> dict:
-    "How to load `encoder` again (name or folder) and what must match (fingerprint, sizes)."
-    known = encoder.name in ("minilm", "fashion-clip")
-    if not known and encoder.model_folder is None:
-        raise ValueError(f"text encoder {encoder.name!r} has no model folder: it cannot be reloaded by name")
-    return {"spec": encoder.name if known else str(encoder.model_folder), "name": encoder.name,
-            "fingerprint": encoder.fingerprint, "cache_key": encoder.cache_key, "max_length": encoder.max_length,
-            "normalize": encoder.normalize, "dim": encoder.dim, "token_dim": encoder.token_dim}
-
-class LDMTrajectory(NamedTuple):
-    "Decoded snapshots of a sampling run, for the denoising-evolution figure."
-    timesteps: Tensor  # (K,) timestep of each snapshot; -1 marks the final sample
-    x_t: Tensor        # (K, B, 3, H, W): the decoded latents z_t, z_T first and z_0 last
-    pred_x0: Tensor    # (K, B, 3, H, W): the decoded predictions ẑ0 seen from each z_t
-    latents: Tensor    # (K, B, c, h, w): the latents z_t themselves
-
-class LDMOutput(NamedTuple):
-    "What the pipeline returns."
-    images: Tensor                    # (B, 3, H, W) in [-1, 1], on the CPU
-    latents: Tensor                   # (B, c, h, w) the final latents z_0, on the CPU
-    prompts: list[str]                # the prompts, in order
-    trajectory: LDMTrajectory | None  # snapshots, with return_trajectory=True
-
-LDM_PIPELINE_FORMAT = "ldm_course.ldm_pipeline/1"
-
-# %% ../nbs/09_ldm_additive.ipynb #cae35b61
-class LatentDiffusionPipeline:
-    "Text-to-image: text encoder → a chapter 02 sampler (DDIM by default) with classifier-free guidance in the VAE's latent space → VAE decoder."
-    def __init__(self, vae: Autoencoder, # frozen KL-VAE (its scale_factor set)
-                 unet: UNet, # the trained latent U-Net (EMA weights)
-                 text_encoder: TextEncoder, # frozen text encoder (the one the U-Net was trained with)
-                 scheduler: NoiseScheduler, # the training noise schedule
-                 config: LDMConfig, # the experiment: defaults of steps and guidance, held-out pairs, ...
-                 metadata: Mapping[str, Any] | None = None, # extras saved with the pipeline (data source, training...)
-                ):
-        self.vae, self.unet = vae.eval().requires_grad_(False), unet.eval().requires_grad_(False)
-        self.text_encoder, self.scheduler, self.config = text_encoder, scheduler, config
-        self.metadata, self._null = dict(metadata or {}), None
-        if unet.config.in_channels != vae.config.latent_channels:
-            raise ValueError(f"the U-Net takes {unet.config.in_channels}-channel inputs but the VAE's latents have "
-                             f"{vae.config.latent_channels} channels (latent shape {vae.config.latent_shape})")
-        text_condition(unet.config, text_encoder.encode([""]))  # fail now if the encoder does not fit the U-Net
-        self.to(next(unet.parameters()).device)
-
-    @property
-    def latent_shape(self) -> tuple[int, int, int]: return self.vae.config.latent_shape
-    @property
-    def held_out_pairs(self) -> tuple: return self.config.held_out_pairs
-
-    def to(self, device: str | torch.device) -> "LatentDiffusionPipeline":
-        "Move the U-Net, the VAE, the scheduler and the text encoder."
-        self.device = torch.device(device)
-        for m in (self.vae, self.unet, self.scheduler): m.to(self.device)
-        self.text_encoder.to(self.device)
-        self._null = None
-        return self
-
-    def __repr__(self) -> str:
-        return (f"LatentDiffusionPipeline(conditioning={self.config.conditioning!r}, latent={self.latent_shape}, "
-                f"text_encoder={self.text_encoder.name!r}, unet={sum(p.numel() for p in self.unet.parameters()) / 1e6:.2f} M, "
-                f"device={str(self.device)!r})")
-
-    def encode_prompts(self, prompts: Sequence[str], # a batch of prompts
-                      ) -> TextEmbeddings:
-        "The text embeddings of `prompts` (validated by the encoder)."
-        return self.text_encoder.encode(prompts)
-
-    @property
-    def null_embedding(self) -> TextEmbeddings:
-        "The embedding of the null prompt '', computed once."
-        if self._null is None: self._null = self.text_encoder.encode([""])
-        return self._null
-
-    def decode(self, latents: Tensor, # scaled latents s·z, (B, c, h, w)
-              ) -> Tensor: # images (B, 3, H, W) in [-1, 1]
-        "Decode latents with the VAE, in passes that fit memory at any image size, and clamp to the image range."
-        per_pass = images_per_pass(self.vae.config.image_size, len(latents))
-        return torch.cat([self.vae.decode_latents(z.to(self.device)).float().clamp(-1, 1) for z in latents.split(per_pass)])
-
-# %% ../nbs/09_ldm_additive.ipynb #b68bcfa0
-def _decode_snapshots(pipe: LatentDiffusionPipeline, snapshots: Tensor) -> Tensor:
-    "Decode (K, B, c, h, w) latents to (K, B, 3, H, W) images on the CPU."
-    return torch.stack([pipe.decode(s).cpu() for s in snapshots])
-
-def _check_steps(n: Any) -> int:
-    if isinstance(n, bool) or not isinstance(n, int) or n < 1:
-        raise ValueError(f"num_inference_steps must be a positive int, got {n!r}")
-    return n
-
-def _check_guidance(w: Any) -> float:
-    if isinstance(w, bool) or not isinstance(w, (int, float)) or not math.isfinite(w) or w < 0:
-        raise ValueError(f"guidance_scale must be a finite number >= 0 (0: unconditional, 1: conditional), got {w!r}")
-    return float(w)
-
-def latent_sampler(scheduler: NoiseScheduler, # the model's noise schedule
-                   sampler: str = "ddim", # one of LDM_SAMPLERS
-                   eta: float = 1.0, # DDIM's η (sampler "ddim" only)
-                   timestep_spacing: str = "trailing", # the inference timesteps (chapter 02's names)
-                  ) -> DiffusionSampler:
-    "A chapter 02 sampler for latents: no clipping or thresholding (latents are unbounded); DPM-Solver++ of order 2."
-    if sampler == "ddim": return DDIMSampler(scheduler, eta=eta, clip_sample=False, timestep_spacing=timestep_spacing)
-    if sampler == "ddpm": return DDPMSampler(scheduler, clip_sample=False, timestep_spacing=timestep_spacing)
-    if sampler in ("dpm++", "sde-dpm++"):  # 2M: the order Lu et al. recommend with guidance
-        algorithm_type = "dpmsolver++" if sampler == "dpm++" else "sde-dpmsolver++"
-        return DPMSolverMultistepSampler(scheduler, solver_order=2, algorithm_type=algorithm_type, timestep_spacing=timestep_spacing)
-    raise ValueError(f"Unknown sampler {sampler!r}; expected one of {LDM_SAMPLERS}")
-
-@patch
-@torch.inference_mode()
-def __call__(self: LatentDiffusionPipeline,
-          prompts: Sequence[str], # prompts to draw, e.g. ["a red dress"]; "" draws unconditionally
-          num_inference_steps: int | None = None, # sampling steps (default: config.num_inference_steps)
-          guidance_scale: float | None = None, # w (default: config.guidance_scale)
-          seed: int = 0, # seed of z_T: the same seed and prompts give the same images
-          return_trajectory: bool = False, # also return decoded snapshots of the chain
-          n_snapshots: int = 8, # snapshots kept with return_trajectory, z_T and z_0 included
-          eta: float | None = None, # DDIM's η (default: config.eta; 0: deterministic, 1: stochastic)
-          x_T: Tensor | None = None, # starting latents (B, c, h, w) instead of drawing them from `seed`
-          sampler: str | None = None, # "ddim", "ddpm", "dpm++" or "sde-dpm++" (default: config.sampler)
-         ) -> LDMOutput:
-    "Generate one image per prompt: the sampler (DDIM by default) with classifier-free guidance in latent space, then the VAE decoder."
-    emb = self.encode_prompts(prompts)
-    steps = _check_steps(num_inference_steps if num_inference_steps is not None else self.config.num_inference_steps)
-    w = _check_guidance(self.config.guidance_scale if guidance_scale is None else guidance_scale)
-    name = self.config.sampler if sampler is None else sampler
-    if eta is not None and name != "ddim":
-        raise ValueError(f"eta is DDIM's η; the {name!r} sampler has none (for a stochastic DPM-Solver++ use sampler='sde-dpm++')")
-    model_fn = text_guidance(self.unet, emb, self.null_embedding, w, self.config.pooled_scale)
-    sampler = latent_sampler(self.scheduler, name, self.config.eta if eta is None else eta, self.config.timestep_spacing)
-    shape = (len(emb), *self.latent_shape)
-    generator = make_generator(seed)  # on the CPU: the same z_T on every device
-    if x_T is None: x_T = sampler.initial_noise(shape, generator, device="cpu")
-    x_T = x_T.to(self.device)
-    if return_trajectory:
-        traj = sampler.sample_trajectory(model_fn, shape, generator, n_snapshots, x_T=x_T, num_inference_steps=steps)
-        z0 = traj.sample
-        trajectory = LDMTrajectory(traj.timesteps, _decode_snapshots(self, traj.x_t), _decode_snapshots(self, traj.pred_x0),
-                                   traj.x_t.cpu())
-    else:
-        z0, trajectory = sampler.sample(model_fn, shape, generator, x_T=x_T, num_inference_steps=steps), None
-    return LDMOutput(self.decode(z0).cpu(), z0.cpu(), list(prompts), trajectory)
-
-# %% ../nbs/09_ldm_additive.ipynb #36696529
-@patch
-def save(self: LatentDiffusionPipeline,
-          path: str | Path, # destination .safetensors file
-          metadata: Mapping[str, Any] | None = None, # extras merged into the pipeline's metadata
-         ) -> Path:
-    "Save U-Net + VAE weights and every config needed to rebuild the pipeline in one safetensors file (atomic)."
-    self.metadata.update(metadata or {})
-    meta = {**self.metadata, "format": LDM_PIPELINE_FORMAT, "ldm_config": self.config.to_dict(),
-            "conditioning": self.config.conditioning, "held_out_pairs": [list(p) for p in self.config.held_out_pairs],
-            "vae_config": self.vae.config.to_dict(), "scale_factor": float(self.vae.scale_factor),
-            "scheduler": self.scheduler.config(), "text_encoder": text_encoder_spec(self.text_encoder)}
-    return save_checkpoint(path, {"unet": self.unet.state_dict(), "vae": self.vae.state_dict()}, meta)
-
-@patch(cls_method=True)
-def load(cls: LatentDiffusionPipeline, path: str | Path, # a file written by `LatentDiffusionPipeline.save`
-          device: str | torch.device | None = None, # where the pipeline runs (None: core.get_device())
-          text_encoder: TextEncoder | None = None, # an already loaded encoder (default: reload it by name)
-         ) -> LatentDiffusionPipeline:
-    "Rebuild a pipeline from its file: configs from the header, weights from the tensors, the text encoder by name."
-    meta = read_checkpoint_metadata(path)
-    if meta.get("format") != LDM_PIPELINE_FORMAT:
-        raise ValueError(f"{path} is not a latent diffusion pipeline (format {meta.get('format')!r}, expected "
-                         f"{LDM_PIPELINE_FORMAT!r}); training checkpoints step_*.safetensors hold only the U-Net")
-    device = torch.device(device) if device is not None else get_device()
-    cfg, spec = LDMConfig.from_dict(meta["ldm_config"]), meta["text_encoder"]
-    state, _ = load_checkpoint(path)
-    unet = build_ldm_unet(cfg)
-    unet.load_state_dict(state["unet"])
-    vae = build_vae(VAEConfig.from_dict(meta["vae_config"]))
-    vae.load_state_dict(state["vae"])
-    if text_encoder is None:
-        text_encoder = load_text_encoder(spec["spec"], device=device, max_length=spec["max_length"],
-                                         normalize=spec["normalize"], allow_download=False, verbose=False)
-    if text_encoder.fingerprint != spec["fingerprint"] or text_encoder.dim != spec["dim"]:
-        raise ValueError(f"text encoder {text_encoder.name!r} (fingerprint {text_encoder.fingerprint}) is not the one the "
-                         f"pipeline was trained with ({spec['name']!r}, fingerprint {spec['fingerprint']})")
-    extras = {k: v for k, v in meta.items() if k not in ("format", "ldm_config", "vae_config", "scheduler", "text_encoder")}
-    return cls(vae.to(device), unet.to(device), text_encoder, build_ldm_scheduler(cfg), cfg, extras)
-
 # %% ../nbs/09_ldm_additive.ipynb #9f59aac1
 def fashion_latents(vae: Autoencoder, # the frozen VAE
                     dataset: Dataset, # FashionProducts (or any dataset of (image, caption))
@@ -756,41 +569,6 @@ def training_summary(history: TrainHistory, # from train_ldm
     return {"steps": len(history), "seconds_wall": round(seconds, 1), "loss_first_20": float(loss[:k].mean()),
             "loss_last_20": float(loss[-k:].mean()), "final_loss": float(loss[-1]),
             "images_per_s": round(len(history) * batch_size / seconds, 1), "seconds_per_step": round(seconds / len(history), 4)}
-
-# %% ../nbs/09_ldm_additive.ipynb #09a9eaec
-def plot_denoising_evolution(trajectory: LDMTrajectory, # from the pipeline with return_trajectory=True
-                             prompts: Sequence[str], # row labels, one per sample
-                             title: str, # French title
-                             which: str = "x_t", # "x_t" (decoded z_t) or "pred_x0" (decoded predictions ẑ0)
-                            ) -> plt.Figure:
-    "Rows: prompts; columns: the chain from z_T (left) to the final image (right), decoded by the VAE."
-    images = getattr(trajectory, which)
-    K, B = images.shape[:2]
-    fig, axes = plt.subplots(B, K, figsize=(1.25 * K + 1.2, 1.3 * B + 0.7), squeeze=False)
-    for j, t in enumerate(trajectory.timesteps.tolist()):
-        for i in range(B): show_image(axes[i, j], images[j, i])
-        axes[0, j].set_title("image finale" if t < 0 else f"t = {t}", fontsize=9)
-    for i, prompt in enumerate(prompts): axes[i, 0].set_ylabel(f"« {prompt} »", fontsize=9, rotation=0, ha="right", va="center")
-    fig.suptitle(title)
-    fig.tight_layout()
-    return fig
-
-def plot_prompt_grid(images: Tensor, # (P·n, 3, H, W): n samples of each prompt, prompt-major
-                     prompts: Sequence[str], # the P prompts (row labels)
-                     title: str, # French title
-                     marked: Sequence[str] = (), # prompts to flag as never seen in training
-                    ) -> plt.Figure:
-    "One row per prompt, n samples each."
-    P = len(prompts)
-    n = len(images) // P
-    fig, axes = plt.subplots(P, n, figsize=(1.1 * n + 1.8, 1.15 * P + 0.6), squeeze=False)
-    for i, prompt in enumerate(prompts):
-        for j in range(n): show_image(axes[i, j], images[i * n + j])
-        label = f"« {prompt} »" + ("\n(jamais vu)" if prompt in marked else "")
-        axes[i, 0].set_ylabel(label, fontsize=8, rotation=0, ha="right", va="center", color="C3" if prompt in marked else "k")
-    fig.suptitle(title)
-    fig.tight_layout()
-    return fig
 
 # %% ../nbs/09_ldm_additive.ipynb #bf367cb9
 def train_step_seconds(unet: UNet, # the network to time (trained in place: use a copy)

@@ -33,7 +33,7 @@ from ldm_course.judge import (
 )
 from .ldm import pair_prompt
 from .training import TrainConfig, content_digest
-from .vae import psnr, ssim
+from .vae_metrics import psnr, ssim
 
 # %% auto #0
 __all__ = ['INCEPTION_WEIGHTS', 'EVAL_PRESETS', 'PROMPT_GROUPS', 'GROUP_NAMES', 'GenerateFn', 'ALIGNMENT_METRICS',
@@ -529,7 +529,7 @@ def prompt_subset(prompts: Sequence[PromptSpec], # the prompts
 SOLID_WORDS = r"\b(?:solid|plain)\b"  # product-name words that say a real garment has no pattern
 _SOLID_RE = re.compile(SOLID_WORDS, re.IGNORECASE)
 
-def judge_pattern_labels(records: pd.DataFrame, # FashionProducts.records: a "pattern" column (data.pattern_of) and a "caption"
+def judge_pattern_labels(records: pd.DataFrame, # FashionProducts.records: a "pattern" column (fashion.pattern_of) and a "caption"
                          source: str, # DataSource.source: "synthetic" or "real"
                         ) -> tuple[Tensor, list[str]]: # (label per item, -1 where unknown; the pattern names, sorted)
     "Pattern labels: stripes and checks as names say; 'solid' for synthetic items without them, for real ones only when the name says Solid or Plain."

@@ -31,7 +31,7 @@ from ldm_course.core import (
     resolve_profile, runs_dir,
 )
 from .cross_attention import cross_attention_chapter_configs
-from .data import FASHION_DIRNAMES, find_fashion_root
+from .fashion import FASHION_DIRNAMES, find_fashion_root
 from .ddpm import ddpm_training_config
 from .ldm import ldm_chapter_configs
 from .metrics import eval_config

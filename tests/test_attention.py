@@ -7,13 +7,13 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 import pytest
 import torch
 import torch.nn.functional as F
-from torch import nn
 
 from ldm_course.attention import Attention, SpatialTransformer, to_multihead_attention
 from ldm_course.cross_attention import cross_attention_config, denoising_losses, spatial_transformer_spec, spatial_transformers
 from ldm_course.core import make_generator
-from ldm_course.ldm import LatentDiffusionPipeline, LDMConfig, build_ldm_scheduler, build_ldm_unet, cross_attention_factory
-from ldm_course.text import TextEmbeddings, load_text_encoder
+from ldm_course.ldm import LDMConfig, build_ldm_scheduler, build_ldm_unet, cross_attention_factory
+from ldm_course.ldm_pipeline import LatentDiffusionPipeline
+from ldm_course.text import load_text_encoder
 from ldm_course.vae import build_vae, vae_config
 
 MASK = torch.tensor([[True] * 4 + [False] * 3, [True] * 7])

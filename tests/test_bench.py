@@ -128,8 +128,9 @@ def test_run_all_summary_reads_every_result_file(results):
 
 def test_sampling_benchmark_with_a_tiny_untrained_pipeline_and_judge(tmp_path, monkeypatch, one_thread):
     "End to end: a smoke-sized pipeline and judge saved where the chapters save them; DDIM and DDPM both scored."
-    from ldm_course.data import load_fashion
-    from ldm_course.ldm import LatentDiffusionPipeline, build_ldm_scheduler, build_ldm_unet, ldm_checkpoint_path, ldm_config
+    from ldm_course.fashion import load_fashion
+    from ldm_course.ldm import build_ldm_scheduler, build_ldm_unet, ldm_checkpoint_path, ldm_config
+    from ldm_course.ldm_pipeline import LatentDiffusionPipeline
     from ldm_course.judge import GarmentJudge, GarmentJudgeConfig, judge_checkpoint_path, save_judge
     from ldm_course.text import load_text_encoder
     from ldm_course.vae import build_vae, vae_config
@@ -260,7 +261,7 @@ def test_text_budget_ablation_says_what_is_missing_and_writes_nothing(tmp_path, 
 def test_text_budget_ablation_trains_and_scores_each_variant(tmp_path, monkeypatch, one_thread):
     "Smoke-sized end to end: a variant is chapter 10's config with one change, trained, sampled and judged."
     from ldm_course.cross_attention import cross_attention_config
-    from ldm_course.data import load_fashion
+    from ldm_course.fashion import load_fashion
     from ldm_course.judge import GarmentJudge, GarmentJudgeConfig, judge_checkpoint_path, save_judge
     ablation = bench_module("ablation_text_budget")
     base = cross_attention_config("cpu", context_dim=8)

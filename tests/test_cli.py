@@ -16,7 +16,8 @@ from PIL import Image
 
 from ldm_course import cli
 from ldm_course.core import save_metrics
-from ldm_course.data import KAGGLE_COLUMNS, write_mnist
+from ldm_course.data import write_mnist
+from ldm_course.fashion import KAGGLE_COLUMNS
 from ldm_course.report_build import ReportBuildError
 
 SCRIPT = shutil.which("ldm-course") or str(Path(sys.executable).parent / "ldm-course")
@@ -140,7 +141,8 @@ def smoke_checkpoint(tmp_path_factory):
     "A tiny, untrained text-to-image pipeline saved with LatentDiffusionPipeline.save (MiniLM, offline)."
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     import torch
-    from ldm_course.ldm import LatentDiffusionPipeline, build_ldm_scheduler, build_ldm_unet, ldm_config
+    from ldm_course.ldm import build_ldm_scheduler, build_ldm_unet, ldm_config
+    from ldm_course.ldm_pipeline import LatentDiffusionPipeline
     from ldm_course.text import load_text_encoder
     from ldm_course.vae import build_vae, vae_config
     encoder = load_text_encoder("minilm", device="cpu", verbose=False)
@@ -176,7 +178,7 @@ def test_sample_round_trip_from_a_checkpoint(smoke_checkpoint, tmp_path):
 def test_sample_with_dpm_solver(smoke_checkpoint, tmp_path):
     "`--sampler dpm++ --steps 15`: DPM-Solver++(2M) from chapter 02, the pipeline's own images, reproducible."
     import torch
-    from ldm_course.ldm import LatentDiffusionPipeline
+    from ldm_course.ldm_pipeline import LatentDiffusionPipeline
     checkpoint, S = smoke_checkpoint
     def sample(name, *extra):
         code, out, err = run_main(["sample", "a red dress", "--checkpoint", str(checkpoint), "--seed", "1", "--out",

@@ -8,13 +8,15 @@ import pytest
 import torch
 
 from ldm_course.core import load_checkpoint, make_generator, runs_dir, save_checkpoint
-from ldm_course.data import SEED_PROMPTS, load_fashion
+from ldm_course.data import SEED_PROMPTS
+from ldm_course.fashion import load_fashion
 from ldm_course.ddpm import diffusion_loss
 from ldm_course.ldm import (
-    HELD_OUT_PAIRS, CaptionedLatents, fallback_vae_path, load_or_train_vae, LatentDiffusionPipeline, LDMConfig, TextDiffusionLoss, build_ldm_scheduler,
-    build_ldm_unet, cross_attention_factory, fit_length, held_out_mask, ldm_checkpoint_path, ldm_config, pair_prompt,
-    short_captions, split_catalogue, text_condition, text_guidance, trim_padding,
+    HELD_OUT_PAIRS, CaptionedLatents, fallback_vae_path, load_or_train_vae, LDMConfig, TextDiffusionLoss,
+    build_ldm_scheduler, build_ldm_unet, cross_attention_factory, fit_length, held_out_mask, ldm_checkpoint_path,
+    ldm_config, pair_prompt, short_captions, split_catalogue, text_condition, text_guidance, trim_padding,
 )
+from ldm_course.ldm_pipeline import LatentDiffusionPipeline
 from ldm_course.scheduler import DDIMSampler, DDPMSampler, DPMSolverMultistepSampler, NoiseScheduler
 from ldm_course.text import TextEmbeddings, load_text_encoder
 from ldm_course.vae import build_vae, encode_dataset, save_vae, vae_checkpoint_path, vae_config

@@ -108,7 +108,7 @@ def test_feature_module_output_is_accepted_by_torchmetrics():
 @pytest.fixture(scope="module")
 def catalogue_judge(tmp_path_factory):
     "A three-headed clothing judge trained briefly on a small synthetic catalogue drawn at 128 px, with its held-out photos."
-    from ldm_course.data import load_fashion
+    from ldm_course.fashion import load_fashion
     root = tmp_path_factory.mktemp("data")
     ds, source = load_fashion(root, source="synthetic", size=CATALOGUE_SIZE, image_size=128, profile="smoke", verbose=False)
     types, type_names = ds.labels("articleType")

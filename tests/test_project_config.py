@@ -4,6 +4,7 @@ import shlex
 from configparser import ConfigParser
 from pathlib import Path
 
+import pytest
 import yaml
 
 ROOT = Path(__file__).resolve().parents[1]

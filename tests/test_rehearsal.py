@@ -4,7 +4,6 @@ gpu profile's real shapes (512×512 images, 64×16×16 latents, the gpu U-Nets a
 batch; then its report. Checks that it runs, keeps the real shapes, stays apart from real runs and says what it is."""
 import json
 import os
-import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -63,7 +62,7 @@ def test_the_autoencoder_has_the_gpu_shapes(rehearsal):
 
 def test_the_cross_attention_model_has_the_gpu_widths(rehearsal):
     from ldm_course.cross_attention import cross_attention_config
-    from ldm_course.ldm import LatentDiffusionPipeline
+    from ldm_course.ldm_pipeline import LatentDiffusionPipeline
     real = cross_attention_config("gpu")   # this process is no rehearsal: the real gpu preset
     pipe = LatentDiffusionPipeline.load(rehearsal["runs"] / "checkpoints" / "10_cross_attention" / "ldm.safetensors", device="cpu")
     unet = pipe.config.unet

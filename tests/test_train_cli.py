@@ -22,7 +22,8 @@ import torch
 from ldm_course.cli import EXIT_USAGE, main, train_chapter_name
 from ldm_course.core import load_checkpoint, make_generator, read_checkpoint_metadata
 from ldm_course.ddpm import DiffusionLoss, build_scheduler, build_unet, ddpm_training_data, train_ddpm
-from ldm_course.training import latest_checkpoint, list_checkpoints, load_trained_weights
+from ldm_course.training import latest_checkpoint, list_checkpoints
+from ldm_course.trainer import load_trained_weights
 
 ROOT = Path(__file__).resolve().parents[1]
 CHAPTER = "05_ddpm_mnist"

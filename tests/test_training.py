@@ -15,9 +15,11 @@ import torch
 from torch import nn
 
 from ldm_course.core import Config, load_checkpoint, make_generator, read_checkpoint_metadata, save_checkpoint
-from ldm_course.training import (EMA, NonFiniteLossError, ResumableBatchSampler, TrainConfig, Trainer, drop_condition,
-                                 ema_decay_at, epoch_permutation, latest_checkpoint, list_checkpoints,
-                                 load_trained_weights, train, train_config, warmup_cosine)
+from ldm_course.training import (
+    EMA, ResumableBatchSampler, TrainConfig, drop_condition, ema_decay_at, epoch_permutation, latest_checkpoint,
+    list_checkpoints, train_config, warmup_cosine,
+)
+from ldm_course.trainer import NonFiniteLossError, Trainer, load_trained_weights, train
 
 ROOT = Path(__file__).resolve().parents[1]
 WORKER = ROOT / "tests" / "train_worker.py"

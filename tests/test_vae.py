@@ -8,13 +8,18 @@ import torch.nn.functional as F
 
 from ldm_course.core import read_checkpoint_metadata, save_checkpoint, torch_seeded
 from ldm_course.data import GARMENT_COLOURS
-from ldm_course.training import Trainer
+from ldm_course.trainer import Trainer
 from ldm_course.vae import (
-    AttnBlock, AutoencoderKL, ByteImages, DiagonalGaussian, GroupNorm, PatchDiscriminator, VAEConfig, VAELoss, VQVAE, VectorQuantizer,
-    adaptive_weight, build_vae, frozen, hinge_d_loss, hinge_g_loss, high_frequency_ratio, patch_spectrum_distance,
-    random_crops, ssim,
-    code_perplexity, colour_error, colour_fidelity, colour_preserved, dominant_colour, encode_dataset, garment_mask, estimate_scale_factor, interpolate, load_vae, psnr, reconstruct, save_vae,
-    set_scale_factor, vae_checkpoint_path, vae_config, vae_train_config,
+    AttnBlock, ByteImages, DiagonalGaussian, GroupNorm, VAEConfig, VectorQuantizer, build_vae, code_perplexity,
+    encode_dataset, estimate_scale_factor, load_vae, save_vae, set_scale_factor, vae_checkpoint_path, vae_config,
+    vae_train_config,
+)
+from ldm_course.vae_losses import (
+    VAELoss, adaptive_weight, frozen, hinge_d_loss, hinge_g_loss, patch_spectrum_distance, random_crops,
+)
+from ldm_course.vae_metrics import (
+    colour_error, colour_fidelity, colour_preserved, dominant_colour, garment_mask, high_frequency_ratio, interpolate,
+    psnr, reconstruct, ssim,
 )
 
 TINY = dict(block_out_channels=(8, 16, 16), norm_groups=4)

@@ -9,7 +9,8 @@ from torch import nn
 torch.set_num_threads(1)  # two processes share two cores; one thread also keeps the arithmetic identical across runs
 
 from ldm_course.core import make_generator, save_checkpoint  # noqa: E402
-from ldm_course.training import Trainer, TrainConfig, latest_checkpoint  # noqa: E402
+from ldm_course.training import TrainConfig, latest_checkpoint  # noqa: E402
+from ldm_course.trainer import Trainer
 
 
 def regression_data(n: int = 320) -> torch.utils.data.TensorDataset:
