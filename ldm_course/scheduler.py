@@ -10,6 +10,7 @@ from collections.abc import Callable
 from typing import NamedTuple
 
 import torch
+from fastcore.basics import patch
 from torch import Tensor, nn
 
 # %% auto #0
@@ -243,54 +244,57 @@ class DiffusionSampler:
         "The starting point x_T of the reverse chain."
         return _randn(tuple(shape), generator, device or self.scheduler.alphas_cumprod.device, dtype)
 
-    @torch.inference_mode()
-    def sample(self, model_fn: Callable[[Tensor, Tensor], Tensor], # model_fn(x_t, t) -> model output; t is (B,) long
-               shape: tuple[int, ...], # (B, C, H, W) of the samples
-               generator: torch.Generator | None = None, # draws x_T and every step's noise
-               x_T: Tensor | None = None, # starting noise (default: drawn with `generator`)
-               num_inference_steps: int | None = None, # if given, calls set_timesteps first
-               device: torch.device | str | None = None, # default: x_T's device, else the scheduler's
-               callback: Callable[[int, int, Tensor, Tensor], None] | None = None, # callback(i, t, x_prev, x̂0) after each step
-              ) -> Tensor: # x_0, (B, C, H, W)
-        "Run the reverse chain from x_T ~ N(0, I) to x_0, one `step` per inference timestep."
-        device = device or (x_T.device if x_T is not None else self.scheduler.alphas_cumprod.device)
-        if num_inference_steps is not None: self.set_timesteps(num_inference_steps, device)
-        if x_T is not None and tuple(x_T.shape) != tuple(shape):
-            raise ValueError(f"x_T has shape {tuple(x_T.shape)}, expected {tuple(shape)}")
-        x = self.initial_noise(shape, generator, device) if x_T is None else x_T.to(device)
-        for i, t in enumerate(self.timesteps.to(device)):
-            x, x0 = self.step(model_fn(x, t.expand(x.shape[0])), t, x, generator=generator, return_x0=True)
-            if callback is not None: callback(i, int(t), x, x0)
-        return x
+# %% ../nbs/02_scheduler.ipynb #5f02ad75
+@patch
+@torch.inference_mode()
+def sample(self: DiffusionSampler, model_fn: Callable[[Tensor, Tensor], Tensor], # model_fn(x_t, t) -> model output; t is (B,) long
+           shape: tuple[int, ...], # (B, C, H, W) of the samples
+           generator: torch.Generator | None = None, # draws x_T and every step's noise
+           x_T: Tensor | None = None, # starting noise (default: drawn with `generator`)
+           num_inference_steps: int | None = None, # if given, calls set_timesteps first
+           device: torch.device | str | None = None, # default: x_T's device, else the scheduler's
+           callback: Callable[[int, int, Tensor, Tensor], None] | None = None, # callback(i, t, x_prev, x̂0) after each step
+          ) -> Tensor: # x_0, (B, C, H, W)
+    "Run the reverse chain from x_T ~ N(0, I) to x_0, one `step` per inference timestep."
+    device = device or (x_T.device if x_T is not None else self.scheduler.alphas_cumprod.device)
+    if num_inference_steps is not None: self.set_timesteps(num_inference_steps, device)
+    if x_T is not None and tuple(x_T.shape) != tuple(shape):
+        raise ValueError(f"x_T has shape {tuple(x_T.shape)}, expected {tuple(shape)}")
+    x = self.initial_noise(shape, generator, device) if x_T is None else x_T.to(device)
+    for i, t in enumerate(self.timesteps.to(device)):
+        x, x0 = self.step(model_fn(x, t.expand(x.shape[0])), t, x, generator=generator, return_x0=True)
+        if callback is not None: callback(i, int(t), x, x0)
+    return x
 
-    @torch.inference_mode()
-    def sample_trajectory(self, model_fn: Callable[[Tensor, Tensor], Tensor], # as in `sample`
-                          shape: tuple[int, ...], # (B, C, H, W) of the samples
-                          generator: torch.Generator | None = None, # as in `sample`
-                          n_snapshots: int = 8, # states kept, evenly spaced from x_T to x_0 (at most n + 1)
-                          x_T: Tensor | None = None, # as in `sample`
-                          num_inference_steps: int | None = None, # as in `sample`
-                          device: torch.device | str | None = None, # as in `sample`
-                         ) -> SamplingTrajectory:
-        "Like `sample`, but also keep `n_snapshots` states x_t and their x̂0, for drawing the denoising evolution."
-        if n_snapshots < 2: raise ValueError(f"n_snapshots must be at least 2 (x_T and x_0), got {n_snapshots}")
-        device = device or (x_T.device if x_T is not None else self.scheduler.alphas_cumprod.device)
-        if num_inference_steps is not None: self.set_timesteps(num_inference_steps, device)
-        if x_T is None: x_T = self.initial_noise(shape, generator, device)
-        n = len(self.timesteps)
-        keep = set(torch.linspace(0, n, n_snapshots).round().long().tolist())  # state i = after i steps
-        ts, xs, x0s, current = [], [], [], [x_T]
-        def record(i, t, x, x0):
-            if i in keep:
-                ts.append(t)
-                xs.append(current[0])
-                x0s.append(x0)
-            current[0] = x
-        x = self.sample(model_fn, shape, generator, x_T=x_T, device=device, callback=record)
-        ts.append(-1)
-        xs.append(x)
-        x0s.append(x)  # n is always kept: the final sample
-        return SamplingTrajectory(x, torch.tensor(ts), torch.stack(xs), torch.stack(x0s))
+@patch
+@torch.inference_mode()
+def sample_trajectory(self: DiffusionSampler, model_fn: Callable[[Tensor, Tensor], Tensor], # as in `sample`
+                      shape: tuple[int, ...], # (B, C, H, W) of the samples
+                      generator: torch.Generator | None = None, # as in `sample`
+                      n_snapshots: int = 8, # states kept, evenly spaced from x_T to x_0 (at most n + 1)
+                      x_T: Tensor | None = None, # as in `sample`
+                      num_inference_steps: int | None = None, # as in `sample`
+                      device: torch.device | str | None = None, # as in `sample`
+                     ) -> SamplingTrajectory:
+    "Like `sample`, but also keep `n_snapshots` states x_t and their x̂0, for drawing the denoising evolution."
+    if n_snapshots < 2: raise ValueError(f"n_snapshots must be at least 2 (x_T and x_0), got {n_snapshots}")
+    device = device or (x_T.device if x_T is not None else self.scheduler.alphas_cumprod.device)
+    if num_inference_steps is not None: self.set_timesteps(num_inference_steps, device)
+    if x_T is None: x_T = self.initial_noise(shape, generator, device)
+    n = len(self.timesteps)
+    keep = set(torch.linspace(0, n, n_snapshots).round().long().tolist())  # state i = after i steps
+    ts, xs, x0s, current = [], [], [], [x_T]
+    def record(i, t, x, x0):
+        if i in keep:
+            ts.append(t)
+            xs.append(current[0])
+            x0s.append(x0)
+        current[0] = x
+    x = self.sample(model_fn, shape, generator, x_T=x_T, device=device, callback=record)
+    ts.append(-1)
+    xs.append(x)
+    x0s.append(x)  # n is always kept: the final sample
+    return SamplingTrajectory(x, torch.tensor(ts), torch.stack(xs), torch.stack(x0s))
 
 # %% ../nbs/02_scheduler.ipynb #c085c200
 class DDPMSampler(DiffusionSampler):
@@ -444,54 +448,58 @@ class DPMSolverMultistepSampler(DiffusionSampler):
         available = next(k for k in range(1, order + 1) if k == order or i - k not in self._past_x0)
         return available if self._lambda[i + 1] > self._lambda[i] else 1  # h = 0 (t = 0 then σ_min): nothing to integrate
 
-    def step(self, model_output: Tensor, # the network's output at (x_t, t)
-             t: Tensor | int, # current timestep, one of `self.timesteps`
-             x_t: Tensor, # current sample
-             generator: torch.Generator | None = None, # draws the step's noise z (SDE form only)
-             return_x0: bool = False, # also return x̂0
-            ) -> Tensor | tuple[Tensor, Tensor]: # x at the next timestep, or (that, x̂0)
-        "One DPM-Solver++ update of order `solver_order_at(i)`, using the x̂0 of the previous steps (Lu et al. 2022b, Alg. 2)."
-        if model_output.shape != x_t.shape:
-            raise ValueError(f"model_output shape {tuple(model_output.shape)} must match x_t shape {tuple(x_t.shape)}")
-        self.previous_timestep(t)  # checks that t is one of the inference timesteps
-        t = _single_timestep(t)
-        i = self._index[t]
-        x0 = self.predict_x0(model_output, x_t, t)
-        self._past_x0 = {j: v for j, v in self._past_x0.items() if i - self.solver_order < j < i}  # this run's last steps
-        self._past_x0[i] = x0
-        order = self.solver_order_at(i)
-        D = self._taylor_terms(i, order)
-        # the noise is drawn at every step of the SDE form, even the last (multiplied by σ = 0 there), as diffusers does
-        z = _randn(x_t.shape, generator, x_t.device, x_t.dtype) if self.algorithm_type == "sde-dpmsolver++" else None
-        x_prev = self._update(i, x_t, D, z)
-        return (x_prev, x0) if return_x0 else x_prev
+# %% ../nbs/02_scheduler.ipynb #2c295001
+@patch
+def step(self: DPMSolverMultistepSampler, model_output: Tensor, # the network's output at (x_t, t)
+         t: Tensor | int, # current timestep, one of `self.timesteps`
+         x_t: Tensor, # current sample
+         generator: torch.Generator | None = None, # draws the step's noise z (SDE form only)
+         return_x0: bool = False, # also return x̂0
+        ) -> Tensor | tuple[Tensor, Tensor]: # x at the next timestep, or (that, x̂0)
+    "One DPM-Solver++ update of order `solver_order_at(i)`, using the x̂0 of the previous steps (Lu et al. 2022b, Alg. 2)."
+    if model_output.shape != x_t.shape:
+        raise ValueError(f"model_output shape {tuple(model_output.shape)} must match x_t shape {tuple(x_t.shape)}")
+    self.previous_timestep(t)  # checks that t is one of the inference timesteps
+    t = _single_timestep(t)
+    i = self._index[t]
+    x0 = self.predict_x0(model_output, x_t, t)
+    self._past_x0 = {j: v for j, v in self._past_x0.items() if i - self.solver_order < j < i}  # this run's last steps
+    self._past_x0[i] = x0
+    order = self.solver_order_at(i)
+    D = self._taylor_terms(i, order)
+    # the noise is drawn at every step of the SDE form, even the last (multiplied by σ = 0 there), as diffusers does
+    z = _randn(x_t.shape, generator, x_t.device, x_t.dtype) if self.algorithm_type == "sde-dpmsolver++" else None
+    x_prev = self._update(i, x_t, D, z)
+    return (x_prev, x0) if return_x0 else x_prev
 
-    def _taylor_terms(self, i: int, order: int) -> list[Tensor]:
-        "x̂0 and its scaled λ-derivatives at step i, estimated from the remembered x̂0: [D0] (order 1), [D0, D1], [D0, D1, D2]."
-        lam, x0 = self._lambda, self._past_x0
-        h = lam[i + 1] - lam[i]
-        if order == 1: return [x0[i]]
-        r0 = (lam[i] - lam[i - 1]) / h  # r = h_{i-1} / h_i
-        D1_0 = (x0[i] - x0[i - 1]) / r0  # ≈ h · dx̂0/dλ
-        if order == 2: return [x0[i], D1_0]
-        r1 = (lam[i - 1] - lam[i - 2]) / h
-        D1_1 = (x0[i - 1] - x0[i - 2]) / r1
-        return [x0[i], D1_0 + r0 / (r0 + r1) * (D1_0 - D1_1), (D1_0 - D1_1) / (r0 + r1)]  # ≈ h·x̂0', h²·x̂0''
+@patch
+def _taylor_terms(self: DPMSolverMultistepSampler, i: int, order: int) -> list[Tensor]:
+    "x̂0 and its scaled λ-derivatives at step i, estimated from the remembered x̂0: [D0] (order 1), [D0, D1], [D0, D1, D2]."
+    lam, x0 = self._lambda, self._past_x0
+    h = lam[i + 1] - lam[i]
+    if order == 1: return [x0[i]]
+    r0 = (lam[i] - lam[i - 1]) / h  # r = h_{i-1} / h_i
+    D1_0 = (x0[i] - x0[i - 1]) / r0  # ≈ h · dx̂0/dλ
+    if order == 2: return [x0[i], D1_0]
+    r1 = (lam[i - 1] - lam[i - 2]) / h
+    D1_1 = (x0[i - 1] - x0[i - 2]) / r1
+    return [x0[i], D1_0 + r0 / (r0 + r1) * (D1_0 - D1_1), (D1_0 - D1_1) / (r0 + r1)]  # ≈ h·x̂0', h²·x̂0''
 
-    def _update(self, i: int, x_s: Tensor, D: list[Tensor], z: Tensor | None) -> Tensor:
-        "x_t from x_s: the linear part exactly, the integral of x̂0 with its Taylor terms D (h = λ_t − λ_s)."
-        alpha_t, sigma_t, sigma_s = self._alpha[i + 1], self._sigma[i + 1], self._sigma[i]
-        if sigma_t == 0: return D[0]  # σ_t = 0 (h = +∞): x_t = α_t·x̂0 with α_t = 1
-        h = self._lambda[i + 1] - self._lambda[i]
-        if self.algorithm_type == "dpmsolver++":
-            # x_t = (σ_t/σ_s)·x_s + α_t ∫ e^{-(λ_t-λ)} x̂0(λ) dλ with x̂0 ≈ D0 + D1·(λ-λ_s)/h + ½·D2·((λ-λ_s)/h)²
-            phi = -math.expm1(-h)  # 1 − e^{−h}
-            x_t = sigma_t / sigma_s * x_s + alpha_t * phi * D[0]
-            if len(D) == 2: x_t = x_t + alpha_t * phi / 2 * D[1]  # 2M: x̂0 taken at the midpoint, (1 + 1/2r)·x̂0_s − (1/2r)·x̂0_s'
-            if len(D) == 3: x_t = x_t + alpha_t * (1 - phi / h) * D[1] + alpha_t * (0.5 - (h - phi) / h**2) * D[2]
-            return x_t
-        # SDE: e^{-h} becomes e^{-2h} in the integral, and fresh noise of variance σ_t²(1 − e^{−2h}) is added
-        phi2 = -math.expm1(-2 * h)  # 1 − e^{−2h}
-        x_t = sigma_t / sigma_s * math.exp(-h) * x_s + alpha_t * phi2 * D[0] + sigma_t * math.sqrt(phi2) * z
-        if len(D) == 2: x_t = x_t + alpha_t * phi2 / 2 * D[1]
+@patch
+def _update(self: DPMSolverMultistepSampler, i: int, x_s: Tensor, D: list[Tensor], z: Tensor | None) -> Tensor:
+    "x_t from x_s: the linear part exactly, the integral of x̂0 with its Taylor terms D (h = λ_t − λ_s)."
+    alpha_t, sigma_t, sigma_s = self._alpha[i + 1], self._sigma[i + 1], self._sigma[i]
+    if sigma_t == 0: return D[0]  # σ_t = 0 (h = +∞): x_t = α_t·x̂0 with α_t = 1
+    h = self._lambda[i + 1] - self._lambda[i]
+    if self.algorithm_type == "dpmsolver++":
+        # x_t = (σ_t/σ_s)·x_s + α_t ∫ e^{-(λ_t-λ)} x̂0(λ) dλ with x̂0 ≈ D0 + D1·(λ-λ_s)/h + ½·D2·((λ-λ_s)/h)²
+        phi = -math.expm1(-h)  # 1 − e^{−h}
+        x_t = sigma_t / sigma_s * x_s + alpha_t * phi * D[0]
+        if len(D) == 2: x_t = x_t + alpha_t * phi / 2 * D[1]  # 2M: x̂0 taken at the midpoint, (1 + 1/2r)·x̂0_s − (1/2r)·x̂0_s'
+        if len(D) == 3: x_t = x_t + alpha_t * (1 - phi / h) * D[1] + alpha_t * (0.5 - (h - phi) / h**2) * D[2]
         return x_t
+    # SDE: e^{-h} becomes e^{-2h} in the integral, and fresh noise of variance σ_t²(1 − e^{−2h}) is added
+    phi2 = -math.expm1(-2 * h)  # 1 − e^{−2h}
+    x_t = sigma_t / sigma_s * math.exp(-h) * x_s + alpha_t * phi2 * D[0] + sigma_t * math.sqrt(phi2) * z
+    if len(D) == 2: x_t = x_t + alpha_t * phi2 / 2 * D[1]
+    return x_t
