@@ -166,7 +166,7 @@ def pixel_interpolation(x_a: Tensor, x_b: Tensor, num_steps: int = 8) -> Tensor:
     alphas = torch.linspace(0, 1, num_steps).view(-1, 1, 1, 1)
     return (1 - alphas) * x_a.cpu() + alphas * x_b.cpu()
 
-# %% ../nbs/07_vae_metrics.ipynb #2135b812
+# %% ../nbs/07_vae_metrics.ipynb #df548d5f
 def detail_box(image: Tensor, # (C, H, W)
                size: int, # side of the window
               ) -> tuple[int, int]: # (top, left)
@@ -202,6 +202,7 @@ def plot_full_size(originals: Tensor, # (n, C, H, W) in [-1, 1]
     fig.tight_layout()
     return fig
 
+# %% ../nbs/07_vae_metrics.ipynb #03eef909
 def plot_latent_channels(images: Tensor, # (n, C, H, W) in [-1, 1]
                          latents: Tensor, # (n, c, h, w) their (scaled) latents
                          title: str, # French title
@@ -223,6 +224,7 @@ def plot_latent_channels(images: Tensor, # (n, C, H, W) in [-1, 1]
     fig.suptitle(title)
     return fig
 
+# %% ../nbs/07_vae_metrics.ipynb #3e54a636
 def plot_interpolations(rows: Mapping[str, Tensor], # row label -> (k, C, H, W) images along the path
                         title: str, # French title
                        ) -> plt.Figure:
@@ -239,6 +241,7 @@ def plot_interpolations(rows: Mapping[str, Tensor], # row label -> (k, C, H, W) 
     fig.tight_layout()
     return fig
 
+# %% ../nbs/07_vae_metrics.ipynb #35e8df55
 def _smooth(values: Sequence[float], window: int) -> np.ndarray:
     v = np.asarray(values, dtype=float)
     window = max(1, min(window, len(v)))
