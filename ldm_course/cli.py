@@ -132,7 +132,7 @@ def _add_data_parser(sub: argparse._SubParsersAction) -> None:
     check.add_argument("--root", type=Path, metavar="DIR", help="data root (default: $LDM_COURSE_DATA or data/)")
     check.set_defaults(func=_cmd_data_check)
 
-# %% ../nbs/14_cli.ipynb #5f47c0ee
+# %% ../nbs/14_cli.ipynb #c935f914
 import math
 import os
 
@@ -189,6 +189,7 @@ def check_writable(out: Path, # the PNG to write
     if not parent.is_dir() or not os.access(parent, os.W_OK | os.X_OK):
         raise ValueError(f"--out {out}: cannot write in {parent} (not a writable folder); choose another --out")
 
+# %% ../nbs/14_cli.ipynb #6a225788
 def _cmd_sample(args: argparse.Namespace) -> int:
     if not args.prompt.strip():
         raise ValueError("the prompt is empty; describe a garment, e.g. 'a red dress' (for unconditional samples use --guidance 0)")

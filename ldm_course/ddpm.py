@@ -378,7 +378,7 @@ def load_ddpm(path: str | Path, # a file written by `save_ddpm`
     model.load_state_dict(state["model"])
     return LoadedDDPM(model.eval(), build_scheduler(cfg).to(device), cfg, meta)
 
-# %% ../nbs/05_ddpm_mnist.ipynb #7d585533
+# %% ../nbs/05_ddpm_mnist.ipynb #bba51984
 class ImageClassifier(nn.Module):
     "Small CNN classifier: `features(x)` (B, feature_dim) for FID-like metrics, `forward(x)` class logits."
     def __init__(self, config: ClassifierConfig = ClassifierConfig(), # architecture
@@ -420,6 +420,7 @@ def random_shift(images: Tensor, # (B, C, H, W)
     grid = F.affine_grid(theta, list(images.shape), align_corners=False)
     return F.grid_sample(images, grid, padding_mode="border", align_corners=False)
 
+# %% ../nbs/05_ddpm_mnist.ipynb #a2f90345
 class ClassificationLoss:
     "The Trainer's loss_fn for the judge: cross-entropy on randomly shifted (images, labels)."
     def __init__(self, max_shift: float = 2.0, # augmentation: random translation in pixels
@@ -452,6 +453,7 @@ def train_classifier(images: Tensor, # (N, C, H, W) in [-1, 1]
         history = trainer.fit(resume=False)
     return trainer.ema_model.eval(), history
 
+# %% ../nbs/05_ddpm_mnist.ipynb #0b40d311
 @torch.inference_mode()
 def predict_labels(classifier: nn.Module, # an ImageClassifier (or any images -> logits module)
                    images: Tensor, # (N, C, H, W) in [-1, 1]

@@ -100,7 +100,7 @@ def pattern_crops(images: Tensor, # (B, 3, H, W) in [-1, 1]
     out = torch.stack([images[b, :, t:t + s, l:l + s] for b, (t, l, s) in enumerate(pattern_boxes(images, crop).tolist())])
     return out if out.shape[-1] == size else F.interpolate(out.float(), size=(size, size), mode="bilinear", antialias=True, align_corners=False)
 
-# %% ../nbs/11_clothing_judge.ipynb #e11c0004
+# %% ../nbs/11_clothing_judge.ipynb #f7eaee74
 class JudgeInputs(NamedTuple):
     "What the judge looks at, prepared once: the resized image (trunk) and the full-resolution pattern crop (pattern branch)."
     images: Tensor        # (N, 3, image_size, image_size)
@@ -141,6 +141,7 @@ def judge_inputs(config: GarmentJudgeConfig, # decides the sizes and the crop
     if not small: raise ValueError("judge_inputs got no images")
     return JudgeInputs(torch.cat(small), torch.cat(crops) if crops else None)
 
+# %% ../nbs/11_clothing_judge.ipynb #5baf30a2
 class GarmentLogits(NamedTuple):
     "The judge's three verdicts, as logits."
     type: Tensor            # (B, n_types)
@@ -187,6 +188,7 @@ class GarmentJudge(nn.Module):
         return GarmentLogits(self.trunk.head(h) + self.crop_to_type(g), self.colour_head(h) + self.crop_to_colour(g),
                              self.pattern_branch.head(g) + self.image_to_pattern(h))
 
+# %% ../nbs/11_clothing_judge.ipynb #f8be5f42
 def _masked_ce(logits: Tensor, labels: Tensor) -> Tensor:
     "Cross-entropy over the labelled items (label -1 ignored): summed then divided by their count, so an unlabelled batch gives 0, not NaN."
     return F.cross_entropy(logits, labels.long(), ignore_index=-1, reduction="sum") / (labels >= 0).sum().clamp(min=1)
@@ -220,7 +222,7 @@ class GarmentJudgeLoss:
         loss = _masked_ce(out.type, types) + _masked_ce(out.colour, colours)
         return loss if crops is None else loss + _masked_ce(out.pattern, patterns)
 
-# %% ../nbs/11_clothing_judge.ipynb #c89e5c26
+# %% ../nbs/11_clothing_judge.ipynb #42b57d41
 def _check_labels(name: str, labels: Tensor, names: Sequence[str], n: int) -> Tensor:
     if len(labels) != n: raise ValueError(f"{n} images but {len(labels)} {name} labels")
     k = len(names)
@@ -258,6 +260,7 @@ def train_garment_judge(images: Tensor | Dataset | JudgeInputs, # (N, 3, H, W) i
         history = trainer.fit(resume=False)
     return trainer.ema_model.eval(), history
 
+# %% ../nbs/11_clothing_judge.ipynb #61083333
 class GarmentPredictions(NamedTuple):
     "The judge's decisions, as class indices (N,) on the CPU."
     type: Tensor
@@ -285,6 +288,7 @@ def known_fraction(ok: Tensor, # (N,) bool: right or wrong
     "Fraction right among the known labels (NaN when none is known)."
     return float(ok[known].float().mean()) if known.any() else float("nan")
 
+# %% ../nbs/11_clothing_judge.ipynb #5e7a2f8c
 def accuracy_of(pred: GarmentPredictions, # the judge's decisions (predict_garments)
                 type_labels: Tensor, # (N,) expected type indices (-1: unknown, not counted)
                 colour_labels: Tensor, # (N,) expected colour indices (-1: unknown, not counted)

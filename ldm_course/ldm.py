@@ -457,7 +457,7 @@ def prepare_ldm_data(cfg: LDMConfig, # held-out pairs, cap on training items
     return LDMData(CaptionedLatents(latents, ids, table, with_tokens, probs), null, vae, vae_path, trained, dataset, data_source,
                    train_idx, held_idx, {k: round(v, 1) for k, v in seconds.items()})
 
-# %% ../nbs/09_ldm_additive.ipynb #c25778d4
+# %% ../nbs/09_ldm_additive.ipynb #ad841e05
 def build_ldm_loss(cfg: LDMConfig, # the experiment
                    null: TextEmbeddings, # the embedding of "" (tokens as long as the training captions')
                   ) -> TextDiffusionLoss:
@@ -496,6 +496,7 @@ def train_ldm(cfg: LDMConfig, # the experiment
 
 LDM_CHAPTERS = ("09_ldm_additive", "10_cross_attention")
 
+# %% ../nbs/09_ldm_additive.ipynb #8af2cd32
 def train_ldm_chapter(chapter: str, # "09_ldm_additive" or "10_cross_attention": the checkpoint folder
                       cfg: LDMConfig, # the experiment
                       data: LDMData, # from `prepare_ldm_data`
@@ -536,6 +537,7 @@ def prepare_ldm_data_once(cfg: LDMConfig, # held-out pairs, cap on training item
     with main_process_first(device):
         return prepare_ldm_data(cfg, text_encoder, profile, source, seed, device, with_tokens)
 
+# %% ../nbs/09_ldm_additive.ipynb #cbc5409e
 def train_text_chapter(chapter: str, # "09_ldm_additive" or "10_cross_attention": the checkpoint folder
                        experiment: Callable[[str, int, TextEncoder], LDMConfig], # (profile, seed, encoder) -> the notebook's experiment
                        with_tokens: bool, # the U-Net reads the token sequence (cross-attention), not only the pooled vector

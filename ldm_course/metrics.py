@@ -296,7 +296,7 @@ class PromptSpec:
 
 GenerateFn = Callable[[list[str], int], Tensor]  # generate(prompts, seed) -> images (len(prompts), 3, H, W) in [-1, 1]
 
-# %% ../nbs/11_evaluation.ipynb #274e2032
+# %% ../nbs/11_evaluation.ipynb #5f2f0c72
 def proportion_se(successes: Sequence[float], # per prompt: images judged right
                   counts: Sequence[float], # per prompt: images judged
                  ) -> tuple[float, float, float]: # (p, binomial standard error, standard error clustered by prompt)
@@ -313,6 +313,7 @@ ALIGNMENT_METRICS = ("type", "colour", "both", "pattern")
 ALIGNMENT_TARGETS = {"seed": {"type": 0.9, "colour": 0.95}, "held-out": {"type": 0.9, "colour": 0.95},   # issue 16, generated images
                      "everyday": {"type": 0.9, "colour": 0.95}, "pattern": {"pattern": 0.8}}
 
+# %% ../nbs/11_evaluation.ipynb #887132e0
 class AlignmentResult(NamedTuple):
     "The judge's verdict on images generated for a list of prompts."
     per_prompt: pd.DataFrame  # per prompt: prompt, group, expected_*, num_images, accuracies type/colour/both/pattern (NaN: not asked), top_prediction
@@ -618,7 +619,7 @@ def clip_score(encoder: Any, # a text.TextEncoder; only CLIP encoders (supports_
            for i in range(0, len(images), batch_size)]
     return float(torch.cat(cos).mean())
 
-# %% ../nbs/11_evaluation.ipynb #4d72f036
+# %% ../nbs/11_evaluation.ipynb #dc9dcaa9
 def plot_alignment(results: Mapping[tuple[str, float], AlignmentResult], # (method, w) -> result
                    ceiling: Mapping[str, float] | None = None, # the judge on real images: type, colour, both
                    chance: float | None = None, # accuracy of a random (type, colour) guess
@@ -669,6 +670,7 @@ def plot_alignment(results: Mapping[tuple[str, float], AlignmentResult], # (meth
         fig.legend(list(labels.values()), list(labels), loc="lower center", ncol=4, fontsize=8, frameon=False)
     return fig
 
+# %% ../nbs/11_evaluation.ipynb #95a5e9fe
 def plot_group_accuracy(result: AlignmentResult, # one method at one w, every group
                         targets: Mapping[str, Mapping[str, float]] | None = None, # group -> metric -> target (ALIGNMENT_TARGETS)
                         ceiling: Mapping[str, float] | None = None, # the judge on held-out real photos, per metric
@@ -701,6 +703,7 @@ def plot_group_accuracy(result: AlignmentResult, # one method at one w, every gr
     fig.legend(*ax.get_legend_handles_labels(), loc="lower center", ncol=6, fontsize=8, frameon=False)
     return fig
 
+# %% ../nbs/11_evaluation.ipynb #59ec2d7a
 def plot_pattern_check(images: Tensor, # (n, 3, H, W) in [-1, 1]: originals at full size
                        crop: float, # GarmentJudgeConfig.pattern_crop
                        truth: Sequence[str], # n labels, e.g. "striped fine"

@@ -356,7 +356,7 @@ def load_text_encoder(encoder: str | Path = "auto", # "auto", "fashion-clip", "m
               f"loaded in {enc.load_seconds:.1f} s. {enc.source_note}")
     return enc
 
-# %% ../nbs/08_text.ipynb #df74bbab
+# %% ../nbs/08_text.ipynb #77d8297d
 from safetensors import safe_open
 from safetensors.torch import save_file as _save_safetensors
 
@@ -435,6 +435,7 @@ class EmbeddingCache:
             paths.append(path)
         return paths
 
+# %% ../nbs/08_text.ipynb #d7ceffa8
 def encode_cached(encoder: TextEncoder, # the text encoder
                   prompts: Sequence[str], # a batch of prompts
                   cache: EmbeddingCache | None, # where embeddings are kept (None: no cache)

@@ -130,48 +130,6 @@ class Trainer:
                             generator=torch.Generator().manual_seed(self.cfg.seed))
         return iter(loader)
 
-    def train_step(self, batches: Iterator, # from `_batches`
-                  ) -> dict: # the history record of this step
-        "One optimizer step: grad_accum micro-batches, clipping, NaN guard, AdamW, LR schedule, EMA."
-        start = time.perf_counter()
-        losses = [self._forward_backward(next(batches)) for _ in range(self.cfg.grad_accum)]
-        loss = self.accelerator.reduce(torch.stack(losses).mean(), "mean").item()  # mean over processes
-        grad_norm = self.accelerator.clip_grad_norm_(self.model.parameters(), self.cfg.clip_grad_norm or math.inf).item()
-        self.check_finite(loss, grad_norm)
-        lr = self.optimizer.param_groups[0]["lr"]
-        self.optimizer.step()
-        self.lr_scheduler.step()
-        self.optimizer.zero_grad(set_to_none=True)
-        self.ema.update(self.unwrapped_model)
-        self.step += 1
-        images = self.cfg.batch_size * self.cfg.grad_accum  # the global batch of a step, whatever the number of processes
-        return dict(step=self.step, loss=loss, lr=lr, grad_norm=grad_norm,
-                    images_per_s=images / (time.perf_counter() - start))
-
-    def _forward_backward(self, batch: Any) -> Tensor:
-        "Loss and gradients of one micro-batch; Accelerate divides the loss by grad_accum and syncs on the last one."
-        batch = send_to_device(batch, self.accelerator.device, non_blocking=True)
-        with self.accelerator.accumulate(self.model):
-            with self.accelerator.autocast():
-                loss = _loss_scalar(self.loss_fn(self.model, batch))
-            self.accelerator.backward(loss)
-        return loss.detach().float().reshape(())
-
-    def check_finite(self, loss: float, # mean loss of the step
-                     grad_norm: float, # global gradient norm of the step
-                    ) -> None:
-        "NaN guard: stop before the update, naming the step and the last good checkpoint."
-        bad = [] if math.isfinite(loss) else [f"loss = {loss}"]
-        if not math.isfinite(grad_norm) and self.accelerator.scaler is None:  # fp16's GradScaler skips such steps itself
-            bad.append(f"gradient norm = {grad_norm}")
-        if not bad: return
-        self.optimizer.zero_grad(set_to_none=True)
-        last = f"{self.last_checkpoint}" if self.last_checkpoint else "none written yet"
-        raise NonFiniteLossError(
-            f"Non-finite {' and '.join(bad)} at step {self.step + 1}: training stopped before this update, the weights "
-            f"are those of step {self.step}. Last good checkpoint: {last}. Try a lower lr or clip_grad_norm, "
-            "or check loss_fn and the data.")
-
     def _after_step(self) -> None:
         "Callbacks, then samples and checkpoints when they are due."
         for callback in self.callbacks: callback(self)
@@ -188,7 +146,53 @@ class Trainer:
         self.history.samples.append((self.step, image_grid(images)))
         return images
 
-# %% ../nbs/04_trainer.ipynb #b1e00cd9
+# %% ../nbs/04_trainer.ipynb #443c1906
+@patch
+def train_step(self: Trainer, batches: Iterator, # from `_batches`
+              ) -> dict: # the history record of this step
+    "One optimizer step: grad_accum micro-batches, clipping, NaN guard, AdamW, LR schedule, EMA."
+    start = time.perf_counter()
+    losses = [self._forward_backward(next(batches)) for _ in range(self.cfg.grad_accum)]
+    loss = self.accelerator.reduce(torch.stack(losses).mean(), "mean").item()  # mean over processes
+    grad_norm = self.accelerator.clip_grad_norm_(self.model.parameters(), self.cfg.clip_grad_norm or math.inf).item()
+    self.check_finite(loss, grad_norm)
+    lr = self.optimizer.param_groups[0]["lr"]
+    self.optimizer.step()
+    self.lr_scheduler.step()
+    self.optimizer.zero_grad(set_to_none=True)
+    self.ema.update(self.unwrapped_model)
+    self.step += 1
+    images = self.cfg.batch_size * self.cfg.grad_accum  # the global batch of a step, whatever the number of processes
+    return dict(step=self.step, loss=loss, lr=lr, grad_norm=grad_norm,
+                images_per_s=images / (time.perf_counter() - start))
+
+@patch
+def _forward_backward(self: Trainer, batch: Any) -> Tensor:
+    "Loss and gradients of one micro-batch; Accelerate divides the loss by grad_accum and syncs on the last one."
+    batch = send_to_device(batch, self.accelerator.device, non_blocking=True)
+    with self.accelerator.accumulate(self.model):
+        with self.accelerator.autocast():
+            loss = _loss_scalar(self.loss_fn(self.model, batch))
+        self.accelerator.backward(loss)
+    return loss.detach().float().reshape(())
+
+@patch
+def check_finite(self: Trainer, loss: float, # mean loss of the step
+                 grad_norm: float, # global gradient norm of the step
+                ) -> None:
+    "NaN guard: stop before the update, naming the step and the last good checkpoint."
+    bad = [] if math.isfinite(loss) else [f"loss = {loss}"]
+    if not math.isfinite(grad_norm) and self.accelerator.scaler is None:  # fp16's GradScaler skips such steps itself
+        bad.append(f"gradient norm = {grad_norm}")
+    if not bad: return
+    self.optimizer.zero_grad(set_to_none=True)
+    last = f"{self.last_checkpoint}" if self.last_checkpoint else "none written yet"
+    raise NonFiniteLossError(
+        f"Non-finite {' and '.join(bad)} at step {self.step + 1}: training stopped before this update, the weights "
+        f"are those of step {self.step}. Last good checkpoint: {last}. Try a lower lr or clip_grad_norm, "
+        "or check loss_fn and the data.")
+
+# %% ../nbs/04_trainer.ipynb #19bd9ab1
 @patch
 def _start(self: Trainer, resume: str | Path | bool) -> None:
     "Clear unfinished writes, resume from a checkpoint or seed a fresh run, then set other runs' checkpoints aside."
@@ -240,6 +244,7 @@ def _set_aside_other_runs(self: Trainer, start: Path | None) -> None:
                           "prunes them (delete that folder once you no longer need it)")
     self.accelerator.wait_for_everyone()
 
+# %% ../nbs/04_trainer.ipynb #4b9e18e3
 @patch
 def state_dict(self: Trainer, rng_states: list[dict], # from `gather_rng_states`
               ) -> dict:

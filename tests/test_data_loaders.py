@@ -18,6 +18,7 @@ from torch.utils.data import DataLoader
 from torchvision.datasets import CIFAR10
 
 from ldm_course import data as D
+from ldm_course import fashion as C   # the clothing catalogue
 from ldm_course import synthetic as S
 
 COLUMNS = "id,gender,masterCategory,subCategory,articleType,baseColour,season,year,usage,productDisplayName"
@@ -163,7 +164,7 @@ def test_cifar10_missing_file_is_named(tmp_path):
 # ---------------------------------------------------------------- Kaggle catalogue
 def test_kaggle_faults_counted_by_reason(tmp_path, capsys):
     root = write_kaggle_fixture(tmp_path / "shop")
-    ds = D.FashionProducts(root, image_size=32, verify_images=True)
+    ds = C.FashionProducts(root, image_size=32, verify_images=True)
     assert ds.skipped == EXPECTED_SKIPS
     assert ds.num_rows == 20 and len(ds) == 20 - sum(EXPECTED_SKIPS.values())
     assert ds.converted == {"CMYK": 1, "L": 1, "P": 1, "RGBA": 1}
@@ -179,7 +180,7 @@ def test_kaggle_faults_counted_by_reason(tmp_path, capsys):
 
 
 def test_kaggle_images_converted_and_padded(tmp_path):
-    ds = D.FashionProducts(write_kaggle_fixture(tmp_path / "shop"), image_size=40, verbose=False, verify_images=True)
+    ds = C.FashionProducts(write_kaggle_fixture(tmp_path / "shop"), image_size=40, verbose=False, verify_images=True)
     ids = ds.records["id"].tolist()
     for item_id in (12, 13, 14, 15):
         x, caption = ds[ids.index(item_id)]
@@ -191,7 +192,7 @@ def test_kaggle_images_converted_and_padded(tmp_path):
 
 
 def test_kaggle_lazy_decoding_never_crashes_a_training_loop(tmp_path):
-    ds = D.FashionProducts(write_kaggle_fixture(tmp_path / "shop"), image_size=16, verbose=False)
+    ds = C.FashionProducts(write_kaggle_fixture(tmp_path / "shop"), image_size=16, verbose=False)
     assert len(ds) == 12 and ds.skipped["unreadable_image"] == 0      # truncated and garbage files pass the cheap checks
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
@@ -205,33 +206,33 @@ def test_kaggle_lazy_decoding_never_crashes_a_training_loop(tmp_path):
 
 
 def test_kaggle_required_columns(tmp_path):
-    ds = D.FashionProducts(write_kaggle_fixture(tmp_path / "shop"), require=("baseColour",), verbose=False, verify_images=True)
+    ds = C.FashionProducts(write_kaggle_fixture(tmp_path / "shop"), require=("baseColour",), verbose=False, verify_images=True)
     assert (ds.skipped["missing_baseColour"], ds.skipped["missing_caption"], len(ds)) == (2, 0, 9)  # first failing check wins
-    with pytest.raises(ValueError, match="unknown column"): D.FashionProducts(tmp_path / "shop", require=("colour",))
+    with pytest.raises(ValueError, match="unknown column"): C.FashionProducts(tmp_path / "shop", require=("colour",))
 
 
 def test_kaggle_wrong_root_names_path_and_layout(tmp_path):
-    with pytest.raises(FileNotFoundError) as e: D.FashionProducts(tmp_path / "nowhere")
+    with pytest.raises(FileNotFoundError) as e: C.FashionProducts(tmp_path / "nowhere")
     assert str(tmp_path / "nowhere") in str(e.value) and "styles.csv" in str(e.value) and "images/<id>.jpg" in str(e.value)
     (tmp_path / "half").mkdir(); (tmp_path / "half" / "styles.csv").write_text(COLUMNS + "\n")
-    with pytest.raises(FileNotFoundError, match="images/ folder not found"): D.FashionProducts(tmp_path / "half")
-    with pytest.raises(FileNotFoundError, match="fashion-product-images") as e: D.load_fashion(tmp_path, source="real")
+    with pytest.raises(FileNotFoundError, match="images/ folder not found"): C.FashionProducts(tmp_path / "half")
+    with pytest.raises(FileNotFoundError, match="fashion-product-images") as e: C.load_fashion(tmp_path, source="real")
     assert "kaggle.com" in str(e.value)
     (tmp_path / "bad").mkdir(); (tmp_path / "bad" / "images").mkdir(); (tmp_path / "bad" / "styles.csv").write_text("a,b\n1,2\n")
-    with pytest.raises(ValueError, match=r"lacks column\(s\)"): D.FashionProducts(tmp_path / "bad")
+    with pytest.raises(ValueError, match=r"lacks column\(s\)"): C.FashionProducts(tmp_path / "bad")
 
 
 def test_kaggle_zero_usable_rows_is_an_error(tmp_path):
     (tmp_path / "images").mkdir()
     (tmp_path / "styles.csv").write_text(COLUMNS + "\n1,Men,Apparel,Topwear,Tshirts,Blue,Summer,2012,Casual,Blue Tshirt\n"
                                          "2,Men,Apparel,Topwear,Tshirts,Blue,Summer,2012,Casual,Blue, Tshirt\n")
-    with pytest.raises(ValueError, match="No usable items") as e: D.FashionProducts(tmp_path)
+    with pytest.raises(ValueError, match="No usable items") as e: C.FashionProducts(tmp_path)
     assert "missing_image 1" in str(e.value) and "malformed_line 1" in str(e.value)
 
 
 def test_kaggle_layout_found_nested_under_data_root(tmp_path):
     write_kaggle_fixture(tmp_path / "fashion-product-images-small" / "myntradataset")
-    ds, src = D.load_fashion(tmp_path, source="auto", image_size=64, verbose=False)   # 60x80 photos serve 64 px images
+    ds, src = C.load_fashion(tmp_path, source="auto", image_size=64, verbose=False)   # 60x80 photos serve 64 px images
     assert src.source == "real" and src.root.endswith("myntradataset") and src.skipped["malformed_line"] == 2
 
 
@@ -240,7 +241,7 @@ def _files(folder: Path) -> dict:
     return {p.relative_to(folder).as_posix(): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file() and p.name != "manifest.json"}
 
 
-@pytest.mark.parametrize("make, size", [(D.make_synthetic_mnist, 60), (D.make_synthetic_cifar10, 50), (D.make_synthetic_fashion, 24)],
+@pytest.mark.parametrize("make, size", [(D.make_synthetic_mnist, 60), (D.make_synthetic_cifar10, 50), (C.make_synthetic_fashion, 24)],
                          ids=["mnist", "cifar10", "fashion"])
 def test_synthetic_data_is_deterministic(tmp_path, make, size):
     a, _ = make(tmp_path / "a", size, seed=1)
@@ -252,8 +253,8 @@ def test_synthetic_data_is_deterministic(tmp_path, make, size):
 
 
 def test_synthetic_catalogue_drawn_in_parallel_is_the_same(tmp_path):
-    one, _ = D.make_synthetic_fashion(tmp_path / "one", 30, seed=4, image_size=64, workers=1)
-    two, _ = D.make_synthetic_fashion(tmp_path / "two", 30, seed=4, image_size=64, workers=2)   # forked processes
+    one, _ = C.make_synthetic_fashion(tmp_path / "one", 30, seed=4, image_size=64, workers=1)
+    two, _ = C.make_synthetic_fashion(tmp_path / "two", 30, seed=4, image_size=64, workers=2)   # forked processes
     assert _files(one) == _files(two) and len(_files(one)) == 31
 
 
@@ -288,9 +289,9 @@ def _mentions(caption: str, article_type: str, colour: str) -> bool:
 
 
 def test_synthetic_catalogue_covers_the_seed_prompts(tmp_path):
-    folder, _ = D.make_synthetic_fashion(tmp_path, 200, seed=0, image_size=128)
+    folder, _ = C.make_synthetic_fashion(tmp_path, 200, seed=0, image_size=128)
     assert (folder / "styles.csv").read_text().splitlines()[0] == COLUMNS and folder.name == "fashion-seed0-n200-s128"
-    ds = D.FashionProducts(folder, image_size=128, verbose=False, verify_images=True)
+    ds = C.FashionProducts(folder, image_size=128, verbose=False, verify_images=True)
     assert len(ds) == 200 and sum(ds.skipped.values()) == 0
     with Image.open(ds.records.path[0]) as im: assert (im.format, im.size, im.mode) == ("JPEG", (128, 128), "RGB")
     rec = ds.records
@@ -318,16 +319,16 @@ def test_synthetic_garments_show_their_colour():
 def test_auto_falls_back_to_synthetic_loudly_and_reuses_it(tmp_path, capsys):
     t0 = time.time()
     with pytest.warns(D.SyntheticDataWarning, match="SYNTHETIC"):
-        ds, src = D.load_fashion(tmp_path, source="auto", size=30, seed=3, image_size=32)
+        ds, src = C.load_fashion(tmp_path, source="auto", size=30, seed=3, image_size=32)
     assert (src.source, src.seed, src.num_items, src.split) == ("synthetic", 3, 30, "all")
-    drawn = D.catalogue_image_size()                                 # drawn at the profile's size, read at 32
+    drawn = C.catalogue_image_size()                                 # drawn at the profile's size, read at 32
     assert Path(src.root) == tmp_path / "synthetic" / f"fashion-seed3-n30-s{drawn}" and "fashion-product-images" in src.note
     assert ds.photo_size == (drawn, drawn) and ds[0][0].shape == (3, 32, 32)
     assert "SYNTHETIC data" in capsys.readouterr().out
     manifest = D.read_manifest(src.root)
     assert (manifest["dataset"], manifest["seed"], manifest["num_items"]) == ("fashion", 3, 30)
     with pytest.warns(D.SyntheticDataWarning, match="re-used"):
-        D.load_fashion(tmp_path, size=30, seed=3, verbose=False)
+        C.load_fashion(tmp_path, size=30, seed=3, verbose=False)
     with pytest.warns(D.SyntheticDataWarning):
         mnist, msrc = D.load_mnist(tmp_path, train=False, size=60, seed=3, verbose=False)
         cifar, csrc = D.load_cifar10(tmp_path, size=50, seed=3, verbose=False)
@@ -360,13 +361,13 @@ def test_network_check_fails_fast(monkeypatch):
 
 
 def test_image_sizes_and_value_range(tmp_path):
-    folder, _ = D.make_synthetic_fashion(tmp_path, 12, seed=0, image_size=128)
+    folder, _ = C.make_synthetic_fashion(tmp_path, 12, seed=0, image_size=128)
     for size in (32, 64, 128):                                        # read at the drawn size or smaller
-        x, caption = D.FashionProducts(folder, image_size=size, verbose=False)[0]
+        x, caption = C.FashionProducts(folder, image_size=size, verbose=False)[0]
         assert x.shape == (3, size, size) and x.min() >= -1 and x.max() <= 1 and isinstance(caption, str)
-    with pytest.raises(ValueError, match="image_size"): D.FashionProducts(folder, image_size=4)
-    with pytest.raises(ValueError, match="allow_upscale"): D.FashionProducts(folder, image_size=512)   # never upscaled silently
-    with pytest.raises(ValueError, match="image_size"): D.make_synthetic_fashion(tmp_path, 12, image_size=8)
+    with pytest.raises(ValueError, match="image_size"): C.FashionProducts(folder, image_size=4)
+    with pytest.raises(ValueError, match="allow_upscale"): C.FashionProducts(folder, image_size=512)   # never upscaled silently
+    with pytest.raises(ValueError, match="image_size"): C.make_synthetic_fashion(tmp_path, 12, image_size=8)
 
 
 # ---------------------------------------------------------------- high resolution: both Kaggle archives, patterns, native drawing
@@ -388,16 +389,16 @@ def write_archive(root: Path, size: tuple[int, int], names=ARCHIVE_NAMES) -> Pat
 
 
 def test_catalogue_image_size_comes_from_the_profile(tmp_path):
-    assert {p: D.catalogue_image_size(p) for p in ("smoke", "cpu", "gpu")} == {"smoke": 64, "cpu": 256, "gpu": 512}
+    assert {p: C.catalogue_image_size(p) for p in ("smoke", "cpu", "gpu")} == {"smoke": 64, "cpu": 256, "gpu": 512}
     with pytest.warns(D.SyntheticDataWarning):
-        ds, src = D.load_fashion(tmp_path, source="synthetic", size=20, profile="smoke", verbose=False)
+        ds, src = C.load_fashion(tmp_path, source="synthetic", size=20, profile="smoke", verbose=False)
     assert ds[0][0].shape == (3, 64, 64) and ds.photo_size == (64, 64) and src.root.endswith("fashion-seed0-n20-s64")
 
 
 def test_full_archive_letterboxed_to_the_profile_size(tmp_path):
     write_archive(tmp_path / "fashion-product-images", (180, 240))
     write_archive(tmp_path / "fashion-product-images-small", (60, 80))       # both present: the full-size one is read
-    ds, src = D.load_fashion(tmp_path, image_size=120, verbose=False)
+    ds, src = C.load_fashion(tmp_path, image_size=120, verbose=False)
     assert (src.source, Path(src.root).name, ds.photo_size, ds.upscaled_from, src.note) == ("real", "fashion-product-images", (180, 240), None, "")
     x, caption = ds[0]
     assert x.shape == (3, 120, 120) and caption == ARCHIVE_NAMES[0]
@@ -412,25 +413,25 @@ def test_full_archive_letterboxed_to_the_profile_size(tmp_path):
 def test_big_photos_decode_at_a_reduced_scale_without_changing_the_image(tmp_path):
     "A 1800x2400 photo is decoded at 1/8 scale (225x300 still covers 256 once squared) and looks like a full decode."
     root = write_archive(tmp_path / "shop", (1800, 2400), names=ARCHIVE_NAMES[2:3])
-    assert D._draft_size((1800, 2400), 256) == (192, 256)
+    assert C._draft_size((1800, 2400), 256) == (192, 256)
     with Image.open(root / "images" / "1.jpg") as im:
-        im.draft("RGB", D._draft_size(im.size, 256))
+        im.draft("RGB", C._draft_size(im.size, 256))
         assert im.size == (225, 300)
-    x = D.FashionProducts(root, image_size=256, verbose=False)[0][0]
-    with Image.open(root / "images" / "1.jpg") as im: reference = D.pil_to_signed(D.pad_to_square(im.convert("RGB")).resize((256, 256), Image.LANCZOS))
+    x = C.FashionProducts(root, image_size=256, verbose=False)[0][0]
+    with Image.open(root / "images" / "1.jpg") as im: reference = D.pil_to_signed(C.pad_to_square(im.convert("RGB")).resize((256, 256), Image.LANCZOS))
     assert (x - reference).abs().mean() < 0.01
 
 
 def test_small_archive_refuses_to_upscale_unless_asked_loudly(tmp_path):
     write_archive(tmp_path / "fashion-product-images-small", (60, 80))
-    ds, _ = D.load_fashion(tmp_path, image_size=64, verbose=False)                          # 80 px photos: 64 is fine
+    ds, _ = C.load_fashion(tmp_path, image_size=64, verbose=False)                          # 80 px photos: 64 is fine
     assert ds[0][0].shape == (3, 64, 64) and ds.upscaled_from is None
-    with pytest.raises(ValueError) as e: D.load_fashion(tmp_path, image_size=256, verbose=False)
+    with pytest.raises(ValueError) as e: C.load_fashion(tmp_path, image_size=256, verbose=False)
     message = str(e.value)
     assert all(w in message for w in ("60x80", "fashion-product-images'", "paramaggarwal", "kaggle.com", "allow_upscale=True", "image_size <= 80"))
-    with pytest.raises(ValueError, match="allow_upscale"): D.load_fashion(tmp_path, profile="cpu", verbose=False)  # the cpu default is 256
+    with pytest.raises(ValueError, match="allow_upscale"): C.load_fashion(tmp_path, profile="cpu", verbose=False)  # the cpu default is 256
     with pytest.warns(D.UpscaledImagesWarning, match="UPSCALING 60x80"):
-        ds, src = D.load_fashion(tmp_path, image_size=256, allow_upscale=True, verbose=False)
+        ds, src = C.load_fashion(tmp_path, image_size=256, allow_upscale=True, verbose=False)
     assert ds[0][0].shape == (3, 256, 256) and ds.upscaled_from == 80
     assert "UPSCALED from 80 px to 256 px" in src.note and "UPSCALED" in src.summary() and "UPSCALED from 80 px" in ds.summary()
 
@@ -442,16 +443,16 @@ def test_small_archive_refuses_to_upscale_unless_asked_loudly(tmp_path):
     ("Nike Men Solid Black Tshirt", "solid"), ("Roadster Men Blue Tshirt", "solid"), ("Puma Men Strip Sports Shorts", "solid"),
     ("Checkmate Watch", "solid"), (None, "solid")])
 def test_pattern_read_from_product_names(name, pattern):
-    assert D.pattern_of(name) == pattern
+    assert C.pattern_of(name) == pattern
 
 
 def test_pattern_column_and_labels_from_the_names(tmp_path):
-    ds = D.FashionProducts(write_archive(tmp_path / "shop", (60, 80)), image_size=32, verbose=False)
+    ds = C.FashionProducts(write_archive(tmp_path / "shop", (60, 80)), image_size=32, verbose=False)
     assert ds.records["pattern"].tolist() == ["checked", "striped", "solid", "solid"]
     codes, classes = ds.labels("pattern")
     assert classes == ["checked", "solid", "striped"] and codes.tolist() == [0, 2, 1, 1]
     assert ds.item_info(1)["pattern"] == "striped" and "patterns: solid 2" in ds.summary()
-    fallback = D.FashionProducts(write_kaggle_fixture(tmp_path / "faulty"), verbose=False, image_size=32)
+    fallback = C.FashionProducts(write_kaggle_fixture(tmp_path / "faulty"), verbose=False, image_size=32)
     assert fallback.item_info(fallback.records["id"].tolist().index(8))["pattern"] == "solid"   # no name: nothing says a pattern
 
 
@@ -461,8 +462,8 @@ def _drawn_patterns(size: int, seed: int = 0) -> list[str]:
 
 
 def test_synthetic_catalogue_names_and_labels_its_patterns(tmp_path):
-    folder, _ = D.make_synthetic_fashion(tmp_path, 300, seed=0, image_size=64)
-    ds = D.FashionProducts(folder, image_size=64, verbose=False)
+    folder, _ = C.make_synthetic_fashion(tmp_path, 300, seed=0, image_size=64)
+    ds = C.FashionProducts(folder, image_size=64, verbose=False)
     assert ds.records["pattern"].tolist() == _drawn_patterns(300)      # the loader's label is the drawn pattern, for every item
     assert set(ds.records["pattern"]) == set(S.PATTERNS)
     words = {"striped": r"\bstripe[sd]?\b", "checked": r"\bchecks?\b|\bchecked\b"}
@@ -491,7 +492,7 @@ def test_synthetic_garments_are_drawn_natively_not_upsampled():
 
 
 def test_fine_stripes_survive_the_jpeg(tmp_path):
-    folder, _ = D.make_synthetic_fashion(tmp_path, 40, seed=0, image_size=256)
+    folder, _ = C.make_synthetic_fashion(tmp_path, 40, seed=0, image_size=256)
     plan, checked = S.catalogue_plan(40, 0), 0
     for n, (item_id, kind, colour) in enumerate(plan):
         rng = np.random.default_rng([0, n])
@@ -533,7 +534,7 @@ def write_catalogue_with_open_quote(root: Path, n: int, bad: int) -> Path:
 def test_kaggle_unclosed_quote_loses_one_row_not_the_rest(tmp_path, n):
     root = write_catalogue_with_open_quote(tmp_path / "shop", n, bad=10)
     assert (n > 2_000) == ((root / "styles.csv").stat().st_size > 128 * 1024)   # the csv module's field limit
-    ds = D.FashionProducts(root, image_size=8, verbose=False)                    # 6x8 photos: no upscaling
+    ds = C.FashionProducts(root, image_size=8, verbose=False)                    # 6x8 photos: no upscaling
     assert (len(ds), ds.skipped["malformed_line"], sum(ds.skipped.values()), ds.num_rows) == (n - 1, 1, 1, n)
     ids = ds.records["id"].tolist()
     assert ids == [i for i in range(1, n + 1) if i != 10]                      # the rows after the broken one are read
@@ -552,14 +553,14 @@ def test_read_styles_keeps_legitimate_quotes_and_names_bad_lines(tmp_path):
             '6,Men,Apparel,Topwear,Tshirts,Blue,Summer,2012,Casual,' + "x" * 200_000,          # beyond csv's field limit
             '7,Men,Apparel,Topwear,Tshirts,Blue,Summer,2012,Casual,Last Tee']
     p.write_text(COLUMNS + "\r\n" + "\r\n".join(rows) + "\r\n", encoding="utf-8")      # Windows line ends
-    table, malformed = D.read_styles(p)
+    table, malformed = C.read_styles(p)
     assert table["id"].tolist() == ["1", "2", "3", "7"] and malformed == [5, 6, 7]
     assert table["productDisplayName"].tolist() == ['Men "Cool" Tee', 'Men "Cool Tee', "Nike Tshirt, Pack of 2", "Last Tee"]
 
 
 def test_read_styles_header_error_is_a_data_format_error(tmp_path):
     (tmp_path / "styles.csv").write_text("a,b\n1,2\n")
-    with pytest.raises(D.DataFormatError, match=r"styles.csv lacks column\(s\)"): D.read_styles(tmp_path / "styles.csv")
+    with pytest.raises(D.DataFormatError, match=r"styles.csv lacks column\(s\)"): C.read_styles(tmp_path / "styles.csv")
     assert issubclass(D.DataFormatError, ValueError)
 
 
