@@ -20,7 +20,8 @@ def _check_attention_inputs(x: Tensor, context: Tensor, mask: Tensor | None, que
     if x.shape[-1] != query_dim:
         raise ValueError(f"x has {x.shape[-1]} features per position, expected query_dim={query_dim}")
     if context.ndim != 3 or context.shape[-1] != context_dim or len(context) != len(x):
-        raise ValueError(f"context must be (B={len(x)}, L, {context_dim}) (batch of x, context_dim), got {tuple(context.shape)}")
+        raise ValueError(f"context must be (B={len(x)}, L, {context_dim}) (batch of x, context_dim), got "
+                         f"{tuple(context.shape)}")
     if mask is None: return
     if mask.dtype != torch.bool: raise TypeError(f"mask must be a bool tensor (True = real token), got {mask.dtype}")
     if mask.shape != context.shape[:2]:
@@ -98,7 +99,8 @@ class BasicTransformerBlock(nn.Module):
 
 # %% ../nbs/10_attention.ipynb #30a3b0f5
 class SpatialTransformer(nn.Module):
-    "GroupNorm → 1×1 conv → transformer blocks (self-attn, masked cross-attn, GEGLU) → zero-initialised 1×1 conv, residual."
+    """GroupNorm → 1×1 conv → transformer blocks (self-attn, masked cross-attn, GEGLU) → zero-initialised 1×1 conv,
+    residual."""
     def __init__(self, channels: int, # C, channels of the U-Net feature map
                  context_dim: int, # size of the text tokens
                  head_dim: int = 32, # channels per head (heads = C // head_dim, at least one)
@@ -153,4 +155,5 @@ def to_multihead_attention(attn: Attention, # our attention module
     return mha.eval()
 
 # %% ../nbs/10_attention.ipynb #d2de1551
-register_cross_attention_block("spatial_transformer", SpatialTransformer)   # the name saved pipelines use (chapter 03's registry)
+# the name saved pipelines use (chapter 03's registry)
+register_cross_attention_block("spatial_transformer", SpatialTransformer)

@@ -54,13 +54,15 @@ def result_targets(name: str, # a key of BENCHMARKS
 
 # %% ../nbs/13_report_benchmarks.ipynb #adab03b8
 def _ceiling(config_result: Mapping, base: Mapping) -> float | None:
-    "Largest speed-up over `base` that equal FLOPs allow: peak / its attained FLOP/s (bench_unet's roofline), when measured."
+    """Largest speed-up over `base` that equal FLOPs allow: peak / its attained FLOP/s (bench_unet's roofline), when
+    measured."""
     if base.get("fraction_of_peak"): return 1 / float(base["fraction_of_peak"])
     return float(config_result["speedup_ceiling"]) if "speedup_ceiling" in config_result else None  # older files
 
 def unet_speedups(result: Mapping, # a bench/bench_unet.py result: {"results": [{"name", "timings", ...}, ...]}
                  ) -> list[dict]: # per configuration: name, ours, base (timing keys), ours_ips, base_ips, speedup, ceiling
-    "The U-Net verdict's rule, written once (the report and bench/run_all.py use it): our fastest variant over diffusers' fastest."
+    """The U-Net verdict's rule, written once (the report and bench/run_all.py use it): our fastest variant over
+    diffusers' fastest."""
     rows = []
     for r in result["results"]:
         timings = r["timings"]  # "<ours|diffusers> <memory format>[ compile]" -> {"images_per_s_median": ...}
@@ -100,5 +102,6 @@ _VERDICT_RULES = {  # bench/ name -> (result, targets) -> whether each target is
 def benchmark_verdicts(name: str, # a key of BENCHMARKS
                        result: Mapping, # one result file of bench/results
                       ) -> list[bool | None]:
-    "Whether `result` meets each target of its benchmark (see result_targets); None where a target does not apply (the CPU target on a GPU)."
+    """Whether `result` meets each target of its benchmark (see result_targets); None where a target does not apply
+    (the CPU target on a GPU)."""
     return _VERDICT_RULES[name](result, result_targets(name, result))

@@ -33,14 +33,18 @@ def _cmd_report(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 def _add_report_parser(sub: argparse._SubParsersAction) -> None:
-    report = sub.add_parser("report", help="build the French report (PDF and self-contained HTML) from the runs' metrics",
+    report = sub.add_parser("report", help="build the French report (PDF and self-contained HTML) from the runs' "
+                                           "metrics",
                             description="Render reports/rapport.md with the metrics of runs/<profile>/metrics and the "
                                         "chapters' figures, then convert it with pandoc (HTML) and latexmk (PDF).")
-    report.add_argument("--profile", default="auto", choices=("auto", *PROFILES), help="whose metrics to report (default: auto)")
-    report.add_argument("--out", type=Path, metavar="DIR", help="output folder (default: reports/, or runs/smoke/report/ for smoke)")
+    report.add_argument("--profile", default="auto", choices=("auto", *PROFILES), help="whose metrics to report "
+        "(default: auto)")
+    report.add_argument("--out", type=Path, metavar="DIR", help="output folder (default: reports/, or "
+        "runs/smoke/report/ for smoke)")
     report.add_argument("--no-pdf", action="store_true", help="build the HTML only, even when TeX is installed")
     report.add_argument("--rehearse", action="store_true",
-                        help="report the rehearsal of the profile (runs/<profile>-rehearsal), marked as such on its first page")
+                        help="report the rehearsal of the profile (runs/<profile>-rehearsal), marked as such on its "
+                             "first page")
     report.set_defaults(func=_cmd_report)
 
 # %% ../nbs/14_cli.ipynb #bcf123c4
@@ -52,7 +56,8 @@ _GENERATORS = {"mnist": data.make_synthetic_mnist, "cifar10": data.make_syntheti
 def _cmd_data_generate(args: argparse.Namespace) -> int:
     profile, root = resolve_profile(args.profile), Path(args.root) if args.root else data_dir()
     for name in args.only or list(_GENERATORS):
-        size_kw = {"image_size": catalogue.catalogue_image_size(profile)} if name == "fashion" else {}   # drawn at the profile's size
+        # drawn at the profile's size
+        size_kw = {"image_size": catalogue.catalogue_image_size(profile)} if name == "fashion" else {}
         folder, manifest = _GENERATORS[name](root, data.synthetic_size(name, profile), args.seed, **size_kw)
         how = "up to date" if manifest.get("reused") else f"generated in {manifest.get('seconds', 0):.1f} s"
         items = f"{manifest['num_train']:,} train + {manifest['num_test']:,} test" if "num_train" in manifest else f"{manifest['num_items']:,} items"
@@ -82,13 +87,15 @@ def _check_real(root: Path) -> list[str]:
     return lines
 
 def _fashion_profiles(fashion) -> str:
-    "Which profiles the real catalogue's photos serve without upscaling (the loader's rule: longer side >= the profile's size)."
+    """Which profiles the real catalogue's photos serve without upscaling (the loader's rule: longer side >= the
+    profile's size)."""
     if not fashion.photo_size: return "photo size unread"
     side = max(fashion.photo_size)
     ok = [p for p, size in catalogue.CATALOGUE_IMAGE_SIZES.items() if size <= side]
     too_small = [f"{p} ({size} px)" for p, size in catalogue.CATALOGUE_IMAGE_SIZES.items() if size > side]
     served = f"photos {fashion.photo_size[0]}x{fashion.photo_size[1]} serve {', '.join(ok) or 'no profile'}"
-    return served + (f"; too small for {', '.join(too_small)}: get the full-size archive fashion-product-images (Kaggle)" if too_small else "")
+    return served + (f"; too small for {', '.join(too_small)}: get the full-size archive fashion-product-images "
+                     f"(Kaggle)" if too_small else "")
 
 def _check_synthetic(root: Path) -> list[str]:
     "One line per generated folder under <root>/synthetic, with its manifest (and skips for catalogues)."
@@ -120,13 +127,17 @@ def _add_data_parser(sub: argparse._SubParsersAction) -> None:
                                  description="Manage the datasets: real files are never downloaded by these commands.")
     actions = data_parser.add_subparsers(dest="action", required=True, metavar="ACTION")
     generate = actions.add_parser("generate", help="write the synthetic MNIST, CIFAR10 and fashion fallbacks",
-                                  description="Generate (or re-use) the synthetic datasets at the profile's size under <root>/synthetic.")
-    generate.add_argument("--profile", default="auto", choices=("auto", *PROFILES), help="dataset sizes (default: auto)")
+                                  description="Generate (or re-use) the synthetic datasets at the profile's size under "
+                                              "<root>/synthetic.")
+    generate.add_argument("--profile", default="auto", choices=("auto", *PROFILES), help="dataset sizes (default: "
+        "auto)")
     generate.add_argument("--seed", type=int, default=0, help="generator seed (default: 0)")
     generate.add_argument("--root", type=Path, metavar="DIR", help="data root (default: $LDM_COURSE_DATA or data/)")
-    generate.add_argument("--only", nargs="+", choices=list(_GENERATORS), metavar="NAME", help="only these datasets (mnist, cifar10, fashion)")
+    generate.add_argument("--only", nargs="+", choices=list(_GENERATORS), metavar="NAME", help="only these datasets "
+        "(mnist, cifar10, fashion)")
     generate.set_defaults(func=_cmd_data_generate)
-    check = actions.add_parser("check", help="report the real and synthetic datasets found and the catalogue's skipped rows",
+    check = actions.add_parser("check", help="report the real and synthetic datasets found and the catalogue's skipped "
+                                             "rows",
                                description="Look for real MNIST, CIFAR10 and the Kaggle catalogue under the data root, "
                                            "and list the generated folders; nothing is downloaded or generated.")
     check.add_argument("--root", type=Path, metavar="DIR", help="data root (default: $LDM_COURSE_DATA or data/)")
@@ -139,14 +150,16 @@ import os
 import numpy as np
 from PIL import Image
 
-from . import attention  # noqa: F401  (registers chapter 10's cross-attention block: pipelines of chapter 10 load)
+# noqa: F401  (registers chapter 10's cross-attention block: pipelines of chapter 10 load)
+from . import attention
 from .core import atomic_path, image_grid
 from .ldm import LDM_SAMPLERS, ldm_checkpoint_path
 from .ldm_pipeline import LatentDiffusionPipeline
 from .text import TextEncoderUnavailable
 
 SAMPLE_CHAPTERS = ("10_cross_attention", "09_ldm_additive")  # pipelines `sample` looks for, preferred first
-SAMPLER_NAMES = {"ddim": "DDIM", "ddpm": "DDPM", "dpm++": "DPM-Solver++(2M)", "sde-dpm++": "SDE-DPM-Solver++(2M)"}  # for messages
+# for messages
+SAMPLER_NAMES = {"ddim": "DDIM", "ddpm": "DDPM", "dpm++": "DPM-Solver++(2M)", "sde-dpm++": "SDE-DPM-Solver++(2M)"}
 
 class CheckpointNotFound(Exception):
     "No trained pipeline where `sample` looks for one: a chapter has to run first (exit code 1)."
@@ -158,7 +171,8 @@ def find_pipeline_checkpoint(profile: str = "auto", # run profile whose checkpoi
     paths = [ldm_checkpoint_path(chapter, profile) for chapter in SAMPLE_CHAPTERS]
     for path in paths:
         if path.is_file(): return path
-    raise CheckpointNotFound(f"no trained text-to-image pipeline for profile {profile!r}: expected {paths[1]} (chapter 09) "
+    raise CheckpointNotFound(f"no trained text-to-image pipeline for profile {profile!r}: expected {paths[1]} (chapter "
+                             f"09) "
                              f"or {paths[0]} (chapter 10). Make one with: ldm-course run --only 09 --profile {profile}")
 
 def sample_png(pipe: LatentDiffusionPipeline, # a loaded pipeline
@@ -192,14 +206,16 @@ def check_writable(out: Path, # the PNG to write
 # %% ../nbs/14_cli.ipynb #6a225788
 def _cmd_sample(args: argparse.Namespace) -> int:
     if not args.prompt.strip():
-        raise ValueError("the prompt is empty; describe a garment, e.g. 'a red dress' (for unconditional samples use --guidance 0)")
+        raise ValueError("the prompt is empty; describe a garment, e.g. 'a red dress' (for unconditional samples use "
+                         "--guidance 0)")
     profile = resolve_profile(args.profile)
     out = args.out or runs_dir(profile) / "samples" / f"{_slug(args.prompt)}_seed{args.seed}.png"
     if out.suffix.lower() != ".png": raise ValueError(f"--out must name a .png file, got {str(out)!r}")
     check_writable(out)  # before minutes of sampling, not after
     if args.checkpoint is not None and not args.checkpoint.is_file():
         raise FileNotFoundError(f"--checkpoint {args.checkpoint} does not exist; without --checkpoint, sample uses "
-                                f"{ldm_checkpoint_path('10_cross_attention', profile)} or {ldm_checkpoint_path('09_ldm_additive', profile)}")
+                                f"{ldm_checkpoint_path('10_cross_attention', profile)} or "
+                                f"{ldm_checkpoint_path('09_ldm_additive', profile)}")
     checkpoint = args.checkpoint or find_pipeline_checkpoint(profile)
     pipe = LatentDiffusionPipeline.load(checkpoint)
     sample_png(pipe, args.prompt, out, args.num_images, args.steps, args.guidance, args.seed, args.sampler)
@@ -217,7 +233,8 @@ def _int_between(low: int, high: int, what: str):
     def parse(text: str) -> int:
         try: value = int(text)
         except ValueError: raise argparse.ArgumentTypeError(f"expected an integer, got {text!r}") from None
-        if not low <= value <= high: raise argparse.ArgumentTypeError(f"expected {low} <= value <= {high:,} ({what}), got {value:,}")
+        if not low <= value <= high:
+            raise argparse.ArgumentTypeError(f"expected {low} <= value <= {high:,} ({what}), got {value:,}")
         return value
     return parse
 
@@ -229,25 +246,34 @@ def _guidance(text: str) -> float:
     try: value = float(text)
     except ValueError: raise argparse.ArgumentTypeError(f"expected a number >= 0, got {text!r}") from None
     if not (math.isfinite(value) and value >= 0):
-        raise argparse.ArgumentTypeError(f"expected a finite number >= 0 (0: unconditional, 1: conditional), got {text}")
+        raise argparse.ArgumentTypeError(f"expected a finite number >= 0 (0: unconditional, 1: conditional), got "
+                                         f"{text}")
     return value
 
 def _add_sample_parser(sub: argparse._SubParsersAction) -> None:
     sample = sub.add_parser("sample", help="generate clothing images from a text prompt with a trained pipeline (PNG)",
-                            description="Load the text-to-image pipeline of chapter 10 (else chapter 09) for the profile, "
+                            description="Load the text-to-image pipeline of chapter 10 (else chapter 09) for the "
+                                        "profile, "
                                         "or --checkpoint, and write the samples of one prompt to a PNG.")
     sample.add_argument("prompt", help='what to draw, e.g. "a red dress"')
     sample.add_argument("--checkpoint", type=Path, metavar="PATH",
                         help="a pipeline file (default: runs/<profile>/checkpoints/10_cross_attention/ldm.safetensors, "
                              "else .../09_ldm_additive/ldm.safetensors)")
-    sample.add_argument("--profile", default="auto", choices=("auto", *PROFILES), help="whose checkpoints to use (default: auto)")
+    sample.add_argument("--profile", default="auto", choices=("auto", *PROFILES), help="whose checkpoints to use "
+        "(default: auto)")
     sample.add_argument("--sampler", choices=LDM_SAMPLERS, help="ddim, ddpm, dpm++ (DPM-Solver++(2M), for 15-20 steps) "
-                                                                 "or sde-dpm++ (its stochastic form) (default: the pipeline's, ddim)")
-    sample.add_argument("--steps", type=_positive_int, metavar="N", help="sampling steps = network evaluations (default: the pipeline's)")
-    sample.add_argument("--guidance", type=_guidance, metavar="W", help="classifier-free guidance scale w >= 0 (default: the pipeline's)")
-    sample.add_argument("--seed", type=_non_negative_int, default=0, metavar="S", help="seed of the initial noise (default: 0)")
-    sample.add_argument("--num-images", type=_num_images, default=1, metavar="K", help="samples side by side in the PNG (default: 1)")
-    sample.add_argument("--out", type=Path, metavar="FILE.png", help="output image (default: runs/<profile>/samples/<prompt>_seed<S>.png)")
+                                                                 "or sde-dpm++ (its stochastic form) (default: the "
+                                                                     "pipeline's, ddim)")
+    sample.add_argument("--steps", type=_positive_int, metavar="N", help="sampling steps = network evaluations "
+        "(default: the pipeline's)")
+    sample.add_argument("--guidance", type=_guidance, metavar="W", help="classifier-free guidance scale w >= 0 "
+        "(default: the pipeline's)")
+    sample.add_argument("--seed", type=_non_negative_int, default=0, metavar="S", help="seed of the initial noise "
+        "(default: 0)")
+    sample.add_argument("--num-images", type=_num_images, default=1, metavar="K", help="samples side by side in the "
+        "PNG (default: 1)")
+    sample.add_argument("--out", type=Path, metavar="FILE.png", help="output image (default: "
+        "runs/<profile>/samples/<prompt>_seed<S>.png)")
     sample.set_defaults(func=_cmd_sample)
 
 # %% ../nbs/14_cli.ipynb #8de92a15
@@ -275,7 +301,8 @@ def train_chapter_name(name: str, # "05", "5", "ddpm_mnist" or "05_ddpm_mnist"
     for chapter in (*TRAIN_RECIPES, *NOTEBOOK_ONLY):
         number, _, title = chapter.partition("_")
         if text in (chapter, number, title) or (text.isdigit() and int(text) == int(number)):
-            if chapter in NOTEBOOK_ONLY: raise ValueError(f"chapter {chapter} has no `train` recipe: {NOTEBOOK_ONLY[chapter]}")
+            if chapter in NOTEBOOK_ONLY:
+                raise ValueError(f"chapter {chapter} has no `train` recipe: {NOTEBOOK_ONLY[chapter]}")
             return chapter
     raise ValueError(f"Unknown chapter {name!r} for `train`; expected one of {list(TRAIN_RECIPES)} (or 05, 06, 09, 10)")
 
@@ -302,9 +329,11 @@ def train_report(chapter: str, # the chapter trained
     k = min(10, len(run.history))
     what = f"finished run reused: {run.reused} (same recipe and data)" if run.reused else f"trained in {run.seconds:.1f} s"
     return [f"{chapter}: {what}",
-            f"  {t.num_processes} process(es); global batch {cfg.batch_size} = {cfg.per_process_batch(t.num_processes)} per process, "
+            f"  {t.num_processes} process(es); global batch {cfg.batch_size} = "
+            f"{cfg.per_process_batch(t.num_processes)} per process, "
             f"grad_accum {cfg.grad_accum}, lr {cfg.lr:g}; step {t.step} of {cfg.max_steps}",
-            f"  loss: last step {run.history.loss[-1]:.4f}, mean of the last {k} steps {np.mean(run.history.loss[-k:]):.4f}",
+            f"  loss: last step {run.history.loss[-1]:.4f}, mean of the last {k} steps "
+            f"{np.mean(run.history.loss[-k:]):.4f}",
             f"  checkpoint {t.last_checkpoint}"]
 
 def _cmd_train(args: argparse.Namespace) -> int:
@@ -316,19 +345,28 @@ def _cmd_train(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 def _add_train_parser(sub: argparse._SubParsersAction) -> None:
-    train = sub.add_parser("train", help="train one chapter's model outside its notebook, on one process or under accelerate launch",
-                           description="Run a chapter's training recipe (the function its notebook calls) with checkpoints in "
-                                       "runs/<profile>/checkpoints/<chapter>/train-<fingerprint>; the notebook then reads the "
+    train = sub.add_parser("train", help="train one chapter's model outside its notebook, on one process or under "
+                                         "accelerate launch",
+                           description="Run a chapter's training recipe (the function its notebook calls) with "
+                                       "checkpoints in "
+                                       "runs/<profile>/checkpoints/<chapter>/train-<fingerprint>; the notebook then "
+                                       "reads the "
                                        "finished run instead of training. On K GPUs: accelerate launch --multi_gpu "
-                                       "--num_processes K -m ldm_course.cli train 05 --profile gpu (batch_size is the global "
+                                       "--num_processes K -m ldm_course.cli train 05 --profile gpu (batch_size is the "
+                                       "global "
                                        "batch, split over the K processes: the recipe does not change with K).")
     train.add_argument("chapter", help="05, 06, 09 or 10 (or a full name such as 05_ddpm_mnist)")
-    train.add_argument("--profile", default="auto", choices=("auto", *PROFILES), help="run scale (default: auto = gpu with CUDA, else cpu)")
-    train.add_argument("--seed", type=_non_negative_int, default=0, help="the notebook's seed (default: 0); another seed is another run")
-    train.add_argument("--source", default="auto", choices=("auto", "real", "synthetic"), help="the notebook's data source (default: auto)")
-    train.add_argument("--encoder", help="text encoder of chapters 09 and 10: auto (default), fashion-clip, minilm or a folder")
+    train.add_argument("--profile", default="auto", choices=("auto", *PROFILES), help="run scale (default: auto = gpu "
+        "with CUDA, else cpu)")
+    train.add_argument("--seed", type=_non_negative_int, default=0, help="the notebook's seed (default: 0); another "
+        "seed is another run")
+    train.add_argument("--source", default="auto", choices=("auto", "real", "synthetic"), help="the notebook's data "
+        "source (default: auto)")
+    train.add_argument("--encoder", help="text encoder of chapters 09 and 10: auto (default), fashion-clip, minilm or "
+                                         "a folder")
     train.add_argument("--checkpoint-every", type=_int_between(1, 10**9, "optimizer steps"), metavar="N",
-                       help="write a checkpoint every N steps (default: the recipe's); the run and its folder stay the same")
+                       help="write a checkpoint every N steps (default: the recipe's); the run and its folder stay the "
+                            "same")
     train.set_defaults(func=_cmd_train)
 
 # %% ../nbs/14_cli.ipynb #eb7ad392
@@ -353,19 +391,24 @@ def _cmd_run(args: argparse.Namespace) -> int:
 
 def build_parser() -> argparse.ArgumentParser:
     "The argument parser of `ldm-course` and its sub-commands."
-    parser = argparse.ArgumentParser(prog="ldm-course", description="Latent diffusion course: run the chapters and build the report.")
+    parser = argparse.ArgumentParser(prog="ldm-course", description="Latent diffusion course: run the chapters and "
+        "build the report.")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     run = sub.add_parser("run", help="execute the chapter notebooks in order with papermill",
                          description="Execute the chapter notebooks with papermill; outputs go to runs/<profile>/. "
                                      "Completed notebooks with unchanged inputs are skipped.")
-    run.add_argument("--profile", default="auto", choices=("auto", *PROFILES), help="run scale (default: auto = gpu with CUDA, else cpu)")
+    run.add_argument("--profile", default="auto", choices=("auto", *PROFILES), help="run scale (default: auto = gpu "
+        "with CUDA, else cpu)")
     run.add_argument("--only", nargs="+", metavar="NAME", help="only these notebooks (e.g. 05 or ddpm_mnist)")
     run.add_argument("--force", action="store_true", help="re-run notebooks even when up to date")
     run.add_argument("--param", action="append", metavar="NAME=VALUE",
-                     help="inject a parameter into the notebooks that define it, e.g. encoder=fashion-clip or source=real (repeatable)")
+                     help="inject a parameter into the notebooks that define it, e.g. encoder=fashion-clip or "
+                          "source=real (repeatable)")
     run.add_argument("--rehearse", action="store_true",
-                     help="rehearse the profile: its real models, image and batch sizes, precision and loaders, but a few "
-                          "training steps and images per chapter, in runs/<profile>-rehearsal (never mistaken for results)")
+                     help="rehearse the profile: its real models, image and batch sizes, precision and loaders, but a "
+                          "few "
+                          "training steps and images per chapter, in runs/<profile>-rehearsal (never mistaken for "
+                          "results)")
     run.add_argument("--rehearse-batch-size", type=_int_between(1, 4096, "images per batch"), metavar="N",
                      help="with --rehearse: cap every batch size at N (to fit a small machine; shapes stay real)")
     run.set_defaults(func=_cmd_run)

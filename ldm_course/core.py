@@ -45,7 +45,8 @@ def get_device(prefer: str | None = None, # "cuda", "cuda:1", "mps", "cpu"; None
         if torch.cuda.is_available(): return torch.device("cuda")
         return torch.device("mps") if _mps_available() else torch.device("cpu")
     try: device = torch.device(prefer)
-    except RuntimeError as e: raise ValueError(f"Unknown device {prefer!r}; expected 'cpu', 'cuda', 'cuda:N' or 'mps'") from e
+    except RuntimeError as e: raise ValueError(f"Unknown device {prefer!r}; expected 'cpu', 'cuda', 'cuda:N' or "
+                                               f"'mps'") from e
     if device.type == "cuda" and not torch.cuda.is_available():
         raise RuntimeError(f"Device {prefer!r} was requested but CUDA is not available on this machine")
     if device.type == "mps" and not _mps_available():
@@ -99,7 +100,8 @@ def restore_rng_state(state: dict, # as returned by `capture_rng_state` (possibl
 @contextlib.contextmanager
 def torch_seeded(seed: int, # seed of torch's global generator inside the block
                 ) -> Iterator[None]:
-    "Run a block with torch's global generator seeded by `seed`; the state from before comes back afterwards (CPU and CUDA)."
+    """Run a block with torch's global generator seeded by `seed`; the state from before comes back afterwards (CPU and
+    CUDA)."""
     if not isinstance(seed, int) or seed < 0: raise ValueError(f"seed must be a non-negative int, got {seed!r}")
     with torch.random.fork_rng():
         torch.manual_seed(seed)
@@ -107,7 +109,8 @@ def torch_seeded(seed: int, # seed of torch's global generator inside the block
 
 # %% ../nbs/00_core.ipynb #c7e204ba
 def _jsonable(value: Any) -> Any:
-    if dataclasses.is_dataclass(value): return {f.name: _jsonable(getattr(value, f.name)) for f in dataclasses.fields(value)}
+    if dataclasses.is_dataclass(value):
+        return {f.name: _jsonable(getattr(value, f.name)) for f in dataclasses.fields(value)}
     if isinstance(value, (list, tuple)): return [_jsonable(v) for v in value]
     if isinstance(value, Mapping): return {str(k): _jsonable(v) for k, v in value.items()}
     if isinstance(value, Path): return str(value)
@@ -179,7 +182,8 @@ class Rehearsal(Config):
         minimum = {"train_steps": 2, "images": 8, "samples": 1, "sampling_steps": 1, "batch_size": 0}
         for name, low in minimum.items():
             value = getattr(self, name)
-            if not isinstance(value, int) or value < low: raise ValueError(f"Rehearsal.{name} must be an integer >= {low}, got {value!r}")
+            if not isinstance(value, int) or value < low:
+                raise ValueError(f"Rehearsal.{name} must be an integer >= {low}, got {value!r}")
 
 REHEARSAL_VARIABLE = "LDM_COURSE_REHEARSAL"
 
@@ -189,9 +193,11 @@ def active_rehearsal() -> Rehearsal | None:
     if text in ("", "0"): return None
     try: return Rehearsal.from_dict(json.loads(text)) if text.startswith("{") else Rehearsal()
     except (ValueError, TypeError) as e:
-        raise ValueError(f"{REHEARSAL_VARIABLE}={text!r} is not a rehearsal ({e}); expected 1 or a JSON object of Rehearsal fields") from None
+        raise ValueError(f"{REHEARSAL_VARIABLE}={text!r} is not a rehearsal ({e}); expected 1 or a JSON object of "
+                         f"Rehearsal fields") from None
 
-def _all_capped(value: int, cap: int) -> int: return cap if value == 0 else min(value, cap)   # 0 means "all": capped too
+# 0 means "all": capped too
+def _all_capped(value: int, cap: int) -> int: return cap if value == 0 else min(value, cap)
 def _when_on(value: int, cap: int) -> int: return min(value, cap) if value else 0            # 0 means "never": kept
 
 REHEARSAL_RULES = {  # field or key name -> its value in a rehearsal; every other field (shapes, widths, rates, sizes) is kept
@@ -238,21 +244,26 @@ def profile_preset(presets: Mapping[str, Config], # profile name -> the preset C
                    profile: str = "auto", # "auto", "smoke", "cpu" or "gpu"
                    **overrides, # fields to change
                   ) -> Config:
-    "The preset of a run profile with `overrides` applied, its counts lowered in a rehearsal: how a chapter sizes a concern."
+    """The preset of a run profile with `overrides` applied, its counts lowered in a rehearsal: how a chapter sizes a
+    concern."""
     profile = resolve_profile(profile)
-    if profile not in presets: raise ValueError(f"No preset for profile {profile!r}; presets exist for {sorted(presets)}")
+    if profile not in presets:
+        raise ValueError(f"No preset for profile {profile!r}; presets exist for {sorted(presets)}")
     return rehearse(presets[profile].replace(**overrides))
 
 # %% ../nbs/00_core.ipynb #4a813f45
 def repo_root(start: str | Path | None = None, # where to start looking (default: cwd)
              ) -> Path:
-    "The course repository root (folder with settings.ini for ldm_course) above `start`, else above this package, else `start`."
+    """The course repository root (folder with settings.ini for ldm_course) above `start`, else above this package,
+    else `start`."""
     start = Path(start or os.getcwd()).resolve()
-    package = Path(__file__).resolve().parent if "__file__" in globals() else start  # an editable install lives in the repo
+    # an editable install lives in the repo
+    package = Path(__file__).resolve().parent if "__file__" in globals() else start
     for origin in (start, package):
         for folder in (origin, *origin.parents):
             ini = folder / "settings.ini"
-            if ini.is_file() and "lib_name = ldm_course" in ini.read_text(encoding="utf-8", errors="ignore"): return folder
+            if ini.is_file() and "lib_name = ldm_course" in ini.read_text(encoding="utf-8", errors="ignore"):
+                return folder
     return start
 
 PATH_VARIABLES = ("LDM_COURSE_DATA", "LDM_COURSE_RUNS", "LDM_COURSE_FIGURES")
@@ -271,13 +282,16 @@ def data_dir() -> Path:
 
 def runs_dir(profile: str = "auto", # run profile
             ) -> Path:
-    "Where executed notebooks, checkpoints and metrics of a profile go: env LDM_COURSE_RUNS or <repo>/runs, then /<profile> (/<profile>-rehearsal in a rehearsal)."
-    name = resolve_profile(profile) + ("-rehearsal" if active_rehearsal() else "")   # a rehearsal never mixes with real runs
+    """Where executed notebooks, checkpoints and metrics of a profile go: env LDM_COURSE_RUNS or <repo>/runs, then
+    /<profile> (/<profile>-rehearsal in a rehearsal)."""
+    # a rehearsal never mixes with real runs
+    name = resolve_profile(profile) + ("-rehearsal" if active_rehearsal() else "")
     return Path(os.environ.get("LDM_COURSE_RUNS") or repo_root() / "runs") / name
 
 def figures_dir(profile: str = "auto", # run profile
                ) -> Path:
-    "Where the chapters save their figures: env LDM_COURSE_FIGURES, else runs/<profile>/figures (always the latter in a rehearsal)."
+    """Where the chapters save their figures: env LDM_COURSE_FIGURES, else runs/<profile>/figures (always the latter in
+    a rehearsal)."""
     if os.environ.get("LDM_COURSE_FIGURES") and not active_rehearsal(): return Path(os.environ["LDM_COURSE_FIGURES"])
     return runs_dir(profile) / "figures"
 
@@ -324,13 +338,15 @@ def _flatten(obj: Any, prefix: str, tensors: dict) -> Any:
         tensors[prefix] = obj.detach().to("cpu", copy=True).contiguous()  # copy: safetensors refuses shared storage
         return {_TENSOR: prefix}
     if isinstance(obj, Mapping):
-        if any("/" in str(k) for k in obj): raise ValueError(f"Checkpoint keys must not contain '/': {list(obj)[:5]} at {prefix!r}")
+        if any("/" in str(k) for k in obj):
+            raise ValueError(f"Checkpoint keys must not contain '/': {list(obj)[:5]} at {prefix!r}")
         return {"__dict__": [[k, _flatten(v, f"{prefix}/{k}", tensors)] for k, v in obj.items()]}
     if isinstance(obj, (list, tuple)):
         return {"__list__" if isinstance(obj, list) else "__tuple__": [_flatten(v, f"{prefix}/{i}", tensors) for i, v in enumerate(obj)]}
     if obj is None or isinstance(obj, (bool, int, float, str)): return obj
     if isinstance(obj, (np.integer, np.floating)): return obj.item()
-    raise TypeError(f"Cannot store {type(obj).__name__} at {prefix!r} in a checkpoint; expected tensors, numbers, strings, lists or dicts")
+    raise TypeError(f"Cannot store {type(obj).__name__} at {prefix!r} in a checkpoint; expected tensors, numbers, "
+                    f"strings, lists or dicts")
 
 def _unflatten(obj: Any, tensors: Mapping[str, Tensor]) -> Any:
     if isinstance(obj, dict):
@@ -361,7 +377,8 @@ def _read_header(path: Path) -> dict:
         with safe_open(str(path), framework="pt") as f: header = f.metadata() or {}
     except Exception as e: raise ValueError(f"{path} is not a readable safetensors checkpoint ({e})") from e
     if header.get("format") != CHECKPOINT_FORMAT:
-        raise ValueError(f"{path} is not an ldm_course checkpoint: format {header.get('format')!r}, expected {CHECKPOINT_FORMAT!r}")
+        raise ValueError(f"{path} is not an ldm_course checkpoint: format {header.get('format')!r}, expected "
+                         f"{CHECKPOINT_FORMAT!r}")
     return header
 
 def read_checkpoint_metadata(path: str | Path, # a file written by `save_checkpoint`
@@ -384,7 +401,8 @@ RUN_SESSION = uuid.uuid4().hex  # one per Python process: ties a chapter's figur
 _SAVED_CONFIGS: dict[str, str] = {}   # chapter -> sha256 of the configs file this process wrote (see `save_configs`)
 
 def run_provenance() -> dict:
-    "Who is writing now: this process's session, the chapter configs it saved and, under the pipeline, the stage and its input fingerprint."
+    """Who is writing now: this process's session, the chapter configs it saved and, under the pipeline, the stage and
+    its input fingerprint."""
     return {"session": RUN_SESSION, "stage": os.environ.get("LDM_COURSE_STAGE") or None,
             "stage_fingerprint": os.environ.get("LDM_COURSE_STAGE_FINGERPRINT") or None,
             "configs": dict(_SAVED_CONFIGS),
@@ -402,7 +420,8 @@ def save_metrics(chapter: str, # chapter name, e.g. "05_ddpm_mnist"
                  metrics: Mapping[str, Any], # JSON-serialisable numbers, strings, lists, dicts
                  profile: str = "auto", # run profile: decides the folder
                 ) -> Path:
-    "Write a chapter's metrics to runs/<profile>/metrics/<chapter>.json with their provenance (and rehearsal), atomically; returns the path."
+    """Write a chapter's metrics to runs/<profile>/metrics/<chapter>.json with their provenance (and rehearsal),
+    atomically; returns the path."""
     rehearsal = active_rehearsal()
     payload = {"chapter": chapter, "profile": resolve_profile(profile), **_jsonable(dict(metrics)),
                **({"rehearsal": rehearsal.to_dict()} if rehearsal else {}), "provenance": run_provenance()}
@@ -425,7 +444,8 @@ def save_configs(chapter: str, # chapter name, e.g. "05_ddpm_mnist"
                  configs: Mapping[str, Config], # concern ("experiment", "evaluation"...) -> the Config the chapter uses
                  profile: str = "auto", # run profile: decides the folder
                 ) -> Path:
-    "Write a chapter's configs to `configs_path`, atomically; later metrics and figures of this process carry its sha256."
+    """Write a chapter's configs to `configs_path`, atomically; later metrics and figures of this process carry its
+    sha256."""
     bad = {k: type(v).__name__ for k, v in configs.items() if not isinstance(v, Config)}
     if bad: raise TypeError(f"save_configs expects Config objects, got {bad}")
     text = json.dumps({"chapter": chapter, "profile": resolve_profile(profile),
@@ -470,7 +490,8 @@ def show_image(ax: plt.Axes, # where to draw
               ) -> None:
     "Draw one image without ticks (grey levels for one channel): the figures' single way of showing an image."
     img = (image.detach().float().cpu().clamp(-1, 1) + 1) / 2
-    if img.ndim != 3 or img.shape[0] not in (1, 3): raise ValueError(f"image must be (C, H, W) with C in {{1, 3}}, got shape {tuple(image.shape)}")
+    if img.ndim != 3 or img.shape[0] not in (1, 3):
+        raise ValueError(f"image must be (C, H, W) with C in {{1, 3}}, got shape {tuple(image.shape)}")
     if img.shape[0] == 1: ax.imshow(img[0].numpy(), cmap="gray", vmin=0, vmax=1, interpolation=interpolation)
     else: ax.imshow(img.permute(1, 2, 0).numpy(), interpolation=interpolation)
     ax.set_xticks([])
@@ -525,7 +546,8 @@ def save_figure(fig: plt.Figure, # the figure to save
     french_ticks(fig)  # the course's figures are French: 0,25 not 0.25
     rehearsal = active_rehearsal()
     if rehearsal:   # a rehearsal's figure says so on itself, wherever it is shown
-        fig.text(0.5, 1.01, f"RÉPÉTITION du profil {resolve_profile(profile)} ({rehearsal.train_steps} pas d'entraînement) : pas un résultat",
+        fig.text(0.5, 1.01, f"RÉPÉTITION du profil {resolve_profile(profile)} ({rehearsal.train_steps} pas "
+                            f"d'entraînement) : pas un résultat",
                  ha="center", va="bottom", color="red", fontsize=9)
     with atomic_path(path) as tmp:
         fig.savefig(tmp, format="png", dpi=dpi, bbox_inches="tight")

@@ -27,19 +27,22 @@ __all__ = ['SPATIAL_TRANSFORMER_ARGUMENTS', 'CROSS_ATTENTION_EVAL_PRESETS', 'spa
            'plot_guidance_sweep']
 
 # %% ../nbs/10_cross_attention.ipynb #bd2ea93a
-SPATIAL_TRANSFORMER_ARGUMENTS = tuple(inspect.signature(SpatialTransformer).parameters)[2:]   # after channels, context_dim
+# after channels, context_dim
+SPATIAL_TRANSFORMER_ARGUMENTS = tuple(inspect.signature(SpatialTransformer).parameters)[2:]
 
 def spatial_transformer_spec(**kwargs, # SpatialTransformer arguments besides channels and context_dim (head_dim, depth, ...)
                             ) -> dict: # for LDMConfig.cross_attention_block
     "Describe SpatialTransformer blocks by their registered name and arguments, so a saved pipeline can rebuild them."
     unknown = set(kwargs) - set(SPATIAL_TRANSFORMER_ARGUMENTS)
     if unknown:
-        raise ValueError(f"Unknown SpatialTransformer arguments {sorted(unknown)}; expected {', '.join(SPATIAL_TRANSFORMER_ARGUMENTS)}")
+        raise ValueError(f"Unknown SpatialTransformer arguments {sorted(unknown)}; expected "
+                         f"{', '.join(SPATIAL_TRANSFORMER_ARGUMENTS)}")
     return {"block": "spatial_transformer", "kwargs": dict(kwargs)}   # the name ldm_course.attention registers
 
 def spatial_transformers(model: nn.Module, # a U-Net (or any module)
                         ) -> list[nn.Module]:
-    "The SpatialTransformer blocks inside `model` (matched by class name: the package's and a notebook's class both count)."
+    """The SpatialTransformer blocks inside `model` (matched by class name: the package's and a notebook's class both
+    count)."""
     return [m for m in model.modules() if type(m).__name__ == "SpatialTransformer"]
 
 def cross_attention_config(profile: str = "auto", # "auto", "smoke", "cpu" or "gpu"
@@ -47,7 +50,8 @@ def cross_attention_config(profile: str = "auto", # "auto", "smoke", "cpu" or "g
                            cond_dim: int | None = None, # also add the pooled vector (this size) to the time embedding, as in chapter 09
                            **overrides, # LDMConfig fields to change
                           ) -> LDMConfig:
-    "Chapter 09's experiment (same data, training budget and sampling) with cross-attention instead of the additive vector."
+    """Chapter 09's experiment (same data, training budget and sampling) with cross-attention instead of the additive
+    vector."""
     profile = resolve_profile(profile)
     base = ldm_config(profile, cond_dim=cond_dim or context_dim)   # cond_dim only sets pooled_scale when unused
     levels = {"smoke": (1,), "cpu": (1, 2), "gpu": (1, 2)}[profile]
@@ -76,12 +80,14 @@ def cross_attention_training_config(profile: str = "auto", # run profile
                                     seed: int = 0, # the notebook's seed (as in chapter 09)
                                     context_dim: int = 384, # the text encoder's token size
                                    ) -> LDMConfig:
-    "Chapter 10's experiment as its notebook sets it: the preset sized for the text encoder's tokens, with the run's seed."
+    """Chapter 10's experiment as its notebook sets it: the preset sized for the text encoder's tokens, with the run's
+    seed."""
     return cross_attention_chapter_configs(profile, seed, context_dim)["experiment"]
 
 def train_cross_attention_chapter(profile: str = "auto", seed: int = 0, source: str = "auto", encoder: str = "auto",
                                   checkpoint_every: int | None = None) -> TrainedRun:
-    "`ldm-course train 10`: chapter 09's `train_text_chapter` with this chapter's experiment (the tokens read by cross-attention)."
+    """`ldm-course train 10`: chapter 09's `train_text_chapter` with this chapter's experiment (the tokens read by
+    cross-attention)."""
     return train_text_chapter("10_cross_attention", lambda p, s, enc: cross_attention_training_config(p, s, enc.token_dim), True,
                               profile, seed, source, encoder, checkpoint_every)
 
@@ -146,10 +152,12 @@ def denoising_losses(pipe: LatentDiffusionPipeline, # its U-Net, noise schedule,
                     ) -> dict: # with_text L(y), null_prompt L(∅), text_gain Δ = L(∅) − L(y), text_gain_percent, num_draws
     "L_simple of a pipeline's U-Net on fixed (t, ε) draws, with the items' captions and with the null prompt ''."
     if len(latents) != len(emb): raise ValueError(f"{len(latents)} latents but {len(emb)} caption embeddings")
-    if len(latents) == 0 or repeats < 1: raise ValueError(f"need at least one item and repeats >= 1, got {len(latents)} items, repeats={repeats}")
+    if len(latents) == 0 or repeats < 1:
+        raise ValueError(f"need at least one item and repeats >= 1, got {len(latents)} items, repeats={repeats}")
     g, scheduler, device, null = make_generator(seed), pipe.scheduler, pipe.device, pipe.null_embedding
     x0, items = latents.repeat(repeats, 1, 1, 1), torch.arange(len(latents)).repeat(repeats)
-    t = torch.randint(0, scheduler.num_train_timesteps, (len(x0),), generator=g)   # drawn on the CPU: same on every device
+    # drawn on the CPU: same on every device
+    t = torch.randint(0, scheduler.num_train_timesteps, (len(x0),), generator=g)
     noise = torch.randn(x0.shape, generator=g)
     sums = {"with_text": 0.0, "null_prompt": 0.0}
     for start in range(0, len(x0), batch_size):
@@ -177,7 +185,8 @@ def plot_guidance_sweep(images: Mapping[str, Tensor], # method name -> (S, P, 3,
         for s, w in enumerate(guidance_scales):
             for i in range(P): show_image(axes[i, m * S + s], images[name][s, i])
             axes[0, m * S + s].set_title(f"{name}\nw = {w:g}" if s == 0 else f"\nw = {w:g}", fontsize=8, loc="left" if s == 0 else "center")
-    for i, prompt in enumerate(prompts): axes[i, 0].set_ylabel(f"« {prompt} »", fontsize=8, rotation=0, ha="right", va="center")
+    for i, prompt in enumerate(prompts):
+        axes[i, 0].set_ylabel(f"« {prompt} »", fontsize=8, rotation=0, ha="right", va="center")
     fig.suptitle(title)
     fig.tight_layout()
     for m in range(1, len(names)):

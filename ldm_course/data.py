@@ -74,10 +74,12 @@ class SyntheticDataWarning(UserWarning):
     "Raised when a loader falls back to generated data instead of the real dataset."
 
 class UpscaledImagesWarning(UserWarning):
-    "Raised when catalogue photos smaller than the requested size are upscaled (allow_upscale=True): more pixels, no detail."
+    """Raised when catalogue photos smaller than the requested size are upscaled (allow_upscale=True): more pixels, no
+    detail."""
 
 class DataFormatError(ValueError):
-    "A data file is present but damaged or not in its format; the message names the file, what was expected and what was found."
+    """A data file is present but damaged or not in its format; the message names the file, what was expected and what
+    was found."""
 
 @dataclasses.dataclass
 class DataSource(Config):
@@ -115,7 +117,8 @@ def network_available(host: str, # server to reach, e.g. "ossci-datasets.s3.amaz
                       port: int = 443, # TCP port
                       timeout: float = 3.0, # seconds before giving up (DNS included)
                      ) -> bool:
-    "Whether a TCP connection to host:port opens within `timeout` seconds (cached a few minutes); False when LDM_COURSE_OFFLINE is set."
+    """Whether a TCP connection to host:port opens within `timeout` seconds (cached a few minutes); False when
+    LDM_COURSE_OFFLINE is set."""
     if os.environ.get("LDM_COURSE_OFFLINE"): return False
     checked, answer = _REACHABILITY.get((host, port), (-np.inf, False))
     if time.monotonic() - checked < REACHABILITY_TTL: return answer
@@ -170,7 +173,8 @@ def generate_once(folder: Path, # final folder, e.g. <data>/synthetic/mnist-seed
         write(tmp)
         manifest = {**request, "seconds": round(time.perf_counter() - start, 2)}
         atomic_write(tmp / "manifest.json", json.dumps(manifest, indent=2) + "\n")
-        if _matches(read_manifest(folder), request): return {**read_manifest(folder), "reused": True}  # another process won
+        if _matches(read_manifest(folder), request):
+            return {**read_manifest(folder), "reused": True}  # another process won
         if folder.exists(): shutil.rmtree(folder)  # stale: other request or interrupted run
         os.replace(tmp, folder)
     finally:
@@ -220,17 +224,22 @@ def idx_shape(path: str | Path, # an IDX file (uint8 data)
     path = Path(path)
     with open(path, "rb") as f: head = f.read(16)
     want = f"{0x0800 | ndim:#010x}" if ndim else "0x0000080N (uint8 data, N = 1 to 3 dimensions)"
-    if len(head) < 4: raise DataFormatError(f"{path}: {len(head)} bytes, shorter than an IDX header (4-byte magic number {want})")
+    if len(head) < 4:
+        raise DataFormatError(f"{path}: {len(head)} bytes, shorter than an IDX header (4-byte magic number {want})")
     magic, = struct.unpack(">I", head[:4])
     if magic >> 8 != 0x08 or not 1 <= magic & 0xFF <= 3 or (ndim and magic & 0xFF != ndim):
         hint = "; it is gzip-compressed: name it .gz or gunzip it" if head[:2] == b"\x1f\x8b" else ""
-        raise DataFormatError(f"{path}: magic {magic:#010x}, expected {want} (MNIST images 0x00000803, labels 0x00000801){hint}")
+        raise DataFormatError(f"{path}: magic {magic:#010x}, expected {want} (MNIST images 0x00000803, labels "
+                              f"0x00000801){hint}")
     n = magic & 0xFF
-    if len(head) < 4 + 4 * n: raise DataFormatError(f"{path}: header cut short, {len(head)} bytes, expected {4 + 4 * n} (magic + {n} dimensions)")
+    if len(head) < 4 + 4 * n:
+        raise DataFormatError(f"{path}: header cut short, {len(head)} bytes, expected {4 + 4 * n} (magic + {n} "
+                              f"dimensions)")
     shape = struct.unpack(f">{n}I", head[4:4 + 4 * n])
     expected, found = 4 + 4 * n + math.prod(shape), path.stat().st_size
     if found != expected:
-        raise DataFormatError(f"{path}: expected {expected:,} bytes for shape {shape} ({4 + 4 * n}-byte header + data), found {found:,}; "
+        raise DataFormatError(f"{path}: expected {expected:,} bytes for shape {shape} ({4 + 4 * n}-byte header + "
+                              f"data), found {found:,}; "
                               "the file is truncated or has extra data: download it again")
     return shape
 
@@ -251,7 +260,8 @@ def make_synthetic_mnist(root: str | Path | None = None, # data root (default da
     folder = synthetic_folder(Path(root or data_dir()), "mnist", seed, size)
     num_test = max(size // 6, 10)
     def write(tmp: Path):
-        labels = np.concatenate([balanced_labels(size, 10, seed), balanced_labels(num_test, 10, seed + 1)])  # balanced splits
+        # balanced splits
+        labels = np.concatenate([balanced_labels(size, 10, seed), balanced_labels(num_test, 10, seed + 1)])
         images, labels = generate_digits(size + num_test, seed, labels)
         write_mnist(tmp, images[:size], labels[:size], images[size:], labels[size:])
     return folder, generate_once(folder, {"dataset": "mnist", "seed": seed, "num_train": size, "num_test": num_test}, write)
@@ -279,7 +289,9 @@ def check_mnist(raw: str | Path, # folder with the four IDX files (<root>/MNIST/
         n, *hw = idx_shape(raw / images, ndim=3)
         if hw != [28, 28]: raise DataFormatError(f"{raw / images}: images of {hw[0]}x{hw[1]} pixels, expected 28x28")
         m, = idx_shape(raw / labels, ndim=1)
-        if m != n: raise DataFormatError(f"{raw / labels}: {m:,} labels for {n:,} images in {images}; expected one label per image")
+        if m != n:
+            raise DataFormatError(f"{raw / labels}: {m:,} labels for {n:,} images in {images}; expected one label per "
+                                  f"image")
         counts[split] = n
     return counts
 
@@ -287,7 +299,8 @@ def _mnist_help(root: Path) -> str:
     names = ", ".join(sum(MNIST_FILES.values(), ()))
     return (f"MNIST not found under {root / 'MNIST' / 'raw'}; expected the four uncompressed IDX files {names}. "
             f"Get them with torchvision.datasets.MNIST({str(root)!r}, download=True) on a machine with internet "
-            f"(or from https://{MNIST_HOST}/mnist/, gunzipped), or use source='auto' / 'synthetic' for generated digits.")
+            f"(or from https://{MNIST_HOST}/mnist/, gunzipped), or use source='auto' / 'synthetic' for generated "
+            f"digits.")
 
 # %% ../nbs/01_data.ipynb #ca67c1ba
 def announce_source(src: DataSource, manifest: dict | None, verbose: bool) -> DataSource:
@@ -422,7 +435,8 @@ def write_cifar10(root: str | Path, # dataset root: files go to <root>/cifar-10-
                  "filenames": [f"{name}_{i:05d}.png" for i in range(len(labels))]}
         atomic_write(folder / name, pickle.dumps(batch, protocol=2))
     for k, part in enumerate(np.array_split(np.arange(len(train_images)), num_batches), start=1):
-        dump(f"data_batch_{k}", np.asarray(train_images)[part], np.asarray(train_labels)[part], f"training batch {k} of {num_batches}")
+        dump(f"data_batch_{k}", np.asarray(train_images)[part], np.asarray(train_labels)[part], f"training batch {k} "
+            f"of {num_batches}")
     dump("test_batch", test_images, test_labels, "testing batch 1 of 1")
     meta = {"label_names": list(label_names), "num_cases_per_batch": -(-len(train_images) // num_batches), "num_vis": 3072}
     atomic_write(folder / "batches.meta", pickle.dumps(meta, protocol=2))
@@ -444,9 +458,11 @@ def make_synthetic_cifar10(root: str | Path | None = None, # data root (default 
     return folder, generate_once(folder, {"dataset": "cifar10", "seed": seed, "num_train": size, "num_test": num_test}, write)
 
 def _cifar_help(root: Path) -> str:
-    return (f"CIFAR10 not found under {root / 'cifar-10-batches-py'}; expected data_batch_1..5, test_batch and batches.meta "
+    return (f"CIFAR10 not found under {root / 'cifar-10-batches-py'}; expected data_batch_1..5, test_batch and "
+            f"batches.meta "
             f"from https://{CIFAR10_HOST}/~kriz/cifar-10-python.tar.gz (extract it in {root}, or run "
-            f"torchvision.datasets.CIFAR10({str(root)!r}, download=True) with internet), or use source='auto' / 'synthetic'.")
+            f"torchvision.datasets.CIFAR10({str(root)!r}, download=True) with internet), or use source='auto' / "
+            f"'synthetic'.")
 
 def load_cifar10(root: str | Path | None = None, # data root (default data_dir()): real files in <root>/cifar-10-batches-py
                  train: bool = True, # training batches, else the test batch
@@ -463,7 +479,8 @@ def load_cifar10(root: str | Path | None = None, # data root (default data_dir()
     check_source(source)
     root, split = Path(root or data_dir()), "train" if train else "test"
     if source != "synthetic" and (root / "cifar-10-batches-py").is_dir():
-        ds = LocalCIFAR10(root, train=train, verify_md5=verify_md5)   # a partial folder raises, naming the missing files
+        # a partial folder raises, naming the missing files
+        ds = LocalCIFAR10(root, train=train, verify_md5=verify_md5)
         return ds, announce_source(DataSource("cifar10", "real", str(root), split, len(ds)), None, verbose)
     if source == "real": raise FileNotFoundError(_cifar_help(root))
     note = "source='synthetic' requested" if source == "synthetic" else f"no CIFAR10 files in {root / 'cifar-10-batches-py'}"

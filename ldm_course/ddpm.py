@@ -55,7 +55,8 @@ def diffusion_loss(model: nn.Module, # ε_θ(x_t, t, **model_kwargs) (or v_θ): 
     noise = torch.randn(x0.shape, generator=generator, device=draw_on, dtype=x0.dtype).to(x0.device)
     prediction = model(scheduler.add_noise(x0, noise, t), t, **dict(model_kwargs or {}))
     if prediction.shape != x0.shape:
-        raise ValueError(f"the model returned shape {tuple(prediction.shape)}, expected the input shape {tuple(x0.shape)}")
+        raise ValueError(f"the model returned shape {tuple(prediction.shape)}, expected the input shape "
+                         f"{tuple(x0.shape)}")
     return F.mse_loss(prediction.float(), scheduler.get_target(x0, noise, t).float())
 
 # %% ../nbs/05_ddpm_mnist.ipynb #d12e6b5e
@@ -76,7 +77,9 @@ class DiffusionLoss:
                     ) -> dict:
         "The model's condition for a batch: labels with condition dropout, or nothing for an unconditional model."
         if self.null_class is None: return {}
-        if labels is None: raise ValueError("This DiffusionLoss is class-conditional (null_class is set): batches must be (images, labels)")
+        if labels is None:
+            raise ValueError("This DiffusionLoss is class-conditional (null_class is set): batches must be (images, "
+                             "labels)")
         return {"class_labels": drop_condition(labels.long(), self.cond_drop_prob, self.null_class, generator)}
 
     def __call__(self, model: nn.Module, # the (prepared) U-Net
@@ -105,8 +108,10 @@ def classifier_free_guidance(model: nn.Module, # model(x_t, t, **kwargs) -> ε̂
                              uncond: Mapping[str, Any], # the same kwargs for ∅, e.g. {"class_labels": full(10)}
                             ) -> ModelFn:
     "A model_fn(x_t, t) for the samplers: ε̂_∅ + w(ε̂_c − ε̂_∅), with ε̂_∅ and ε̂_c from one batched forward."
-    if not math.isfinite(guidance_scale): raise ValueError(f"guidance_scale must be a finite number, got {guidance_scale!r}")
-    if set(cond) != set(uncond): raise ValueError(f"cond and uncond must have the same keys, got {sorted(cond)} and {sorted(uncond)}")
+    if not math.isfinite(guidance_scale):
+        raise ValueError(f"guidance_scale must be a finite number, got {guidance_scale!r}")
+    if set(cond) != set(uncond):
+        raise ValueError(f"cond and uncond must have the same keys, got {sorted(cond)} and {sorted(uncond)}")
     def model_fn(x_t: Tensor, t: Tensor) -> Tensor:
         if guidance_scale == 1: return model(x_t, t, **cond)     # pure conditional: one forward is enough
         if guidance_scale == 0: return model(x_t, t, **uncond)   # pure unconditional
@@ -122,7 +127,8 @@ def class_guidance(model: nn.Module, # a class-conditional U-Net
                   ) -> ModelFn:
     "model_fn(x_t, t) for class-conditional sampling with classifier-free guidance (∅ = null_class)."
     if null_class is None:
-        if class_labels is not None: raise ValueError("class_labels given but null_class is None: is the model conditional?")
+        if class_labels is not None:
+            raise ValueError("class_labels given but null_class is None: is the model conditional?")
         return lambda x_t, t: model(x_t, t)
     if class_labels is None: return lambda x_t, t: model(x_t, t, class_labels=torch.full_like(t, null_class))
     if bool(((class_labels < 0) | (class_labels >= null_class)).any()):
@@ -168,10 +174,13 @@ class DDPMConfig(Config):
 
     def __post_init__(self):
         if self.unet.in_channels != self.unet.out_channels:
-            raise ValueError(f"unet.in_channels ({self.unet.in_channels}) must equal unet.out_channels ({self.unet.out_channels})")
+            raise ValueError(f"unet.in_channels ({self.unet.in_channels}) must equal unet.out_channels "
+                             f"({self.unet.out_channels})")
         if self.judge.in_channels != self.unet.in_channels:
-            raise ValueError(f"judge.in_channels ({self.judge.in_channels}) must match the images ({self.unet.in_channels})")
-        if not 0 <= self.cond_drop_prob <= 1: raise ValueError(f"cond_drop_prob must be in [0, 1], got {self.cond_drop_prob!r}")
+            raise ValueError(f"judge.in_channels ({self.judge.in_channels}) must match the images "
+                             f"({self.unet.in_channels})")
+        if not 0 <= self.cond_drop_prob <= 1:
+            raise ValueError(f"cond_drop_prob must be in [0, 1], got {self.cond_drop_prob!r}")
         if not self.ddim_eta >= 0: raise ValueError(f"ddim_eta must be >= 0, got {self.ddim_eta!r}")
         self.guidance_scales = tuple(float(w) for w in self.guidance_scales)
 
@@ -190,7 +199,8 @@ class DDPMConfig(Config):
 
 # %% ../nbs/05_ddpm_mnist.ipynb #24f628fb
 def _mnist_preset(profile: str) -> DDPMConfig:
-    unet = unet_preset("mnist", profile).replace(num_classes=10)   # chapter 03's network of this profile, class-conditional
+    # chapter 03's network of this profile, class-conditional
+    unet = unet_preset("mnist", profile).replace(num_classes=10)
     train = {"smoke": train_config("smoke", lr=2e-3, max_steps=30, warmup_steps=5, checkpoint_every=0, sample_every=0),
              "cpu": train_config("cpu", lr=2e-3, max_steps=360, warmup_steps=30, batch_size=64, ema_decay=0.995,
                                  checkpoint_every=0, sample_every=0),
@@ -210,7 +220,8 @@ def _mnist_preset(profile: str) -> DDPMConfig:
                       judge_train=judge_train, **sizes)
 
 def _cifar10_preset(profile: str) -> DDPMConfig:
-    unet = unet_preset("cifar10", profile).replace(num_classes=10)   # chapter 03's network of this profile, class-conditional
+    # chapter 03's network of this profile, class-conditional
+    unet = unet_preset("cifar10", profile).replace(num_classes=10)
     train = {"smoke": train_config("smoke", lr=2e-3, max_steps=30, warmup_steps=5, checkpoint_every=0, sample_every=0),
              "cpu": train_config("cpu", lr=2e-3, max_steps=280, warmup_steps=30, batch_size=48, ema_decay=0.995,
                                  checkpoint_every=0, sample_every=0),
@@ -235,7 +246,8 @@ def ddpm_config(dataset: str = "mnist", # "mnist" or "cifar10"
                 **overrides, # DDPMConfig fields to change
                ) -> DDPMConfig:
     "The preset DDPMConfig of a dataset for a run profile, with `overrides` applied."
-    if dataset not in DDPM_PRESETS: raise ValueError(f"Unknown dataset {dataset!r}; expected one of {sorted(DDPM_PRESETS)}")
+    if dataset not in DDPM_PRESETS:
+        raise ValueError(f"Unknown dataset {dataset!r}; expected one of {sorted(DDPM_PRESETS)}")
     return rehearse(DDPM_PRESETS[dataset](resolve_profile(profile)).replace(**overrides))
 
 def build_scheduler(cfg: DDPMConfig, # the experiment
@@ -250,7 +262,8 @@ def build_unet(cfg: DDPMConfig, # the experiment
 
 def build_loss(cfg: DDPMConfig, # the experiment
               ) -> DiffusionLoss:
-    "The experiment's training loss: L_simple, labels dropped to ∅ with probability cond_drop_prob (classifier-free guidance)."
+    """The experiment's training loss: L_simple, labels dropped to ∅ with probability cond_drop_prob (classifier-free
+    guidance)."""
     return DiffusionLoss(build_scheduler(cfg), cfg.null_class, cfg.cond_drop_prob)
 
 # %% ../nbs/05_ddpm_mnist.ipynb #90f5d997
@@ -264,7 +277,8 @@ def make_sampler(scheduler: NoiseScheduler, # the model's schedule
     "A DDPM or DDIM sampler over `scheduler`."
     if sampler == "ddpm": return DDPMSampler(scheduler, clip_sample=clip_sample)
     # with clipping, ε̂ is re-derived from the clipped x̂0: otherwise deterministic DDIM drifts more with more steps (chapter 02)
-    if sampler == "ddim": return DDIMSampler(scheduler, eta=eta, clip_sample=clip_sample, use_clipped_model_output=clip_sample)
+    if sampler == "ddim":
+        return DDIMSampler(scheduler, eta=eta, clip_sample=clip_sample, use_clipped_model_output=clip_sample)
     raise ValueError(f"Unknown sampler {sampler!r}; expected one of {SAMPLERS}")
 
 @torch.inference_mode()
@@ -283,7 +297,8 @@ def sample_images(model: nn.Module, # the trained (EMA) U-Net
                   batch_size: int | None = None, # images per call (default: all at once)
                  ) -> Tensor: # (B, C, H, W) samples on the CPU
     "Generate images with DDPM or DDIM, unconditionally (∅ label) or per class with classifier-free guidance."
-    if (num_samples is None) == (class_labels is None): raise ValueError("give exactly one of num_samples and class_labels")
+    if (num_samples is None) == (class_labels is None):
+        raise ValueError("give exactly one of num_samples and class_labels")
     n = num_samples if class_labels is None else len(class_labels)
     device, batch_size = model_device(model), batch_size or n
     model.eval()
@@ -294,7 +309,8 @@ def sample_images(model: nn.Module, # the trained (EMA) U-Net
         b = min(batch_size, n - start)
         model_fn = class_guidance(model, labels, guidance_scale, null_class)
         s = make_sampler(scheduler, sampler, eta, clip_sample)
-        x_T = s.initial_noise((b, *image_shape), generator, device="cpu").to(device)  # CPU draws: same noise on any device
+        # CPU draws: same noise on any device
+        x_T = s.initial_noise((b, *image_shape), generator, device="cpu").to(device)
         out.append(s.sample(model_fn, (b, *image_shape), generator, x_T=x_T, num_inference_steps=num_inference_steps).cpu())
     return torch.cat(out)
 
@@ -313,7 +329,8 @@ def sample_evolution(model: nn.Module, # the trained (EMA) U-Net
                      generator: torch.Generator | None = None, # draws x_T and the steps' noise (on the CPU)
                     ) -> SamplingTrajectory: # snapshots x_t and x̂0, on the CPU
     "Like `sample_images` (one batch), keeping `n_snapshots` states of the chain x_T → x_0 for figures."
-    if (num_samples is None) == (class_labels is None): raise ValueError("give exactly one of num_samples and class_labels")
+    if (num_samples is None) == (class_labels is None):
+        raise ValueError("give exactly one of num_samples and class_labels")
     n = num_samples if class_labels is None else len(class_labels)
     device = model_device(model)
     model.eval()
@@ -371,7 +388,8 @@ def load_ddpm(path: str | Path, # a file written by `save_ddpm`
     meta = read_checkpoint_metadata(path)
     if meta.get("format") != DDPM_FORMAT:
         raise ValueError(f"{path} is not a DDPM model file: format {meta.get('format')!r}, expected {DDPM_FORMAT!r} "
-                         "(training checkpoints step_*.safetensors hold the optimizer too: use training.load_trained_weights)")
+                         "(training checkpoints step_*.safetensors hold the optimizer too: use "
+                         "training.load_trained_weights)")
     cfg = DDPMConfig.from_dict(meta["config"])
     state, _ = load_checkpoint(path, device=device)
     model = build_unet(cfg).to(device)
@@ -432,7 +450,8 @@ class ClassificationLoss:
 
 def build_classifier(config: ClassifierConfig, # architecture
                     ) -> ImageClassifier:
-    "A new ImageClassifier in channels-last memory (faster convolutions on CPU, oneDNN); seed torch first to fix its weights."
+    """A new ImageClassifier in channels-last memory (faster convolutions on CPU, oneDNN); seed torch first to fix its
+    weights."""
     return ImageClassifier(config).to(memory_format=torch.channels_last)
 
 def train_classifier(images: Tensor, # (N, C, H, W) in [-1, 1]
@@ -508,7 +527,8 @@ def load_classifier(path: str | Path, # a file written by `save_classifier`
     "Rebuild a trained ImageClassifier from a `save_classifier` file."
     meta = read_checkpoint_metadata(path)
     if meta.get("format") != CLASSIFIER_FORMAT:
-        raise ValueError(f"{path} is not a classifier file: format {meta.get('format')!r}, expected {CLASSIFIER_FORMAT!r}")
+        raise ValueError(f"{path} is not a classifier file: format {meta.get('format')!r}, expected "
+                         f"{CLASSIFIER_FORMAT!r}")
     state, _ = load_checkpoint(path, device=device)
     classifier = ImageClassifier(ClassifierConfig.from_dict(meta["config"])).to(device, memory_format=torch.channels_last)  # as trained
     classifier.load_state_dict(state["model"])
@@ -537,8 +557,10 @@ def guidance_sweep(model: nn.Module, # class-conditional U-Net
                    seed: int = 0, # the same x_T for every w
                    progress_fn: Callable[[str], None] | None = print, # gets one line per w (None: silent)
                   ) -> GuidanceSweep:
-    "Generate samples_per_class images of each class for each w of cfg.guidance_scales (DDIM, η = cfg.ddim_eta); score them with the judge."
-    if cfg.num_classes is None: raise ValueError("guidance_sweep needs a class-conditional model (cfg.unet.num_classes)")
+    """Generate samples_per_class images of each class for each w of cfg.guidance_scales (DDIM, η = cfg.ddim_eta);
+    score them with the judge."""
+    if cfg.num_classes is None:
+        raise ValueError("guidance_sweep needs a class-conditional model (cfg.unet.num_classes)")
     K, n = cfg.num_classes, cfg.samples_per_class
     labels = torch.arange(K).repeat_interleave(n)
     samples, accuracy, per_class, seconds = [], [], [], []
@@ -552,7 +574,8 @@ def guidance_sweep(model: nn.Module, # class-conditional U-Net
         samples.append(x.view(K, n, *x.shape[1:]))
         accuracy.append(float(correct.mean()))
         per_class.append(correct.view(K, n).mean(1))
-        if progress_fn: progress_fn(f"w = {w:g} : précision {accuracy[-1]:.1%} sur {len(labels)} images ({seconds[-1]:.1f} s)")
+        if progress_fn:
+            progress_fn(f"w = {w:g} : précision {accuracy[-1]:.1%} sur {len(labels)} images ({seconds[-1]:.1f} s)")
     return GuidanceSweep(list(cfg.guidance_scales), accuracy, torch.stack(per_class), torch.stack(samples), seconds)
 
 # %% ../nbs/05_ddpm_mnist.ipynb #7c41da59
@@ -568,7 +591,8 @@ def plot_forward_noising(images: Tensor, # (N, C, H, W) clean images in [-1, 1]
     for i, x0 in enumerate(images):
         for j, t in enumerate(timesteps):
             show_image(axes[i, j], scheduler.add_noise(x0[None], noise[i:i + 1], int(t))[0])
-            if i == 0: axes[i, j].set_title(f"t = {t}\n" + r"$\bar\alpha_t$" + f" = {float(scheduler.alphas_cumprod[t]):.2f}", fontsize=8)
+            if i == 0:
+                axes[i, j].set_title(f"t = {t}\n" + r"$\bar\alpha_t$" + f" = {float(scheduler.alphas_cumprod[t]):.2f}", fontsize=8)
     fig.suptitle(title)
     fig.tight_layout()
     return fig
@@ -620,7 +644,8 @@ def plot_guidance_accuracy(sweep: GuidanceSweep, # from guidance_sweep
                           ) -> plt.Figure:
     "Judge accuracy of the class-conditional samples against w, with the real-image ceiling and chance level."
     fig, ax = plt.subplots(figsize=(5.5, 3.6))
-    ax.plot(sweep.guidance_scales, [100 * a for a in sweep.accuracy], "o-", label=f"images générées ({sweep.samples_per_scale} par w)")
+    ax.plot(sweep.guidance_scales, [100 * a for a in sweep.accuracy], "o-", label=f"images générées "
+        f"({sweep.samples_per_scale} par w)")
     if real_accuracy is not None: ax.axhline(100 * real_accuracy, ls="--", c="g", label="vraies images de test")
     ax.axhline(100 / sweep.class_accuracy.shape[1], ls=":", c="gray", label="hasard")
     ax.set_xlabel("échelle de guidage w")
@@ -664,7 +689,9 @@ def train_ddpm(cfg: DDPMConfig, # the experiment (`ddpm_training_config`)
                checkpoints: bool = True, # write checkpoints and resume an interrupted run (False: train in memory)
                device: str | None = None, # default: the CPU for smoke, else core.get_device()
               ) -> TrainedRun:
-    "Chapter 05/06's training (U-Net, L_simple with label dropout, Trainer) in runs/<profile>/checkpoints/<chapter>/train-<fingerprint>; a finished run of the same recipe and data there is read back, not retrained."
+    """Chapter 05/06's training (U-Net, L_simple with label dropout, Trainer) in
+    runs/<profile>/checkpoints/<chapter>/train-<fingerprint>; a finished run of the same recipe and data there is
+    read back, not retrained."""
     profile = resolve_profile(profile)
     train_data = TensorDataset(images, labels)
     data_id = data_identity(train_data, source=f"{cfg.dataset} {data_source}")  # hashes every image
@@ -681,8 +708,10 @@ def train_ddpm_chapter(chapter: str, # "05_ddpm_mnist" or "06_ddpm_cifar10"
                        source: str = "auto", # as the notebook's `source` parameter
                        checkpoint_every: int | None = None, # steps between checkpoints (None: the recipe's; not part of the run's identity)
                       ) -> TrainedRun:
-    "`ldm-course train 05|06`: the notebook's data and `train_ddpm`, with checkpoints (the main process prepares the data first)."
-    if chapter not in DDPM_CHAPTERS: raise ValueError(f"Unknown DDPM chapter {chapter!r}; expected one of {list(DDPM_CHAPTERS)}")
+    """`ldm-course train 05|06`: the notebook's data and `train_ddpm`, with checkpoints (the main process prepares the
+    data first)."""
+    if chapter not in DDPM_CHAPTERS:
+        raise ValueError(f"Unknown DDPM chapter {chapter!r}; expected one of {list(DDPM_CHAPTERS)}")
     profile = resolve_profile(profile)
     device = "cpu" if profile == "smoke" else None  # as the notebook
     with main_process_first(device):  # a synthetic fallback is generated once, by the main process

@@ -72,7 +72,9 @@ def unet_sketch(config: Any, # a UNetConfig, or a dict of its fields (from a cha
     channels = _first(d, "block_out_channels", "channels")
     if channels is None and _first(d, "model_channels", "base_channels"):
         channels = [_first(d, "model_channels", "base_channels") * m for m in _first(d, "channel_mult", default=(1, 2, 4))]
-    if not channels: raise ValueError(f"Cannot draw a U-Net without its channels per level (block_out_channels); got keys {sorted(d)}")
+    if not channels:
+        raise ValueError(f"Cannot draw a U-Net without its channels per level (block_out_channels); got keys "
+                         f"{sorted(d)}")
     channels, n = tuple(int(c) for c in channels), len(channels)
     size = _first(d, "sample_size", "image_size", default=sample_size)
     self_attn = _levels(_first(d, "attention_levels", "attn_levels"), n, "attention_levels")
@@ -81,7 +83,8 @@ def unet_sketch(config: Any, # a UNetConfig, or a dict of its fields (from a cha
                           for v in unet_sketch({"block_out_channels": channels}, size).resolutions)
     context = _first(d, "context_dim", "cross_attention_dim")
     cross = _levels(_first(d, "cross_attention_levels"), n, "cross_attention_levels")
-    if context and "cross_attention_levels" not in d: cross = self_attn  # diffusers-style: attention blocks attend to the text
+    if context and "cross_attention_levels" not in d:
+        cross = self_attn  # diffusers-style: attention blocks attend to the text
     in_channels = int(_first(d, "in_channels", default=3))
     return UNetSketch(in_channels, int(_first(d, "out_channels", default=in_channels)), size, channels, self_attn, cross,
                       bool(_first(d, "mid_attention", default=self_attn[-1])), bool(cross[-1]),
@@ -129,7 +132,8 @@ def draw_unet(config: Any, # a UNetConfig, or a dict of its fields (from a chapt
               title: str | None = None, # French title (None: built from the configuration)
               ax: plt.Axes | None = None, # where to draw (a new figure when None)
              ) -> plt.Figure:
-    "Draw the U-Net of a configuration: one box per level with channels and size, attention, skip connections, conditioning."
+    """Draw the U-Net of a configuration: one box per level with channels and size, attention, skip connections,
+    conditioning."""
     s = unet_sketch(config, sample_size)
     n, dx, dy, w, h = len(s.channels), 1.35, 1.6, 2.0, 1.3
     res = s.resolutions
@@ -163,15 +167,18 @@ def draw_unet(config: Any, # a UNetConfig, or a dict of its fields (from a chapt
     _box(ax, *out, 1.5, 0.9, f"sortie $\\hat\\varepsilon$\n{s.out_channels}×{res[0]}", _COLOURS["io"])
     _arrow(ax, (inp[0] + 0.75, 0), (enc[0][0] - w / 2, 0))
     _arrow(ax, (dec[0][0] + w / 2, 0), (out[0] - 0.75, 0))
-    _box(ax, inp[0] - 0.2, -n * dy + 0.1, 2.8, 1.1, "pas de temps $t$\nplongement sinusoïdal + MLP,\nmodule chaque ResBlock (FiLM)",
+    _box(ax, inp[0] - 0.2, -n * dy + 0.1, 2.8, 1.1, "pas de temps $t$\nplongement sinusoïdal + MLP,\nmodule chaque "
+                                                    "ResBlock (FiLM)",
          _COLOURS["time"], fontsize=7.5)
     condition = _condition_text(s)
-    if condition: _box(ax, out[0] + 0.2, -n * dy + 0.1, 2.8, 0.3 + 0.2 * condition.count("\n") + 0.2, condition, _COLOURS["text"], fontsize=7.5)
+    if condition:
+        _box(ax, out[0] + 0.2, -n * dy + 0.1, 2.8, 0.3 + 0.2 * condition.count("\n") + 0.2, condition, _COLOURS["text"], fontsize=7.5)
     ax.set_xlim(x_min, x_max)
     ax.set_ylim(y_min, y_max)
     ax.set_aspect("equal")
     ax.set_axis_off()
-    ax.set_title(title or f"U-Net $\\varepsilon_\\theta$ : {n} niveaux de résolution, canaux {', '.join(map(str, s.channels))}", fontsize=11)
+    ax.set_title(title or f"U-Net $\\varepsilon_\\theta$ : {n} niveaux de résolution, canaux "
+                          f"{', '.join(map(str, s.channels))}", fontsize=11)
     return ax.figure
 
 # %% ../nbs/13_report_diagrams.ipynb #946f922e
@@ -196,7 +203,8 @@ def draw_ldm_architecture(unet_config: Any, # the latent U-Net's UNetConfig (or 
                           prompt: str = "a red dress", # example request shown in the diagram
                           ax: plt.Axes | None = None, # where to draw (a new figure when None)
                          ) -> plt.Figure:
-    "Draw the latent diffusion model: VAE encoder → diffusion in latent space with a text-conditioned U-Net → VAE decoder."
+    """Draw the latent diffusion model: VAE encoder → diffusion in latent space with a text-conditioned U-Net → VAE
+    decoder."""
     s = unet_sketch(unet_config, latent_size)
     v = _vae_summary(_as_dict(vae_config), s.sample_size, image_size)
     px = f"{v['image_channels']}×{v['image_size']}×{v['image_size']}" if v["image_size"] else f"{v['image_channels']}×H×W"
@@ -219,7 +227,8 @@ def draw_ldm_architecture(unet_config: Any, # the latent U-Net's UNetConfig (or 
     cross = [r for r, a in zip(s.resolutions, s.cross_attention) if a]
     attn = f"cross-attention : {', '.join(cross)}" if cross else "conditionnement additif"
     steps = f"répété sur {num_inference_steps} pas (DDIM)" if num_inference_steps else "répété pas à pas (DDPM ou DDIM)"
-    _box(ax, 7.6, mid, 3.2, 1.3, f"U-Net $\\varepsilon_\\theta(z_t, t, \\tau_\\theta(y))$\ncanaux {'-'.join(map(str, s.channels))}\n"
+    _box(ax, 7.6, mid, 3.2, 1.3, f"U-Net $\\varepsilon_\\theta(z_t, t, \\tau_\\theta(y))$\ncanaux "
+                                 f"{'-'.join(map(str, s.channels))}\n"
                                  f"{attn}\n{steps}", _COLOURS["cross"] if cross else _COLOURS["attn"], fontsize=8)
     for a, b in (((1.5, top), (1.85, top)), ((3.35, top), (4.0, top)), ((5.5, top), (6.25, top)), ((8.95, top), (10.25, top)),
                  ((6.0, mid), (5.5, mid)), ((4.0, mid), (3.35, mid)), ((1.85, mid), (1.5, mid))):
@@ -254,7 +263,8 @@ def unet_config_in(values: Mapping, # one chapter's metrics, or a checkpoint's m
                   ) -> tuple[dict, int | None] | None:
     "(U-Net config, input side) stored in `values` under a usual key, or None."
     config = lookup(values, *_UNET_KEYS)
-    if not isinstance(config, Mapping) or not _first(config, "block_out_channels", "channels", "model_channels"): return None
+    if not isinstance(config, Mapping) or not _first(config, "block_out_channels", "channels", "model_channels"):
+        return None
     return dict(config), lookup(values, *_SIZE_KEYS)
 
 def find_unet_config(metrics: Mapping[str, Mapping], # every chapter's metrics (core.load_metrics)
@@ -268,4 +278,5 @@ def find_unet_config(metrics: Mapping[str, Mapping], # every chapter's metrics (
     if not defaults: return None
     try: from ldm_course.unet import UNetConfig  # chapter 03 comes before this one
     except ImportError: return None
-    return ModelConfig(_as_dict(UNetConfig()), None, "configuration par défaut de UNetConfig (chapitre 03) : aucun modèle entraîné trouvé", None)
+    return ModelConfig(_as_dict(UNetConfig()), None, "configuration par défaut de UNetConfig (chapitre 03) : aucun "
+                                                     "modèle entraîné trouvé", None)

@@ -44,7 +44,8 @@ KAGGLE_URLS = {"fashion-product-images": "https://www.kaggle.com/datasets/parama
                "fashion-product-images-small": "https://www.kaggle.com/datasets/paramaggarwal/fashion-product-images-small"}  # 60x80
 
 def _fashion_layout(root: Path) -> str:
-    return (f"expected the Kaggle 'Fashion Product Images' layout: {root}/styles.csv (columns {', '.join(KAGGLE_COLUMNS)}) "
+    return (f"expected the Kaggle 'Fashion Product Images' layout: {root}/styles.csv (columns "
+            f"{', '.join(KAGGLE_COLUMNS)}) "
             f"and {root}/images/<id>.jpg; download the full-size archive (1800x2400 photos) by hand from "
             f"{KAGGLE_URLS['fashion-product-images']} (a Kaggle account is required)")
 
@@ -56,13 +57,16 @@ def _line_fields(line: str) -> list[str] | None:
 
 def read_styles(path: str | Path, # a styles.csv file
                ) -> tuple[pd.DataFrame, list[int]]: # (well-formed rows as strings, None where empty; malformed line numbers)
-    "Parse styles.csv one physical line per record; malformed lines (unquoted commas, open quotes) are dropped and listed."
+    """Parse styles.csv one physical line per record; malformed lines (unquoted commas, open quotes) are dropped and
+    listed."""
     path, rows, malformed = Path(path), [], []
     with open(path, encoding="utf-8", errors="replace") as f:   # \n, \r\n or \r ends a line, and a line is a record:
         # assumed: Kaggle's writer does not quote (it leaves 22 names' commas bare), so no field spans two lines
         header = [h.strip().lstrip("\ufeff") for h in _line_fields(f.readline().rstrip("\n")) or []]
         needed = [c for c in ("id", "articleType", "baseColour", "productDisplayName") if c not in header]
-        if needed: raise DataFormatError(f"{path} lacks column(s) {needed}: header is {header}, expected {list(KAGGLE_COLUMNS)}")
+        if needed:
+            raise DataFormatError(f"{path} lacks column(s) {needed}: header is {header}, expected "
+                                  f"{list(KAGGLE_COLUMNS)}")
         for number, line in enumerate(f, start=2):
             fields = _line_fields(line.rstrip("\n"))
             if fields is not None and not any(v.strip() for v in fields): continue   # blank line
@@ -132,17 +136,21 @@ def photo_size(paths: Sequence[str | Path], # image files
     return tuple(int(v) for v in np.median(np.array(sizes), 0)) if sizes else None
 
 def _check_upscale(root: Path, photo: tuple[int, int] | None, image_size: int, allow_upscale: bool) -> int | None:
-    "The photos' side when they must be upscaled to image_size (allowed: warn loudly), None when not; refused: ValueError."
+    """The photos' side when they must be upscaled to image_size (allowed: warn loudly), None when not; refused:
+    ValueError."""
     side = max(photo) if photo else None
     if side is None or image_size <= side: return None
     w, h = photo
     if not allow_upscale:
         small = "The small archive 'fashion-product-images-small' has 60x80 photos only. " if side <= 80 else ""
-        raise ValueError(f"image_size={image_size} but the photos in {root} are {w}x{h} (median): upscaling adds pixels, not detail. "
-                         f"{small}For {image_size}x{image_size} images, download the full-size archive 'fashion-product-images' (Kaggle, paramaggarwal: {KAGGLE_URLS['fashion-product-images']}, "
+        raise ValueError(f"image_size={image_size} but the photos in {root} are {w}x{h} (median): upscaling adds "
+                         f"pixels, not detail. "
+                         f"{small}For {image_size}x{image_size} images, download the full-size archive "
+                         f"'fashion-product-images' (Kaggle, paramaggarwal: {KAGGLE_URLS['fashion-product-images']}, "
                          f"1800x2400 photos) into <data>/{FASHION_DIRNAMES[0]}; or ask image_size <= {side}; "
                          "or pass allow_upscale=True to upscale anyway (it is recorded in the data source)")
-    warnings.warn(f"UPSCALING {w}x{h} photos from {root} to {image_size}x{image_size} (allow_upscale=True): the images gain pixels, "
+    warnings.warn(f"UPSCALING {w}x{h} photos from {root} to {image_size}x{image_size} (allow_upscale=True): the images "
+                  f"gain pixels, "
                   f"not detail; get the full-size archive '{FASHION_DIRNAMES[0]}' for real {image_size}-pixel images",
                   UpscaledImagesWarning, stacklevel=3)
     return side
@@ -154,7 +162,8 @@ def _draft_size(size: tuple[int, int], side: int) -> tuple[int, int]:
 
 # %% ../nbs/01_fashion.ipynb #f31c2a04
 class FashionProducts(Dataset):
-    "The Kaggle 'Fashion Product Images' catalogue as (image, caption) pairs, letterboxed to squares, robust to the file's faults."
+    """The Kaggle 'Fashion Product Images' catalogue as (image, caption) pairs, letterboxed to squares, robust to the
+    file's faults."""
     def __init__(self, root: str | Path, # folder with styles.csv and images/<id>.jpg
                  image_size: int = 64, # side of the square images returned (see catalogue_image_size; the original report used 512)
                  verify_images: bool = False, # decode every image now (exact counts) instead of lazily
@@ -164,12 +173,15 @@ class FashionProducts(Dataset):
                  allow_upscale: bool = False, # upscale photos smaller than image_size (warns, recorded) instead of refusing
                 ):
         root = Path(root)
-        if not (root / "styles.csv").is_file(): raise FileNotFoundError(f"styles.csv not found in {root}; {_fashion_layout(root)}")
-        if not (root / "images").is_dir(): raise FileNotFoundError(f"images/ folder not found in {root}; {_fashion_layout(root)}")
+        if not (root / "styles.csv").is_file():
+            raise FileNotFoundError(f"styles.csv not found in {root}; {_fashion_layout(root)}")
+        if not (root / "images").is_dir():
+            raise FileNotFoundError(f"images/ folder not found in {root}; {_fashion_layout(root)}")
         if not isinstance(image_size, int) or not 8 <= image_size <= 1024:
             raise ValueError(f"image_size must be an integer in [8, 1024], got {image_size!r}")
         unknown = [c for c in require if c not in KAGGLE_COLUMNS]
-        if unknown: raise ValueError(f"require names unknown column(s) {unknown}; expected some of {list(KAGGLE_COLUMNS)}")
+        if unknown:
+            raise ValueError(f"require names unknown column(s) {unknown}; expected some of {list(KAGGLE_COLUMNS)}")
         self.root, self.image_size, self.transform, self.require = root, image_size, transform, tuple(require)
         self.skipped = dict.fromkeys(SKIP_REASONS + tuple(f"missing_{c}" for c in self.require), 0)
         self.converted: dict[str, int] = {}   # original image mode -> images converted to RGB
@@ -179,13 +191,16 @@ class FashionProducts(Dataset):
         self._set_records(self._usable_rows(table))
         if verify_images: self.verify(verbose=False)
         if len(self) == 0:
-            raise ValueError(f"No usable items in {root}: all {self.num_rows} rows were skipped ({self._skip_text()}); {_fashion_layout(root)}")
+            raise ValueError(f"No usable items in {root}: all {self.num_rows} rows were skipped ({self._skip_text()}); "
+                             f"{_fashion_layout(root)}")
         self.photo_size = photo_size(self.records["path"].tolist())   # median (width, height), from a few headers
-        self.upscaled_from = _check_upscale(root, self.photo_size, image_size, allow_upscale)   # photos' side when upscaled
+        # photos' side when upscaled
+        self.upscaled_from = _check_upscale(root, self.photo_size, image_size, allow_upscale)
         if verbose: print(self.summary())
 
     def _usable_rows(self, table: pd.DataFrame) -> pd.DataFrame:
-        "Keep rows with a valid unique id, the required columns, a caption and a non-empty image file; count the others. Adds caption, pattern, path."
+        """Keep rows with a valid unique id, the required columns, a caption and a non-empty image file; count the
+        others. Adds caption, pattern, path."""
         sizes = {e.name: e.stat().st_size for e in os.scandir(self.root / "images") if e.is_file()}
         kept, seen = [], set()
         for row in table.to_dict("records"):
@@ -219,7 +234,8 @@ class FashionProducts(Dataset):
         path = self.records.at[i, "path"]
         try:
             with Image.open(path) as im:
-                im.draft("RGB", _draft_size(im.size, self.image_size))  # JPEG: decode big photos at 1/2, 1/4 or 1/8 scale
+                # JPEG: decode big photos at 1/2, 1/4 or 1/8 scale
+                im.draft("RGB", _draft_size(im.size, self.image_size))
                 im.load()
                 mode, image = im.mode, to_rgb(im)
         except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as e:
@@ -275,7 +291,8 @@ def item_info(self: FashionProducts, i: int, # item index
 def labels(self: FashionProducts, column: str = "articleType", # a records column, e.g. "articleType", "baseColour" or "pattern"
           ) -> tuple[Tensor, list[str]]: # (class index per item, -1 where missing; sorted class names)
     "Integer labels of one metadata column, for classifiers."
-    if column not in self.records.columns: raise ValueError(f"Unknown column {column!r}; expected one of {list(self.records.columns)}")
+    if column not in self.records.columns:
+        raise ValueError(f"Unknown column {column!r}; expected one of {list(self.records.columns)}")
     classes = sorted({v for v in self.records[column] if isinstance(v, str)})
     index = {c: k for k, c in enumerate(classes)}
     return torch.tensor([index.get(v, -1) for v in self.records[column]], dtype=torch.long), classes
@@ -286,7 +303,8 @@ def _skip_text(self: FashionProducts) -> str:
 
 @patch
 def summary(self: FashionProducts) -> str:
-    "One line: usable rows, photo size (and upscaling), skips by reason, conversions, caption fallbacks, patterns, missing values, decoding."
+    """One line: usable rows, photo size (and upscaling), skips by reason, conversions, caption fallbacks, patterns,
+    missing values, decoding."""
     missing = {c: int(self.records[c].isna().sum()) for c in KAGGLE_COLUMNS if c in self.records}
     missing = ", ".join(f"{c} {n}" for c, n in missing.items() if n) or "none"
     converted = ", ".join(f"{m} {n}" for m, n in sorted(self.converted.items())) or "none"
@@ -296,8 +314,10 @@ def summary(self: FashionProducts) -> str:
     photos = f"{self.photo_size[0]}x{self.photo_size[1]} photos -> {self.image_size}x{self.image_size}" if self.photo_size else "photos unread"
     if self.upscaled_from: photos += f" UPSCALED from {self.upscaled_from} px (allow_upscale=True)"
     patterns = ", ".join(f"{p} {n}" for p, n in self.records["pattern"].value_counts().items())
-    return (f"fashion: {len(self):,} usable of {self.num_rows:,} rows in {self.root} | {photos} | skipped {sum(self.skipped.values())}: "
-            f"{self._skip_text()} | converted to RGB: {converted} | fallback captions: {fallback} | patterns: {patterns} | "
+    return (f"fashion: {len(self):,} usable of {self.num_rows:,} rows in {self.root} | {photos} | skipped "
+            f"{sum(self.skipped.values())}: "
+            f"{self._skip_text()} | converted to RGB: {converted} | fallback captions: {fallback} | patterns: "
+            f"{patterns} | "
             f"missing values kept: {missing} | {decoded}")
 
 # %% ../nbs/01_fashion.ipynb #1b0ddfc6
@@ -310,7 +330,8 @@ def _draw_photos(folder: Path, seed: int, items: list, image_size: int, quality:
 
 def _draw_in_parallel(folder: Path, seed: int, items: list, image_size: int, quality: int, workers: int) -> None:
     "Split the items among `workers` forked processes (sequential where fork is unavailable): same bytes either way."
-    if workers <= 1 or "fork" not in multiprocessing.get_all_start_methods(): return _draw_photos(folder, seed, items, image_size, quality)
+    if workers <= 1 or "fork" not in multiprocessing.get_all_start_methods():
+        return _draw_photos(folder, seed, items, image_size, quality)
     with concurrent.futures.ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("fork")) as pool:
         jobs = [pool.submit(_draw_photos, folder, seed, items[k::workers], image_size, quality) for k in range(workers)]
         for job in jobs: job.result()   # re-raises a worker's error
@@ -322,7 +343,8 @@ def make_synthetic_fashion(root: str | Path | None = None, # data root (default 
                            quality: int = 95, # JPEG quality (saved 4:4:4: fine stripes survive)
                            workers: int | None = None, # processes drawing photos (default: 1 under 500 items, else up to 8 CPUs)
                           ) -> tuple[Path, dict]: # (folder with styles.csv and images/, manifest)
-    "Generate (or re-use) a synthetic clothing catalogue in the Kaggle layout: styles.csv + images/<id>.jpg, square photos drawn natively."
+    """Generate (or re-use) a synthetic clothing catalogue in the Kaggle layout: styles.csv + images/<id>.jpg, square
+    photos drawn natively."""
     size, image_size = check_dataset_size(size), image_size or catalogue_image_size()
     if not isinstance(image_size, (int, np.integer)) or not 16 <= image_size <= 1024:
         raise ValueError(f"image_size must be an integer in [16, 1024], got {image_size!r}")
@@ -340,7 +362,8 @@ def make_synthetic_fashion(root: str | Path | None = None, # data root (default 
 # %% ../nbs/01_fashion.ipynb #6e93a226
 def find_fashion_root(root: str | Path, # data root, or the catalogue folder itself
                      ) -> Path | None:
-    "The folder holding styles.csv: root itself, <root>/fashion-product-images[-small], or one level below (Kaggle archives nest it)."
+    """The folder holding styles.csv: root itself, <root>/fashion-product-images[-small], or one level below (Kaggle
+    archives nest it)."""
     root = Path(root)
     if (root / "styles.csv").is_file(): return root
     for name in FASHION_DIRNAMES:
@@ -361,7 +384,8 @@ def load_fashion(root: str | Path | None = None, # data root (default data_dir()
                  allow_upscale: bool = False, # real photos smaller than image_size: upscale them (loudly) instead of refusing
                  verbose: bool = True, # print which data were used and the skip summary
                 ) -> tuple[FashionProducts, DataSource]: # dataset of ((3, S, S) in [-1, 1], caption) and where it came from
-    "The Kaggle clothing catalogue at the profile's size, else the synthetic one drawn at that size (Kaggle needs an account: no download)."
+    """The Kaggle clothing catalogue at the profile's size, else the synthetic one drawn at that size (Kaggle needs an
+    account: no download)."""
     check_source(source)
     root, image_size = Path(root or data_dir()), image_size or catalogue_image_size(profile)
     real = find_fashion_root(root) if source != "synthetic" else None
@@ -374,7 +398,8 @@ def load_fashion(root: str | Path | None = None, # data root (default data_dir()
         raise FileNotFoundError(f"Fashion catalogue not found under {root}: put it in {root / FASHION_DIRNAMES[0]} "
                                 f"({_fashion_layout(root / FASHION_DIRNAMES[0])}), or use source='auto' / 'synthetic'")
     note = "source='synthetic' requested" if source == "synthetic" else f"no styles.csv under {root / FASHION_DIRNAMES[0]} (Kaggle needs a manual download)"
-    drawn = max(image_size, catalogue_image_size(profile))   # the catalogue's own size, or larger when asked: never upscaled
+    # the catalogue's own size, or larger when asked: never upscaled
+    drawn = max(image_size, catalogue_image_size(profile))
     folder, manifest = make_synthetic_fashion(root, size or synthetic_size("fashion", profile), seed, drawn)
     ds = FashionProducts(folder, image_size, verify_images, require, verbose=verbose)
     skipped = {k: v for k, v in ds.skipped.items() if v}

@@ -35,7 +35,8 @@ __all__ = ['CLOTH_THRESHOLD', 'JUDGE_INPUTS_VERSION', 'JUDGE_FORMAT', 'GarmentJu
 # %% ../nbs/11_clothing_judge.ipynb #4e6dc360
 @dataclasses.dataclass
 class GarmentJudgeConfig(Config):
-    "Architecture of the clothing judge: a CNN trunk (type and colour heads) on the resized image, and a pattern branch on a full-resolution crop."
+    """Architecture of the clothing judge: a CNN trunk (type and colour heads) on the resized image, and a pattern
+    branch on a full-resolution crop."""
     type_names: tuple[str, ...] = ()     # articleType classes, in label order
     colour_names: tuple[str, ...] = ()   # baseColour classes, in label order
     image_size: int = 32                 # the trunk sees the image resized to image_size × image_size
@@ -48,14 +49,17 @@ class GarmentJudgeConfig(Config):
     pattern_channels: tuple[int, ...] = (8, 16, 32) # width of each stage of the pattern branch
 
     def __post_init__(self):
-        for name in ("type_names", "colour_names", "channels", "pattern_names", "pattern_channels"): setattr(self, name, tuple(getattr(self, name)))
+        for name in ("type_names", "colour_names", "channels", "pattern_names", "pattern_channels"):
+            setattr(self, name, tuple(getattr(self, name)))
         for name in ("type_names", "colour_names", "pattern_names"):
             values = getattr(self, name)
             if (values or name != "pattern_names") and (len(values) < 2 or len(set(values)) != len(values)):
                 raise ValueError(f"GarmentJudgeConfig.{name} must list at least 2 distinct class names, got {values!r}")
         if not 8 <= self.image_size <= 512: raise ValueError(f"image_size must be in [8, 512], got {self.image_size!r}")
-        if not 0 < self.pattern_crop <= 1: raise ValueError(f"pattern_crop must be in (0, 1], got {self.pattern_crop!r}")
-        if not 8 <= self.pattern_size <= 512: raise ValueError(f"pattern_size must be in [8, 512], got {self.pattern_size!r}")
+        if not 0 < self.pattern_crop <= 1:
+            raise ValueError(f"pattern_crop must be in (0, 1], got {self.pattern_crop!r}")
+        if not 8 <= self.pattern_size <= 512:
+            raise ValueError(f"pattern_size must be in [8, 512], got {self.pattern_size!r}")
 
     @property
     def has_pattern(self) -> bool: return bool(self.pattern_names)
@@ -71,8 +75,10 @@ class GarmentJudgeConfig(Config):
                                 feature_dim=self.pattern_channels[-1], dropout=self.dropout)
 
 # %% ../nbs/11_clothing_judge.ipynb #e11c0002
-CLOTH_THRESHOLD = 0.35  # a pixel is cloth when a channel is this far below white ([0, 1] units); the drop shadow reaches 0.28
-JUDGE_INPUTS_VERSION = 2  # bump when judge_inputs or pattern_boxes change what the judge sees (it is part of the judge's cache key)
+# a pixel is cloth when a channel is this far below white ([0, 1] units); the drop shadow reaches 0.28
+CLOTH_THRESHOLD = 0.35
+# bump when judge_inputs or pattern_boxes change what the judge sees (it is part of the judge's cache key)
+JUDGE_INPUTS_VERSION = 2
 
 def pattern_boxes(images: Tensor, # (B, 3, H, W) in [-1, 1], garments on white
                   crop: float = 0.25, # side of the square crop, as a fraction of min(H, W)
@@ -88,21 +94,24 @@ def pattern_boxes(images: Tensor, # (B, 3, H, W) in [-1, 1], garments on white
     h, w = cover.shape[-2:]
     ys = (torch.arange(h) * stride + (side - H) / 2) / H
     xs = (torch.arange(w) * stride + (side - W) / 2) / W
-    k = (cover - 1e-3 * (ys[:, None] ** 2 + xs[None, :] ** 2).to(cover)).flatten(1).argmax(1)   # tiny pull to the centre breaks ties
+    # tiny pull to the centre breaks ties
+    k = (cover - 1e-3 * (ys[:, None] ** 2 + xs[None, :] ** 2).to(cover)).flatten(1).argmax(1)
     return torch.stack([(k // w) * stride, (k % w) * stride, torch.full_like(k, side)], 1)
 
 def pattern_crops(images: Tensor, # (B, 3, H, W) in [-1, 1]
                   crop: float = 0.25, # side of the crop, as a fraction of min(H, W)
                   size: int = 64, # side of the returned crops (resampled when the crop has another size)
                  ) -> Tensor: # (B, 3, size, size)
-    "The pattern crops of `pattern_boxes`, at `size` pixels: native pixels when crop · H = size, so fine stripes survive."
+    """The pattern crops of `pattern_boxes`, at `size` pixels: native pixels when crop · H = size, so fine stripes
+    survive."""
     if len(images) == 0: return images.new_zeros(0, images.shape[1], size, size)
     out = torch.stack([images[b, :, t:t + s, l:l + s] for b, (t, l, s) in enumerate(pattern_boxes(images, crop).tolist())])
     return out if out.shape[-1] == size else F.interpolate(out.float(), size=(size, size), mode="bilinear", antialias=True, align_corners=False)
 
 # %% ../nbs/11_clothing_judge.ipynb #f7eaee74
 class JudgeInputs(NamedTuple):
-    "What the judge looks at, prepared once: the resized image (trunk) and the full-resolution pattern crop (pattern branch)."
+    """What the judge looks at, prepared once: the resized image (trunk) and the full-resolution pattern crop (pattern
+    branch)."""
     images: Tensor        # (N, 3, image_size, image_size)
     crops: Tensor | None  # (N, 3, pattern_size, pattern_size); None for a judge without a pattern head
 
@@ -149,7 +158,8 @@ class GarmentLogits(NamedTuple):
     pattern: Tensor | None  # (B, n_patterns); None for a judge without a pattern head
 
 class GarmentJudge(nn.Module):
-    "Independent judge of clothing images: type, colour and pattern from a trunk on the resized image and a branch on a full-resolution crop; `features(x)` for FID/KID."
+    """Independent judge of clothing images: type, colour and pattern from a trunk on the resized image and a branch on
+    a full-resolution crop; `features(x)` for FID/KID."""
     def __init__(self, config: GarmentJudgeConfig, # architecture and class names
                 ):
         super().__init__()
@@ -190,7 +200,8 @@ class GarmentJudge(nn.Module):
 
 # %% ../nbs/11_clothing_judge.ipynb #f8be5f42
 def _masked_ce(logits: Tensor, labels: Tensor) -> Tensor:
-    "Cross-entropy over the labelled items (label -1 ignored): summed then divided by their count, so an unlabelled batch gives 0, not NaN."
+    """Cross-entropy over the labelled items (label -1 ignored): summed then divided by their count, so an unlabelled
+    batch gives 0, not NaN."""
     return F.cross_entropy(logits, labels.long(), ignore_index=-1, reduction="sum") / (labels >= 0).sum().clamp(min=1)
 
 def random_blur(images: Tensor, # (B, C, H, W)
@@ -206,7 +217,8 @@ def random_blur(images: Tensor, # (B, C, H, W)
     return out
 
 class GarmentJudgeLoss:
-    "The Trainer's loss_fn: CE(type) + CE(colour) [+ CE(pattern)] on randomly shifted (and softened) inputs; label -1 is ignored."
+    """The Trainer's loss_fn: CE(type) + CE(colour) [+ CE(pattern)] on randomly shifted (and softened) inputs; label -1
+    is ignored."""
     def __init__(self, max_shift: float = 1.0, # augmentation: random translation of the resized image, in pixels
                  crop_shift: float = 2.0, # the same for the pattern crop, in its pixels
                  crop_blur: float = 1.0, # half the crops are blurred with σ up to this, in crop pixels (0: never)
@@ -232,7 +244,8 @@ def _check_labels(name: str, labels: Tensor, names: Sequence[str], n: int) -> Te
 
 def build_garment_judge(config: GarmentJudgeConfig, # architecture and class names
                        ) -> GarmentJudge:
-    "A new GarmentJudge in channels-last memory (1.35× faster training steps on CPU, oneDNN); seed torch first to fix its weights."
+    """A new GarmentJudge in channels-last memory (1.35× faster training steps on CPU, oneDNN); seed torch first to fix
+    its weights."""
     return GarmentJudge(config).to(memory_format=torch.channels_last)
 
 def train_garment_judge(images: Tensor | Dataset | JudgeInputs, # (N, 3, H, W) in [-1, 1] at full size (real catalogue photos only), a Dataset of them, or judge_inputs(...)
@@ -244,11 +257,14 @@ def train_garment_judge(images: Tensor | Dataset | JudgeInputs, # (N, 3, H, W) i
                         max_shift: float = 1.0, # augmentation, in pixels of the trunk's input
                         device: str | None = None, # "cpu" forces the CPU; default: core.get_device()
                        ) -> tuple[GarmentJudge, TrainHistory]: # (EMA judge in eval mode, history)
-    "Train a GarmentJudge on real catalogue images, prepared once (resized for the trunk, cropped for the pattern branch)."
+    """Train a GarmentJudge on real catalogue images, prepared once (resized for the trunk, cropped for the pattern
+    branch)."""
     if config.has_pattern != (pattern_labels is not None):
-        raise ValueError(f"pattern_labels must be given exactly when the judge has a pattern head (pattern_names={config.pattern_names!r})")
+        raise ValueError(f"pattern_labels must be given exactly when the judge has a pattern head "
+                         f"(pattern_names={config.pattern_names!r})")
     n = len(type_labels)
-    if not isinstance(images, JudgeInputs) and len(images) != n: raise ValueError(f"{len(images)} images but {n} type labels")
+    if not isinstance(images, JudgeInputs) and len(images) != n:
+        raise ValueError(f"{len(images)} images but {n} type labels")
     labels = [_check_labels("type", type_labels, config.type_names, n), _check_labels("colour", colour_labels, config.colour_names, n)]
     if config.has_pattern: labels.append(_check_labels("pattern", pattern_labels, config.pattern_names, n))
     with torch_seeded(cfg.seed):  # initial weights, dropout and shifts drawn from cfg.seed: the judge is the same whatever ran before
@@ -324,7 +340,8 @@ def toy_pattern_images(n: int, # how many images
                        seed: int = 0, # draws of classes, periods, phases and noise
                        size: int = 64, # side of the images
                       ) -> tuple[Tensor, Tensor, Tensor, Tensor]: # images in [-1, 1], types, colours, patterns
-    "n blocks on white: colour class = hue (3), type = tall or wide block (2), pattern = checked / solid / striped, a ±0.2 square wave of period 3-5 px (zero mean: blurred, every pattern has the same colour)."
+    """n blocks on white: colour class = hue (3), type = tall or wide block (2), pattern = checked / solid / striped, a
+    ±0.2 square wave of period 3-5 px (zero mean: blurred, every pattern has the same colour)."""
     g = make_generator(seed)
     types, colours, patterns = (torch.randint(0, k, (n,), generator=g) for k in (2, 3, 3))
     palette = torch.tensor([[0.7, -0.7, -0.7], [-0.7, 0.5, -0.7], [-0.7, -0.7, 0.7]])
@@ -354,7 +371,8 @@ def save_judge(path: str | Path, # destination .safetensors
               ) -> Path:
     "Save a judge (weights + architecture config) in one safetensors file, atomically."
     kinds = {ImageClassifier: "classifier", GarmentJudge: "garment"}
-    if type(judge) not in kinds: raise TypeError(f"save_judge expects an ImageClassifier or a GarmentJudge, got {type(judge).__name__}")
+    if type(judge) not in kinds:
+        raise TypeError(f"save_judge expects an ImageClassifier or a GarmentJudge, got {type(judge).__name__}")
     meta = {**dict(metadata or {}), "format": JUDGE_FORMAT, "kind": kinds[type(judge)], "config": judge.config.to_dict()}
     return save_checkpoint(path, {"model": judge.state_dict()}, meta)
 

@@ -68,10 +68,12 @@ def held_out_mask(article_types: Sequence[str | None], # articleType of each ite
                   pairs: Sequence[Sequence[str]] = HELD_OUT_PAIRS, # pairs to hold out
                  ) -> Tensor: # (N,) bool, True for items of a held-out pair
     "Which catalogue items belong to a held-out (articleType, baseColour) pair."
-    if len(article_types) != len(colours): raise ValueError(f"{len(article_types)} article types but {len(colours)} colours")
+    if len(article_types) != len(colours):
+        raise ValueError(f"{len(article_types)} article types but {len(colours)} colours")
     held = {tuple(p) for p in pairs}
     seed_pairs = held & set(SEED_PROMPTS.values())
-    if seed_pairs: raise ValueError(f"held-out pairs {sorted(seed_pairs)} are pairs of the report's prompts; hold out other pairs")
+    if seed_pairs:
+        raise ValueError(f"held-out pairs {sorted(seed_pairs)} are pairs of the report's prompts; hold out other pairs")
     return torch.tensor([(a, c) in held for a, c in zip(article_types, colours)], dtype=torch.bool)
 
 def split_catalogue(records, # FashionProducts.records: a table with articleType and baseColour columns
@@ -91,7 +93,8 @@ LDM_SAMPLERS = ("ddim", "ddpm", "dpm++", "sde-dpm++")  # the pipeline's samplers
 
 @dataclasses.dataclass
 class LDMConfig(Config):
-    "A latent diffusion experiment: U-Net, optional cross-attention blocks, training, noise schedule, guidance and held-out pairs."
+    """A latent diffusion experiment: U-Net, optional cross-attention blocks, training, noise schedule, guidance and
+    held-out pairs."""
     unet: UNetConfig = dataclasses.field(default_factory=lambda: unet_preset("latent", "cpu")) # the latent denoiser
     cross_attention_block: dict | None = None # {"class": "ldm_course.<module>.<Name>", "kwargs": {...}} (chapter 10)
     train: TrainConfig = dataclasses.field(default_factory=TrainConfig) # the training recipe
@@ -114,16 +117,20 @@ class LDMConfig(Config):
     def __post_init__(self):
         self.held_out_pairs = _pairs(self.held_out_pairs)
         if self.unet.in_channels != self.unet.out_channels:
-            raise ValueError(f"unet.in_channels ({self.unet.in_channels}) must equal unet.out_channels ({self.unet.out_channels})")
+            raise ValueError(f"unet.in_channels ({self.unet.in_channels}) must equal unet.out_channels "
+                             f"({self.unet.out_channels})")
         if self.unet.cond_dim is None and not self.unet.cross_attention_levels:
             raise ValueError("The U-Net sees no text: set unet.cond_dim (additive) and/or unet.cross_attention_levels")
         if bool(self.unet.cross_attention_levels) != (self.cross_attention_block is not None):
             raise ValueError("unet.cross_attention_levels and cross_attention_block go together: give both or neither")
-        if not 0 <= self.cond_drop_prob < 1: raise ValueError(f"cond_drop_prob must be in [0, 1), got {self.cond_drop_prob!r}")
+        if not 0 <= self.cond_drop_prob < 1:
+            raise ValueError(f"cond_drop_prob must be in [0, 1), got {self.cond_drop_prob!r}")
         if not 0 <= self.short_caption_prob <= 1:
             raise ValueError(f"short_caption_prob must be in [0, 1], got {self.short_caption_prob!r}")
-        if not self.eta >= 0: raise ValueError(f"eta must be >= 0 (0: deterministic DDIM, 1: stochastic), got {self.eta!r}")
-        if self.sampler not in LDM_SAMPLERS: raise ValueError(f"Unknown sampler {self.sampler!r}; expected one of {LDM_SAMPLERS}")
+        if not self.eta >= 0:
+            raise ValueError(f"eta must be >= 0 (0: deterministic DDIM, 1: stochastic), got {self.eta!r}")
+        if self.sampler not in LDM_SAMPLERS:
+            raise ValueError(f"Unknown sampler {self.sampler!r}; expected one of {LDM_SAMPLERS}")
 
     @property
     def conditioning(self) -> str: # "additive", "cross_attention" or "additive+cross_attention"
@@ -143,7 +150,8 @@ def ldm_config(profile: str = "auto", # "auto", "smoke", "cpu" or "gpu"
     "The additive (report) latent diffusion experiment of a run profile, with `overrides` applied."
     profile = resolve_profile(profile)
     c = vae_config("kl", profile).latent_channels   # the U-Net denoises chapter 07's latents of this profile
-    unet = unet_preset("latent", profile).replace(in_channels=c, out_channels=c, cond_dim=cond_dim)   # chapter 03's network
+    # chapter 03's network
+    unet = unet_preset("latent", profile).replace(in_channels=c, out_channels=c, cond_dim=cond_dim)
     train = {"smoke": train_config("smoke", lr=2e-3, max_steps=30, warmup_steps=5, batch_size=16, ema_decay=0.9,
                                    checkpoint_every=0, sample_every=0),
              "cpu": train_config("cpu", lr=2e-3, max_steps=600, warmup_steps=50, batch_size=64, ema_decay=0.995,
@@ -216,7 +224,8 @@ def load_or_train_vae(images_fn: Callable[[int], Tensor | Dataset], # image_size
         if not path.is_file(): continue
         try: return load_vae(path, device).requires_grad_(False), path, False
         except (RuntimeError, ValueError, KeyError) as e:   # e.g. written by an older version of chapter 07's code
-            warnings.warn(f"Cannot load the VAE {path} ({type(e).__name__}: {str(e)[:200]}); trying the next one or training a fallback")
+            warnings.warn(f"Cannot load the VAE {path} ({type(e).__name__}: {str(e)[:200]}); trying the next one or "
+                          f"training a fallback")
     cfg, train_cfg = vae_config("kl", profile), vae_train_config("kl", profile, seed=seed)
     images = images_fn(cfg.image_size)
     train_set = TensorDataset(images) if isinstance(images, Tensor) else images
@@ -238,7 +247,8 @@ def fit_length(emb: TextEmbeddings, # embeddings with tokens (B, L, d') and mask
     L = emb.mask.shape[1]
     if length < L:
         if bool(emb.mask[:, length:].any()):
-            raise ValueError(f"cannot cut tokens to {length}: some prompts have {int(emb.mask.sum(1).max())} real tokens")
+            raise ValueError(f"cannot cut tokens to {length}: some prompts have {int(emb.mask.sum(1).max())} real "
+                             f"tokens")
         return TextEmbeddings(emb.pooled, emb.tokens[:, :length], emb.mask[:, :length])
     pad = length - L
     return TextEmbeddings(emb.pooled, F.pad(emb.tokens, (0, 0, 0, pad)), F.pad(emb.mask, (0, pad)))
@@ -251,7 +261,8 @@ def trim_padding(*embs: TextEmbeddings, # one or more batches of embeddings
 
 # %% ../nbs/09_ldm_additive.ipynb #db356dfa
 class CaptionedLatents(Dataset):
-    "Items (latent, pooled, tokens, mask): a scaled VAE latent with the embedding of one of its captions (a shared table)."
+    """Items (latent, pooled, tokens, mask): a scaled VAE latent with the embedding of one of its captions (a shared
+    table)."""
     def __init__(self, latents: Tensor, # (N, c, h, w) scaled latents s·z
                  caption_ids: Tensor, # (N,) or (N, K): the K captions of each item, as indices in `embeddings`
                  embeddings: TextEmbeddings, # (U, ...) one row per distinct caption
@@ -279,7 +290,8 @@ class CaptionedLatents(Dataset):
         return (self.latents, self.caption_ids, self.caption_probs, e.pooled) + ((e.tokens, e.mask) if self.with_tokens else ())
 
     def __getitem__(self, i: int) -> tuple[Tensor, ...]:
-        k = 0 if len(self.caption_probs) == 1 else int(torch.multinomial(self.caption_probs, 1))  # global RNG: seeded by the Trainer
+        # global RNG: seeded by the Trainer
+        k = 0 if len(self.caption_probs) == 1 else int(torch.multinomial(self.caption_probs, 1))
         j, e = self.caption_ids[i, k], self.embeddings
         return (self.latents[i], e.pooled[j], e.tokens[j], e.mask[j]) if self.with_tokens else (self.latents[i], e.pooled[j])
 
@@ -300,7 +312,8 @@ class TextDiffusionLoss:
                  pooled_scale: float = 1.0, # factor applied to the pooled vector (LDMConfig.pooled_scale)
                 ):
         if len(null) != 1: raise ValueError(f"null must hold one embedding (of the prompt ''), got {len(null)}")
-        if not (use_pooled or use_tokens): raise ValueError("use_pooled and use_tokens are both False: the model would see no text")
+        if not (use_pooled or use_tokens):
+            raise ValueError("use_pooled and use_tokens are both False: the model would see no text")
         if not 0 <= cond_drop_prob <= 1: raise ValueError(f"cond_drop_prob must be in [0, 1], got {cond_drop_prob!r}")
         self.scheduler, self.null, self.cond_drop_prob = scheduler, null, cond_drop_prob
         self.use_pooled, self.use_tokens, self.pooled_scale = use_pooled, use_tokens, pooled_scale
@@ -316,7 +329,9 @@ class TextDiffusionLoss:
         if self.use_pooled:
             kwargs["cond"] = self.pooled_scale * drop_condition(pooled, self.cond_drop_prob, self.null.pooled[0], dropped=dropped)
         if self.use_tokens:
-            if len(batch) < 4: raise ValueError("use_tokens needs batches (latents, pooled, tokens, mask): CaptionedLatents(with_tokens=True)")
+            if len(batch) < 4:
+                raise ValueError("use_tokens needs batches (latents, pooled, tokens, mask): "
+                                 "CaptionedLatents(with_tokens=True)")
             kwargs["context"] = drop_condition(batch[2], self.cond_drop_prob, self.null.tokens[0], dropped=dropped)
             kwargs["context_mask"] = drop_condition(batch[3], self.cond_drop_prob, self.null.mask[0], dropped=dropped)
         return kwargs
@@ -336,7 +351,8 @@ def text_condition(unet_config: UNetConfig, # decides which arguments the U-Net 
     kwargs = {}
     if unet_config.cond_dim is not None:
         if emb.pooled.shape[-1] != unet_config.cond_dim:
-            raise ValueError(f"the U-Net expects pooled text vectors of size {unet_config.cond_dim}, got {emb.pooled.shape[-1]}: "
+            raise ValueError(f"the U-Net expects pooled text vectors of size {unet_config.cond_dim}, got "
+                             f"{emb.pooled.shape[-1]}: "
                              "was it trained with another text encoder?")
         kwargs["cond"] = pooled_scale * emb.pooled
     if unet_config.cross_attention_levels:
@@ -357,20 +373,24 @@ def text_guidance(unet: UNet, # the trained U-Net (its config says which text ar
     return classifier_free_guidance(unet, guidance_scale, cond, uncond)
 
 # %% ../nbs/09_ldm_additive.ipynb #b49cb920
-_LEGACY_BLOCKS = {"ldm_course.attention.SpatialTransformer": "spatial_transformer"}  # how files saved before the registry named it
+# how files saved before the registry named it
+_LEGACY_BLOCKS = {"ldm_course.attention.SpatialTransformer": "spatial_transformer"}
 
 def cross_attention_factory(spec: Mapping[str, Any] | None, # {"block": <registered name>, "kwargs": {...}}
                            ) -> Callable[[int, int], nn.Module] | None: # (channels, context_dim) -> block, for UNet
     "The U-Net's cross-attention block factory described by `spec`: only blocks of chapter 03's registry can be built."
     if spec is None: return None
     name = spec.get("block") or _LEGACY_BLOCKS.get(str(spec.get("class")))
-    if name is None: raise ValueError(f"cross_attention_block {dict(spec)!r} names no registered block; expected {{'block': <name>, 'kwargs': {{...}}}}")
+    if name is None:
+        raise ValueError(f"cross_attention_block {dict(spec)!r} names no registered block; expected {{'block': <name>, "
+                         f"'kwargs': {{...}}}}")
     block_class, kwargs = cross_attention_block_class(name), dict(spec.get("kwargs", {}))
     return lambda channels, context_dim: block_class(channels, context_dim, **kwargs)
 
 def build_ldm_unet(cfg: LDMConfig, # the experiment
                   ) -> UNet:
-    "A freshly initialised latent U-Net for an experiment (with its cross-attention blocks, if any), drawn from cfg.train.seed."
+    """A freshly initialised latent U-Net for an experiment (with its cross-attention blocks, if any), drawn from
+    cfg.train.seed."""
     with torch_seeded(cfg.train.seed):   # the weights depend on the experiment, not on what ran before
         return UNet(cfg.unet, cross_attention_block=cross_attention_factory(cfg.cross_attention_block))
 
@@ -387,7 +407,8 @@ def fashion_latents(vae: Autoencoder, # the frozen VAE
                     profile: str = "auto", # run profile: decides the cache folder
                     batch_size: int = 64, # images per VAE forward
                    ) -> Tensor: # (N, c, h, w) scaled latents, on the CPU
-    "Scaled VAE latents of catalogue items, cached in runs/<profile>/latents/ (recomputed when the VAE or the data change)."
+    """Scaled VAE latents of catalogue items, cached in runs/<profile>/latents/ (recomputed when the VAE or the data
+    change)."""
     cache = runs_dir(profile) / "latents" / f"fashion-{vae.config.image_size}px-{len(indices)}.safetensors"
     return encode_dataset(vae, Subset(dataset, list(indices)), cache, data_key=data_key, batch_size=batch_size)
 
@@ -395,7 +416,8 @@ def caption_embeddings(text_encoder: TextEncoder, # the frozen text encoder
                        captions: Sequence[str] | Sequence[Sequence[str]], # one caption per item, or K captions per item
                        cache: EmbeddingCache | None = None, # where embeddings are kept (None: no cache)
                       ) -> tuple[Tensor, TextEmbeddings, TextEmbeddings]: # (ids (N,) or (N, K), table, null)
-    "Encode each distinct caption once (through the cache): per-item ids, the table and the null prompt, trimmed together."
+    """Encode each distinct caption once (through the cache): per-item ids, the table and the null prompt, trimmed
+    together."""
     nested = len(captions) > 0 and not isinstance(captions[0], str)
     flat = [c for item in captions for c in item] if nested else list(captions)
     distinct, ids = caption_table(flat)
@@ -408,7 +430,8 @@ PATTERN_WORDS = {"striped": "Striped", "checked": "Checked"}  # how a short capt
 
 def short_captions(records, # FashionProducts.records: baseColour, articleType, caption (and pattern) columns
                   ) -> list[str]: # "baseColour [Pattern] articleType" per item (its caption when a column is missing)
-    "Short captions from the catalogue's columns, e.g. 'Red Dresses' or 'Blue Striped Shirts' (Kaggle's fallback style)."
+    """Short captions from the catalogue's columns, e.g. 'Red Dresses' or 'Blue Striped Shirts' (Kaggle's fallback
+    style)."""
     patterns = records["pattern"] if "pattern" in records else [None] * len(records)
     rows = zip(records["baseColour"], records["articleType"], records["caption"], patterns)
     return [" ".join(w for w in (colour, PATTERN_WORDS.get(pattern), kind) if w) if isinstance(colour, str) and isinstance(kind, str)
@@ -504,8 +527,10 @@ def train_ldm_chapter(chapter: str, # "09_ldm_additive" or "10_cross_attention":
                       checkpoints: bool = True, # write checkpoints and resume an interrupted run (False: train in memory)
                       device: str | None = None, # default: the CPU for smoke, else core.get_device()
                      ) -> TrainedRun:
-    "Chapter 09/10's training in runs/<profile>/checkpoints/<chapter>/train-<fingerprint of config, latents, captions>; a finished run of the same recipe and data there is read back, not retrained."
-    if chapter not in LDM_CHAPTERS: raise ValueError(f"Unknown latent diffusion chapter {chapter!r}; expected one of {LDM_CHAPTERS}")
+    """Chapter 09/10's training in runs/<profile>/checkpoints/<chapter>/train-<fingerprint of config, latents,
+    captions>; a finished run of the same recipe and data there is read back, not retrained."""
+    if chapter not in LDM_CHAPTERS:
+        raise ValueError(f"Unknown latent diffusion chapter {chapter!r}; expected one of {LDM_CHAPTERS}")
     profile = resolve_profile(profile)
     data_id = data_identity(data.train_set, source=f"fashion {data.data_source.source}")
     folder = training_dir(ldm_checkpoint_dir(chapter, profile), cfg, data_id)
@@ -529,10 +554,12 @@ def prepare_ldm_data_once(cfg: LDMConfig, # held-out pairs, cap on training item
                           device: str | torch.device | None = None, # where the VAE runs
                           with_tokens: bool = False, # keep token embeddings (cross-attention)
                          ) -> LDMData:
-    "`prepare_ldm_data` under `accelerate launch`: the main process fills the caches first; chapter 07's VAE must exist."
+    """`prepare_ldm_data` under `accelerate launch`: the main process fills the caches first; chapter 07's VAE must
+    exist."""
     if int(os.environ.get("WORLD_SIZE", "1")) > 1 and find_vae(profile) is None:
         raise FileNotFoundError(f"no KL-VAE for profile {profile!r} ({vae_checkpoint_path('kl', profile)} or "
-                                f"{fallback_vae_path(profile)}): several processes do not train the fallback VAE. Run chapter 07 "
+                                f"{fallback_vae_path(profile)}): several processes do not train the fallback VAE. Run "
+                                f"chapter 07 "
                                 f"first (ldm-course run --only 07 --profile {profile}), or this command on one process")
     with main_process_first(device):
         return prepare_ldm_data(cfg, text_encoder, profile, source, seed, device, with_tokens)
@@ -547,7 +574,8 @@ def train_text_chapter(chapter: str, # "09_ldm_additive" or "10_cross_attention"
                        encoder: str = "auto", # as the notebook's `encoder` parameter
                        checkpoint_every: int | None = None, # steps between checkpoints (None: the recipe's; not part of the run's identity)
                       ) -> TrainedRun:
-    "`ldm-course train 09` or `10`: the notebook's text encoder, experiment and data, then `train_ldm_chapter` with checkpoints."
+    """`ldm-course train 09` or `10`: the notebook's text encoder, experiment and data, then `train_ldm_chapter` with
+    checkpoints."""
     profile = resolve_profile(profile)
     device = get_device("cpu" if profile == "smoke" else None)
     with main_process_first(device): text_encoder = load_text_encoder(encoder, device=device)
@@ -558,7 +586,8 @@ def train_text_chapter(chapter: str, # "09_ldm_additive" or "10_cross_attention"
 
 def train_additive_chapter(profile: str = "auto", seed: int = 0, source: str = "auto", encoder: str = "auto",
                            checkpoint_every: int | None = None) -> TrainedRun:
-    "`ldm-course train 09`: `train_text_chapter` with chapter 09's experiment (the pooled text vector added to the time embedding)."
+    """`ldm-course train 09`: `train_text_chapter` with chapter 09's experiment (the pooled text vector added to the
+    time embedding)."""
     return train_text_chapter("09_ldm_additive", lambda p, s, enc: ldm_training_config(p, s, enc.dim), False,
                               profile, seed, source, encoder, checkpoint_every)
 
@@ -579,7 +608,8 @@ def train_step_seconds(unet: UNet, # the network to time (trained in place: use 
                        steps: int = 3, # timed steps (after one warm-up step)
                        device: str | torch.device = "cpu", # where to run
                       ) -> float: # median wall seconds per optimizer step
-    "Time training steps (forward, backward, AdamW) of a U-Net on random inputs of a given shape; the median resists noise."
+    """Time training steps (forward, backward, AdamW) of a U-Net on random inputs of a given shape; the median resists
+    noise."""
     unet = unet.to(device).train()
     opt = torch.optim.AdamW(unet.parameters(), lr=1e-4)
     x = torch.randn(batch_size, *input_shape, device=device)
@@ -601,7 +631,8 @@ def pixel_unet_config(unet: UNetConfig, # the latent U-Net's config
                       image_size: int, # side of the images the pixel U-Net would denoise
                       max_positions: int = 32 * 32, # self-attention only at levels with at most this many positions
                      ) -> UNetConfig:
-    "The same U-Net in pixel space (RGB in and out), with self-attention only where it sees ≤ 32×32 positions, as pixel DMs do."
+    """The same U-Net in pixel space (RGB in and out), with self-attention only where it sees ≤ 32×32 positions, as
+    pixel DMs do."""
     levels = tuple(lvl for lvl in unet.attention_levels if (image_size >> lvl) ** 2 <= max_positions)
     lowest = image_size >> (len(unet.block_out_channels) - 1)
     return unet.replace(in_channels=3, out_channels=3, attention_levels=levels,

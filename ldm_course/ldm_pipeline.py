@@ -55,7 +55,8 @@ LDM_PIPELINE_FORMAT = "ldm_course.ldm_pipeline/1"
 
 # %% ../nbs/09_ldm_pipeline.ipynb #cae35b61
 class LatentDiffusionPipeline:
-    "Text-to-image: text encoder → a chapter 02 sampler (DDIM by default) with classifier-free guidance in the VAE's latent space → VAE decoder."
+    """Text-to-image: text encoder → a chapter 02 sampler (DDIM by default) with classifier-free guidance in the VAE's
+    latent space → VAE decoder."""
     def __init__(self, vae: Autoencoder, # frozen KL-VAE (its scale_factor set)
                  unet: UNet, # the trained latent U-Net (EMA weights)
                  text_encoder: TextEncoder, # frozen text encoder (the one the U-Net was trained with)
@@ -87,7 +88,8 @@ class LatentDiffusionPipeline:
 
     def __repr__(self) -> str:
         return (f"LatentDiffusionPipeline(conditioning={self.config.conditioning!r}, latent={self.latent_shape}, "
-                f"text_encoder={self.text_encoder.name!r}, unet={sum(p.numel() for p in self.unet.parameters()) / 1e6:.2f} M, "
+                f"text_encoder={self.text_encoder.name!r}, "
+                f"unet={sum(p.numel() for p in self.unet.parameters()) / 1e6:.2f} M, "
                 f"device={str(self.device)!r})")
 
     def encode_prompts(self, prompts: Sequence[str], # a batch of prompts
@@ -148,13 +150,15 @@ def __call__(self: LatentDiffusionPipeline,
           x_T: Tensor | None = None, # starting latents (B, c, h, w) instead of drawing them from `seed`
           sampler: str | None = None, # "ddim", "ddpm", "dpm++" or "sde-dpm++" (default: config.sampler)
          ) -> LDMOutput:
-    "Generate one image per prompt: the sampler (DDIM by default) with classifier-free guidance in latent space, then the VAE decoder."
+    """Generate one image per prompt: the sampler (DDIM by default) with classifier-free guidance in latent space, then
+    the VAE decoder."""
     emb = self.encode_prompts(prompts)
     steps = _check_steps(num_inference_steps if num_inference_steps is not None else self.config.num_inference_steps)
     w = _check_guidance(self.config.guidance_scale if guidance_scale is None else guidance_scale)
     name = self.config.sampler if sampler is None else sampler
     if eta is not None and name != "ddim":
-        raise ValueError(f"eta is DDIM's η; the {name!r} sampler has none (for a stochastic DPM-Solver++ use sampler='sde-dpm++')")
+        raise ValueError(f"eta is DDIM's η; the {name!r} sampler has none (for a stochastic DPM-Solver++ use "
+                         f"sampler='sde-dpm++')")
     model_fn = text_guidance(self.unet, emb, self.null_embedding, w, self.config.pooled_scale)
     sampler = latent_sampler(self.scheduler, name, self.config.eta if eta is None else eta, self.config.timestep_spacing)
     shape = (len(emb), *self.latent_shape)
@@ -205,7 +209,8 @@ def load(cls: LatentDiffusionPipeline, path: str | Path, # a file written by `La
         text_encoder = load_text_encoder(spec["spec"], device=device, max_length=spec["max_length"],
                                          normalize=spec["normalize"], allow_download=False, verbose=False)
     if text_encoder.fingerprint != spec["fingerprint"] or text_encoder.dim != spec["dim"]:
-        raise ValueError(f"text encoder {text_encoder.name!r} (fingerprint {text_encoder.fingerprint}) is not the one the "
+        raise ValueError(f"text encoder {text_encoder.name!r} (fingerprint {text_encoder.fingerprint}) is not the one "
+                         f"the "
                          f"pipeline was trained with ({spec['name']!r}, fingerprint {spec['fingerprint']})")
     extras = {k: v for k, v in meta.items() if k not in ("format", "ldm_config", "vae_config", "scheduler", "text_encoder")}
     return cls(vae.to(device), unet.to(device), text_encoder, build_ldm_scheduler(cfg), cfg, extras)
@@ -223,7 +228,8 @@ def plot_denoising_evolution(trajectory: LDMTrajectory, # from the pipeline with
     for j, t in enumerate(trajectory.timesteps.tolist()):
         for i in range(B): show_image(axes[i, j], images[j, i])
         axes[0, j].set_title("image finale" if t < 0 else f"t = {t}", fontsize=9)
-    for i, prompt in enumerate(prompts): axes[i, 0].set_ylabel(f"« {prompt} »", fontsize=9, rotation=0, ha="right", va="center")
+    for i, prompt in enumerate(prompts):
+        axes[i, 0].set_ylabel(f"« {prompt} »", fontsize=9, rotation=0, ha="right", va="center")
     fig.suptitle(title)
     fig.tight_layout()
     return fig

@@ -56,7 +56,8 @@ class ClassifierFeatures(nn.Module):
         super().__init__()
         d = num_features or getattr(getattr(classifier, "config", None), "feature_dim", None)
         if not isinstance(d, int) or d < 1:
-            raise ValueError(f"num_features must be a positive int (or the classifier must have config.feature_dim), got {d!r}")
+            raise ValueError(f"num_features must be a positive int (or the classifier must have config.feature_dim), "
+                             f"got {d!r}")
         if not callable(getattr(classifier, "features", None)):
             raise TypeError(f"{type(classifier).__name__} has no features(x) method: expected a judge classifier")
         self.classifier = classifier.eval().requires_grad_(False)
@@ -78,7 +79,8 @@ class ClassifierFeatures(nn.Module):
 INCEPTION_WEIGHTS = "pt_inception-2015-12-05-6726825d.pth"  # torch-fidelity's FID Inception-v3
 
 def inception_status() -> tuple[bool, str]: # (usable, why in one line)
-    "Whether torchmetrics' default Inception-v3 features can run offline: torch-fidelity installed and its weights on disk."
+    """Whether torchmetrics' default Inception-v3 features can run offline: torch-fidelity installed and its weights on
+    disk."""
     try: import torch_fidelity  # noqa: F401
     except ImportError: return False, "torch-fidelity is not installed, so torchmetrics cannot build Inception-v3 (pip install torch-fidelity)"
     hub = Path(torch.hub.get_dir()) / "checkpoints"
@@ -98,7 +100,8 @@ def fid_kid(real: Tensor, # (N_r, C, H, W) real images, in the range `feature` e
             batch_size: int = 256, # images per update
             seed: int = 0, # draws the KID subsets
            ) -> dict: # fid, kid, kid_std, num_real, num_fake, kid_subset_size, kid_subsets
-    "FID and KID between two image sets through torchmetrics with an in-domain feature extractor, with the sample counts."
+    """FID and KID between two image sets through torchmetrics with an in-domain feature extractor, with the sample
+    counts."""
     for name, x in (("real", real), ("fake", fake)):
         if not isinstance(x, Tensor) or x.ndim < 2 or len(x) < 2:
             raise ValueError(f"{name} must be a batch of at least 2 images, got {getattr(x, 'shape', type(x))}")
@@ -126,7 +129,8 @@ def real_baseline(real: Tensor, # (N, C, H, W) real images, N >= 2 * num_samples
                  ) -> dict: # as fid_kid
     "The floor of FID/KID at `num_samples` images: two disjoint random subsets of real images compared with each other."
     if not 2 <= num_samples <= len(real) // 2:
-        raise ValueError(f"num_samples must be in [2, {len(real) // 2}] for {len(real)} real images (two disjoint subsets), got {num_samples}")
+        raise ValueError(f"num_samples must be in [2, {len(real) // 2}] for {len(real)} real images (two disjoint "
+                         f"subsets), got {num_samples}")
     order = torch.randperm(len(real), generator=make_generator(seed))
     return fid_kid(real[order[:num_samples]], real[order[num_samples:2 * num_samples]], feature, seed=seed, **kwargs)
 
@@ -162,9 +166,11 @@ class EvalConfig(Config):
     def __post_init__(self):
         self.steps_curve, self.guidance_scales = tuple(int(s) for s in self.steps_curve), tuple(float(w) for w in self.guidance_scales)
         self.judge_channels, self.judge_pattern_channels = tuple(self.judge_channels), tuple(self.judge_pattern_channels)
-        if not 0 < self.heldout_fraction < 1: raise ValueError(f"heldout_fraction must be in (0, 1), got {self.heldout_fraction!r}")
+        if not 0 < self.heldout_fraction < 1:
+            raise ValueError(f"heldout_fraction must be in (0, 1), got {self.heldout_fraction!r}")
         if self.images_per_group < 1 or self.sweep_images_per_group < 1:
-            raise ValueError(f"images_per_group and sweep_images_per_group must be >= 1, got {self.images_per_group}, {self.sweep_images_per_group}")
+            raise ValueError(f"images_per_group and sweep_images_per_group must be >= 1, got {self.images_per_group}, "
+                             f"{self.sweep_images_per_group}")
 
     def garment_judge_config(self, type_names: Sequence[str], # the catalogue's articleType classes, in label order
                              colour_names: Sequence[str], # its baseColour classes
@@ -221,7 +227,8 @@ def steps_sweep(sample: Callable[[str, int, int], tuple[Tensor, Tensor]], # (sam
         start = time.perf_counter()
         images, labels = sample(sampler, int(steps), int(n))
         seconds = time.perf_counter() - start
-        if len(images) != n: raise ValueError(f"sample({sampler!r}, {steps}, {n}) returned {len(images)} images, expected {n}")
+        if len(images) != n:
+            raise ValueError(f"sample({sampler!r}, {steps}, {n}) returned {len(images)} images, expected {n}")
         rows.append({"sampler": sampler, "steps": int(steps), "num_images": int(n), "seconds": seconds,
                      "seconds_per_image": seconds / n, **dict(score(images, labels))})
         if progress_fn: progress_fn(f"{sampler.upper()} {steps:>4} pas, {n} images : {seconds:.1f} s, "
@@ -247,12 +254,14 @@ def plot_quality_vs_steps(table: pd.DataFrame, # from steps_sweep, with columns 
         axes[1].plot(rows["steps"][full], rows["fid"][full], "o-", color=f"C{k}", label=f"{names.get(sampler, sampler)}, N = {main_n}")
         if (~full).any():
             axes[1].plot(rows["steps"][~full], rows["fid"][~full], "o", mfc="none", color=f"C{k}",
-                         label=f"{names.get(sampler, sampler)}, N = {', '.join(map(str, sorted(set(rows['num_images'][~full]))))}")
+                         label=f"{names.get(sampler, sampler)}, N = "
+                               f"{', '.join(map(str, sorted(set(rows['num_images'][~full]))))}")
         axes[2].plot(rows["steps"], rows["seconds_per_image"], "o-", color=f"C{k}", label=names.get(sampler, sampler))
     if judge_ceiling is not None: axes[0].axhline(100 * judge_ceiling, ls="--", c="g", label="juge sur vraies images")
     if chance is not None: axes[0].axhline(100 * chance, ls=":", c="gray", label="hasard")
     for n_floor, value in sorted(fid_floor.items()):
-        axes[1].axhline(value, ls="--" if n_floor == main_n else ":", c="gray", label=f"plancher vraies/vraies, N = {n_floor}")
+        axes[1].axhline(value, ls="--" if n_floor == main_n else ":", c="gray", label=f"plancher vraies/vraies, N = "
+            f"{n_floor}")
     axes[0].set_ylabel("précision du juge (%)")
     axes[0].set_ylim(0, 102)
     axes[0].set_title("Classe demandée reconnue")
@@ -269,14 +278,16 @@ def plot_quality_vs_steps(table: pd.DataFrame, # from steps_sweep, with columns 
         ax.set_xlabel("nombre de pas")
         ax.grid(alpha=0.3)
         ax.legend(fontsize=7)
-    axes[2].yaxis.set_major_locator(matplotlib.ticker.LogLocator(base=10, subs=(1.0, 2.0, 5.0)))  # 1-2-5 ticks: readable on a narrow range
+    # 1-2-5 ticks: readable on a narrow range
+    axes[2].yaxis.set_major_locator(matplotlib.ticker.LogLocator(base=10, subs=(1.0, 2.0, 5.0)))
     axes[2].yaxis.set_major_formatter(matplotlib.ticker.FuncFormatter(lambda v, _: f"{v:.3g}"))
     fig.suptitle(title)
     fig.tight_layout()
     return fig
 
 # %% ../nbs/11_evaluation.ipynb #1c19c141
-PROMPT_GROUPS = ("seed", "catalogue", "held-out", "pattern", "everyday")  # report's prompts, other pairs, unseen pairs, patterns, everyday wording
+# report's prompts, other pairs, unseen pairs, patterns, everyday wording
+PROMPT_GROUPS = ("seed", "catalogue", "held-out", "pattern", "everyday")
 GROUP_NAMES = {  # French names of the groups, for figures and logs
     "seed": "requêtes du rapport", "catalogue": "autres couples du catalogue", "held-out": "couples jamais vus",
     "pattern": "motifs (rayé, à carreaux, uni)", "everyday": "formulations courantes", "overall": "toutes"}
@@ -291,8 +302,10 @@ class PromptSpec:
     pattern: str | None = None  # expected pattern (one of data.PATTERNS); None: the prompt does not ask for one
 
     def __post_init__(self):
-        if self.group not in PROMPT_GROUPS: raise ValueError(f"Unknown prompt group {self.group!r}; expected one of {PROMPT_GROUPS}")
-        if self.pattern is not None and self.pattern not in PATTERNS: raise ValueError(f"Unknown pattern {self.pattern!r}; expected one of {PATTERNS} or None")
+        if self.group not in PROMPT_GROUPS:
+            raise ValueError(f"Unknown prompt group {self.group!r}; expected one of {PROMPT_GROUPS}")
+        if self.pattern is not None and self.pattern not in PATTERNS:
+            raise ValueError(f"Unknown pattern {self.pattern!r}; expected one of {PATTERNS} or None")
 
 GenerateFn = Callable[[list[str], int], Tensor]  # generate(prompts, seed) -> images (len(prompts), 3, H, W) in [-1, 1]
 
@@ -300,7 +313,8 @@ GenerateFn = Callable[[list[str], int], Tensor]  # generate(prompts, seed) -> im
 def proportion_se(successes: Sequence[float], # per prompt: images judged right
                   counts: Sequence[float], # per prompt: images judged
                  ) -> tuple[float, float, float]: # (p, binomial standard error, standard error clustered by prompt)
-    "A pooled accuracy and two standard errors: images independent (binomial), or prompts as the sampled units (cluster-robust)."
+    """A pooled accuracy and two standard errors: images independent (binomial), or prompts as the sampled units
+    (cluster-robust)."""
     y, n = np.asarray(successes, float), np.asarray(counts, float)
     N, P = n.sum(), len(n)
     if N == 0: return float("nan"), float("nan"), float("nan")
@@ -316,12 +330,15 @@ ALIGNMENT_TARGETS = {"seed": {"type": 0.9, "colour": 0.95}, "held-out": {"type":
 # %% ../nbs/11_evaluation.ipynb #887132e0
 class AlignmentResult(NamedTuple):
     "The judge's verdict on images generated for a list of prompts."
-    per_prompt: pd.DataFrame  # per prompt: prompt, group, expected_*, num_images, accuracies type/colour/both/pattern (NaN: not asked), top_prediction
+    # per prompt: prompt, group, expected_*, num_images, accuracies type/colour/both/pattern (NaN: not asked),
+    # top_prediction
+    per_prompt: pd.DataFrame
     samples: list[Tensor]     # per prompt, its (n, C, H, W) images
     seconds: float            # generation wall time
 
     def summary(self) -> pd.DataFrame:
-        "Per prompt group and overall: counts, accuracies (means over images) and their standard errors (the larger of binomial and by-prompt)."
+        """Per prompt group and overall: counts, accuracies (means over images) and their standard errors (the larger
+        of binomial and by-prompt)."""
         def agg(rows: pd.DataFrame) -> dict:
             out = {"num_prompts": len(rows), "num_images": int(rows["num_images"].sum())}
             for k in ALIGNMENT_METRICS:
@@ -353,21 +370,27 @@ def prompt_alignment(generate: GenerateFn, # generate(prompts, seed) -> (len(pro
                      seed: int = 0, # generation call k gets seed + k: same prompts, same settings -> same images
                      batch_size: int = 64, # prompts per generation call
                     ) -> AlignmentResult:
-    "Generate images for each prompt with fixed seeds and score type, colour, both and (when asked) pattern with the judge."
+    """Generate images for each prompt with fixed seeds and score type, colour, both and (when asked) pattern with the
+    judge."""
     if not prompts: raise ValueError("prompts is empty: give at least one PromptSpec")
     counts = [num_samples.get(s.group, 0) if isinstance(num_samples, Mapping) else num_samples for s in prompts]
     if min(counts) < 1: raise ValueError(f"num_samples must be >= 1 for every prompt, got {num_samples!r}")
     c = judge.config
     for spec in prompts:
-        if spec.article_type not in c.type_names: raise ValueError(f"{spec.prompt!r} expects type {spec.article_type!r}, unknown to the judge; expected one of {list(c.type_names)}")
-        if spec.colour not in c.colour_names: raise ValueError(f"{spec.prompt!r} expects colour {spec.colour!r}, unknown to the judge; expected one of {list(c.colour_names)}")
+        if spec.article_type not in c.type_names:
+            raise ValueError(f"{spec.prompt!r} expects type {spec.article_type!r}, unknown to the judge; expected one "
+                             f"of {list(c.type_names)}")
+        if spec.colour not in c.colour_names:
+            raise ValueError(f"{spec.prompt!r} expects colour {spec.colour!r}, unknown to the judge; expected one of "
+                             f"{list(c.colour_names)}")
     flat = [spec.prompt for spec, n in zip(prompts, counts) for _ in range(n)]
     start, chunks = time.perf_counter(), []
     for k, i in enumerate(range(0, len(flat), batch_size)):
         batch = flat[i:i + batch_size]
         out = generate(batch, seed + k)
         if not isinstance(out, Tensor) or out.ndim != 4 or len(out) != len(batch):
-            raise ValueError(f"generate returned {getattr(out, 'shape', type(out))} for {len(batch)} prompts; expected a (B, 3, H, W) tensor with B = {len(batch)}")
+            raise ValueError(f"generate returned {getattr(out, 'shape', type(out))} for {len(batch)} prompts; expected "
+                             f"a (B, 3, H, W) tensor with B = {len(batch)}")
         chunks.append(out.detach().float().cpu())
     seconds = time.perf_counter() - start
     images = torch.cat(chunks)
@@ -399,7 +422,8 @@ def targets_met(summary: Mapping[str, Mapping[str, Any]], # AlignmentResult.summ
                 for m, t in metrics.items()} for g, metrics in targets.items() if g in summary}
 
 # %% ../nbs/11_evaluation.ipynb #6f06934b
-COLOUR_WORDS = {"Red": ("red", "scarlet"), "Navy Blue": ("navy blue", "navy"), "Grey": ("grey", "gray")}  # everyday words (default: the name in lower case)
+# everyday words (default: the name in lower case)
+COLOUR_WORDS = {"Red": ("red", "scarlet"), "Navy Blue": ("navy blue", "navy"), "Grey": ("grey", "gray")}
 GARMENT_WORDS = {  # articleType -> (singular, plural) wordings; a "pair of ..." singular takes the colour before its noun
     "Tshirts": (("T-shirt", "T-shirts"), ("tee", "tees"), ("tshirt", "tshirts")),
     "Shirts": (("shirt", "shirts"), ("button-down shirt", "button-down shirts")),
@@ -429,11 +453,14 @@ def everyday_phrase(form: int, # which wording, 0..EVERYDAY_FORMS-1
                     plural: str, # e.g. "shirts" or "jeans"
                     womenswear: bool = False, # "women's" rather than "men's" in the gendered form
                    ) -> str:
-    "One everyday way of asking for a coloured garment: 'a navy shirt', 'navy shirts', 'a pair of navy jeans', 'a shirt in navy'..."
+    """One everyday way of asking for a coloured garment: 'a navy shirt', 'navy shirts', 'a pair of navy jeans', 'a
+    shirt in navy'..."""
     pair = singular.startswith("pair of ")
     one = f"pair of {colour} {plural}" if pair else f"{colour} {singular}"
-    forms = (_a(one), f"{colour} {plural}", f"the {colour} {plural if pair else singular}", f"{_a(singular)} in {colour}",
-             f"{colour.capitalize()} {plural if pair else singular}", f"{'women' if womenswear else 'men'}'s {colour} {plural}")
+    forms = (_a(one), f"{colour} {plural}", f"the {colour} {plural if pair else singular}", f"{_a(singular)} in "
+        f"{colour}",
+             f"{colour.capitalize()} {plural if pair else singular}", f"{'women' if womenswear else 'men'}'s {colour} "
+                 f"{plural}")
     return forms[form % len(forms)]
 
 # %% ../nbs/11_evaluation.ipynb #e11c0010
@@ -444,13 +471,15 @@ def everyday_prompts(catalogue_pairs: Sequence[tuple[str, str]], # (articleType,
                      num_prompts: int, # at least max(types, colours): every type and every colour appears
                      held_out: Sequence[tuple[str, str]] = (), # pairs never asked for here (they have their own group)
                     ) -> list[PromptSpec]:
-    "Everyday wording, deterministic: types and colours cycled together so the first max(T, C) prompts cover both, in varied forms and words."
+    """Everyday wording, deterministic: types and colours cycled together so the first max(T, C) prompts cover both, in
+    varied forms and words."""
     available, held = _pairs(catalogue_pairs), set(_pairs(held_out))
     types, colours = sorted({t for t, _ in available}), sorted({c for _, c in available})
     specs, k = [], 0
     while len(specs) < max(num_prompts, len(types), len(colours)) and k < 10 * len(available):
         t = types[k % len(types)]
-        c = next((c for c in _rotated(colours, k) if (t, c) in available and (t, c) not in held), None)   # the k-th colour, or the next one the catalogue has
+        # the k-th colour, or the next one the catalogue has
+        c = next((c for c in _rotated(colours, k) if (t, c) in available and (t, c) not in held), None)
         if c is not None:
             nouns, words = garment_words(t), COLOUR_WORDS.get(c, (c.lower(),))
             singular, plural = nouns[(k // len(types)) % len(nouns)]
@@ -474,7 +503,8 @@ def pattern_prompts(catalogue_triples: Sequence[tuple[str, str, str]], # (articl
     wanted = combos + [(types[(3 * i) % len(types)], "solid") for i in range(min(num_solid, len(types)))]
     specs = []
     for i, (t, p) in enumerate(wanted):
-        c = next((c for c in _rotated(colours, 5 * i) if (t, c, p) in triples and (t, c) not in held), None)   # 5 is prime to 12: colours spread
+        # 5 is prime to 12: colours spread
+        c = next((c for c in _rotated(colours, 5 * i) if (t, c, p) in triples and (t, c) not in held), None)
         if c is None: continue
         singular, plural = garment_words(t)[0]
         pair = singular.startswith("pair of ")
@@ -492,7 +522,8 @@ def evaluation_prompts(catalogue_pairs: Sequence[tuple[str, str]], # (articleTyp
                        num_solid: int = 3, # plain prompts in the pattern group
                        num_everyday: int = 0, # everyday prompts (0: no everyday group)
                       ) -> list[PromptSpec]:
-    "The evaluation prompts: the original report's, unseen (held-out) pairs, a seeded draw of other pairs, patterns, everyday wording."
+    """The evaluation prompts: the original report's, unseen (held-out) pairs, a seeded draw of other pairs, patterns,
+    everyday wording."""
     available, held = _pairs(catalogue_pairs), _pairs(held_out)
     specs = [PromptSpec(p, t, c, "seed") for p, (t, c) in (seed_prompts if seed_prompts is not None else SEED_PROMPTS).items()
              if (t, c) in available or (t, c) in held]
@@ -533,17 +564,20 @@ _SOLID_RE = re.compile(SOLID_WORDS, re.IGNORECASE)
 def judge_pattern_labels(records: pd.DataFrame, # FashionProducts.records: a "pattern" column (fashion.pattern_of) and a "caption"
                          source: str, # DataSource.source: "synthetic" or "real"
                         ) -> tuple[Tensor, list[str]]: # (label per item, -1 where unknown; the pattern names, sorted)
-    "Pattern labels: stripes and checks as names say; 'solid' for synthetic items without them, for real ones only when the name says Solid or Plain."
+    """Pattern labels: stripes and checks as names say; 'solid' for synthetic items without them, for real ones only
+    when the name says Solid or Plain."""
     names = sorted(PATTERNS)
     def label(pattern: str, caption: Any) -> int:
-        if pattern == "solid" and source != "synthetic" and not (isinstance(caption, str) and _SOLID_RE.search(caption)): return -1
+        if pattern == "solid" and source != "synthetic" and not (isinstance(caption, str) and _SOLID_RE.search(caption)):
+            return -1
         return names.index(pattern)
     return torch.tensor([label(p, c) for p, c in zip(records["pattern"], records["caption"])], dtype=torch.long), names
 
 def catalogue_fingerprint(records: pd.DataFrame, # FashionProducts.records: a "path" column
                           labels: Sequence[Tensor], # the label tensors the judge learns from
                          ) -> str: # 16 hex digits
-    "What a judge consumed from the catalogue, cheaply: each image file's name, size and modification time, and the labels."
+    """What a judge consumed from the catalogue, cheaply: each image file's name, size and modification time, and the
+    labels."""
     files = [[Path(p).name, *((s.st_size, s.st_mtime_ns) if (s := _stat(p)) else (None, None))] for p in records["path"]]
     return content_digest([files, *[l.cpu() for l in labels]])[:16]
 
@@ -551,13 +585,15 @@ def _stat(path: str):
     try: return os.stat(path)
     except OSError: return None
 
-METRIC_NAMES = {"type": "type", "colour": "couleur", "both": "type et couleur", "pattern": "motif"}  # French names, for figures and logs
+# French names, for figures and logs
+METRIC_NAMES = {"type": "type", "colour": "couleur", "both": "type et couleur", "pattern": "motif"}
 PATTERN_FRENCH = {"solid": "uni", "striped": "rayé", "checked": "à carreaux", "fine": "fin", "wide": "large", "unknown": "inconnu"}
 
 def _in_french(label: str) -> str: return " ".join(PATTERN_FRENCH.get(w, w) for w in label.split())
 
 # %% ../nbs/11_evaluation.ipynb #e11c0031
-PATTERN_SCALE_SPLIT = {"striped": 0.028, "checked": 0.044}  # period (fraction of the image side) between "fine" and "wide"
+# period (fraction of the image side) between "fine" and "wide"
+PATTERN_SCALE_SPLIT = {"striped": 0.028, "checked": 0.044}
 
 def texture_period(crops: Tensor, # (B, 3, p, p) pattern crops
                    crop: float, # side of the crop as a fraction of the image side (GarmentJudgeConfig.pattern_crop)
@@ -569,7 +605,8 @@ def texture_period(crops: Tensor, # (B, 3, p, p) pattern crops
     window = torch.hann_window(p, periodic=False)
     power = torch.fft.rfft2(g * window[:, None] * window[None, :]).abs().pow(2)
     f = (torch.fft.fftfreq(p)[:, None] ** 2 + torch.fft.rfftfreq(p)[None, :] ** 2).sqrt()   # cycles per crop pixel
-    power = power.masked_fill(f < 2.5 / p, 0)   # fewer than 2.5 cycles across the crop: shading and folds, not a pattern
+    # fewer than 2.5 cycles across the crop: shading and folds, not a pattern
+    power = power.masked_fill(f < 2.5 / p, 0)
     return crop / (p * f.flatten()[power.flatten(1).argmax(1)])
 
 def pattern_scales(patterns: Sequence[str], # pattern name of each image ("solid", "striped", "checked"; "" or None if unknown)
@@ -588,7 +625,8 @@ def accuracy_by_stratum(strata: Sequence[str], # (N,) a stratum per image, e.g. 
     for s in sorted(set(strata)):
         member = torch.from_numpy(groups == s)
         out[s] = {"num": int(member.sum()), "accuracy": float(correct[member].float().mean())}
-        if periods is not None: out[s].update(period_min=float(periods[member].min()), period_max=float(periods[member].max()))
+        if periods is not None:
+            out[s].update(period_min=float(periods[member].min()), period_max=float(periods[member].max()))
     return out
 
 # %% ../nbs/11_evaluation.ipynb #f7d25d2c
@@ -600,7 +638,8 @@ def pipeline_generate(pipe: Callable, # a LatentDiffusionPipeline (chapters 09, 
     "generate(prompts, seed) -> images for `prompt_alignment`, from a text-to-image pipeline."
     extra = {} if sampler == "ddim" else {"sampler": sampler}
     if extra and "sampler" not in inspect.signature(pipe.__call__ if hasattr(pipe, "__call__") else pipe).parameters:
-        raise ValueError(f"{type(pipe).__name__} takes no sampler argument (it samples with DDIM); got sampler={sampler!r}")
+        raise ValueError(f"{type(pipe).__name__} takes no sampler argument (it samples with DDIM); got "
+                         f"sampler={sampler!r}")
     def generate(prompts: list[str], seed: int) -> Tensor:
         return pipe(list(prompts), num_inference_steps=num_inference_steps, guidance_scale=guidance_scale, seed=seed, **extra).images
     return generate
@@ -625,7 +664,8 @@ def plot_alignment(results: Mapping[tuple[str, float], AlignmentResult], # (meth
                    chance: float | None = None, # accuracy of a random (type, colour) guess
                    title: str = "Fidélité au texte selon la méthode et l'échelle de guidage", # French title
                   ) -> plt.Figure:
-    "Per prompt group: accuracy (both with its standard error, colour, type; pattern where asked) against w, one colour per method."
+    """Per prompt group: accuracy (both with its standard error, colour, type; pattern where asked) against w, one
+    colour per method."""
     methods = list(dict.fromkeys(m for m, _ in results))
     groups = [g for g in PROMPT_GROUPS if any(g in r.summary().index for r in results.values())]
     ncols = min(3, len(groups))   # at most three panels a row: readable on a page
@@ -645,7 +685,8 @@ def plot_alignment(results: Mapping[tuple[str, float], AlignmentResult], # (meth
             if group == "pattern" and all(pd.notna(r["pattern"]) for r in rows):
                 ax.errorbar(ws, [100 * r["pattern"] for r in rows], yerr=[100 * r["pattern_se"] for r in rows], fmt="-.", marker="^",
                             capsize=2, color=f"C{k}", alpha=0.8, label=f"{method} : motif")
-        if ceiling: ax.axhline(100 * ceiling["both"], c="g", ls="--", lw=1, label="juge sur vraies images (type et couleur)")
+        if ceiling:
+            ax.axhline(100 * ceiling["both"], c="g", ls="--", lw=1, label="juge sur vraies images (type et couleur)")
         if chance is not None: ax.axhline(100 * chance, c="gray", ls=":", lw=1, label="hasard (type et couleur)")
         n_prompts = sorted({int(r.summary().loc[group, "num_prompts"]) for r in results.values() if group in r.summary().index})
         span = lambda v: f"{v[0]}" if len(v) == 1 else f"{v[0]} à {v[-1]}"
@@ -676,7 +717,8 @@ def plot_group_accuracy(result: AlignmentResult, # one method at one w, every gr
                         ceiling: Mapping[str, float] | None = None, # the judge on held-out real photos, per metric
                         title: str = "Précision du juge par groupe de requêtes", # French title
                        ) -> plt.Figure:
-    "Bars per prompt group: type, colour, both and pattern accuracies with ±1 standard error; targets as dashes over their group."
+    """Bars per prompt group: type, colour, both and pattern accuracies with ±1 standard error; targets as dashes over
+    their group."""
     summary = result.summary()
     groups = [g for g in summary.index if g != "overall"]
     fig, ax = plt.subplots(figsize=(max(7.5, 1.9 * len(groups) + 2), 4.6))
@@ -687,13 +729,17 @@ def plot_group_accuracy(result: AlignmentResult, # one method at one w, every gr
         errors = summary.loc[groups, f"{metric}_se"].astype(float).to_numpy()
         ax.bar(x, 100 * np.nan_to_num(values), width, yerr=100 * np.nan_to_num(errors), capsize=2, color=f"C{k}", label=METRIC_NAMES[metric])
         for xi, v, g in zip(x, values, groups):
-            if not np.isnan(v): ax.text(xi, 2, f"{100 * v:.0f}", ha="center", va="bottom", fontsize=7, color="white", rotation=90)
+            if not np.isnan(v):
+                ax.text(xi, 2, f"{100 * v:.0f}", ha="center", va="bottom", fontsize=7, color="white", rotation=90)
             target = (targets or {}).get(g, {}).get(metric)
-            if target is not None: ax.hlines(100 * target, xi - width / 2, xi + width / 2, colors="k", linestyles="--", lw=1.5)
-        if ceiling and ceiling.get(metric) is not None: ax.axhline(100 * ceiling[metric], color=f"C{k}", ls=":", lw=1, alpha=0.7)
+            if target is not None:
+                ax.hlines(100 * target, xi - width / 2, xi + width / 2, colors="k", linestyles="--", lw=1.5)
+        if ceiling and ceiling.get(metric) is not None:
+            ax.axhline(100 * ceiling[metric], color=f"C{k}", ls=":", lw=1, alpha=0.7)
     if targets: ax.plot([], [], "k--", lw=1.5, label="objectif")
     if ceiling: ax.plot([], [], ":", c="gray", label="le juge sur de vraies photos")
-    counts = [f"{GROUP_NAMES[g]}\n{int(summary.loc[g, 'num_prompts'])} requêtes, {int(summary.loc[g, 'num_images'])} images" for g in groups]
+    counts = [f"{GROUP_NAMES[g]}\n{int(summary.loc[g, 'num_prompts'])} requêtes, {int(summary.loc[g, 'num_images'])} "
+              f"images" for g in groups]
     ax.set_xticks(np.arange(len(groups)), counts, fontsize=8)
     ax.set_ylim(0, 105)
     ax.set_ylabel("précision du juge (%), ± 1 erreur type")
@@ -711,7 +757,8 @@ def plot_pattern_check(images: Tensor, # (n, 3, H, W) in [-1, 1]: originals at f
                        reconstructions: Mapping[str, tuple[Tensor, Sequence[str]]] | None = None, # row name -> (images, the judge's decisions)
                        title: str = "Le juge des motifs : ce qu'il regarde", # French title
                       ) -> plt.Figure:
-    "Columns of examples: the photo with the crop the pattern branch reads, that crop pixel for pixel, and the same crop of each reconstruction."
+    """Columns of examples: the photo with the crop the pattern branch reads, that crop pixel for pixel, and the same
+    crop of each reconstruction."""
     rows = {"": (images, judged), **dict(reconstructions or {})}
     n, side = len(images), images.shape[-1]
     fig, axes = plt.subplots(len(rows) + 1, n, figsize=(2.1 * n, 2.2 * (len(rows) + 1) + 0.5), squeeze=False)
@@ -723,12 +770,14 @@ def plot_pattern_check(images: Tensor, # (n, 3, H, W) in [-1, 1]: originals at f
         for r, (name, (x, decisions)) in enumerate(rows.items(), start=1):
             show_image(axes[r, j], x[j, :, t:t + s, l:l + s], interpolation="nearest")
             ok = truth[j].split()[0] == decisions[j]
-            axes[r, j].set_title(f"{name + ' : ' if name else 'juge : '}{_in_french(decisions[j])} {'✓' if ok else '✗'}", fontsize=8, color="g" if ok else "r")
+            axes[r, j].set_title(f"{name + ' : ' if name else 'juge : '}{_in_french(decisions[j])} "
+                                 f"{'✓' if ok else '✗'}", fontsize=8, color="g" if ok else "r")
     for ax in axes.flat:
         ax.set_xticks([])
         ax.set_yticks([])
     axes[0, 0].set_ylabel(f"photo {side}×{side}", fontsize=8)
-    for r, name in enumerate(rows, start=1): axes[r, 0].set_ylabel(f"zone lue ({boxes[0][2]} px)" if not name else name, fontsize=8)
+    for r, name in enumerate(rows, start=1):
+        axes[r, 0].set_ylabel(f"zone lue ({boxes[0][2]} px)" if not name else name, fontsize=8)
     fig.suptitle(title, fontsize=10)
     fig.tight_layout()
     return fig
@@ -744,11 +793,14 @@ def reconstruction_check(judge: GarmentJudge, # the clothing judge (trained on r
                          strata: Sequence[str] | None = None, # (N,) a group name per image (e.g. "striped fine"): pattern accuracy per group
                          batch_size: int = 32, # images reconstructed at a time
                         ) -> dict: # accuracies (original, reconstruction), agreement, pattern_lost, psnr, ssim (+ standard errors), counts
-    "The judge on reconstructions of held-out photos against the same photos, with PSNR and SSIM (torchmetrics) at full size."
+    """The judge on reconstructions of held-out photos against the same photos, with PSNR and SSIM (torchmetrics) at
+    full size."""
     start, inputs, psnrs, ssims, size = time.perf_counter(), {"original": [], "reconstruction": []}, [], [], None
     for x in image_batches(images, batch_size):
         x_hat = reconstruct(x).detach().float().cpu().clamp(-1, 1)
-        if x_hat.shape != x.shape: raise ValueError(f"reconstruct returned {tuple(x_hat.shape)} for images {tuple(x.shape)}: expected the same shape")
+        if x_hat.shape != x.shape:
+            raise ValueError(f"reconstruct returned {tuple(x_hat.shape)} for images {tuple(x.shape)}: expected the "
+                             f"same shape")
         inputs["original"].append(judge.prepare(x))
         inputs["reconstruction"].append(judge.prepare(x_hat))
         psnrs.append(psnr(x_hat, x))

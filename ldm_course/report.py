@@ -45,7 +45,8 @@ def method_key(name: Any) -> str:
 def alignment_rows(evaluation: Mapping | None, # chapter 11's metrics
                    groups: Sequence[str] = ("seed", "held-out"), # prompt groups to keep, in this order
                   ) -> list[dict]:
-    "One dict per (method, w, group) of chapter 11's prompt alignment: method, w, group, num_prompts, num_images, colour, type, both."
+    """One dict per (method, w, group) of chapter 11's prompt alignment: method, w, group, num_prompts, num_images,
+    colour, type, both."""
     fields = ("num_prompts", "num_images", "colour", "type", "both")
     rows = []
     results = lookup(evaluation, "alignment.results")
@@ -69,10 +70,12 @@ def alignment_rows(evaluation: Mapping | None, # chapter 11's metrics
 def best_alignment(evaluation: Mapping | None, # chapter 11's metrics
                    method: str, # "additive" or "cross_attention" (any spelling)
                   ) -> dict | None:
-    "The alignment of `method` at its best guidance scale (by the overall type-and-colour accuracy): {'w', group: {...}}."
+    """The alignment of `method` at its best guidance scale (by the overall type-and-colour accuracy): {'w', group:
+    {...}}."""
     method = method_key(method)
     best = lookup(evaluation, f"alignment.best.{method}")
-    if isinstance(best, Mapping): return {"w": best.get("guidance_scale"), **{k: v for k, v in best.items() if isinstance(v, Mapping)}}
+    if isinstance(best, Mapping):
+        return {"w": best.get("guidance_scale"), **{k: v for k, v in best.items() if isinstance(v, Mapping)}}
     rows = alignment_rows(evaluation, groups=tuple(GROUP_LABELS))
     scales = {r["w"] for r in rows if r["method"] == method}
     if not scales: return None
@@ -85,13 +88,15 @@ class AlignmentSection(ReportTables):
     "The 'Fidélité au texte' section: the prompts held out of training, and chapter 11's prompt alignment table."
     @property
     def held_out_prompts(self) -> str:
-        "The prompts of the colour-type pairs held out of training (chapters 09, 10), quoted, or 'non mesuré (chapitre 09)'."
+        """The prompts of the colour-type pairs held out of training (chapters 09, 10), quoted, or 'non mesuré
+        (chapitre 09)'."""
         prompts = self.value("10", "held_out_prompts") or self.value("09", "held_out_prompts")
         if not prompts: return missing("09")
         return ", ".join(f"« {md_escape(p)} »" for p in prompts)
 
     def method_name(self, method: str) -> str:
-        "French name of a method with its chapter, marked when chapter 11 evaluated a tiny stand-in instead of the chapter's model."
+        """French name of a method with its chapter, marked when chapter 11 evaluated a tiny stand-in instead of the
+        chapter's model."""
         key = method_key(method)
         chapter, name = METHODS.get(key, ("", key))
         stand_in = self.value("11", f"stand_ins.{key}")
@@ -99,11 +104,13 @@ class AlignmentSection(ReportTables):
 
     def main_alignment_table(self, label: str, # unique label
                             ) -> str:
-        "Chapter 11's main evaluation of the best model: per prompt group, type / colour / pattern with standard errors and targets."
+        """Chapter 11's main evaluation of the best model: per prompt group, type / colour / pattern with standard
+        errors and targets."""
         caption = "Fidélité au texte du meilleur modèle, par groupe de requêtes (chapitre 11) : précision ± erreur type, et objectif"
         main = self.value("11", "alignment.main")
         if not isinstance(main, Mapping) or not isinstance(main.get("summary"), Mapping):
-            return self.placeholder_table(label, caption, self._why_missing("11", "l'évaluation principale (alignment.main)"))
+            return self.placeholder_table(label, caption, self._why_missing("11", "l'évaluation principale "
+                "(alignment.main)"))
         targets = main.get("targets") or {}
         def cell(group: str, what: str) -> str:
             s = main["summary"].get(group) or {}
@@ -120,7 +127,8 @@ class AlignmentSection(ReportTables):
 
     def reconstruction_table(self, label: str, # unique label
                             ) -> str:
-        "What the autoencoder keeps of the patterns (chapter 11's reconstruction check), against 64 and 128 px round trips."
+        """What the autoencoder keeps of the patterns (chapter 11's reconstruction check), against 64 and 128 px round
+        trips."""
         caption = ("Ce que la reconstruction garde : le juge sur les photos mises de côté et sur leurs reconstructions "
                    "(motif : toutes les photos, puis rayées et à carreaux seules), PSNR et SSIM à pleine résolution")
         check = self.value("11", "reconstruction_check")
@@ -133,10 +141,12 @@ class AlignmentSection(ReportTables):
             c = check.get(key)
             if not isinstance(c, Mapping) or not isinstance(c.get("reconstruction"), Mapping): continue
             rec, orig = c["reconstruction"], c.get("original") or {}
-            rows.append([name, format_value(c.get("num_images")), f"{percent(rec.get('pattern'))} (photos : {percent(orig.get('pattern'))})",
+            rows.append([name, format_value(c.get("num_images")), f"{percent(rec.get('pattern'))} (photos : "
+                f"{percent(orig.get('pattern'))})",
                          percent(rec.get("pattern_non_solid")), percent(rec.get("type")), percent(rec.get("colour")),
                          md_escape(format_value(c.get("psnr"), 3)) + " dB", md_escape(format_value(c.get("ssim"), 3))])
-        if not rows: return self.placeholder_table(label, caption, self._why_missing("11", "le contrôle des reconstructions"))
+        if not rows:
+            return self.placeholder_table(label, caption, self._why_missing("11", "le contrôle des reconstructions"))
         return self.table(label, ["reconstruction", "images", "motif", "motifs rayés ou à carreaux", "type", "couleur", "PSNR", "SSIM"],
                           rows, caption, align="lrlrrrrr")
 
@@ -144,10 +154,12 @@ class AlignmentSection(ReportTables):
                         groups: Sequence[str] = ("seed", "held-out"), # chapter 11's prompt groups shown
                        ) -> str:
         "Prompt alignment per method, guidance scale and prompt group: colour, type, both (chapter 11's judge)."
-        caption = ("Fidélité au texte (chapitre 11) : part des images dont le juge reconnaît la couleur, le type, ou les deux, "
+        caption = ("Fidélité au texte (chapitre 11) : part des images dont le juge reconnaît la couleur, le type, ou "
+                   "les deux, "
                    "par méthode et par échelle de guidage $w$")
         rows = alignment_rows(self.chapter("11"), groups)
-        if not rows: return self.placeholder_table(label, caption, self._why_missing("11", "la fidélité au texte (alignment)"))
+        if not rows:
+            return self.placeholder_table(label, caption, self._why_missing("11", "la fidélité au texte (alignment)"))
         cells = [[self.method_name(r["method"]), md_escape(format_value(r["w"])), GROUP_LABELS.get(r["group"], md_escape(r["group"])),
                   md_escape(format_value(int(r["num_images"]) if isinstance(r["num_images"], float) and r["num_images"].is_integer() else r["num_images"])),
                   percent(r["colour"]), percent(r["type"]), percent(r["both"])] for r in rows]
@@ -155,7 +167,8 @@ class AlignmentSection(ReportTables):
         sampler, ceiling = self.value("11", "alignment.sampler"), self.value("11", "alignment.judge_ceiling")
         if sampler: extra.append(f"échantillonneur {md_escape(sampler)}")
         if isinstance(ceiling, Mapping) and ceiling.get("both") is not None:
-            extra.append(f"le juge sur de vraies photos : couleur {percent(ceiling.get('colour'))}, type {percent(ceiling.get('type'))}, "
+            extra.append(f"le juge sur de vraies photos : couleur {percent(ceiling.get('colour'))}, type "
+                         f"{percent(ceiling.get('type'))}, "
                          f"les deux {percent(ceiling.get('both'))}")
         chance = self.value("11", "alignment.chance_both")
         if chance is not None: extra.append(f"hasard pour les deux {percent(chance)}")
@@ -176,11 +189,14 @@ class FidSection(ReportTables):
                     ) -> str:
         "Which features the FID/KID of chapter 11 used, in French."
         if not self.has("11"): return missing("11")
-        if short: return "caractéristiques d'Inception-v3" if self.value("11", "inception.available") else "caractéristiques des juges du domaine, pas d'Inception-v3"
+        if short:
+            return "caractéristiques d'Inception-v3" if self.value("11", "inception.available") else "caractéristiques des juges du domaine, pas d'Inception-v3"
         if self.value("11", "inception.available"):
             return "caractéristiques d'Inception-v3 (ImageNet), comparables en ordre de grandeur aux FID publiées"
-        return ("caractéristiques des juges du domaine entraînés au chapitre 11 (classifieurs MNIST et CIFAR10, juge des "
-                "vêtements), pas d'Inception-v3, dont les poids ne sont pas disponibles sur cette machine : les valeurs comparent "
+        return ("caractéristiques des juges du domaine entraînés au chapitre 11 (classifieurs MNIST et CIFAR10, juge "
+                "des "
+                "vêtements), pas d'Inception-v3, dont les poids ne sont pas disponibles sur cette machine : les "
+                "valeurs comparent "
                 "nos modèles entre eux et à leur plancher, pas aux FID publiées")
 
     def fid_table(self, label: str, # unique label
@@ -222,7 +238,8 @@ def method_measures(report: ReportBase, # the report's context
     key = method_key(method)
     chapter = METHODS[key][0]
     own = report.chapter(chapter) or {}
-    if key == "additive" and not own: own = report.value("10", "additive") or {}   # chapter 10 reloads chapter 09's pipeline
+    if key == "additive" and not own:
+        own = report.value("10", "additive") or {}   # chapter 10 reloads chapter 09's pipeline
     best = best_alignment(report.chapter("11"), key) or {}
     return {"parameters": _positive(lookup(own, "unet_parameters")),
             "cross_parameters": _positive(lookup(own, "cross_attention_parameters")) if key == "cross_attention" else None,
@@ -240,10 +257,12 @@ class ComparisonSection(ReportTables):
     "The 'Additif contre cross-attention' section: the two conditioning methods side by side (chapters 09, 10, 11)."
     def comparison_table(self, label: str, # unique label
                         ) -> str:
-        "Additive conditioning (chapter 09) against cross-attention (chapter 10): cost, loss, text gain, alignment, FID."
+        """Additive conditioning (chapter 09) against cross-attention (chapter 10): cost, loss, text gain, alignment,
+        FID."""
         caption = "Conditionnement additif (chapitre 09) contre cross-attention (chapitre 10)"
         if not any(self.has(n) for n in ("09", "10")):
-            return self.placeholder_table(label, caption, f"{missing('09')}, {missing('10')} : aucun modèle latent n'a été entraîné avec le profil {self.profile}.")
+            return self.placeholder_table(label, caption, f"{missing('09')}, {missing('10')} : aucun modèle latent n'a "
+                                                          f"été entraîné avec le profil {self.profile}.")
         m = {k: method_measures(self, k) for k in METHODS}
         def cell(key: str, field: str, chapter: str, fmt=lambda v: md_escape(format_value(v, 4))) -> str:
             v = m[key][field]
@@ -273,11 +292,13 @@ class ComparisonSection(ReportTables):
                 [f"échantillonnage de {format_value(sampled)} images (s)" if sampled else "échantillonnage (s)"]
                 + [cell(k, "sampling_seconds", "10") for k in METHODS]]
         items = self.value("10", "denoising_eval.num_items")
-        counted = (f", {format_value(items.get('train_items'))} articles vus et {format_value(items.get('held_out_items'))} jamais vus"
+        counted = (f", {format_value(items.get('train_items'))} articles vus et "
+                   f"{format_value(items.get('held_out_items'))} jamais vus"
                    if isinstance(items, Mapping) and items.get("train_items") is not None else "")
         same = self.value("10", "additive.same_train_recipe")
         notes = ["perte : moyenne des 20 premiers → 20 derniers pas",
-                 "gain du texte : $(L(\\varnothing) - L(y)) / L(\\varnothing)$ sur des tirages $(t, \\varepsilon)$ identiques "
+                 "gain du texte : $(L(\\varnothing) - L(y)) / L(\\varnothing)$ sur des tirages $(t, \\varepsilon)$ "
+                 "identiques "
                  f"(chapitre 10{counted})",
                  "couleur / type : juge du chapitre 11 à la meilleure échelle $w$"]
         if same is not None: notes.append(f"même recette d'entraînement pour les deux : {format_value(bool(same))}")
@@ -305,7 +326,8 @@ def colour_rows(vae: Mapping | None, # chapter 07's metrics
 
 # %% ../nbs/13_report.ipynb #3fa07b44
 class AutoencoderSection(ReportTables):
-    "The 'VAE contre VQ-VAE' section: the two autoencoders of chapter 07, and their colour fidelity per catalogue colour."
+    """The 'VAE contre VQ-VAE' section: the two autoencoders of chapter 07, and their colour fidelity per catalogue
+    colour."""
     def vae_table(self, label: str, # unique label
                  ) -> str:
         "KL-VAE against VQ-VAE (chapter 07): reconstruction, colour, codebook, cost."
@@ -322,7 +344,8 @@ class AutoencoderSection(ReportTables):
             value = self.value("07", f"{kind}.colour_preserved", f"colour_fidelity_by_base_colour.{kind}.all.colour_preserved")
             return missing("07") if value is None else percent(value)
         codebook = self.value("07", "vq.codebook")
-        used = (f"{format_value(codebook.get('codes_used'))} / {format_value(codebook.get('num_codes'))} ({percent(codebook.get('usage'))})"
+        used = (f"{format_value(codebook.get('codes_used'))} / {format_value(codebook.get('num_codes'))} "
+                f"({percent(codebook.get('usage'))})"
                 if isinstance(codebook, Mapping) and codebook.get("codes_used") is not None else missing("07"))
         rows = [["PSNR (dB)", psnr("kl"), psnr("vq")],
                 ["couleur dominante conservée", kept("kl"), kept("vq")],
@@ -367,17 +390,21 @@ class StepsSection(ReportTables):
     "The 'DDPM contre DDIM' section: quality and cost against the number of sampling steps (chapter 11)."
     def steps_table(self, label: str, # unique label
                    ) -> str:
-        "Quality (judge accuracy, FID) and cost (seconds per image) against the number of sampling steps, DDPM and DDIM."
+        """Quality (judge accuracy, FID) and cost (seconds per image) against the number of sampling steps, DDPM and
+        DDIM."""
         caption = "Qualité et coût selon le nombre de pas d'échantillonnage, DDPM contre DDIM (chapitre 11)"
         rows = steps_rows(self.chapter("11"))
-        if not rows: return self.placeholder_table(label, caption, self._why_missing("11", "la courbe qualité/pas (steps_curve)"))
+        if not rows:
+            return self.placeholder_table(label, caption, self._why_missing("11", "la courbe qualité/pas "
+                "(steps_curve)"))
         cells = [[md_escape(format_value(r["steps"])), SAMPLER_NAMES.get(str(r.get("sampler")), md_escape(r.get("sampler"))),
                   md_escape(format_value(r.get("num_images"))), md_escape(format_value(r.get("seconds_per_image"), 3)),
                   percent(r.get("judge_accuracy")), md_escape(format_value(r.get("fid"), 3))] for r in rows]
         floor = self.value("11", "steps_curve.fid_floor")
         floors = "; ".join(f"{md_escape(format_value(v, 3))} à $N$ = {md_escape(n)}" for n, v in floor.items()) if isinstance(floor, Mapping) else ""
         dataset = DATASET_NAMES.get(self.value("11", "steps_curve.dataset"), self.value("11", "steps_curve.dataset") or "")
-        details = ([f"modèle {md_escape(dataset)}"] if dataset else []) + ([f"plancher de la FID (vraies contre vraies) {floors}"] if floors else [])
+        details = ([f"modèle {md_escape(dataset)}"] if dataset else []) + ([f"plancher de la FID (vraies contre "
+            f"vraies) {floors}"] if floors else [])
         return self.table(label, ["pas", "échantillonneur", "images", "s par image", "juge", "FID"], rows=cells,
                           caption=caption + (" ; " + " ; ".join(details) if details else ""), align="rlrrrr")
 
@@ -388,22 +415,32 @@ class StepsSection(ReportTables):
         ddpm = [r for r in rows if r.get("sampler") == "ddpm" and r.get("seconds_per_image")]
         if not ddim or not ddpm: return missing("11")
         a, b = min(ddim, key=lambda r: abs(r["steps"] - 50)), max(ddpm, key=lambda r: r["steps"])
-        return (f"DDIM à {format_value(a['steps'])} pas : {md_escape(format_value(a['seconds_per_image'], 3))} s par image, juge "
-                f"{percent(a.get('judge_accuracy'))} ({format_value(a.get('num_images'))} images) ; DDPM à {format_value(b['steps'])} pas : "
-                f"{md_escape(format_value(b['seconds_per_image'], 3))} s par image, juge {percent(b.get('judge_accuracy'))} "
-                f"({format_value(b.get('num_images'))} images) ; le DDPM coûte {md_escape(format_value(b['seconds_per_image'] / a['seconds_per_image'], 2))} "
+        return (f"DDIM à {format_value(a['steps'])} pas : {md_escape(format_value(a['seconds_per_image'], 3))} s par "
+                f"image, juge "
+                f"{percent(a.get('judge_accuracy'))} ({format_value(a.get('num_images'))} images) ; DDPM à "
+                f"{format_value(b['steps'])} pas : "
+                f"{md_escape(format_value(b['seconds_per_image'], 3))} s par image, juge "
+                f"{percent(b.get('judge_accuracy'))} "
+                f"({format_value(b.get('num_images'))} images) ; le DDPM coûte "
+                f"{md_escape(format_value(b['seconds_per_image'] / a['seconds_per_image'], 2))} "
                 f"fois le temps par image du DDIM")
 
 # %% ../nbs/13_report.ipynb #09f1f49a
 BENCHMARK_DESCRIPTIONS = {  # what each benchmark measures (French)
-    "unet": "images par seconde à l'entraînement (passe avant, passe arrière, AdamW) de notre U-Net et du `UNet2DModel` "
+    "unet": "images par seconde à l'entraînement (passe avant, passe arrière, AdamW) de notre U-Net et du "
+            "`UNet2DModel` "
             "de diffusers construit avec la même architecture",
-    "sampling": "temps par image et fidélité au texte (juge du chapitre 11) du même modèle latent, mêmes requêtes et mêmes "
+    "sampling": "temps par image et fidélité au texte (juge du chapitre 11) du même modèle latent, mêmes requêtes et "
+                "mêmes "
                 "$z_T$, avec 50 pas DDIM et avec la chaîne DDPM complète de 1000 pas",
-    "solvers": "fidélité au texte (juge du chapitre 11), FID et temps par image du même modèle latent, mêmes requêtes et mêmes "
-               "$z_T$, pour DDIM ($\\eta$ = 1 et 0) et DPM-Solver++ (EDO et EDS) de 5 à 50 pas, contre la chaîne DDPM de 1000 pas",
-    "latent_vs_pixel": "durée d'un pas d'entraînement du même U-Net sur les latents du VAE et sur les pixels des images",
-    "hires": "temps par image d'une génération à 256×256 et à 64×64 par le même latent 16×16 (même U-Net, DDIM-50 avec guidage, "
+    "solvers": "fidélité au texte (juge du chapitre 11), FID et temps par image du même modèle latent, mêmes requêtes "
+               "et mêmes "
+               "$z_T$, pour DDIM ($\\eta$ = 1 et 0) et DPM-Solver++ (EDO et EDS) de 5 à 50 pas, contre la chaîne DDPM "
+               "de 1000 pas",
+    "latent_vs_pixel": "durée d'un pas d'entraînement du même U-Net sur les latents du VAE et sur les pixels des "
+                       "images",
+    "hires": "temps par image d'une génération à 256×256 et à 64×64 par le même latent 16×16 (même U-Net, DDIM-50 avec "
+             "guidage, "
              "encodage du texte et décodage compris) ; en référence, le même U-Net directement sur les pixels 256×256",
     "flops": "FLOP/s d'un pas d'entraînement rapportés au pic fp32 d'un produit de matrices mesuré sur la même machine",
 }
@@ -423,7 +460,8 @@ def target_texts(name: str, # a key of BENCHMARKS
     t = benchmark_targets(name, targets)
     if name == "unet": return [f"≥ {_speedup(t['speedup'])} sur chaque configuration"]
     if name == "sampling": return [f"≥ {_speedup(t['speedup'])} plus rapide",
-                                   f"≤ {md_escape(format_value(100 * t['accuracy_loss'], 3))} points de fidélité au texte perdus"]
+                                   f"≤ {md_escape(format_value(100 * t['accuracy_loss'], 3))} points de fidélité au "
+                                   f"texte perdus"]
     if name == "solvers": return [f"≤ {md_escape(format_value(100 * t['accuracy_loss'], 3))} points perdus en ≤ "
                                   f"{format_value(t['max_evaluations'])} pas, écart résolu"]
     if name == "latent_vs_pixel": return [f"≥ {_speedup(t['speedup'])} plus rapide par pas"]
@@ -433,7 +471,8 @@ def target_texts(name: str, # a key of BENCHMARKS
 # %% ../nbs/13_report.ipynb #adab03b8
 def _unet_measure(result: Mapping) -> str:
     rows = unet_speedups(result)
-    ceiling = lambda r: f", plafond à FLOPs égales {_speedup(r['ceiling'])}" if r["ceiling"] is not None else ""  # bench_unet roofline
+    # bench_unet roofline
+    ceiling = lambda r: f", plafond à FLOPs égales {_speedup(r['ceiling'])}" if r["ceiling"] is not None else ""
     parts = [f"{md_escape(r['name'])} {_speedup(r['speedup'])} ({md_escape(format_value(r['ours_ips'], 3))} contre "
              f"{md_escape(format_value(r['base_ips'], 3))} img/s{ceiling(r)})" for r in rows]
     return " ; ".join(parts)
@@ -458,7 +497,8 @@ def _solvers_measure(result: Mapping) -> str:
     v, ref = result.get("verdict") or {}, result["reference"]
     if not v.get("point"): return "aucun point DPM-Solver++ dans le budget de pas"
     best = result["results"][v["point"]]
-    return (f"{md_escape(v['point'])} : {md_escape(format_value(100 * v['loss'], 2))} ± {md_escape(format_value(100 * v['std_error'], 2))} "
+    return (f"{md_escape(v['point'])} : {md_escape(format_value(100 * v['loss'], 2))} ± "
+            f"{md_escape(format_value(100 * v['std_error'], 2))} "
             f"points perdus contre DDPM-{ref['steps']} ({format_value(result['num_images'])} images), "
             f"{_speedup(best['speedup'])} plus rapide")
 
@@ -473,7 +513,8 @@ def _flops_measure(result: Mapping) -> str:
     fraction = float(best["fraction_of_peak"])
     how = ", ".join(md_escape(best[k]) for k in ("config_name", "memory_format") if best.get(k))
     how += f", AdamW {md_escape(best['optimizer'])}" if best.get("optimizer") else ""
-    return (f"{md_escape(format_value(float(best['attained_gflops']), 4))} GFLOP/s, soit {percent(fraction)} du pic fp32 "
+    return (f"{md_escape(format_value(float(best['attained_gflops']), 4))} GFLOP/s, soit {percent(fraction)} du pic "
+            f"fp32 "
             f"mesuré de {md_escape(format_value(peak, 4))} GFLOP/s ({how})")
 
 _MEASURES = {"unet": _unet_measure, "sampling": _sampling_measure, "solvers": _solvers_measure, "latent_vs_pixel": _latent_vs_pixel_measure,
@@ -488,7 +529,8 @@ def benchmark_machine(result: Mapping, # one result file of bench/results
         if m.get("gpu"): where = f"GPU {m['gpu']}"
         else:
             where = f"CPU {m.get('cpu_model') or '?'}, {format_value(m.get('cpu_cores'))} cœurs"
-            if m.get("load_average_1min") is not None: where += f", charge {format_value(float(m['load_average_1min']), 2)}"
+            if m.get("load_average_1min") is not None:
+                where += f", charge {format_value(float(m['load_average_1min']), 2)}"
         try: date = datetime.datetime.fromisoformat(str(m.get("date"))).strftime("%d/%m/%Y")
         except ValueError: date = None
         return md_escape(where), date
@@ -527,12 +569,14 @@ class BenchmarkFileError(ValueError):
 def read_benchmark(name: str, # a key of BENCHMARKS
                    path: str | Path, # a result file bench/results/<name>_<device>[...].json
                   ) -> BenchmarkResult:
-    "Read one benchmark result file; raises BenchmarkFileError naming the file when it is not valid JSON or lacks a field."
+    """Read one benchmark result file; raises BenchmarkFileError naming the file when it is not valid JSON or lacks a
+    field."""
     path = Path(path)
     if name not in BENCHMARKS: raise ValueError(f"Unknown benchmark {name!r}; expected one of {list(BENCHMARKS)}")
     try: result = json.loads(path.read_text(encoding="utf-8"))
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e: raise BenchmarkFileError(path.name, f"not a readable JSON file ({e})") from None
-    if not isinstance(result, Mapping): raise BenchmarkFileError(path.name, f"expected a JSON object, got {type(result).__name__}")
+    if not isinstance(result, Mapping):
+        raise BenchmarkFileError(path.name, f"expected a JSON object, got {type(result).__name__}")
     try:
         t = result_targets(name, result)
         measured, met = _MEASURES[name](result), benchmark_verdicts(name, result)
@@ -544,7 +588,8 @@ def read_benchmark(name: str, # a key of BENCHMARKS
 
 def read_benchmarks(results_dir: str | Path, # bench/results of the repository (repo_root() / "bench" / "results")
                    ) -> BenchmarkResults:
-    "Every result file <name>_*.json of the BENCHMARKS in `results_dir`; an unreadable one is skipped with a warning naming it."
+    """Every result file <name>_*.json of the BENCHMARKS in `results_dir`; an unreadable one is skipped with a warning
+    naming it."""
     results_dir = Path(results_dir)
     results, skipped = [], []
     for name in BENCHMARKS:
@@ -570,7 +615,8 @@ class BenchmarkSection(ReportTables):
 
     def benchmark_table(self, label: str, # unique label
                        ) -> str:
-        "One row per benchmark result file (machine, date, measure, targets and verdicts); 'non mesuré' for a benchmark without one."
+        """One row per benchmark result file (machine, date, measure, targets and verdicts); 'non mesuré' for a
+        benchmark without one."""
         caption = "Bancs d'essai : une ligne par fichier de résultats de bench/results, objectifs jugés sur les chiffres du fichier"
         bench = self.benchmarks or BenchmarkResults("bench/results", [], [])
         rows, absent = [], []
@@ -599,7 +645,8 @@ class BenchmarkSection(ReportTables):
 
 # %% ../nbs/13_report.ipynb #3be93b91
 class ConclusionSection(ReportBase):
-    "The conclusion's sentences: what each training did to its loss, what chapter 11 measured for each method, the stand-ins."
+    """The conclusion's sentences: what each training did to its loss, what chapter 11 measured for each method, the
+    stand-ins."""
     def loss_sentence(self, number: str) -> str:
         "What happened to a chapter's training loss, in French, from its first and last recorded values."
         if not self.has(number): return missing(number)
@@ -607,22 +654,26 @@ class ConclusionSection(ReportBase):
         if last is None: return f"perte d'entraînement {missing(number)}"
         during = f" en {format_value(steps)} pas d'optimisation" if steps else ""
         if first is None: return f"perte finale {format_value(last)}{during}"
-        if last < first: return f"la perte moyenne passe de {format_value(first)} (premiers pas) à {format_value(last)} (derniers pas){during}"
+        if last < first:
+            return f"la perte moyenne passe de {format_value(first)} (premiers pas) à {format_value(last)} (derniers pas){during}"
         return f"la perte ne diminue pas ({format_value(first)} au début, {format_value(last)} à la fin{during}) : l'entraînement n'a pas appris"
 
     def method_sentence(self, method: str, # "additive" or "cross_attention"
                        ) -> str:
-        "What chapter 11 measured for one method, in French: alignment at its best w, unseen pairs, clothing FID with its floor."
+        """What chapter 11 measured for one method, in French: alignment at its best w, unseen pairs, clothing FID with
+        its floor."""
         key = method_key(method)
         best = best_alignment(self.chapter("11"), key)
         parts = []
         if best and best.get("seed"):
             s = best["seed"]
-            parts.append(f"à $w$ = {md_escape(format_value(best.get('w')))}, le juge reconnaît la couleur demandée pour "
+            parts.append(f"à $w$ = {md_escape(format_value(best.get('w')))}, le juge reconnaît la couleur demandée "
+                         f"pour "
                          f"{percent(s.get('colour'))} des images et le type pour {percent(s.get('type'))} "
                          f"(5 requêtes du rapport d'origine, {format_value(int(s.get('num_images') or 0))} images)")
             u = best.get("held-out")
-            if u: parts.append(f"sur les couples couleur-type jamais vus à l'entraînement : {percent(u.get('colour'))} et "
+            if u: parts.append(f"sur les couples couleur-type jamais vus à l'entraînement : {percent(u.get('colour'))} "
+                               f"et "
                                f"{percent(u.get('type'))} ({format_value(int(u.get('num_images') or 0))} images)")
         fid, floor = self.value("11", f"clothing.{key}.fid"), self.value("11", "clothing.real_vs_real.fid")
         if fid is not None:

@@ -56,7 +56,8 @@ class ReportBase:
                 ):
         self.profile, self.metrics, self.figures_dir = profile, dict(metrics), Path(figures)
         self.profile_description = PROFILE_DESCRIPTIONS.get(profile, profile)
-        self.rehearsal = rehearsal_of(self.metrics) or active_rehearsal()   # the caps the run used, as its metrics recorded them
+        # the caps the run used, as its metrics recorded them
+        self.rehearsal = rehearsal_of(self.metrics) or active_rehearsal()
         self.data_sources = find_data_sources(self.metrics)
         self.drawn, self.stages, self.benchmarks = dict(drawn or {}), list(stages), benchmarks
         self.used_figures: list[str] = []
@@ -121,7 +122,8 @@ class ReportBase:
     # numbering
     def _number(self, kind: str, label: str, prefix: str = "") -> str:
         "The next number of `kind` in the series `prefix` ('' for the body, 'A' for the appendix), e.g. '3' or 'A1'."
-        if label in self._numbers[kind]: raise ValueError(f"{kind} label {label!r} is used twice in the report template")
+        if label in self._numbers[kind]:
+            raise ValueError(f"{kind} label {label!r} is used twice in the report template")
         same_series = sum(1 for n in self._numbers[kind].values() if n.rstrip("0123456789") == prefix)
         self._numbers[kind][label] = f"{prefix}{same_series + 1}"
         return self._numbers[kind][label]
@@ -139,11 +141,14 @@ FIGURE_CAPTIONS = {  # file -> (chapter, French caption) of the chapters' figure
     "fig_donnees_vetements.png": ("01", "Articles du catalogue de vêtements et leurs légendes"),
     "fig_donnees_mnist.png": ("01", "Exemples d'images MNIST utilisées"),
     "fig_donnees_cifar10.png": ("01", "Exemples d'images CIFAR10 utilisées"),
-    "fig_donnees_vetements_pleine_taille.png": ("01", "Le catalogue à pleine résolution : trois photos par type de vêtement"),
-    "fig_donnees_details_resolution.png": ("01", "La même chemise, le même pull, la même veste à 64, 256 et 512 pixels de côté"),
+    "fig_donnees_vetements_pleine_taille.png": ("01", "Le catalogue à pleine résolution : trois photos par type de "
+                                                      "vêtement"),
+    "fig_donnees_details_resolution.png": ("01", "La même chemise, le même pull, la même veste à 64, 256 et 512 pixels "
+                                                 "de côté"),
     "fig_scheduler_alphas_cumprod.png": ("02", "$\\bar\\alpha_t$ pour les trois calendriers de bruit"),
     "fig_bruitage_direct.png": ("02", "Bruitage direct $q(x_t \\mid x_0)$ d'une image à plusieurs pas de temps"),
-    "fig_scheduler_dpm_solver.png": ("02", "DDIM et DPM-Solver++ avec un débruiteur idéal : ordre mesuré et choix d'image"),
+    "fig_scheduler_dpm_solver.png": ("02", "DDIM et DPM-Solver++ avec un débruiteur idéal : ordre mesuré et choix "
+                                           "d'image"),
     "fig_scheduler_trajectoire_ideale.png": ("02", "Échantillonnage avec un débruiteur idéal (oracle)"),
     "fig_entrainement_perte.png": ("04", "Courbe de perte de la boucle d'entraînement"),
     "fig_entrainement_lr.png": ("04", "Calendrier du taux d'apprentissage"),
@@ -161,24 +166,31 @@ FIGURE_CAPTIONS = {  # file -> (chapter, French caption) of the chapters' figure
     "fig_vae_training_curves.png": ("07", "Courbes d'entraînement des deux autoencodeurs"),
     "fig_vae_latents.png": ("07", "Canaux de l'espace latent"),
     "fig_vae_interpolation.png": ("07", "Interpolation entre deux vêtements : en pixels et dans l'espace latent"),
-    "fig_vae_ablation.png": ("07", "L'ablation des termes de détail : le carré le plus détaillé de vêtements à motifs, reconstruit avec et sans les termes perceptuel et adversarial"),
+    "fig_vae_ablation.png": ("07", "L'ablation des termes de détail : le carré le plus détaillé de vêtements à motifs, "
+                                   "reconstruit avec et sans les termes perceptuel et adversarial"),
     "fig_texte_similarites.png": ("08", "Similarités entre requêtes et légendes du catalogue dans l'espace du texte"),
     "fig_ldm_additif_perte.png": ("09", "Perte d'entraînement du modèle latent à conditionnement additif"),
-    "fig_ldm_additif_evolution.png": ("09", "Évolution du débruitage avec le modèle additif (mêmes requêtes que la figure 4)"),
+    "fig_ldm_additif_evolution.png": ("09", "Évolution du débruitage avec le modèle additif (mêmes requêtes que la "
+                                            "figure 4)"),
     "fig_ldm_additif_predictions.png": ("09", "Prédictions $\\hat z_0$ décodées le long de la chaîne de débruitage"),
     "fig_ldm_additif_echantillons.png": ("09", "Vêtements générés par le modèle latent additif"),
     "fig_cross_attention_perte.png": ("10", "Perte d'entraînement du modèle latent avec cross-attention"),
-    "fig_additif_vs_cross_attention.png": ("10", "Mêmes requêtes, mêmes graines : conditionnement additif contre cross-attention"),
-    "fig_zoom_resolution.png": ("10", "Même requête, même graine : l'image à pleine résolution et la même réduite à 64×64, avec un agrandissement"),
+    "fig_additif_vs_cross_attention.png": ("10", "Mêmes requêtes, mêmes graines : conditionnement additif contre "
+                                                 "cross-attention"),
+    "fig_zoom_resolution.png": ("10", "Même requête, même graine : l'image à pleine résolution et la même réduite à "
+                                      "64×64, avec un agrandissement"),
     "fig_cross_attention_guidage.png": ("10", "Effet de l'échelle de guidage $w$, pour les deux méthodes"),
-    "fig_alignement_groupes.png": ("11", "Fidélité au texte du meilleur modèle par groupe de requêtes, avec les objectifs"),
-    "fig_juge_motifs.png": ("11", "Le juge des motifs : photos, recadrages lus par sa branche haute résolution, et reconstructions"),
+    "fig_alignement_groupes.png": ("11", "Fidélité au texte du meilleur modèle par groupe de requêtes, avec les "
+                                         "objectifs"),
+    "fig_juge_motifs.png": ("11", "Le juge des motifs : photos, recadrages lus par sa branche haute résolution, et "
+                                  "reconstructions"),
     "fig_alignement_prompts.png": ("11", "Fidélité au texte selon l'échelle de guidage, par groupe de requêtes"),
     "fig_qualite_vs_pas.png": ("11", "Qualité et coût selon le nombre de pas, DDPM contre DDIM"),
 }
 
 class ReportFigures(ReportBase):
-    "The figures of `r`: a chapter's figure when this run made it (else which chapter will), the appendix, the drawn diagrams."
+    """The figures of `r`: a chapter's figure when this run made it (else which chapter will), the appendix, the drawn
+    diagrams."""
     def has_figure(self, filename: str) -> bool:
         "Whether the figure exists and belongs to this run (its provenance matches the reported metrics)."
         return (self.figures_dir / filename).is_file() and filename not in self.stale_figures
@@ -196,8 +208,10 @@ class ReportFigures(ReportBase):
             if filename not in self.used_figures: self.used_figures.append(filename)
             return f"![Figure {n} – {caption}](figures/{filename}){{#{label} width={width}}}"
         if filename in self.stale_figures:
-            return (f"> **Figure {n} – {caption}**\\\n> *{missing(chapter)} pour ce run : le fichier présent vient d'une autre "
-                    f"exécution ({self.stale_figures[filename]}) ; le chapitre {chapter} ({CHAPTER_TITLES.get(chapter, '')}) "
+            return (f"> **Figure {n} – {caption}**\\\n> *{missing(chapter)} pour ce run : le fichier présent vient "
+                    f"d'une autre "
+                    f"exécution ({self.stale_figures[filename]}) ; le chapitre {chapter} "
+                    f"({CHAPTER_TITLES.get(chapter, '')}) "
                     f"le recrée*\\\n> `{filename}`")
         return (f"> **Figure {n} – {caption}**\\\n> *Figure non produite pour l'instant : le chapitre {chapter} "
                 f"({CHAPTER_TITLES.get(chapter, '')}) crée le fichier*\\\n> `{filename}`")  # own line: a long name cannot overflow
@@ -260,7 +274,8 @@ def metric_label(path: str) -> str:
     return METRIC_LABELS[last] + (f" ({md_breakable('.'.join(group))})" if group else "")
 
 # %% ../nbs/13_report_base.ipynb #e4c28ad0
-SHORT_TITLES = {"05": "DDPM MNIST", "06": "DDPM CIFAR10", "07": "VAE", "09": "LDM additif", "10": "LDM cross-attention"}  # for tables
+# for tables
+SHORT_TITLES = {"05": "DDPM MNIST", "06": "DDPM CIFAR10", "07": "VAE", "09": "LDM additif", "10": "LDM cross-attention"}
 SUMMARY_COLUMNS = (  # (French header, metric paths tried in order) of the results summary table
     ("perte finale", ("final_loss", "train.final_loss", "train.loss_last_20", "loss_last_20", "train_loss")),
     ("pas", ("train.steps", "steps", "max_steps")),
@@ -269,7 +284,8 @@ SUMMARY_COLUMNS = (  # (French header, metric paths tried in order) of the resul
 )
 
 class ReportTables(ReportBase):
-    "The tables of `r`: any numbered table, a placeholder when a table has nothing to show, a chapter's measures, the summary."
+    """The tables of `r`: any numbered table, a placeholder when a table has nothing to show, a chapter's measures, the
+    summary."""
     def table(self, label: str, # unique label
               header: Sequence[str], # column titles (Markdown)
               rows: Sequence[Sequence[Any]], # cells: Markdown strings (escape values with md_escape), or numbers
@@ -283,7 +299,8 @@ class ReportTables(ReportBase):
         if len(align) != len(header): raise ValueError(f"align {align!r} needs one letter per column ({len(header)})")
         cells = [[v if isinstance(v, str) else md_escape(format_value(v)) for v in row] for row in rows]
         # pandoc sizes the columns of a wide table by the dashes of the rule line: make them follow the content
-        if widths is not None and len(widths) != len(header): raise ValueError(f"widths {widths!r} needs one number per column ({len(header)})")
+        if widths is not None and len(widths) != len(header):
+            raise ValueError(f"widths {widths!r} needs one number per column ({len(header)})")
         widths = [max(3, int(w)) for w in widths] if widths is not None else \
                  [min(40, max(8, 4 + len(h), *(2 + len(row[i]) for row in cells))) for i, h in enumerate(header)]
         rule = lambda a, n: {"l": ":" + "-" * (n - 1), "r": "-" * (n - 1) + ":", "c": ":" + "-" * (n - 2) + ":"}[a]
@@ -301,7 +318,8 @@ class ReportTables(ReportBase):
 
     def _why_missing(self, number: str, what: str) -> str:
         "French sentence for a table whose chapter has not run, or ran without measuring `what`."
-        if not self.has(number): return f"{missing(number)} : ce chapitre n'a pas été exécuté avec le profil {self.profile}."
+        if not self.has(number):
+            return f"{missing(number)} : ce chapitre n'a pas été exécuté avec le profil {self.profile}."
         return f"{missing(number)} : {what} ne figure pas dans ses mesures pour le profil {self.profile}."
 
     def metrics_table(self, label: str, # unique label
@@ -329,7 +347,8 @@ class ReportTables(ReportBase):
                 rows.append([title, missing(number)] + ["—"] * len(SUMMARY_COLUMNS))
                 continue
             sources = find_data_sources(self.chapter(number))
-            data = ", ".join(f"{DATASET_NAMES.get(s['name'], s['name'])} ({SOURCE_NAMES.get(s['source'], s['source']).split(' ')[0]})"
+            data = ", ".join(f"{DATASET_NAMES.get(s['name'], s['name'])} "
+                             f"({SOURCE_NAMES.get(s['source'], s['source']).split(' ')[0]})"
                              for s in sources) or "—"
             cells = [md_escape(format_value(v)) if (v := self.value(number, *paths)) is not None else f"non{NBSP}mesuré"
                      for _, paths in SUMMARY_COLUMNS]
@@ -370,7 +389,8 @@ def collect_values(metrics: Mapping, # nested metrics
     return found
 
 # %% ../nbs/13_report_base.ipynb #a89a92ae
-TEXT_ENCODERS = {"minilm": "all-MiniLM-L6-v2", "fashion-clip": "FashionCLIP"}  # chapter 08's short names -> names in the report
+# chapter 08's short names -> names in the report
+TEXT_ENCODERS = {"minilm": "all-MiniLM-L6-v2", "fashion-clip": "FashionCLIP"}
 
 def text_encoder_name(values: Mapping | None, # chapter 08's metrics
                      ) -> str | None:
@@ -382,7 +402,8 @@ class RunConditions(ReportBase):
     "What the report says about the run: data sources, text encoder, and the 'Conditions d'exécution' rows."
     def dataset_name(self, src: Mapping) -> str:
         "French name of a DataSource's dataset and split."
-        return md_escape(f"{DATASET_NAMES.get(src['name'], src['name'])} ({SPLIT_NAMES.get(src['split'], src['split'])})")
+        return md_escape(f"{DATASET_NAMES.get(src['name'], src['name'])} "
+                         f"({SPLIT_NAMES.get(src['split'], src['split'])})")
 
     def describe_data_source(self, src: Mapping) -> str: return describe_data_source(src)
 
@@ -406,7 +427,8 @@ class RunConditions(ReportBase):
 
     @property
     def resolution_text(self) -> str:
-        "The side of the generated images, e.g. '256×256 pixels' (chapter 07's autoencoder, else 10's or 09's), or 'non mesuré'."
+        """The side of the generated images, e.g. '256×256 pixels' (chapter 07's autoencoder, else 10's or 09's), or
+        'non mesuré'."""
         size = self.value("07", "image_size", "kl.config.image_size") or self.value("10", "image_size") or self.value("09", "image_size")
         return f"{format_value(size)}×{format_value(size)} pixels" if size else missing("07")
 
@@ -428,7 +450,8 @@ def training_precisions(metrics: Mapping[str, Mapping], # chapter stem (e.g. "07
     parts = []
     for stem, m in sorted(metrics.items()):
         used = collect_values(m, "mixed_precision")
-        if used: parts.append(f"{stem.split('_', 1)[0]} : " + ", ".join(PRECISION_NAMES.get(u, md_escape(str(u))) for u in used))
+        if used:
+            parts.append(f"{stem.split('_', 1)[0]} : " + ", ".join(PRECISION_NAMES.get(u, md_escape(str(u))) for u in used))
     return " ; ".join(parts) if parts else "non enregistrée par les chapitres"
 
 def run_conditions(report: RunConditions, # the report's context (a ReportContext: metrics, data sources)
@@ -443,8 +466,10 @@ def run_conditions(report: RunConditions, # the report's context (a ReportContex
     seeds = collect_values(report.metrics, "seed")
     devices = collect_values(report.metrics, "device")
     rows += [("encodeur de texte", report.text_encoder),
-             ("graines", " ; ".join(md_escape(format_value(s)) for s in seeds) if seeds else "non enregistrées par les chapitres"),
-             ("appareils des chapitres", " ; ".join(f"`{d}`" for d in devices) if devices else "non enregistrés par les chapitres"),
+             ("graines", " ; ".join(md_escape(format_value(s)) for s in seeds) if seeds else "non enregistrées par les "
+                 "chapitres"),
+             ("appareils des chapitres", " ; ".join(f"`{d}`" for d in devices) if devices else "non enregistrés par "
+                 "les chapitres"),
              ("précision des entraînements", training_precisions(report.metrics)),
              ("commit git", md_escape(git_commit())),
              ("date du rapport", now.strftime("%Y-%m-%d %H:%M %Z").strip()),

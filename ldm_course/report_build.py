@@ -50,7 +50,9 @@ def render_report(template: str | Path, # the Jinja2 + Pandoc Markdown template 
                  ) -> str:
     "Render the template twice (numbering, then final text); returns Pandoc Markdown."
     template = Path(template)
-    if not template.is_file(): raise FileNotFoundError(f"Report template not found: {template}; expected reports/rapport.md in the course repository")
+    if not template.is_file():
+        raise FileNotFoundError(f"Report template not found: {template}; expected reports/rapport.md in the course "
+                                f"repository")
     page = report_environment(template.parent).get_template(template.name)
     text = ""
     for final in (False, True):
@@ -75,7 +77,8 @@ def pandoc_path() -> str:
 def _run(command: Sequence[str], cwd: Path, what: str) -> subprocess.CompletedProcess:
     try: return subprocess.run(list(command), cwd=cwd, capture_output=True, text=True, errors="replace", timeout=600, check=True)
     except subprocess.CalledProcessError as e:
-        raise ReportBuildError(f"{what} failed (exit {e.returncode}) in {cwd}: {(e.stderr or e.stdout).strip()[-2000:]}") from None
+        raise ReportBuildError(f"{what} failed (exit {e.returncode}) in {cwd}: "
+                               f"{(e.stderr or e.stdout).strip()[-2000:]}") from None
 
 # %% ../nbs/13_report_build.ipynb #a2e6c5d3
 LATEX_HEADER = r"""\usepackage{caption}
@@ -209,7 +212,8 @@ FIG1_NAME, FIG3_NAME = "fig1_architecture_ldm.png", "fig3_unet.png"
 
 def report_dir(profile: str = "auto", # run profile
               ) -> Path:
-    "Where the report of a profile goes: reports/ for cpu (the repository's report), runs/<profile>[-rehearsal]/report/ otherwise."
+    """Where the report of a profile goes: reports/ for cpu (the repository's report),
+    runs/<profile>[-rehearsal]/report/ otherwise."""
     profile = resolve_profile(profile)
     repository_report = profile == "cpu" and not active_rehearsal()   # a rehearsal never overwrites the real report
     return repo_root() / "reports" if repository_report else runs_dir(profile) / "report"
@@ -217,7 +221,8 @@ def report_dir(profile: str = "auto", # run profile
 def draw_report_figures(metrics: Mapping[str, Mapping], # every chapter's metrics
                         profile: str, # run profile: where the figures are saved
                        ) -> dict[str, ModelConfig]:
-    "Draw figure 1 (LDM architecture) and figure 3 (U-Net) from the configurations found; returns what each was drawn from."
+    """Draw figure 1 (LDM architecture) and figure 3 (U-Net) from the configurations found; returns what each was drawn
+    from."""
     drawn = {}
     latent = find_unet_config(metrics, chapters=("10", "09"), defaults=False)  # an LDM diagram needs a latent model
     if latent is not None:
@@ -299,7 +304,9 @@ def build_report(profile: str = "auto", # run profile whose metrics and figures 
     profile = resolve_profile(profile)
     pandoc_path()  # fail early, naming the package to install
     template = Path(template) if template else repo_root() / "reports" / "rapport.md"
-    if not template.is_file(): raise FileNotFoundError(f"Report template not found: {template}; expected reports/rapport.md in the course repository")
+    if not template.is_file():
+        raise FileNotFoundError(f"Report template not found: {template}; expected reports/rapport.md in the course "
+                                f"repository")
     make_pdf = bool(shutil.which("latexmk")) if pdf is None else pdf
     out_dir = Path(out_dir) if out_dir else report_dir(profile)
     metrics = load_metrics(profile)

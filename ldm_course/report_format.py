@@ -20,7 +20,8 @@ def chapter_metrics(metrics: Mapping[str, Mapping], # as returned by core.load_m
                     number: str, # chapter number, e.g. "05"
                    ) -> dict | None:
     "The metrics of chapter `number` (whatever its name after the number), or None."
-    if not re.fullmatch(r"\d\d", number): raise ValueError(f"chapter number must be two digits like '05', got {number!r}")
+    if not re.fullmatch(r"\d\d", number):
+        raise ValueError(f"chapter number must be two digits like '05', got {number!r}")
     for stem, values in metrics.items():
         if stem.split("_", 1)[0] == number: return dict(values)
     return None
@@ -137,7 +138,8 @@ def find_data_sources(metrics: Mapping[str, Any], # every chapter's metrics (or 
     return found
 
 DATASET_NAMES = {"mnist": "MNIST", "cifar10": "CIFAR10", "fashion": "Fashion Product Images (Kaggle)"}
-SOURCE_NAMES = {"real": "réelles", "downloaded": "réelles (téléchargées)", "synthetic": "synthétiques (repli hors ligne)"}
+SOURCE_NAMES = {"real": "réelles", "downloaded": "réelles (téléchargées)", "synthetic": "synthétiques (repli hors "
+    "ligne)"}
 SPLIT_NAMES = {"train": "entraînement", "test": "test", "all": "catalogue entier"}
 SKIP_NAMES = {"malformed_line": "lignes mal formées", "bad_id": "identifiants invalides", "duplicate_id": "identifiants en double",
               "missing_caption": "sans légende", "missing_image": "images absentes", "empty_image": "images vides",
@@ -150,5 +152,6 @@ def describe_data_source(src: Mapping, # a DataSource record
     text = f"données {kind}, {format_value(src['num_items'])} éléments"
     if src.get("seed") is not None and src["source"] == "synthetic": text += f", graine {src['seed']}"
     skipped = {k: v for k, v in (src.get("skipped") or {}).items() if v}
-    if skipped: text += " ; écartés : " + ", ".join(f"{format_value(v)} {SKIP_NAMES.get(k, k)}" for k, v in skipped.items())
+    if skipped:
+        text += " ; écartés : " + ", ".join(f"{format_value(v)} {SKIP_NAMES.get(k, k)}" for k, v in skipped.items())
     return md_escape(text)

@@ -45,7 +45,8 @@ def make_beta_schedule(beta_schedule: str = "linear", # "linear", "scaled_linear
 
 # %% ../nbs/02_scheduler.ipynb #71e053ae
 class NoiseScheduler(nn.Module):
-    "β schedule, forward process q(x_t|x_0) and training target of a diffusion model (tensors are non-persistent buffers)."
+    """β schedule, forward process q(x_t|x_0) and training target of a diffusion model (tensors are non-persistent
+    buffers)."""
     def __init__(self,
                  num_train_timesteps: int = 1000, # T, number of noising steps seen in training
                  beta_schedule: str = "linear", # "linear", "scaled_linear" or "cosine"
@@ -233,7 +234,8 @@ class DiffusionSampler:
 
     def step(self, model_output: Tensor, t: Tensor | int, x_t: Tensor, generator: torch.Generator | None = None,
              return_x0: bool = False) -> Tensor | tuple[Tensor, Tensor]:
-        "One reverse step x_t → x_prev (and x̂0 with `return_x0`); see `DDPMSampler`, `DDIMSampler`, `DPMSolverMultistepSampler`."
+        """One reverse step x_t → x_prev (and x̂0 with `return_x0`); see `DDPMSampler`, `DDIMSampler`,
+        `DPMSolverMultistepSampler`."""
         raise NotImplementedError(f"{type(self).__name__} must define step()")
 
     def initial_noise(self, shape: tuple[int, ...], # (B, C, H, W)
@@ -369,7 +371,8 @@ def dynamic_threshold(x0: Tensor, # x̂0, (B, ...)
 
 # %% ../nbs/02_scheduler.ipynb #830c70e2
 class DPMSolverMultistepSampler(DiffusionSampler):
-    "DPM-Solver++ of Lu et al. (2022b): multistep solver of the probability-flow ODE (or of the reverse SDE) in data-prediction form."
+    """DPM-Solver++ of Lu et al. (2022b): multistep solver of the probability-flow ODE (or of the reverse SDE) in
+    data-prediction form."""
     timestep_spacings = DPM_TIMESTEP_SPACINGS
 
     def __init__(self, scheduler: NoiseScheduler, # the schedule the model was trained with
@@ -385,7 +388,8 @@ class DPMSolverMultistepSampler(DiffusionSampler):
         if algorithm_type not in DPM_ALGORITHM_TYPES:
             raise ValueError(f"Unknown algorithm_type {algorithm_type!r}; expected one of {DPM_ALGORITHM_TYPES}")
         if solver_order not in (1, 2, 3) or (solver_order == 3 and algorithm_type != "dpmsolver++"):
-            raise ValueError(f"solver_order must be 1, 2 or 3 (3 only with algorithm_type='dpmsolver++'), got {solver_order!r} "
+            raise ValueError(f"solver_order must be 1, 2 or 3 (3 only with algorithm_type='dpmsolver++'), got "
+                             f"{solver_order!r} "
                              f"with {algorithm_type!r}")
         if final_sigmas_type not in FINAL_SIGMAS_TYPES:
             raise ValueError(f"Unknown final_sigmas_type {final_sigmas_type!r}; expected one of {FINAL_SIGMAS_TYPES}")
@@ -408,9 +412,11 @@ class DPMSolverMultistepSampler(DiffusionSampler):
         return T if self.timestep_spacing == "trailing" else T - 1
 
     def _spaced_timesteps(self, n: int) -> Tensor:
-        "diffusers' DPMSolverMultistepScheduler timesteps: the last step goes to σ = 0 itself, so none of them needs to be 0."
+        """diffusers' DPMSolverMultistepScheduler timesteps: the last step goes to σ = 0 itself, so none of them needs
+        to be 0."""
         T = self.scheduler.num_train_timesteps
-        if self.timestep_spacing == "linspace": return (torch.arange(n, 0, -1, dtype=torch.float64) * ((T - 1) / n)).round().long()
+        if self.timestep_spacing == "linspace":
+            return (torch.arange(n, 0, -1, dtype=torch.float64) * ((T - 1) / n)).round().long()
         if self.timestep_spacing == "leading": return torch.arange(n, 0, -1) * (T // (n + 1))
         return super()._spaced_timesteps(n)  # trailing: the same timesteps as DDIM
 
@@ -443,10 +449,12 @@ class DPMSolverMultistepSampler(DiffusionSampler):
         "The order of step i: `solver_order`, less at the start (no past x̂0 yet) and on the last steps."
         n, few = self.num_inference_steps, self.lower_order_final and self.num_inference_steps < 15
         order = self.solver_order
-        if i == n - 1 and (few or self._sigma[n] == 0): order = 1  # σ = 0: λ = +∞, only the first-order update is defined
+        if i == n - 1 and (few or self._sigma[n] == 0):
+            order = 1  # σ = 0: λ = +∞, only the first-order update is defined
         if i == n - 2 and few: order = min(order, 2)
         available = next(k for k in range(1, order + 1) if k == order or i - k not in self._past_x0)
-        return available if self._lambda[i + 1] > self._lambda[i] else 1  # h = 0 (t = 0 then σ_min): nothing to integrate
+        # h = 0 (t = 0 then σ_min): nothing to integrate
+        return available if self._lambda[i + 1] > self._lambda[i] else 1
 
 # %% ../nbs/02_scheduler.ipynb #2c295001
 @patch
@@ -456,7 +464,8 @@ def step(self: DPMSolverMultistepSampler, model_output: Tensor, # the network's 
          generator: torch.Generator | None = None, # draws the step's noise z (SDE form only)
          return_x0: bool = False, # also return x̂0
         ) -> Tensor | tuple[Tensor, Tensor]: # x at the next timestep, or (that, x̂0)
-    "One DPM-Solver++ update of order `solver_order_at(i)`, using the x̂0 of the previous steps (Lu et al. 2022b, Alg. 2)."
+    """One DPM-Solver++ update of order `solver_order_at(i)`, using the x̂0 of the previous steps (Lu et al. 2022b,
+    Alg. 2)."""
     if model_output.shape != x_t.shape:
         raise ValueError(f"model_output shape {tuple(model_output.shape)} must match x_t shape {tuple(x_t.shape)}")
     self.previous_timestep(t)  # checks that t is one of the inference timesteps
@@ -474,7 +483,8 @@ def step(self: DPMSolverMultistepSampler, model_output: Tensor, # the network's 
 
 @patch
 def _taylor_terms(self: DPMSolverMultistepSampler, i: int, order: int) -> list[Tensor]:
-    "x̂0 and its scaled λ-derivatives at step i, estimated from the remembered x̂0: [D0] (order 1), [D0, D1], [D0, D1, D2]."
+    """x̂0 and its scaled λ-derivatives at step i, estimated from the remembered x̂0: [D0] (order 1), [D0, D1], [D0,
+    D1, D2]."""
     lam, x0 = self._lambda, self._past_x0
     h = lam[i + 1] - lam[i]
     if order == 1: return [x0[i]]
@@ -495,7 +505,8 @@ def _update(self: DPMSolverMultistepSampler, i: int, x_s: Tensor, D: list[Tensor
         # x_t = (σ_t/σ_s)·x_s + α_t ∫ e^{-(λ_t-λ)} x̂0(λ) dλ with x̂0 ≈ D0 + D1·(λ-λ_s)/h + ½·D2·((λ-λ_s)/h)²
         phi = -math.expm1(-h)  # 1 − e^{−h}
         x_t = sigma_t / sigma_s * x_s + alpha_t * phi * D[0]
-        if len(D) == 2: x_t = x_t + alpha_t * phi / 2 * D[1]  # 2M: x̂0 taken at the midpoint, (1 + 1/2r)·x̂0_s − (1/2r)·x̂0_s'
+        if len(D) == 2:
+            x_t = x_t + alpha_t * phi / 2 * D[1]  # 2M: x̂0 taken at the midpoint, (1 + 1/2r)·x̂0_s − (1/2r)·x̂0_s'
         if len(D) == 3: x_t = x_t + alpha_t * (1 - phi / h) * D[1] + alpha_t * (0.5 - (h - phi) / h**2) * D[2]
         return x_t
     # SDE: e^{-h} becomes e^{-2h} in the integral, and fresh noise of variance σ_t²(1 − e^{−2h}) is added

@@ -56,7 +56,8 @@ def _glyph(font: ImageFont.FreeTypeFont, digit: int) -> Image.Image:
 
 def _pen(glyph: Image.Image, width: float) -> np.ndarray:
     "Thicken a glyph to about `width` pixels, then round it like a pen stroke; float32 in [0, 1]."
-    while _stroke_width(np.asarray(glyph)) < width - 1: glyph = glyph.filter(ImageFilter.MaxFilter(3))  # each pass adds ~2 px
+    while _stroke_width(np.asarray(glyph)) < width - 1:
+        glyph = glyph.filter(ImageFilter.MaxFilter(3))  # each pass adds ~2 px
     while _stroke_width(np.asarray(glyph)) > width + 1.5:  # bold fonts: thin them down, never to nothing
         thinner = glyph.filter(ImageFilter.MinFilter(3))
         if np.count_nonzero(np.asarray(thinner) > 127) < 100: break
@@ -68,7 +69,8 @@ def _pen(glyph: Image.Image, width: float) -> np.ndarray:
 
 @functools.lru_cache(maxsize=1)
 def digit_templates() -> tuple[np.ndarray, np.ndarray]:
-    "Pen-stroke digit templates (fonts, 10, widths, 56, 56) in [0, 1] and their centres of mass (..., 2) in [-1, 1] coordinates."
+    """Pen-stroke digit templates (fonts, 10, widths, 56, 56) in [0, 1] and their centres of mass (..., 2) in [-1, 1]
+    coordinates."""
     fonts = [ImageFont.truetype(_font_path(*f), 160) for f in DIGIT_FONTS]
     templates = np.stack([np.stack([np.stack([_pen(_glyph(font, d), w) for w in _STROKES]) for d in range(10)]) for font in fonts])
     axis = np.linspace(-1 + 1 / _GLYPH, 1 - 1 / _GLYPH, _GLYPH, dtype=np.float32)  # pixel centres, align_corners=False
@@ -99,11 +101,13 @@ def generate_digits(n: int, # number of images
                     size: int = 28, # output side, pixels
                     chunk: int = 4096, # images warped per grid_sample call
                    ) -> tuple[np.ndarray, np.ndarray]: # images (n, size, size) uint8 white on black, labels (n,) uint8
-    "Handwritten-style digits: font glyphs with random stroke width, affine and elastic jitter, centred by mass like MNIST."
+    """Handwritten-style digits: font glyphs with random stroke width, affine and elastic jitter, centred by mass like
+    MNIST."""
     templates, centres = digit_templates()
     rng = np.random.default_rng(seed)
     labels = balanced_labels(n, 10, seed) if labels is None else np.asarray(labels, np.uint8)
-    if labels.shape != (n,) or labels.max(initial=0) > 9: raise ValueError(f"labels must be {n} digits in 0..9, got shape {labels.shape}")
+    if labels.shape != (n,) or labels.max(initial=0) > 9:
+        raise ValueError(f"labels must be {n} digits in 0..9, got shape {labels.shape}")
     font = rng.integers(0, templates.shape[0], n)
     width = rng.integers(0, templates.shape[2], n)
     angle = np.deg2rad(rng.normal(0, 8, n))
@@ -125,7 +129,8 @@ def generate_digits(n: int, # number of images
     images = np.empty((n, size, size), np.uint8)
     for i in range(0, n, chunk):
         part = slice(i, i + chunk)
-        glyphs = source[font[part], labels[part].astype(np.int64), width[part]].unsqueeze(1)  # uint8 would index as a mask
+        # uint8 would index as a mask
+        glyphs = source[font[part], labels[part].astype(np.int64), width[part]].unsqueeze(1)
         g = torch.from_numpy(grid[part]).view(-1, 2, size, size).permute(0, 2, 3, 1)
         warped = F.grid_sample(glyphs, g, mode="bilinear", padding_mode="zeros", align_corners=False)
         images[part] = (warped[:, 0].clamp(0, 1) * 255).round().to(torch.uint8).numpy()
@@ -160,7 +165,8 @@ def _sky(rng: np.random.Generator) -> tuple:
 def _clouds(rng: np.random.Generator, d: ImageDraw.ImageDraw, top: float = 4, bottom: float = 24) -> None:
     for _ in range(int(rng.integers(0, 3))):
         x, y, w = rng.uniform(0, 64), rng.uniform(top, bottom), rng.uniform(6, 11)
-        for dx in (-w / 2, 0, w / 2): d.ellipse((x + dx - w / 2, y - w / 3, x + dx + w / 2, y + w / 3), fill=_jitter(rng, (245, 245, 248), 6))
+        for dx in (-w / 2, 0, w / 2):
+            d.ellipse((x + dx - w / 2, y - w / 3, x + dx + w / 2, y + w / 3), fill=_jitter(rng, (245, 245, 248), 6))
 
 def _star_points(cx: float, cy: float, r: float, turn: float, points: int = 5, inner: float = 0.45) -> list:
     a = turn + np.arange(2 * points) * np.pi / points
@@ -219,7 +225,8 @@ def _draw_boat(rng, s, cx, cy):
     d.polygon([(cx - w, y - 5 * s), (cx + w, y - 5 * s), (cx + w * 0.7, y + 4 * s), (cx - w * 0.7, y + 4 * s)], fill=_hsv(rng, val=(0.2, 0.9)))
     d.line([(cx, y - 5 * s), (cx, y - 30 * s)], fill=(60, 40, 30), width=2)
     d.polygon([(cx + 1, y - 29 * s), (cx + 1, y - 7 * s), (cx + w * 0.85, y - 7 * s)], fill=_hsv(rng, sat=(0, 0.6), val=(0.8, 1)))
-    if rng.random() < 0.6: d.polygon([(cx - 1, y - 26 * s), (cx - 1, y - 7 * s), (cx - w * 0.6, y - 7 * s)], fill=_hsv(rng, sat=(0, 0.6), val=(0.8, 1)))
+    if rng.random() < 0.6:
+        d.polygon([(cx - 1, y - 26 * s), (cx - 1, y - 7 * s), (cx - w * 0.6, y - 7 * s)], fill=_hsv(rng, sat=(0, 0.6), val=(0.8, 1)))
     return img
 
 def _draw_car(rng, s, cx, cy):
@@ -251,7 +258,8 @@ def _draw_fish(rng, s, cx, cy):
     w, h, colour = rng.uniform(12, 17) * s, rng.uniform(6, 10) * s, _hsv(rng, sat=(0.6, 1), val=(0.7, 1))
     d.polygon([(cx + w * 0.7, cy), (cx + w * 1.5, cy - h), (cx + w * 1.5, cy + h)], fill=colour)
     d.ellipse((cx - w, cy - h, cx + w, cy + h), fill=colour)
-    if rng.random() < 0.5: d.line([(cx, cy - h + 1), (cx, cy + h - 1)], fill=_hsv(rng, sat=(0, 0.3), val=(0.9, 1)), width=3)
+    if rng.random() < 0.5:
+        d.line([(cx, cy - h + 1), (cx, cy + h - 1)], fill=_hsv(rng, sat=(0, 0.3), val=(0.9, 1)), width=3)
     ex = cx - w * 0.55
     d.ellipse((ex - 2.5, cy - 3.5, ex + 2.5, cy + 1.5), fill=(250, 250, 250))
     d.ellipse((ex - 1.2, cy - 2.2, ex + 1.2, cy + 0.2), fill=(0, 0, 0))
@@ -282,7 +290,8 @@ def _draw_balloon(rng, s, cx, cy):
     d.line([(cx - w * 0.5, cy + h * 0.8), (cx - 3, by)], fill=(60, 50, 40))
     d.line([(cx + w * 0.5, cy + h * 0.8), (cx + 3, by)], fill=(60, 50, 40))
     d.ellipse((cx - w, cy - h, cx + w, cy + h), fill=colour)
-    if rng.random() < 0.6: d.ellipse((cx - w * 0.4, cy - h, cx + w * 0.4, cy + h), fill=_hsv(rng, sat=(0.5, 1), val=(0.8, 1)))
+    if rng.random() < 0.6:
+        d.ellipse((cx - w * 0.4, cy - h, cx + w * 0.4, cy + h), fill=_hsv(rng, sat=(0.5, 1), val=(0.8, 1)))
     d.rectangle((cx - 3.5, by, cx + 3.5, by + 5), fill=_jitter(rng, (120, 80, 40), 15))
     return img
 
@@ -304,7 +313,8 @@ def draw_scene(label: int, # class index into SCENE_CLASSES
     if not 0 <= label < len(SCENE_CLASSES): raise ValueError(f"label must be in [0, {len(SCENE_CLASSES)}), got {label}")
     scale, cx, cy = rng.uniform(0.75, 1.15), rng.uniform(22, 42), rng.uniform(24, 40)
     img = _SCENE_DRAWERS[label](rng, scale, cx, cy)
-    if SCENE_CLASSES[label] in ("car", "fish", "boat") and rng.random() < 0.5: img = img.transpose(Image.FLIP_LEFT_RIGHT)
+    if SCENE_CLASSES[label] in ("car", "fish", "boat") and rng.random() < 0.5:
+        img = img.transpose(Image.FLIP_LEFT_RIGHT)
     return np.asarray(img.reduce(2))
 
 def generate_scenes(n: int, # number of images
@@ -362,7 +372,8 @@ class GarmentShape:
 def _lerp(p: tuple, q: tuple, t: float) -> tuple: return (p[0] + (q[0] - p[0]) * t, p[1] + (q[1] - p[1]) * t)
 
 def _sleeve(shoulder, armpit, angle: float, length: float, cuff: float, side: int) -> list:
-    "Sleeve [shoulder, wrist, wrist, armpit] hanging from the shoulder-armpit seam, `angle` radians from vertical; side -1 left, +1 right."
+    """Sleeve [shoulder, wrist, wrist, armpit] hanging from the shoulder-armpit seam, `angle` radians from vertical;
+    side -1 left, +1 right."""
     s, a = np.array(shoulder), np.array(armpit)
     down = np.array([side * np.sin(angle), np.cos(angle)])
     across = np.array([np.cos(angle), -side * np.sin(angle)]) * side
@@ -530,7 +541,8 @@ def _jacket(rng: np.random.Generator) -> GarmentShape:
     g.marks += [("zip", [(t.cx, t.y0 - high * 0.85), (t.cx, t.y1)], 0.009), ("pull", (t.cx, t.y0 + rng.uniform(0.0, 0.25)), 0.012)]
     for sgn in (-1, 1):   # slanted zipped pockets
         g.marks.append(("zip", [(t.cx + sgn * t.bw * 0.3, t.y1 - band - rng.uniform(0.2, 0.24)), (t.cx + sgn * t.bw * 0.62, t.y1 - band - 0.04)], 0.006))
-    if rng.random() < 0.5: g.marks.append(("zip", [(t.cx + t.sw * 0.5, t.y0 + 0.1), (t.cx + t.sw * 0.5, t.y0 + 0.2)], 0.006))
+    if rng.random() < 0.5:
+        g.marks.append(("zip", [(t.cx + t.sw * 0.5, t.y0 + 0.1), (t.cx + t.sw * 0.5, t.y0 + 0.2)], 0.006))
     if rng.random() < 0.6:
         g.marks += [("stitch", [(t.cx + sgn * t.sw * 0.75, t.A[1] - 0.05), (t.cx + sgn * t.bw * 0.8, t.y1 - band)], 0.003) for sgn in (-1, 1)]
     return g
@@ -569,7 +581,8 @@ def _dress(rng: np.random.Generator) -> GarmentShape:
         belt = [(cx - ww, yw - 0.014), (cx + ww, yw - 0.014), (cx + ww, yw + 0.014), (cx - ww, yw + 0.014)]
         g.panels.append((belt, 0.8))
         g.marks += [("seam", belt + [belt[0]], 0.0025), ("buckle", (cx, yw), 0.02)]
-    if hw > 0.33 * _W: g.marks += [("seam", [(cx + k * ww * 0.5, yw + 0.03), (cx + k * hw * 0.6, y1 - 0.015)], 0.0025) for k in (-1, 0, 1)]
+    if hw > 0.33 * _W:
+        g.marks += [("seam", [(cx + k * ww * 0.5, yw + 0.03), (cx + k * hw * 0.6, y1 - 0.015)], 0.0025) for k in (-1, 0, 1)]
     return g
 
 def _skirt(rng: np.random.Generator) -> GarmentShape:
@@ -584,7 +597,8 @@ def _skirt(rng: np.random.Generator) -> GarmentShape:
     g = GarmentShape([[(cx - ww, y0)] + hem + [(cx + ww, y0)]], [(band, 0.85)])
     g.marks += [("seam", band + [band[0]], 0.003), ("button", (cx + ww * 0.7, y0 + 0.0225), 0.009),
                 ("stitch", [(x, y - 0.02) for x, y in hem[1:-1]], 0.003)]
-    if rng.random() < 0.5: g.marks += [("seam", [(cx + k * ww * 0.3, y0 + 0.05), (cx + k * hw * 0.3, y1)], 0.0025) for k in (-2, -1, 1, 2)]
+    if rng.random() < 0.5:
+        g.marks += [("seam", [(cx + k * ww * 0.3, y0 + 0.05), (cx + k * hw * 0.3, y1)], 0.0025) for k in (-2, -1, 1, 2)]
     else: g.marks += [("seam", [(cx + k * ww * 0.5, y0 + 0.045), (cx + k * ww * 0.47, y0 + 0.14)], 0.0025) for k in (-1, 1)]
     return g
 
@@ -630,8 +644,10 @@ def _legs(rng: np.random.Generator, kind: str) -> GarmentShape:
         inner, outer, up = cx + sgn * (xi - cx), cx + sgn * (xo - cx), 0.04 if short else 0.025
         if short: g.panels.append(([(inner, y1), (outer, y1), (outer, y1 - up), (inner, y1 - up)], 0.88))   # turn-ups
         g.marks.append(("stitch" if jeans else "seam", [(inner, y1 - up), (outer, y1 - up)], 0.003))
-        if kind == "Trousers": g.marks.append(("seam", [(cx + sgn * (hip + xi - cx) / 2, y0 + 0.15), (cx + sgn * (xo + xi - 2 * cx) / 2, y1)], 0.0025))
-        if jeans: g.marks.append(("stitch", [(cx + sgn * (hip - 0.008), y0 + 0.13), (outer - sgn * 0.008, y1 - 0.01)], 0.0025))
+        if kind == "Trousers":
+            g.marks.append(("seam", [(cx + sgn * (hip + xi - cx) / 2, y0 + 0.15), (cx + sgn * (xo + xi - 2 * cx) / 2, y1)], 0.0025))
+        if jeans:
+            g.marks.append(("stitch", [(cx + sgn * (hip - 0.008), y0 + 0.13), (outer - sgn * 0.008, y1 - 0.01)], 0.0025))
     if jeans:   # coin pocket
         x0, x1, y = cx + wb * 0.5, cx + wb * 0.78, y0 + 0.065
         g.marks.append(("stitch", [(x0, y), (x0, y + 0.055), (x1, y + 0.055), (x1, y + 0.005)], 0.0025))
@@ -661,7 +677,8 @@ def _pattern(rng: np.random.Generator, rgb: np.ndarray, pattern: str, kind: str,
     "(size, size, 3) cloth: the base colour (dominant), with stripes or checks at a fine or wide scale."
     cloth = np.broadcast_to(rgb, (size, size, 3)).astype(np.float32)
     if pattern == "solid": return cloth
-    second, c, fine = _second_colour(rng, rgb), np.arange(size, dtype=np.float32) + 0.5, rng.random() < 0.5   # pixel i spans [i, i + 1]
+    # pixel i spans [i, i + 1]
+    second, c, fine = _second_colour(rng, rgb), np.arange(size, dtype=np.float32) + 0.5, rng.random() < 0.5
     if pattern == "striped":
         period = (rng.uniform(0.012, 0.02) if fine else rng.uniform(0.04, 0.075)) * size
         cover = _bands(c, period, rng.uniform(0.2, 0.3) if fine else rng.uniform(0.3, 0.4), rng.random())
@@ -731,7 +748,8 @@ def _colours(rng: np.random.Generator, rgb: np.ndarray, kind: str) -> dict:
 
 # %% ../nbs/01_synthetic.ipynb #e799bd87
 class _Pen:
-    "Draws the marks of a GarmentShape on an image `scale` pixels per unit; widths in units, at least `least` output pixels (PIL draws at least 1)."
+    """Draws the marks of a GarmentShape on an image `scale` pixels per unit; widths in units, at least `least` output
+    pixels (PIL draws at least 1)."""
     def __init__(self, image: Image.Image, scale: float, colours: dict):
         self.d, self.f, self.c = ImageDraw.Draw(image), scale, colours
     def px(self, points) -> list: return [(x * self.f, y * self.f) for x, y in points]
@@ -750,7 +768,8 @@ class _Pen:
     def button(self, centre, r):
         self.d.ellipse(self.box(*centre, r, r), fill=self.c["button"], outline=self.c["seam"], width=max(1, round(r * self.f / 5)))
         if r * self.f > 5:   # two holes, once the button is big enough to show them
-            for dx in (-0.3, 0.3): self.d.ellipse(self.box(centre[0] + dx * r, centre[1], r / 7, r / 7), fill=self.c["seam"])
+            for dx in (-0.3, 0.3):
+                self.d.ellipse(self.box(centre[0] + dx * r, centre[1], r / 7, r / 7), fill=self.c["seam"])
     def rivet(self, centre, r): self.d.ellipse(self.box(*centre, r, r), fill=(184, 115, 51), outline=(120, 70, 30))
     def zip(self, points, w):      # tape, then teeth alternating from side to side
         self.d.line(self.px(points), fill=self.c["tape"], width=self.width(w * 1.6))
@@ -776,11 +795,15 @@ def draw_garment(article_type: str, # a key of GARMENT_TYPES (Kaggle articleType
                  rng: np.random.Generator | None = None, # randomness of shape, shade, pattern and details
                  size: int = 64, # side of the square photo, pixels: drawn at this size, never upscaled
                 ) -> Image.Image: # size x size RGB product photo on white
-    "A product-photo style garment on white, drawn natively at `size`: shaded patterned cloth, panels, seams and details, soft shadow."
-    if article_type not in GARMENT_TYPES: raise ValueError(f"Unknown articleType {article_type!r}; expected one of {list(GARMENT_TYPES)}")
-    if colour not in GARMENT_COLOURS: raise ValueError(f"Unknown baseColour {colour!r}; expected one of {list(GARMENT_COLOURS)}")
+    """A product-photo style garment on white, drawn natively at `size`: shaded patterned cloth, panels, seams and
+    details, soft shadow."""
+    if article_type not in GARMENT_TYPES:
+        raise ValueError(f"Unknown articleType {article_type!r}; expected one of {list(GARMENT_TYPES)}")
+    if colour not in GARMENT_COLOURS:
+        raise ValueError(f"Unknown baseColour {colour!r}; expected one of {list(GARMENT_COLOURS)}")
     if pattern not in PATTERNS: raise ValueError(f"Unknown pattern {pattern!r}; expected one of {PATTERNS}")
-    if not isinstance(size, (int, np.integer)) or not 16 <= size <= 1024: raise ValueError(f"size must be an integer in [16, 1024], got {size!r}")
+    if not isinstance(size, (int, np.integer)) or not 16 <= size <= 1024:
+        raise ValueError(f"size must be an integer in [16, 1024], got {size!r}")
     rng = rng if rng is not None else np.random.default_rng(0)
     rgb, g = _cloth_colour(rng, colour), garment_shape(article_type, rng)
     cloth = _pattern(rng, rgb, pattern, article_type, size)
@@ -807,7 +830,8 @@ def product_row(rng: np.random.Generator, # randomness of the wording and metada
     "A styles.csv row in Kaggle's vocabulary, with a product name in varied wording that names any pattern."
     kind = GARMENT_TYPES[article_type]
     pattern, gender = str(rng.choice(kind.patterns)), str(rng.choice(kind.genders))
-    word, place = str(rng.choice(PATTERN_NAMES[pattern])), int(rng.integers(0, 3))   # before the gender, the colour or the noun
+    # before the gender, the colour or the noun
+    word, place = str(rng.choice(PATTERN_NAMES[pattern])), int(rng.integers(0, 3))
     words = [str(rng.choice(BRANDS)) if rng.random() < 0.6 else "", word if place == 0 else "", gender if rng.random() < 0.7 else "",
              word if place == 1 else "", colour, word if place == 2 else "", str(rng.choice(kind.nouns))]
     warm = article_type in ("Sweaters", "Jackets")

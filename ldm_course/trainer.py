@@ -51,7 +51,8 @@ def _loss_scalar(loss: Any) -> Tensor:
 
 # %% ../nbs/04_trainer.ipynb #ac3e56a9
 class Trainer:
-    "One training loop for every chapter: AdamW, warm-up + cosine LR, EMA, checkpoints with exact resume, on Accelerate."
+    """One training loop for every chapter: AdamW, warm-up + cosine LR, EMA, checkpoints with exact resume, on
+    Accelerate."""
     def __init__(self, model: nn.Module, # the model to train (trained in place)
                  dataset: Dataset, # map-style dataset: len() and [i]; items are collated by a DataLoader
                  loss_fn: LossFn, # (model, batch) -> scalar loss; draws its own noise, timesteps, condition dropout
@@ -69,7 +70,8 @@ class Trainer:
         self.checkpoint_dir = Path(checkpoint_dir) if checkpoint_dir is not None else None
         self.device = get_device(device)
         self.accelerator = make_accelerator(cfg.mixed_precision, self.device, cfg.grad_accum)
-        self.ema = EMA(model, cfg.ema_decay, cfg.ema_warmup, device=self.accelerator.device)  # a clean copy, before prepare
+        # a clean copy, before prepare
+        self.ema = EMA(model, cfg.ema_decay, cfg.ema_warmup, device=self.accelerator.device)
         optimizer = make_optimizer(model, cfg)
         self.lr_scheduler = make_lr_scheduler(optimizer, cfg)
         self.model, self.optimizer = self.accelerator.prepare(model, optimizer)
@@ -229,7 +231,8 @@ def _resume_latest(self: Trainer) -> Path | None:
 
 @patch
 def _set_aside_other_runs(self: Trainer, start: Path | None) -> None:
-    "Move the folder's checkpoints that this run does not continue to previous-…: it will neither mix with nor prune them."
+    """Move the folder's checkpoints that this run does not continue to previous-…: it will neither mix with nor prune
+    them."""
     folder = self.checkpoint_dir
     from_here = start is None or start.resolve().parent == folder.resolve()  # resumed here, or continued in memory
     past = self.step if from_here and self.step > 0 else -1  # this run's own checkpoints go up to its current step
@@ -349,7 +352,8 @@ def finished_checkpoint(checkpoint_dir: str | Path | None, # a run's folder (`tr
 @contextlib.contextmanager
 def main_process_first(device: str | torch.device | None = None, # where the run's Trainer will train (None: core.get_device())
                       ):
-    "Under `accelerate launch`, run the block on the main process first, then on the others (one writer per data file or cache)."
+    """Under `accelerate launch`, run the block on the main process first, then on the others (one writer per data file
+    or cache)."""
     if int(os.environ.get("WORLD_SIZE", "1")) <= 1:
         yield
         return

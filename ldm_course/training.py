@@ -73,20 +73,27 @@ class TrainConfig(Config):
         for name, value in positive.items():
             if not value > 0: raise ValueError(f"TrainConfig.{name} must be > 0, got {value!r}")
         for name in ("warmup_steps", "checkpoint_every", "keep_last", "sample_every", "seed", "num_workers"):
-            if getattr(self, name) < 0: raise ValueError(f"TrainConfig.{name} must be >= 0, got {getattr(self, name)!r}")
-        if not 0 <= self.ema_decay < 1: raise ValueError(f"TrainConfig.ema_decay must be in [0, 1), got {self.ema_decay!r}")
-        if not 0 <= self.min_lr_ratio <= 1: raise ValueError(f"TrainConfig.min_lr_ratio must be in [0, 1], got {self.min_lr_ratio!r}")
+            if getattr(self, name) < 0:
+                raise ValueError(f"TrainConfig.{name} must be >= 0, got {getattr(self, name)!r}")
+        if not 0 <= self.ema_decay < 1:
+            raise ValueError(f"TrainConfig.ema_decay must be in [0, 1), got {self.ema_decay!r}")
+        if not 0 <= self.min_lr_ratio <= 1:
+            raise ValueError(f"TrainConfig.min_lr_ratio must be in [0, 1], got {self.min_lr_ratio!r}")
         if self.clip_grad_norm is not None and not self.clip_grad_norm > 0:
             raise ValueError(f"TrainConfig.clip_grad_norm must be > 0 or None, got {self.clip_grad_norm!r}")
         if self.mixed_precision not in MIXED_PRECISIONS:
-            raise ValueError(f"TrainConfig.mixed_precision must be one of {MIXED_PRECISIONS}, got {self.mixed_precision!r}")
+            raise ValueError(f"TrainConfig.mixed_precision must be one of {MIXED_PRECISIONS}, got "
+                             f"{self.mixed_precision!r}")
 
     def per_process_batch(self, num_processes: int, # K, the processes of the run
                          ) -> int: # samples per micro-batch on each process
-        "The global micro-batch split over K processes: a recipe sees the same batches whatever the number of processes."
+        """The global micro-batch split over K processes: a recipe sees the same batches whatever the number of
+        processes."""
         if num_processes < 1 or self.batch_size % num_processes:
-            raise ValueError(f"TrainConfig.batch_size = {self.batch_size} (the micro-batch of all processes together) does not "
-                             f"split over {num_processes} processes; launch a number of processes that divides it, or change "
+            raise ValueError(f"TrainConfig.batch_size = {self.batch_size} (the micro-batch of all processes together) "
+                             f"does not "
+                             f"split over {num_processes} processes; launch a number of processes that divides it, or "
+                             f"change "
                              "batch_size (that is another recipe: its checkpoints go to another folder)")
         return self.batch_size // num_processes
 
@@ -314,7 +321,8 @@ def remove_unfinished_writes(checkpoint_dir: str | Path, # folder of a run's che
 
 def set_aside_checkpoints(paths: Sequence[str | Path], # checkpoints of one folder that the current run does not continue
                          ) -> Path | None: # the folder they now live in (None: nothing to move)
-    "Move checkpoints into a new `previous-<date-time>` subfolder of their folder: kept, but out of the current run's way."
+    """Move checkpoints into a new `previous-<date-time>` subfolder of their folder: kept, but out of the current run's
+    way."""
     if not paths: return None
     folder, stamp = Path(paths[0]).parent, time.strftime("%Y%m%d-%H%M%S")
     aside, n = folder / f"previous-{stamp}", 1
@@ -407,7 +415,8 @@ def _digest(h: Any, x: Any) -> None:
         h.update(b"[")
         for v in x: _digest(h, v)
         h.update(b"]")
-    elif x is None or isinstance(x, (bool, int, float, str, np.generic)): h.update(f"{type(x).__name__} {x!r};".encode())
+    elif x is None or isinstance(x, (bool, int, float, str, np.generic)):
+        h.update(f"{type(x).__name__} {x!r};".encode())
     else: h.update(f"object {type(x).__qualname__};".encode())  # nothing stable to read (its repr may hold an address)
 
 def content_digest(obj: Any, # tensors, arrays, numbers, strings, and lists / tuples / dicts of them
@@ -418,11 +427,13 @@ def content_digest(obj: Any, # tensors, arrays, numbers, strings, and lists / tu
     return h.hexdigest()
 
 def as_json(value: Any) -> Any:
-    "The form a value takes once stored in a checkpoint's JSON metadata (Configs, even nested, become dicts; tuples lists)."
+    """The form a value takes once stored in a checkpoint's JSON metadata (Configs, even nested, become dicts; tuples
+    lists)."""
     return json.loads(json.dumps(value, default=lambda v: v.to_dict() if isinstance(v, Config) else str(v)))
 
 def _trajectory_only(value: Any) -> Any:
-    "A stored config without the TrainConfig fields that do not change a trajectory (checkpoint_every...), wherever a recipe sits."
+    """A stored config without the TrainConfig fields that do not change a trajectory (checkpoint_every...), wherever a
+    recipe sits."""
     if isinstance(value, list): return [_trajectory_only(v) for v in value]
     if not isinstance(value, dict): return value
     is_recipe = {f.name for f in dataclasses.fields(TrainConfig)} <= value.keys()
@@ -432,7 +443,8 @@ def data_identity(dataset: Dataset, # map-style dataset
                   source: str | None = None, # where it comes from, e.g. "mnist real" (default: the dataset's class name)
                   num_probes: int = 16, # items hashed when the dataset does not expose its `tensors`
                  ) -> dict: # {"source", "size", "fingerprint"}
-    "What a run trains on: its origin, its size and a fingerprint of its contents (all its tensors, or evenly spaced items)."
+    """What a run trains on: its origin, its size and a fingerprint of its contents (all its tensors, or evenly spaced
+    items)."""
     if isinstance(dataset, Subset):  # which items of which data
         whole = data_identity(dataset.dataset, num_probes=num_probes)
         return {"source": source or f"Subset of {whole['source']}", "size": len(dataset),
@@ -456,13 +468,15 @@ def model_identity(model: nn.Module, # the model to train
 
 def recipe_identity(cfg: TrainConfig, # the training recipe
                    ) -> dict:
-    "The TrainConfig fields that decide the trajectory (all but checkpoint_every, keep_last, sample_every, num_workers)."
+    """The TrainConfig fields that decide the trajectory (all but checkpoint_every, keep_last, sample_every,
+    num_workers)."""
     return {k: v for k, v in cfg.to_dict().items() if k not in _NOT_TRAJECTORY}
 
 def identity_fingerprint(*parts: Any, # Configs, identity dicts, strings: everything a run consumes
                          length: int = 10, # hex characters kept
                         ) -> str:
-    "A short hash of what a run consumes: names its folder, so new data or a new config opens a new one (not checkpoint_every, keep_last, sample_every, num_workers)."
+    """A short hash of what a run consumes: names its folder, so new data or a new config opens a new one (not
+    checkpoint_every, keep_last, sample_every, num_workers)."""
     return content_digest(_trajectory_only(as_json(list(parts))))[:length]
 
 def training_dir(root: str | Path, # a chapter's checkpoint folder
@@ -496,7 +510,8 @@ def identity_differences(saved: Any, # identity stored in a checkpoint (or a par
     a, b = ({} if x is None else x for x in (saved, current))
     if isinstance(a, Mapping) and isinstance(b, Mapping):
         return [d for k in sorted(set(a) | set(b)) for d in identity_differences(a.get(k), b.get(k), f"{prefix}{k}.")]
-    return [] if saved == current else [f"{prefix.rstrip('.')}: {_short(saved)} in the checkpoint, {_short(current)} now"]
+    return [] if saved == current else [f"{prefix.rstrip('.')}: {_short(saved)} in the checkpoint, {_short(current)} "
+                                        f"now"]
 
 def _names(items: Sequence[str], limit: int = 8) -> str:
     return ", ".join(items[:limit]) + (f" and {len(items) - limit} more" if len(items) > limit else "")
@@ -504,11 +519,13 @@ def _names(items: Sequence[str], limit: int = 8) -> str:
 def state_dict_differences(expected: Mapping[str, Tensor], # the model's state_dict()
                            saved: Mapping[str, Tensor], # the tensors read from a file
                           ) -> list[str]: # one entry per kind of difference (empty: it fits)
-    "The tensors that keep `saved` from loading into a model: missing from it, unknown to the model, or of another shape."
+    """The tensors that keep `saved` from loading into a model: missing from it, unknown to the model, or of another
+    shape."""
     missing, unexpected = sorted(set(expected) - set(saved)), sorted(set(saved) - set(expected))
     shapes = [f"{k} {tuple(saved[k].shape)} in the file, {tuple(expected[k].shape)} in the model"
               for k in expected if k in saved and saved[k].shape != expected[k].shape]
-    return ([f"missing from the file: {_names(missing)}"] * bool(missing) + [f"not in the model: {_names(unexpected)}"] * bool(unexpected)
+    return ([f"missing from the file: {_names(missing)}"] * bool(missing) + [f"not in the model: "
+        f"{_names(unexpected)}"] * bool(unexpected)
             + [f"other shapes: {_names(shapes)}"] * bool(shapes))
 
 def check_state_fits(model: nn.Module, # the model to load into
@@ -539,8 +556,10 @@ def check_resumable(metadata: Mapping[str, Any], # metadata of the checkpoint to
                          "Train in another checkpoint_dir (chapters name theirs with training_dir(root, config, "
                          "data_identity(dataset))), or fit(resume=False) to move that run aside and start afresh")
     if metadata["num_processes"] != num_processes:
-        warnings.warn(f"Resuming on {num_processes} processes a run saved on {metadata['num_processes']}: the data order and the "
-                      "global batch are unchanged, but each process's random draws restart from process_seed(seed, step, "
+        warnings.warn(f"Resuming on {num_processes} processes a run saved on {metadata['num_processes']}: the data "
+                      f"order and the "
+                      "global batch are unchanged, but each process's random draws restart from process_seed(seed, "
+                      "step, "
                       "rank), so the run does not repeat an uninterrupted one draw for draw")
 
 def gather_rng_states(accelerator: Accelerator, # the run's accelerator
@@ -553,7 +572,8 @@ def process_seed(seed: int, # the run's seed
                  step: int, # optimizer steps done when the run resumes
                  rank: int, # the process index
                 ) -> int:
-    "A seed for one process of a run resumed on another number of processes: distinct per (seed, step, rank), reproducible."
+    """A seed for one process of a run resumed on another number of processes: distinct per (seed, step, rank),
+    reproducible."""
     return int(np.random.SeedSequence([seed, step, rank]).generate_state(1)[0])
 
 def restore_process_rng(rng_states: Sequence[dict], # as returned by `gather_rng_states`
@@ -561,7 +581,8 @@ def restore_process_rng(rng_states: Sequence[dict], # as returned by `gather_rng
                         seed: int, # the run's seed, for `process_seed` when the number of processes changed
                         step: int = 0, # optimizer steps done, for `process_seed`
                        ) -> bool: # True when this process got back its own saved state
-    "Restore this process's random state from a checkpoint; on another number of processes, reseed from (seed, step, rank)."
+    """Restore this process's random state from a checkpoint; on another number of processes, reseed from (seed, step,
+    rank)."""
     if len(rng_states) == accelerator.num_processes:
         restore_rng_state(rng_states[accelerator.process_index])
         return True
@@ -581,12 +602,16 @@ def make_accelerator(mixed_precision: str, # "no", "bf16" or "fp16"
                      device: torch.device, # where the Trainer runs
                      grad_accum: int = 1, # micro-batches per optimizer step
                     ) -> Accelerator:
-    "An Accelerator with this precision on this device, starting Accelerate's per-process state afresh if an earlier one set others."
+    """An Accelerator with this precision on this device, starting Accelerate's per-process state afresh if an earlier
+    one set others."""
     if accelerate_state_differs(mixed_precision, device):
         state = AcceleratorState()
         if state.num_processes > 1:
-            raise RuntimeError(f"Accelerate runs {state.num_processes} processes with mixed_precision={state.mixed_precision!r} on "
-                               f"{state.device.type}, and a Trainer asks for {mixed_precision!r} on {device.type}: under "
+            raise RuntimeError(f"Accelerate runs {state.num_processes} processes with "
+                               f"mixed_precision={state.mixed_precision!r} on "
+                               f"{state.device.type}, and a Trainer asks for {mixed_precision!r} on {device.type}: "
+                               f"under "
                                "`accelerate launch` every Trainer of the run must use the same precision and device")
-        AcceleratorState._reset_state(reset_partial_state=state.device.type != device.type)  # one process: nothing else lives there
+        # one process: nothing else lives there
+        AcceleratorState._reset_state(reset_partial_state=state.device.type != device.type)
     return Accelerator(mixed_precision=mixed_precision, gradient_accumulation_steps=grad_accum, cpu=device.type == "cpu")

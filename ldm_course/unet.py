@@ -104,7 +104,8 @@ def unet_preset(name: str,             # "mnist", "cifar10" or "latent"
                 profile: str = "auto", # "auto", "smoke", "cpu" or "gpu"
                ) -> UNetConfig:
     "The U-Net size used for `name` at `profile` (a copy: change it with `.replace(...)`)."
-    if name not in UNET_PRESETS: raise ValueError(f"Unknown U-Net preset {name!r}; expected one of {sorted(UNET_PRESETS)}")
+    if name not in UNET_PRESETS:
+        raise ValueError(f"Unknown U-Net preset {name!r}; expected one of {sorted(UNET_PRESETS)}")
     return dataclasses.replace(UNET_PRESETS[name][resolve_profile(profile)])
 
 # %% ../nbs/03_unet.ipynb #2fb40463
@@ -220,10 +221,12 @@ def register_cross_attention_block(name: str, # the name saved files use, e.g. "
                                    block: type, # an nn.Module class: block(channels, context_dim, **kwargs) honours CrossAttentionBlock
                                   ) -> type:
     "Declare a cross-attention block class under `name` (registering the same class again is harmless)."
-    if not (isinstance(block, type) and issubclass(block, nn.Module)): raise TypeError(f"{block!r} is not an nn.Module class")
+    if not (isinstance(block, type) and issubclass(block, nn.Module)):
+        raise TypeError(f"{block!r} is not an nn.Module class")
     known = CROSS_ATTENTION_BLOCKS.get(name)
     if known is not None and known.__qualname__ != block.__qualname__:
-        raise ValueError(f"cross-attention block name {name!r} is already taken by {known.__module__}.{known.__qualname__}")
+        raise ValueError(f"cross-attention block name {name!r} is already taken by "
+                         f"{known.__module__}.{known.__qualname__}")
     CROSS_ATTENTION_BLOCKS[name] = block
     return block
 
@@ -231,7 +234,8 @@ def cross_attention_block_class(name: str, # a registered name
                                ) -> type:
     "The block class registered under `name`; an unknown name is an error listing the known ones."
     if name not in CROSS_ATTENTION_BLOCKS:
-        raise ValueError(f"unknown cross-attention block {name!r}; registered: {sorted(CROSS_ATTENTION_BLOCKS) or 'none'} "
+        raise ValueError(f"unknown cross-attention block {name!r}; registered: "
+                         f"{sorted(CROSS_ATTENTION_BLOCKS) or 'none'} "
                          "(chapter 10's 'spatial_transformer' is registered by importing ldm_course.attention)")
     return CROSS_ATTENTION_BLOCKS[name]
 
@@ -285,18 +289,22 @@ def _check_unet_inputs(c: UNetConfig, x: Tensor, timesteps: Tensor | int | float
     B = x.shape[0]
     timesteps = torch.as_tensor(timesteps, device=x.device)
     if timesteps.ndim == 0: timesteps = timesteps.expand(B)
-    if timesteps.shape != (B,): raise ValueError(f"timesteps must be a scalar or have shape ({B},), got {tuple(timesteps.shape)}")
+    if timesteps.shape != (B,):
+        raise ValueError(f"timesteps must be a scalar or have shape ({B},), got {tuple(timesteps.shape)}")
     if class_labels is not None:
-        if c.num_classes is None: raise ValueError("class_labels given but config.num_classes is None (unconditional model)")
+        if c.num_classes is None:
+            raise ValueError("class_labels given but config.num_classes is None (unconditional model)")
         if class_labels.shape != (B,) or class_labels.dtype.is_floating_point:
-            raise ValueError(f"class_labels must be integers of shape ({B},), got {class_labels.dtype} {tuple(class_labels.shape)}")
+            raise ValueError(f"class_labels must be integers of shape ({B},), got {class_labels.dtype} "
+                             f"{tuple(class_labels.shape)}")
         # a value check reads the tensor (a GPU sync, a graph break under torch.compile): eager mode only
         if not torch.compiler.is_compiling() and bool(((class_labels < 0) | (class_labels > c.num_classes)).any()):
             raise ValueError(f"class_labels must be in [0, {c.num_classes}] ({c.num_classes} = null label), "
                              f"got {class_labels.unique().tolist()}")
     if cond is not None:
         if c.cond_dim is None: raise ValueError("cond given but config.cond_dim is None (no vector conditioning)")
-        if cond.shape != (B, c.cond_dim): raise ValueError(f"cond must have shape ({B}, {c.cond_dim}), got {tuple(cond.shape)}")
+        if cond.shape != (B, c.cond_dim):
+            raise ValueError(f"cond must have shape ({B}, {c.cond_dim}), got {tuple(cond.shape)}")
     if context is not None and c.cross_attention_levels:
         if context.ndim != 3 or context.shape[0] != B or context.shape[2] != c.context_dim:
             raise ValueError(f"context must have shape ({B}, L, {c.context_dim}), got {tuple(context.shape)}")

@@ -40,7 +40,8 @@ class DiagonalGaussian:
                  logvar: Tensor, # log σ², same shape (clamped to [-30, 20])
                 ):
         if mean.shape != logvar.shape:
-            raise ValueError(f"mean and logvar must have the same shape, got {tuple(mean.shape)} and {tuple(logvar.shape)}")
+            raise ValueError(f"mean and logvar must have the same shape, got {tuple(mean.shape)} and "
+                             f"{tuple(logvar.shape)}")
         self.mean, self.logvar = mean, logvar.clamp(-30.0, 20.0)
         self.std, self.var = torch.exp(0.5 * self.logvar), torch.exp(self.logvar)
 
@@ -113,14 +114,18 @@ class VAEConfig(Config):
                     "block_out_channels": "3 to 6 positive entries (f = 4, 8, 16 or 32)",
                     "train_crop_size": f"0 (whole images) or a side in (0, image_size = {self.image_size}]"}
         for name, ok in checks.items():
-            if not ok: raise ValueError(f"VAEConfig.{name} = {getattr(self, name)!r} is invalid; expected {expected.get(name, 'see the field comment')}")
+            if not ok:
+                raise ValueError(f"VAEConfig.{name} = {getattr(self, name)!r} is invalid; expected "
+                                 f"{expected.get(name, 'see the field comment')}")
         bad = [c for c in self.block_out_channels if c % self.norm_groups]
         if bad: raise ValueError(f"norm_groups = {self.norm_groups} must divide every channel count, not {bad}")
         for name in ("image_size", "train_crop_size"):
             if getattr(self, name) % self.downsample_factor:
-                raise ValueError(f"{name} = {getattr(self, name)} must be a multiple of the downsampling factor f = {self.downsample_factor}")
+                raise ValueError(f"{name} = {getattr(self, name)} must be a multiple of the downsampling factor f = "
+                                 f"{self.downsample_factor}")
         if self.perceptual_weight > 0 and self.perceptual_loss == "none":
-            raise ValueError(f"perceptual_weight = {self.perceptual_weight} needs a perceptual_loss, one of {PERCEPTUAL_LOSSES[1:]}")
+            raise ValueError(f"perceptual_weight = {self.perceptual_weight} needs a perceptual_loss, one of "
+                             f"{PERCEPTUAL_LOSSES[1:]}")
 
     @property
     def downsample_factor(self) -> int: return 2 ** (len(self.block_out_channels) - 1)
@@ -131,14 +136,16 @@ class VAEConfig(Config):
 
 # %% ../nbs/07_vae.ipynb #734ddf01
 class GroupNorm(nn.GroupNorm):
-    "nn.GroupNorm, computed on a contiguous copy for bfloat16 channels-last CPU tensors (PyTorch's backward is ~13× slower there)."
+    """nn.GroupNorm, computed on a contiguous copy for bfloat16 channels-last CPU tensors (PyTorch's backward is ~13×
+    slower there)."""
     def forward(self, x: Tensor) -> Tensor:
         if x.device.type == "cpu" and x.dtype == torch.bfloat16 and not x.is_contiguous():
             return super().forward(x.contiguous()).contiguous(memory_format=torch.channels_last)
         return super().forward(x)
 
 class ResnetBlock(nn.Module):
-    "GroupNorm → SiLU → conv → GroupNorm → SiLU → dropout → conv, plus the (1×1 conv) skip: chapter 03's block without time."
+    """GroupNorm → SiLU → conv → GroupNorm → SiLU → dropout → conv, plus the (1×1 conv) skip: chapter 03's block
+    without time."""
     def __init__(self, in_channels: int, # channels of x
                  out_channels: int, # channels of the output
                  groups: int, # GroupNorm groups
@@ -196,7 +203,8 @@ def mid_block(channels: int, # channels at the lowest resolution
 
 # %% ../nbs/07_vae.ipynb #6130320d
 class Encoder(nn.Module):
-    "x (B, C, H, W) -> (B, out_channels, H/f, W/f): conv, [ResnetBlocks, stride-2 conv] per level, mid block, GN-SiLU-conv (+ colour shortcut)."
+    """x (B, C, H, W) -> (B, out_channels, H/f, W/f): conv, [ResnetBlocks, stride-2 conv] per level, mid block,
+    GN-SiLU-conv (+ colour shortcut)."""
     def __init__(self, cfg: VAEConfig, # architecture
                  out_channels: int, # 2c for a KL-VAE (μ and log σ²), c for a VQ-VAE
                 ):
@@ -226,7 +234,8 @@ class Encoder(nn.Module):
         return torch.cat([out[:, :c] + self.shortcut(F.avg_pool2d(x, self.factor)), out[:, c:]], dim=1)
 
 class Decoder(nn.Module):
-    "z (B, c, h, w) -> (B, C, h·f, w·f): conv, mid block, [ResnetBlocks, upsample] per level, GN-SiLU-conv (+ colour shortcut)."
+    """z (B, c, h, w) -> (B, C, h·f, w·f): conv, mid block, [ResnetBlocks, upsample] per level, GN-SiLU-conv (+ colour
+    shortcut)."""
     def __init__(self, cfg: VAEConfig, # architecture
                 ):
         super().__init__()
@@ -256,7 +265,8 @@ class Decoder(nn.Module):
 
 # %% ../nbs/07_vae.ipynb #0810b6d7
 class PatchDiscriminator(nn.Module):
-    "PatchGAN critic (Isola et al. 2017): 4×4 convs of stride 2, GroupNorm, LeakyReLU; one real/fake logit per image patch."
+    """PatchGAN critic (Isola et al. 2017): 4×4 convs of stride 2, GroupNorm, LeakyReLU; one real/fake logit per image
+    patch."""
     def __init__(self, in_channels: int = 3, # image channels
                  channels: int = 64, # width of the first layer (doubled at each layer, at most ×8)
                  layers: int = 3, # stride-2 layers: 3 gives logits that each see a 70×70-pixel patch
@@ -291,14 +301,16 @@ class VAEOutput:
     quantized: Any = None                     # `QuantizerOutput` (VQ-VAE)
 
 class Autoencoder(nn.Module):
-    "What the KL-VAE and the VQ-VAE share: config, latent scale factor s, training-batch counter, critic, scaled latents."
+    """What the KL-VAE and the VQ-VAE share: config, latent scale factor s, training-batch counter, critic, scaled
+    latents."""
     def __init__(self, cfg: VAEConfig):
         super().__init__()
         self.config = cfg
         self.register_buffer("scale_factor", torch.tensor(1.0))  # s: latents for diffusion are s·z (set from data)
         # training batches seen: switches the detail terms on (perceptual_start, disc_start) and resumes with the weights
         self.register_buffer("train_batches", torch.zeros((), dtype=torch.long))
-        self.discriminator = None   # the PatchGAN critic of the LDM recipe, set by the subclasses after their own layers
+        # the PatchGAN critic of the LDM recipe, set by the subclasses after their own layers
+        self.discriminator = None
 
     @property
     def last_layer(self) -> Tensor: # G_L of the adaptive weight: the decoder's output convolution
@@ -462,9 +474,11 @@ class VQVAE(Autoencoder):
 def build_vae(cfg: VAEConfig, # architecture and loss (cfg.kind chooses the model)
               seed: int = 0, # initial weights (the training recipe's seed): the same model whatever ran before
              ) -> Autoencoder:
-    "A freshly initialised AutoencoderKL (kind 'kl') or VQVAE (kind 'vq') with its critic if any, in channels_last memory format."
+    """A freshly initialised AutoencoderKL (kind 'kl') or VQVAE (kind 'vq') with its critic if any, in channels_last
+    memory format."""
     with torch_seeded(seed): model = AutoencoderKL(cfg) if cfg.kind == "kl" else VQVAE(cfg)
-    return model.to(memory_format=torch.channels_last)   # ~1.6× faster convolutions on CPU (oneDNN), tensor cores on GPU
+    # ~1.6× faster convolutions on CPU (oneDNN), tensor cores on GPU
+    return model.to(memory_format=torch.channels_last)
 
 # %% ../nbs/07_vae.ipynb #a3b18bad
 def batch_images(batch: Any) -> Tensor:
@@ -480,13 +494,15 @@ def images_per_pass(side: int, # H = W of the images
     return max(1, min(batch_size, PIXELS_PER_PASS // (side * side)))
 
 def autoencoder_batches(data: Tensor | Dataset, batch_size: int, num_workers: int = 0):
-    "Image batches of a tensor (N, C, H, W) or of a Dataset of images / (image, ...) items, in order, within PIXELS_PER_PASS."
+    """Image batches of a tensor (N, C, H, W) or of a Dataset of images / (image, ...) items, in order, within
+    PIXELS_PER_PASS."""
     if len(data) == 0: return
     batch_size = images_per_pass(batch_images(data[:1] if isinstance(data, Tensor) else data[0]).shape[-1], batch_size)
     if isinstance(data, Tensor):
         for i in range(0, len(data), batch_size): yield data[i:i + batch_size]
     else:
-        for batch in DataLoader(data, batch_size=batch_size, shuffle=False, num_workers=num_workers): yield batch_images(batch)
+        for batch in DataLoader(data, batch_size=batch_size, shuffle=False, num_workers=num_workers):
+            yield batch_images(batch)
 
 @torch.no_grad()
 def estimate_scale_factor(model: Autoencoder, # a trained autoencoder (its scale_factor is left unchanged)
@@ -506,7 +522,8 @@ def set_scale_factor(model: Autoencoder, # the autoencoder to update
                      scale_factor: float, # s, e.g. from `estimate_scale_factor`
                     ) -> Autoencoder:
     "Store s in the model's buffer (it is saved with the weights)."
-    if not (np.isfinite(scale_factor) and scale_factor > 0): raise ValueError(f"scale_factor must be a positive finite number, got {scale_factor!r}")
+    if not (np.isfinite(scale_factor) and scale_factor > 0):
+        raise ValueError(f"scale_factor must be a positive finite number, got {scale_factor!r}")
     with torch.no_grad(): model.scale_factor.fill_(scale_factor)
     return model
 
@@ -545,7 +562,8 @@ def load_vae(path: str | Path, # a file written by `save_vae`
                          f"{VAE_CHECKPOINT_FORMAT!r}); write it with save_vae")
     model = build_vae(VAEConfig.from_dict(meta["vae_config"]))
     state, _ = load_checkpoint(path)
-    state["model"].setdefault("train_batches", torch.zeros((), dtype=torch.long))   # files written before the counter existed
+    # files written before the counter existed
+    state["model"].setdefault("train_batches", torch.zeros((), dtype=torch.long))
     model.load_state_dict(state["model"])
     return model.to(device).eval()
 
@@ -605,7 +623,8 @@ def cpu_supports_bf16() -> bool:
     return bool(flags & {"avx512_bf16", "amx_bf16"})
 
 def cpu_mixed_precision() -> str: # "bf16" or "no"
-    "The cpu profile's precision for autoencoders: bf16 autocast where the CPU computes it natively (measured faster in chapter 07), else fp32."
+    """The cpu profile's precision for autoencoders: bf16 autocast where the CPU computes it natively (measured faster
+    in chapter 07), else fp32."""
     return "bf16" if cpu_supports_bf16() else "no"
 
 # %% ../nbs/07_vae.ipynb #ba28ed1f
@@ -616,7 +635,8 @@ def vae_config(kind: str = "kl", # "kl" or "vq"
                factor: int | None = None, # f; None: the profile's default (smoke 4, cpu 16, gpu 32; gpu also offers 8)
                **overrides, # VAEConfig fields to change
               ) -> VAEConfig:
-    "The preset VAEConfig of a run profile and factor f (cpu: 4×16×16, compression 192; gpu: 64×16×16 or 4×64×64, compression 48), with `overrides` applied."
+    """The preset VAEConfig of a run profile and factor f (cpu: 4×16×16, compression 192; gpu: 64×16×16 or 4×64×64,
+    compression 48), with `overrides` applied."""
     if kind not in ("kl", "vq"): raise ValueError(f"Unknown autoencoder kind {kind!r}; expected 'kl' or 'vq'")
     profile = resolve_profile(profile)
     factor = factor or VAE_FACTORS[profile][0]
@@ -638,7 +658,8 @@ def vae_config(kind: str = "kl", # "kl" or "vq"
                               norm_groups=32, num_codes=1024, dead_code_steps=100, train_crop_size=256, perceptual_start=20_000,
                               disc_start=20_000, **detail),   # their KL-f8 (c = 4), the latent of Stable Diffusion
     }[(profile, factor)]
-    return rehearse(preset.replace(kind=kind, **overrides))   # a rehearsal keeps the shapes, starts the detail terms early
+    # a rehearsal keeps the shapes, starts the detail terms early
+    return rehearse(preset.replace(kind=kind, **overrides))
 
 def vae_train_config(kind: str = "kl", # "kl" or "vq"
                      profile: str = "auto", # "auto", "smoke", "cpu" or "gpu"
@@ -646,7 +667,8 @@ def vae_train_config(kind: str = "kl", # "kl" or "vq"
                     ) -> TrainConfig:
     "The TrainConfig of an autoencoder under a run profile (VQ: no weight EMA, see the text), with `overrides`."
     profile = resolve_profile(profile)
-    gan = dict(betas=(0.5, 0.9), clip_grad_norm=None)   # taming-transformers' Adam for GANs; the critic's gradient is not clipped
+    # taming-transformers' Adam for GANs; the critic's gradient is not clipped
+    gan = dict(betas=(0.5, 0.9), clip_grad_norm=None)
     cfg = {"smoke": train_config("smoke", lr=3e-3, max_steps=12, warmup_steps=3, batch_size=8, ema_decay=0.9,
                                  checkpoint_every=0, sample_every=0, keep_last=1, **gan),
            "cpu": train_config("cpu", lr=2e-3, max_steps=850, warmup_steps=25, batch_size=16, ema_decay=0.97,
@@ -685,7 +707,8 @@ class ByteImages(Dataset):
     "Images kept in memory as uint8 (a quarter of float32's size), given back as 1-tuples of float images in [-1, 1]."
     def __init__(self, images: Tensor, # (N, C, H, W) uint8
                 ):
-        if images.dtype != torch.uint8 or images.ndim != 4: raise ValueError(f"expected (N, C, H, W) uint8 images, got {images.dtype} {tuple(images.shape)}")
+        if images.dtype != torch.uint8 or images.ndim != 4:
+            raise ValueError(f"expected (N, C, H, W) uint8 images, got {images.dtype} {tuple(images.shape)}")
         self.images = images
         self.tensors = (images,)   # what `training.data_identity` hashes
 

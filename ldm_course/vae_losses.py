@@ -23,7 +23,8 @@ __all__ = ['RECON_LOSSES', 'random_crops', 'patch_spectrum_distance', 'perceptua
 def random_crops(x: Tensor, # images (B, C, H, W)
                  size: int, # side of the square crops, at most min(H, W)
                 ) -> Tensor: # (B, C, size, size): one uniformly placed window per image
-    "Random size×size crops, drawn from torch's global generator (the Trainer saves and restores it: resumes stay exact)."
+    """Random size×size crops, drawn from torch's global generator (the Trainer saves and restores it: resumes stay
+    exact)."""
     B, _, H, W = x.shape
     if not 0 < size <= min(H, W): raise ValueError(f"crop size {size} must be in (0, {min(H, W)}] for {H}×{W} images")
     if size == H == W: return x
@@ -35,7 +36,8 @@ def patch_spectrum_distance(x_hat: Tensor, # reconstructions (B, C, H, W)
                             x: Tensor, # originals, same shape
                             patch: int = 16, # side of the non-overlapping patches (H and W beyond a multiple are ignored)
                            ) -> Tensor: # scalar: mean |·| over patches, channels and frequencies
-    "Distance between local amplitude spectra |F(w·p)| of patch×patch patches (Hann window w): blind to the phase within a patch."
+    """Distance between local amplitude spectra |F(w·p)| of patch×patch patches (Hann window w): blind to the phase
+    within a patch."""
     window = torch.hann_window(patch, periodic=False, device=x.device, dtype=torch.float32)
     window = window[:, None] * window[None, :]
     def spectra(images: Tensor) -> Tensor:   # (B, C, H/patch, W/patch, patch, patch // 2 + 1)
@@ -77,7 +79,8 @@ def adaptive_weight(nll_loss: Tensor, # L_rec: reconstruction (+ perceptual) ter
 @contextlib.contextmanager
 def frozen(module: nn.Module, # e.g. the critic while it judges the reconstructions for the autoencoder
           ):
-    "Inside the block, `module`'s parameters stay out of the autograd graph: gradients flow through it to its inputs only."
+    """Inside the block, `module`'s parameters stay out of the autograd graph: gradients flow through it to its inputs
+    only."""
     flags = [p.requires_grad for p in module.parameters()]
     module.requires_grad_(False)
     try: yield module
@@ -97,7 +100,8 @@ def reconstruction_loss(x_hat: Tensor, # reconstructions (B, C, H, W)
     raise ValueError(f"Unknown reconstruction loss {kind!r}; expected one of {RECON_LOSSES}")
 
 class VAELoss:
-    "Trainer loss_fn of the LDM recipe: reconstruction + regulariser + perceptual + adaptive adversarial term, plus the critic's hinge loss."
+    """Trainer loss_fn of the LDM recipe: reconstruction + regulariser + perceptual + adaptive adversarial term, plus
+    the critic's hinge loss."""
     def __init__(self, cfg: VAEConfig, # kind, recon_loss, kl_weight, commitment_beta, crops, perceptual and adversarial terms
                 ):
         self.cfg, self.terms = cfg, defaultdict(list)
@@ -117,7 +121,8 @@ class VAELoss:
             record["perceptual"] = perceptual_distance(out.sample, x, cfg.perceptual_loss)
             nll = nll + cfg.perceptual_weight * record["perceptual"]
         if out.posterior is not None:
-            record["kl"] = out.posterior.kl().float().mean() / x[0].numel()   # KL per image value: the 1/D of the formula
+            # KL per image value: the 1/D of the formula
+            record["kl"] = out.posterior.kl().float().mean() / x[0].numel()
             loss = nll + cfg.kl_weight * record["kl"]
         else:
             q = out.quantized
@@ -125,11 +130,14 @@ class VAELoss:
             record.update(commitment=q.commitment_loss, perplexity=q.perplexity, codes_used=q.codes_used, restarted=q.restarted)
         critic = ae.discriminator
         if critic is not None and cfg.disc_weight > 0 and seen >= cfg.disc_start and torch.is_grad_enabled():
-            with frozen(critic): g_loss = hinge_g_loss(critic(out.sample))      # its gradient reaches x̂, not the critic
+            with frozen(critic):
+                g_loss = hinge_g_loss(critic(out.sample))      # its gradient reaches x̂, not the critic
             weight = adaptive_weight(nll, g_loss, ae.last_layer, cfg.adaptive_weight_max)
-            logits_real, logits_fake = critic(x.detach()), critic(out.sample.detach())  # the critic's gradient stays in it
+            # the critic's gradient stays in it
+            logits_real, logits_fake = critic(x.detach()), critic(out.sample.detach())
             d_loss = hinge_d_loss(logits_real, logits_fake)
-            loss = loss + cfg.disc_weight * weight * g_loss + d_loss   # one backward: each network gets its own gradient
+            # one backward: each network gets its own gradient
+            loss = loss + cfg.disc_weight * weight * g_loss + d_loss
             record.update(generator=g_loss, adaptive_weight=weight, discriminator=d_loss,
                           logits_real=logits_real.mean(), logits_fake=logits_fake.mean())
         for name, value in {**record, "loss": loss}.items():

@@ -36,7 +36,8 @@ def psnr(x_hat: Tensor, # reconstructions (B, C, H, W) in [-1, 1] (clamped here)
 def ssim(x_hat: Tensor, # reconstructions (B, C, H, W) in [-1, 1] (clamped here)
          x: Tensor, # originals, same shape, in [-1, 1]
         ) -> Tensor: # (B,) SSIM in [-1, 1], 1 for identical images
-    "Structural similarity per image (Wang et al. 2004; torchmetrics, 11×11 Gaussian window), images rescaled to [0, 1]."
+    """Structural similarity per image (Wang et al. 2004; torchmetrics, 11×11 Gaussian window), images rescaled to [0,
+    1]."""
     return structural_similarity_index_measure((x_hat.float().clamp(-1, 1) + 1) / 2, (x.float() + 1) / 2,
                                                data_range=1.0, reduction="none")
 
@@ -105,7 +106,8 @@ def dominant_colour(images: Tensor, # (B, 3, H, W) in [-1, 1]
                     palette: Tensor | Mapping[str, Sequence[float]] | None = None, # (K, 3) in [0, 1], or name -> RGB 0-255 (default GARMENT_COLOURS)
                    ) -> Tensor: # (B,) index of the palette colour most garment pixels are closest to
     "The palette colour that wins the vote of the garment pixels (each votes for its nearest palette colour)."
-    if images.ndim != 4 or images.shape[1] != 3: raise ValueError(f"images must be (B, 3, H, W) RGB, got {tuple(images.shape)}")
+    if images.ndim != 4 or images.shape[1] != 3:
+        raise ValueError(f"images must be (B, 3, H, W) RGB, got {tuple(images.shape)}")
     colours = _palette(palette).to(images.device)
     pixels = ((images.float().clamp(-1, 1) + 1) / 2).permute(0, 2, 3, 1).reshape(-1, 3)
     nearest = torch.cdist(pixels, colours).argmin(1).reshape(mask.shape)
@@ -258,14 +260,16 @@ def _curve(ax: plt.Axes, terms: Mapping[str, Sequence[float]], name: str, window
 def _legend_below(ax: plt.Axes, handles: list | None = None) -> None:
     "A legend under the axes, never over the curves."
     handles = handles if handles is not None else ax.get_legend_handles_labels()[0]
-    if handles: ax.legend(handles=handles, fontsize=8, loc="upper center", bbox_to_anchor=(0.5, -0.2), ncol=2, frameon=False)
+    if handles:
+        ax.legend(handles=handles, fontsize=8, loc="upper center", bbox_to_anchor=(0.5, -0.2), ncol=2, frameon=False)
 
 def plot_vae_curves(kl_terms: Mapping[str, Sequence[float]], # VAELoss.terms of the KL-VAE
                     vq_terms: Mapping[str, Sequence[float]], # VAELoss.terms of the VQ-VAE
                     num_codes: int, # K, for the perplexity axis
                     title: str, # French title
                    ) -> plt.Figure:
-    "Reconstruction of both models, KL and detail terms of the KL-VAE, its critic, the VQ-VAE's codebook, against the step."
+    """Reconstruction of both models, KL and detail terms of the KL-VAE, its critic, the VQ-VAE's codebook, against the
+    step."""
     window = max(1, len(kl_terms["reconstruction"]) // 25)
     fig, axes = plt.subplots(1, 4, figsize=(17, 4.6))
     _curve(axes[0], kl_terms, "reconstruction", window, label="KL-VAE : reconstruction")
