@@ -115,7 +115,9 @@ class SpatialTransformer(nn.Module):
         self.channels, self.context_dim, self.heads, self.head_dim = channels, context_dim, heads, channels // heads
         self.norm = nn.GroupNorm(groups, channels, eps=1e-6)
         self.proj_in = nn.Conv2d(channels, channels, 1)
-        self.blocks = nn.ModuleList(BasicTransformerBlock(channels, context_dim, heads, self.head_dim, ff_mult) for _ in range(depth))
+        self.blocks = nn.ModuleList(
+            BasicTransformerBlock(channels, context_dim, heads, self.head_dim, ff_mult) for _ in range(depth)
+        )
         self.proj_out = nn.Conv2d(channels, channels, 1)
         nn.init.zeros_(self.proj_out.weight)
         nn.init.zeros_(self.proj_out.bias)  # a new block is the identity

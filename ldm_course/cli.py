@@ -78,7 +78,9 @@ def _check_real(root: Path) -> list[str]:
         except FileNotFoundError as e: lines.append(f"{name:<8} missing  {e}")
         except (RuntimeError, ValueError) as e: lines.append(f"{name:<8} unusable {e}")  # truncated or corrupt files
     try:   # read at the smallest size first: a 60×80 archive is present, whatever it can serve
-        fashion, src = catalogue.load_fashion(root, source="real", image_size=catalogue.CATALOGUE_IMAGE_SIZES["smoke"], verbose=False)
+        fashion, src = catalogue.load_fashion(
+            root, source="real", image_size=catalogue.CATALOGUE_IMAGE_SIZES["smoke"], verbose=False
+        )
         lines.append(f"fashion  real     {len(fashion):,} usable of {fashion.num_rows:,} rows in {src.root}")
         lines.append(f"         skipped  {_skips(fashion.skipped)}")
         lines.append(f"         profiles {_fashion_profiles(fashion)}")
@@ -327,7 +329,9 @@ def train_report(chapter: str, # the chapter trained
     "What a `train` run did: processes and batch split, steps, final loss, and the checkpoint the notebook will read."
     t, cfg = run.trainer, run.trainer.cfg
     k = min(10, len(run.history))
-    what = f"finished run reused: {run.reused} (same recipe and data)" if run.reused else f"trained in {run.seconds:.1f} s"
+    what = (
+        f"finished run reused: {run.reused} (same recipe and data)" if run.reused else f"trained in {run.seconds:.1f} s"
+    )
     return [f"{chapter}: {what}",
             f"  {t.num_processes} process(es); global batch {cfg.batch_size} = "
             f"{cfg.per_process_batch(t.num_processes)} per process, "
@@ -385,7 +389,9 @@ def _cmd_run(args: argparse.Namespace) -> int:
         raise ValueError(f"--param profile={extra['profile']} is not allowed; use --profile {extra['profile']}")
     if args.rehearse_batch_size and not args.rehearse: raise ValueError("--rehearse-batch-size needs --rehearse")
     rehearsal = Rehearsal(batch_size=args.rehearse_batch_size or 0) if args.rehearse else None
-    results = run_pipeline(profile=args.profile, only=args.only, force=args.force, extra_parameters=extra, rehearsal=rehearsal)
+    results = run_pipeline(
+        profile=args.profile, only=args.only, force=args.force, extra_parameters=extra, rehearsal=rehearsal
+    )
     for r in results: print(f"{r.notebook:<28} {r.status:<8} {r.seconds:>7.1f} s  {r.output}")
     return EXIT_OK
 

@@ -91,7 +91,9 @@ def restore_rng_state(state: dict, # as returned by `capture_rng_state` (possibl
     py = state["python"]
     random.setstate((int(py["version"]), tuple(int(k) for k in py["keys"].tolist()), py["gauss"]))
     n = state["numpy"]
-    np.random.set_state((n["name"], n["keys"].numpy().astype(np.uint32), int(n["pos"]), int(n["has_gauss"]), float(n["gauss"])))
+    np.random.set_state(
+        (n["name"], n["keys"].numpy().astype(np.uint32), int(n["pos"]), int(n["has_gauss"]), float(n["gauss"]))
+    )
     torch.set_rng_state(state["torch"].cpu().to(torch.uint8))
     if "cuda" in state and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(list(state["cuda"].cpu().to(torch.uint8)))
@@ -425,7 +427,9 @@ def save_metrics(chapter: str, # chapter name, e.g. "05_ddpm_mnist"
     rehearsal = active_rehearsal()
     payload = {"chapter": chapter, "profile": resolve_profile(profile), **_jsonable(dict(metrics)),
                **({"rehearsal": rehearsal.to_dict()} if rehearsal else {}), "provenance": run_provenance()}
-    return atomic_write(runs_dir(profile) / "metrics" / f"{chapter}.json", json.dumps(payload, indent=2, ensure_ascii=False) + "\n")
+    return atomic_write(
+        runs_dir(profile) / "metrics" / f"{chapter}.json", json.dumps(payload, indent=2, ensure_ascii=False) + "\n"
+    )
 
 def load_metrics(profile: str = "auto", # run profile
                 ) -> dict[str, dict]:

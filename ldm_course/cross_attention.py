@@ -58,7 +58,9 @@ def cross_attention_config(profile: str = "auto", # "auto", "smoke", "cpu" or "g
     block = {"smoke": dict(head_dim=16, groups=8), "cpu": dict(head_dim=32, groups=8),
              "gpu": dict(head_dim=64, groups=32)}[profile]
     unet = base.unet.replace(cross_attention_levels=levels, context_dim=context_dim, cond_dim=cond_dim)
-    return rehearse(base.replace(unet=unet, cross_attention_block=spatial_transformer_spec(**block)).replace(**overrides))
+    return rehearse(
+        base.replace(unet=unet, cross_attention_block=spatial_transformer_spec(**block)).replace(**overrides)
+    )
 
 CROSS_ATTENTION_EVAL_PRESETS = {  # chapter 09's sizes, and what only this chapter measures
     "smoke": dict(n_per=2, n_train_eval=32, min_draws=64, guidance_scales=(0.0, 1.0, 3.0)),
@@ -184,7 +186,9 @@ def plot_guidance_sweep(images: Mapping[str, Tensor], # method name -> (S, P, 3,
     for m, name in enumerate(names):
         for s, w in enumerate(guidance_scales):
             for i in range(P): show_image(axes[i, m * S + s], images[name][s, i])
-            axes[0, m * S + s].set_title(f"{name}\nw = {w:g}" if s == 0 else f"\nw = {w:g}", fontsize=8, loc="left" if s == 0 else "center")
+            axes[0, m * S + s].set_title(
+                f"{name}\nw = {w:g}" if s == 0 else f"\nw = {w:g}", fontsize=8, loc="left" if s == 0 else "center"
+            )
     for i, prompt in enumerate(prompts):
         axes[i, 0].set_ylabel(f"« {prompt} »", fontsize=8, rotation=0, ha="right", va="center")
     fig.suptitle(title)

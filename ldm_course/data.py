@@ -264,7 +264,9 @@ def make_synthetic_mnist(root: str | Path | None = None, # data root (default da
         labels = np.concatenate([balanced_labels(size, 10, seed), balanced_labels(num_test, 10, seed + 1)])
         images, labels = generate_digits(size + num_test, seed, labels)
         write_mnist(tmp, images[:size], labels[:size], images[size:], labels[size:])
-    return folder, generate_once(folder, {"dataset": "mnist", "seed": seed, "num_train": size, "num_test": num_test}, write)
+    return folder, generate_once(
+        folder, {"dataset": "mnist", "seed": seed, "num_train": size, "num_test": num_test}, write
+    )
 
 def _gunzip(gz: Path, dest: Path) -> None:
     "Decompress gz to dest atomically; a damaged archive raises DataFormatError naming it and leaves no dest."
@@ -341,7 +343,9 @@ def load_mnist(root: str | Path | None = None, # data root (default data_dir()):
     size = size or synthetic_size("mnist", profile)
     folder, manifest = make_synthetic_mnist(root, size, seed)
     ds = MNIST(str(folder), train=train, transform=pil_to_signed)
-    return ds, announce_source(DataSource("mnist", "synthetic", str(folder), split, len(ds), seed, note=note), manifest, verbose)
+    return ds, announce_source(
+        DataSource("mnist", "synthetic", str(folder), split, len(ds), seed, note=note), manifest, verbose
+    )
 
 # %% ../nbs/01_data.ipynb #3a1fb28b
 CIFAR10_HOST = "www.cs.toronto.edu"
@@ -455,7 +459,9 @@ def make_synthetic_cifar10(root: str | Path | None = None, # data root (default 
         labels = np.concatenate([balanced_labels(size, 10, seed), balanced_labels(num_test, 10, seed + 1)])
         images, labels = generate_scenes(size + num_test, seed, labels)
         write_cifar10(tmp, images[:size], labels[:size], images[size:], labels[size:], SCENE_CLASSES)
-    return folder, generate_once(folder, {"dataset": "cifar10", "seed": seed, "num_train": size, "num_test": num_test}, write)
+    return folder, generate_once(
+        folder, {"dataset": "cifar10", "seed": seed, "num_train": size, "num_test": num_test}, write
+    )
 
 def _cifar_help(root: Path) -> str:
     return (f"CIFAR10 not found under {root / 'cifar-10-batches-py'}; expected data_batch_1..5, test_batch and "
@@ -488,13 +494,17 @@ def load_cifar10(root: str | Path | None = None, # data root (default data_dir()
         if network_available(CIFAR10_HOST, timeout=timeout):
             try:
                 ds = LocalCIFAR10(root, train=train, download=True)
-                return ds, announce_source(DataSource("cifar10", "downloaded", str(root), split, len(ds)), None, verbose)
+                return ds, announce_source(
+                    DataSource("cifar10", "downloaded", str(root), split, len(ds)), None, verbose
+                )
             except Exception as e: note += f"; download failed ({type(e).__name__}: {e})"
         else: note += f"; {CIFAR10_HOST} unreachable within {timeout:g} s"
     size = size or synthetic_size("cifar10", profile)
     folder, manifest = make_synthetic_cifar10(root, size, seed)
     ds = LocalCIFAR10(folder, train=train, verify_md5=False)
-    return ds, announce_source(DataSource("cifar10", "synthetic", str(folder), split, len(ds), seed, note=note), manifest, verbose)
+    return ds, announce_source(
+        DataSource("cifar10", "synthetic", str(folder), split, len(ds), seed, note=note), manifest, verbose
+    )
 
 # %% ../nbs/01_data.ipynb #304e658b
 def to_tensors(dataset: Dataset, # MNIST, LocalCIFAR10, FashionProducts or any (image, target) dataset

@@ -86,7 +86,9 @@ class DiffusionLoss:
                  batch: Tensor | Sequence[Tensor], # images, or (images, labels, ...)
                  generator: torch.Generator | None = None, # for reproducible draws (default: global RNG, as in training)
                 ) -> Tensor: # scalar loss
-        images, labels = (batch, None) if isinstance(batch, Tensor) else (batch[0], batch[1] if len(batch) > 1 else None)
+        images, labels = (
+            (batch, None) if isinstance(batch, Tensor) else (batch[0], batch[1] if len(batch) > 1 else None)
+        )
         return diffusion_loss(model, images, self.scheduler, self.model_kwargs(labels, generator), generator)
 
 # %% ../nbs/05_ddpm_mnist.ipynb #79d80e18
@@ -206,9 +208,11 @@ def _mnist_preset(profile: str) -> DDPMConfig:
                                  checkpoint_every=0, sample_every=0),
              "gpu": train_config("gpu", lr=5e-4, max_steps=20_000, warmup_steps=500, batch_size=128, ema_decay=0.9995,
                                  checkpoint_every=2_500, sample_every=0)}[profile]
-    judge_train = {"smoke": TrainConfig(lr=3e-3, max_steps=30, warmup_steps=5, batch_size=32, ema_decay=0.9),
-                   "cpu": TrainConfig(lr=3e-3, max_steps=300, warmup_steps=30, batch_size=64, ema_decay=0.99),
-                   "gpu": TrainConfig(lr=3e-3, max_steps=3_000, warmup_steps=100, batch_size=128, ema_decay=0.999)}[profile]
+    judge_train = {
+        "smoke": TrainConfig(lr=3e-3, max_steps=30, warmup_steps=5, batch_size=32, ema_decay=0.9),
+        "cpu": TrainConfig(lr=3e-3, max_steps=300, warmup_steps=30, batch_size=64, ema_decay=0.99),
+        "gpu": TrainConfig(lr=3e-3, max_steps=3_000, warmup_steps=100, batch_size=128, ema_decay=0.999),
+    }[profile]
     sizes = {"smoke": dict(num_train_images=512, ddpm_steps=50, ddim_steps=10, num_compare=4, guidance_scales=(0.0, 1.0, 3.0),
                            sweep_steps=5, samples_per_class=2, grid_rows=2),
              "cpu": dict(num_train_images=20_000, ddpm_steps=1000, ddim_steps=50, num_compare=2,
@@ -227,9 +231,11 @@ def _cifar10_preset(profile: str) -> DDPMConfig:
                                  checkpoint_every=0, sample_every=0),
              "gpu": train_config("gpu", lr=2e-4, max_steps=80_000, warmup_steps=1_000, batch_size=128, ema_decay=0.9999,
                                  checkpoint_every=5_000, sample_every=0)}[profile]
-    judge_train = {"smoke": TrainConfig(lr=3e-3, max_steps=20, warmup_steps=5, batch_size=32, ema_decay=0.9),
-                   "cpu": TrainConfig(lr=3e-3, max_steps=300, warmup_steps=30, batch_size=64, ema_decay=0.99),
-                   "gpu": TrainConfig(lr=3e-3, max_steps=5_000, warmup_steps=200, batch_size=128, ema_decay=0.999)}[profile]
+    judge_train = {
+        "smoke": TrainConfig(lr=3e-3, max_steps=20, warmup_steps=5, batch_size=32, ema_decay=0.9),
+        "cpu": TrainConfig(lr=3e-3, max_steps=300, warmup_steps=30, batch_size=64, ema_decay=0.99),
+        "gpu": TrainConfig(lr=3e-3, max_steps=5_000, warmup_steps=200, batch_size=128, ema_decay=0.999),
+    }[profile]
     sizes = {"smoke": dict(num_train_images=500, ddpm_steps=100, ddim_steps=10, num_compare=4, guidance_scales=(0.0, 1.0, 3.0),
                            sweep_steps=5, samples_per_class=2, grid_rows=2),
              "cpu": dict(num_train_images=10_000, ddpm_steps=1000, ddim_steps=50, num_compare=2,
@@ -237,7 +243,9 @@ def _cifar10_preset(profile: str) -> DDPMConfig:
              "gpu": dict(num_train_images=0, ddpm_steps=1000, ddim_steps=50, num_compare=64,
                          guidance_scales=(0.0, 1.0, 2.0, 3.0, 5.0), sweep_steps=50, samples_per_class=100, grid_rows=6)}[profile]
     judge = ClassifierConfig(in_channels=3, channels=(32, 64, 128) if profile == "gpu" else (16, 32, 64))
-    return DDPMConfig(dataset="cifar10", image_size=32, unet=unet, train=train, judge=judge, judge_train=judge_train, **sizes)
+    return DDPMConfig(
+        dataset="cifar10", image_size=32, unet=unet, train=train, judge=judge, judge_train=judge_train, **sizes
+    )
 
 DDPM_PRESETS = {"mnist": _mnist_preset, "cifar10": _cifar10_preset}
 
@@ -311,7 +319,9 @@ def sample_images(model: nn.Module, # the trained (EMA) U-Net
         s = make_sampler(scheduler, sampler, eta, clip_sample)
         # CPU draws: same noise on any device
         x_T = s.initial_noise((b, *image_shape), generator, device="cpu").to(device)
-        out.append(s.sample(model_fn, (b, *image_shape), generator, x_T=x_T, num_inference_steps=num_inference_steps).cpu())
+        out.append(
+            s.sample(model_fn, (b, *image_shape), generator, x_T=x_T, num_inference_steps=num_inference_steps).cpu()
+        )
     return torch.cat(out)
 
 @torch.inference_mode()
@@ -587,12 +597,16 @@ def plot_forward_noising(images: Tensor, # (N, C, H, W) clean images in [-1, 1]
                         ) -> plt.Figure:
     "Rows: images; columns: x_t = √ᾱ_t·x0 + √(1-ᾱ_t)·ε for increasing t, with the same ε along a row."
     noise = torch.randn(images.shape, generator=generator)
-    fig, axes = plt.subplots(len(images), len(timesteps), figsize=(1.2 * len(timesteps), 1.2 * len(images) + 0.6), squeeze=False)
+    fig, axes = plt.subplots(
+        len(images), len(timesteps), figsize=(1.2 * len(timesteps), 1.2 * len(images) + 0.6), squeeze=False
+    )
     for i, x0 in enumerate(images):
         for j, t in enumerate(timesteps):
             show_image(axes[i, j], scheduler.add_noise(x0[None], noise[i:i + 1], int(t))[0])
             if i == 0:
-                axes[i, j].set_title(f"t = {t}\n" + r"$\bar\alpha_t$" + f" = {float(scheduler.alphas_cumprod[t]):.2f}", fontsize=8)
+                axes[i, j].set_title(
+                    f"t = {t}\n" + r"$\bar\alpha_t$" + f" = {float(scheduler.alphas_cumprod[t]):.2f}", fontsize=8
+                )
     fig.suptitle(title)
     fig.tight_layout()
     return fig
@@ -623,7 +637,9 @@ def plot_guidance_grid(sweep: GuidanceSweep, # from guidance_sweep
     "Rows: classes; columns: guidance scales w, each cell a strip of samples; the judge's accuracy above each column."
     S, K, n = sweep.samples.shape[:3]
     m = min(per_cell, n)
-    fig, axes = plt.subplots(1, S, figsize=(S * (0.55 * m + 0.15) + 0.6, 0.55 * K + 1.3), squeeze=False, layout="constrained")
+    fig, axes = plt.subplots(
+        1, S, figsize=(S * (0.55 * m + 0.15) + 0.6, 0.55 * K + 1.3), squeeze=False, layout="constrained"
+    )
     for j, ax in enumerate(axes[0]):
         grid = image_grid(sweep.samples[j, :, :m].flatten(0, 1), nrow=m, padding=1)
         gray = sweep.samples.shape[3] == 1  # make_grid repeats a single channel three times

@@ -71,7 +71,9 @@ def unet_sketch(config: Any, # a UNetConfig, or a dict of its fields (from a cha
     d = _as_dict(config)
     channels = _first(d, "block_out_channels", "channels")
     if channels is None and _first(d, "model_channels", "base_channels"):
-        channels = [_first(d, "model_channels", "base_channels") * m for m in _first(d, "channel_mult", default=(1, 2, 4))]
+        channels = [
+            _first(d, "model_channels", "base_channels") * m for m in _first(d, "channel_mult", default=(1, 2, 4))
+        ]
     if not channels:
         raise ValueError(f"Cannot draw a U-Net without its channels per level (block_out_channels); got keys "
                          f"{sorted(d)}")
@@ -138,7 +140,9 @@ def draw_unet(config: Any, # a UNetConfig, or a dict of its fields (from a chapt
     n, dx, dy, w, h = len(s.channels), 1.35, 1.6, 2.0, 1.3
     res = s.resolutions
     def level(i: int, head: str, blocks: int | None) -> str:
-        extra = (["+ self-attention"] if s.self_attention[i] else []) + (["+ cross-attention"] if s.cross_attention[i] else [])
+        extra = (["+ self-attention"] if s.self_attention[i] else []) + (
+            ["+ cross-attention"] if s.cross_attention[i] else []
+        )
         return "\n".join([head, f"{s.channels[i]} canaux · {res[i]}", f"{blocks} × ResBlock" if blocks else "ResBlocks", *extra])
     def colour(self_attention: bool, cross_attention: bool) -> str:
         return _COLOURS["cross"] if cross_attention else _COLOURS["attn"] if self_attention else _COLOURS["conv"]
@@ -156,7 +160,9 @@ def draw_unet(config: Any, # a UNetConfig, or a dict of its fields (from a chapt
         _arrow(ax, (enc[i][0] + w / 2, enc[i][1]), (dec[i][0] - w / 2, dec[i][1]), colour=_COLOURS["skip"], ls="--",
                label="saut (concaténation)" if i == 0 else None, label_offset=(0, 0.17), fontsize=7.5)
     mid_lines = ["bloc central", f"{s.channels[-1]} canaux · {res[-1]}", "2 × ResBlock"]
-    mid_lines += (["+ self-attention"] if s.mid_self_attention else []) + (["+ cross-attention"] if s.mid_cross_attention else [])
+    mid_lines += (["+ self-attention"] if s.mid_self_attention else []) + (
+        ["+ cross-attention"] if s.mid_cross_attention else []
+    )
     _box(ax, *mid, w, h, "\n".join(mid_lines), colour(s.mid_self_attention, s.mid_cross_attention), fontsize=8)
     for i in range(n - 1):
         _arrow(ax, (enc[i][0] - w / 4, enc[i][1] - h / 2), (enc[i + 1][0] - w / 4, enc[i + 1][1] + h / 2), label="÷2", label_offset=(-0.25, 0))

@@ -326,7 +326,9 @@ def _draw_photos(folder: Path, seed: int, items: list, image_size: int, quality:
     for n, item_id, article_type, colour in items:
         rng = np.random.default_rng([seed, n])
         _, pattern = product_row(rng, item_id, article_type, colour)   # the name comes first from the item's generator
-        draw_garment(article_type, colour, pattern, rng, image_size).save(folder / f"{item_id}.jpg", quality=quality, subsampling=0)
+        draw_garment(article_type, colour, pattern, rng, image_size).save(
+            folder / f"{item_id}.jpg", quality=quality, subsampling=0
+        )
 
 def _draw_in_parallel(folder: Path, seed: int, items: list, image_size: int, quality: int, workers: int) -> None:
     "Split the items among `workers` forked processes (sequential where fork is unavailable): same bytes either way."
@@ -392,8 +394,12 @@ def load_fashion(root: str | Path | None = None, # data root (default data_dir()
     if real is not None:
         ds = FashionProducts(real, image_size, verify_images, require, verbose=verbose, allow_upscale=allow_upscale)
         skipped = {k: v for k, v in ds.skipped.items() if v}
-        note = f"UPSCALED from {ds.upscaled_from} px to {image_size} px (allow_upscale=True)" if ds.upscaled_from else ""
-        return ds, announce_source(DataSource("fashion", "real", str(real), "all", len(ds), skipped=skipped, note=note), None, verbose)
+        note = (
+            f"UPSCALED from {ds.upscaled_from} px to {image_size} px (allow_upscale=True)" if ds.upscaled_from else ""
+        )
+        return ds, announce_source(
+            DataSource("fashion", "real", str(real), "all", len(ds), skipped=skipped, note=note), None, verbose
+        )
     if source == "real":
         raise FileNotFoundError(f"Fashion catalogue not found under {root}: put it in {root / FASHION_DIRNAMES[0]} "
                                 f"({_fashion_layout(root / FASHION_DIRNAMES[0])}), or use source='auto' / 'synthetic'")
@@ -403,4 +409,6 @@ def load_fashion(root: str | Path | None = None, # data root (default data_dir()
     folder, manifest = make_synthetic_fashion(root, size or synthetic_size("fashion", profile), seed, drawn)
     ds = FashionProducts(folder, image_size, verify_images, require, verbose=verbose)
     skipped = {k: v for k, v in ds.skipped.items() if v}
-    return ds, announce_source(DataSource("fashion", "synthetic", str(folder), "all", len(ds), seed, skipped, note), manifest, verbose)
+    return ds, announce_source(
+        DataSource("fashion", "synthetic", str(folder), "all", len(ds), seed, skipped, note), manifest, verbose
+    )

@@ -105,7 +105,9 @@ def pattern_crops(images: Tensor, # (B, 3, H, W) in [-1, 1]
     """The pattern crops of `pattern_boxes`, at `size` pixels: native pixels when crop · H = size, so fine stripes
     survive."""
     if len(images) == 0: return images.new_zeros(0, images.shape[1], size, size)
-    out = torch.stack([images[b, :, t:t + s, l:l + s] for b, (t, l, s) in enumerate(pattern_boxes(images, crop).tolist())])
+    out = torch.stack(
+        [images[b, :, t : t + s, l : l + s] for b, (t, l, s) in enumerate(pattern_boxes(images, crop).tolist())]
+    )
     return out if out.shape[-1] == size else F.interpolate(out.float(), size=(size, size), mode="bilinear", antialias=True, align_corners=False)
 
 # %% ../nbs/11_clothing_judge.ipynb #f7eaee74
@@ -120,7 +122,9 @@ class JudgeInputs(NamedTuple):
         return JudgeInputs(self.images[index], None if self.crops is None else self.crops[index])
 
     def to(self, device) -> "JudgeInputs":
-        return JudgeInputs(self.images.to(device, torch.float32), None if self.crops is None else self.crops.to(device, torch.float32))
+        return JudgeInputs(
+            self.images.to(device, torch.float32), None if self.crops is None else self.crops.to(device, torch.float32)
+        )
 
 def image_batches(images: Tensor | Dataset, batch_size: int):
     "Float image batches from a tensor, or from a Dataset of (image, ...) items decoded batch_size at a time."
@@ -165,7 +169,9 @@ class GarmentJudge(nn.Module):
         super().__init__()
         self.config = config
         self.trunk = ImageClassifier(config.trunk_config())
-        self.colour_head = nn.Sequential(nn.Dropout(config.dropout), nn.Linear(config.feature_dim, len(config.colour_names)))
+        self.colour_head = nn.Sequential(
+            nn.Dropout(config.dropout), nn.Linear(config.feature_dim, len(config.colour_names))
+        )
         self.pattern_branch = ImageClassifier(config.pattern_config()) if config.has_pattern else None
         if config.has_pattern:   # every head reads both feature vectors: logits = W_image φ(x) + W_crop ψ(crop)
             d = config.pattern_channels[-1]
@@ -333,7 +339,9 @@ def garment_accuracy(judge: GarmentJudge, # the clothing judge
                      pattern_labels: Tensor | None = None, # (N,) expected pattern indices (-1: unknown); None: pattern not scored
                     ) -> dict: # type, colour, both [, pattern, pattern_by_class] (fractions) and the counts they are computed on
     "How often the judge finds the right type, colour, both, and pattern, on labelled images."
-    return accuracy_of(predict_garments(judge, images), type_labels, colour_labels, pattern_labels, judge.config.pattern_names)
+    return accuracy_of(
+        predict_garments(judge, images), type_labels, colour_labels, pattern_labels, judge.config.pattern_names
+    )
 
 # %% ../nbs/11_clothing_judge.ipynb #34e866c4
 def toy_pattern_images(n: int, # how many images
@@ -347,7 +355,9 @@ def toy_pattern_images(n: int, # how many images
     palette = torch.tensor([[0.7, -0.7, -0.7], [-0.7, 0.5, -0.7], [-0.7, -0.7, 0.7]])
     u, x = torch.arange(size).float(), torch.ones(n, 3, size, size)
     for i in range(n):
-        wave = torch.sign(torch.cos(2 * torch.pi * (u / (3 + 2 * torch.rand(1, generator=g)) + torch.rand(1, generator=g))))
+        wave = torch.sign(
+            torch.cos(2 * torch.pi * (u / (3 + 2 * torch.rand(1, generator=g)) + torch.rand(1, generator=g)))
+        )
         texture = {0: wave[:, None] * wave[None, :], 1: torch.zeros(size, size), 2: wave[:, None].expand(size, size)}[int(patterns[i])]
         cloth = palette[colours[i]].view(3, 1, 1) + 0.25 * texture
         h, w = (3 * size // 4, size // 3) if types[i] == 0 else (size // 3, 3 * size // 4)

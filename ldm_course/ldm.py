@@ -140,7 +140,9 @@ class LDMConfig(Config):
     @classmethod
     def from_dict(cls, d: Mapping) -> "LDMConfig":
         nested = {"unet": UNetConfig, "train": TrainConfig}
-        return super().from_dict({k: (nested[k].from_dict(v) if k in nested and isinstance(v, Mapping) else v) for k, v in d.items()})
+        return super().from_dict(
+            {k: (nested[k].from_dict(v) if k in nested and isinstance(v, Mapping) else v) for k, v in d.items()}
+        )
 
 # %% ../nbs/09_ldm_additive.ipynb #228df20f
 def ldm_config(profile: str = "auto", # "auto", "smoke", "cpu" or "gpu"
@@ -160,7 +162,9 @@ def ldm_config(profile: str = "auto", # "auto", "smoke", "cpu" or "gpu"
                                  checkpoint_every=2_500, sample_every=0)}[profile]
     sampling = {"smoke": dict(num_inference_steps=5, num_train_images=256), "cpu": dict(num_inference_steps=50),
                 "gpu": dict(num_inference_steps=50)}[profile]
-    return rehearse(LDMConfig(unet=unet, train=train, pooled_scale=math.sqrt(cond_dim), **sampling).replace(**overrides))
+    return rehearse(
+        LDMConfig(unet=unet, train=train, pooled_scale=math.sqrt(cond_dim), **sampling).replace(**overrides)
+    )
 
 # %% ../nbs/09_ldm_additive.ipynb #9b61f887
 @dataclasses.dataclass
@@ -287,7 +291,9 @@ class CaptionedLatents(Dataset):
     def tensors(self) -> tuple[Tensor, ...]:
         "Everything the items are drawn from (what `training.data_identity` hashes)."
         e = self.embeddings
-        return (self.latents, self.caption_ids, self.caption_probs, e.pooled) + ((e.tokens, e.mask) if self.with_tokens else ())
+        return (self.latents, self.caption_ids, self.caption_probs, e.pooled) + (
+            (e.tokens, e.mask) if self.with_tokens else ()
+        )
 
     def __getitem__(self, i: int) -> tuple[Tensor, ...]:
         # global RNG: seeded by the Trainer
@@ -327,7 +333,9 @@ class TextDiffusionLoss:
         dropped = condition_dropout_mask(len(pooled), self.cond_drop_prob, generator, pooled.device)
         kwargs = {}
         if self.use_pooled:
-            kwargs["cond"] = self.pooled_scale * drop_condition(pooled, self.cond_drop_prob, self.null.pooled[0], dropped=dropped)
+            kwargs["cond"] = self.pooled_scale * drop_condition(
+                pooled, self.cond_drop_prob, self.null.pooled[0], dropped=dropped
+            )
         if self.use_tokens:
             if len(batch) < 4:
                 raise ValueError("use_tokens needs batches (latents, pooled, tokens, mask): "
@@ -467,7 +475,9 @@ def prepare_ldm_data(cfg: LDMConfig, # held-out pairs, cap on training items
         items, _ = load_fashion(source=source, image_size=image_size, seed=seed, profile=profile, verbose=False)
         return to_tensors(Subset(items, train_idx))[0]
     vae, vae_path, trained = load_or_train_vae(training_images, profile, device, seed, data_source.summary())
-    dataset, _ = load_fashion(source=source, image_size=vae.config.image_size, seed=seed, profile=profile, verbose=False)
+    dataset, _ = load_fashion(
+        source=source, image_size=vae.config.image_size, seed=seed, profile=profile, verbose=False
+    )
     vae_seconds = time.perf_counter() - start
     data_key = f"{data_source.summary()} | held out {cfg.held_out_pairs} | items {len(train_idx)}"
     latents = fashion_latents(vae, dataset, train_idx, data_key, profile)

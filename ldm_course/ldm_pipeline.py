@@ -107,7 +107,9 @@ class LatentDiffusionPipeline:
               ) -> Tensor: # images (B, 3, H, W) in [-1, 1]
         "Decode latents with the VAE, in passes that fit memory at any image size, and clamp to the image range."
         per_pass = images_per_pass(self.vae.config.image_size, len(latents))
-        return torch.cat([self.vae.decode_latents(z.to(self.device)).float().clamp(-1, 1) for z in latents.split(per_pass)])
+        return torch.cat(
+            [self.vae.decode_latents(z.to(self.device)).float().clamp(-1, 1) for z in latents.split(per_pass)]
+        )
 
 # %% ../nbs/09_ldm_pipeline.ipynb #b68bcfa0
 def _decode_snapshots(pipe: LatentDiffusionPipeline, snapshots: Tensor) -> Tensor:
@@ -134,7 +136,9 @@ def latent_sampler(scheduler: NoiseScheduler, # the model's noise schedule
     if sampler == "ddpm": return DDPMSampler(scheduler, clip_sample=False, timestep_spacing=timestep_spacing)
     if sampler in ("dpm++", "sde-dpm++"):  # 2M: the order Lu et al. recommend with guidance
         algorithm_type = "dpmsolver++" if sampler == "dpm++" else "sde-dpmsolver++"
-        return DPMSolverMultistepSampler(scheduler, solver_order=2, algorithm_type=algorithm_type, timestep_spacing=timestep_spacing)
+        return DPMSolverMultistepSampler(
+            scheduler, solver_order=2, algorithm_type=algorithm_type, timestep_spacing=timestep_spacing
+        )
     raise ValueError(f"Unknown sampler {sampler!r}; expected one of {LDM_SAMPLERS}")
 
 @patch
@@ -160,7 +164,9 @@ def __call__(self: LatentDiffusionPipeline,
         raise ValueError(f"eta is DDIM's η; the {name!r} sampler has none (for a stochastic DPM-Solver++ use "
                          f"sampler='sde-dpm++')")
     model_fn = text_guidance(self.unet, emb, self.null_embedding, w, self.config.pooled_scale)
-    sampler = latent_sampler(self.scheduler, name, self.config.eta if eta is None else eta, self.config.timestep_spacing)
+    sampler = latent_sampler(
+        self.scheduler, name, self.config.eta if eta is None else eta, self.config.timestep_spacing
+    )
     shape = (len(emb), *self.latent_shape)
     generator = make_generator(seed)  # on the CPU: the same z_T on every device
     if x_T is None: x_T = sampler.initial_noise(shape, generator, device="cpu")
@@ -168,8 +174,9 @@ def __call__(self: LatentDiffusionPipeline,
     if return_trajectory:
         traj = sampler.sample_trajectory(model_fn, shape, generator, n_snapshots, x_T=x_T, num_inference_steps=steps)
         z0 = traj.sample
-        trajectory = LDMTrajectory(traj.timesteps, _decode_snapshots(self, traj.x_t), _decode_snapshots(self, traj.pred_x0),
-                                   traj.x_t.cpu())
+        trajectory = LDMTrajectory(
+            traj.timesteps, _decode_snapshots(self, traj.x_t), _decode_snapshots(self, traj.pred_x0), traj.x_t.cpu()
+        )
     else:
         z0, trajectory = sampler.sample(model_fn, shape, generator, x_T=x_T, num_inference_steps=steps), None
     return LDMOutput(self.decode(z0).cpu(), z0.cpu(), list(prompts), trajectory)
@@ -212,7 +219,9 @@ def load(cls: LatentDiffusionPipeline, path: str | Path, # a file written by `La
         raise ValueError(f"text encoder {text_encoder.name!r} (fingerprint {text_encoder.fingerprint}) is not the one "
                          f"the "
                          f"pipeline was trained with ({spec['name']!r}, fingerprint {spec['fingerprint']})")
-    extras = {k: v for k, v in meta.items() if k not in ("format", "ldm_config", "vae_config", "scheduler", "text_encoder")}
+    extras = {
+        k: v for k, v in meta.items() if k not in ("format", "ldm_config", "vae_config", "scheduler", "text_encoder")
+    }
     return cls(vae.to(device), unet.to(device), text_encoder, build_ldm_scheduler(cfg), cfg, extras)
 
 # %% ../nbs/09_ldm_pipeline.ipynb #09a9eaec
@@ -246,7 +255,9 @@ def plot_prompt_grid(images: Tensor, # (P·n, 3, H, W): n samples of each prompt
     for i, prompt in enumerate(prompts):
         for j in range(n): show_image(axes[i, j], images[i * n + j])
         label = f"« {prompt} »" + ("\n(jamais vu)" if prompt in marked else "")
-        axes[i, 0].set_ylabel(label, fontsize=8, rotation=0, ha="right", va="center", color="C3" if prompt in marked else "k")
+        axes[i, 0].set_ylabel(
+            label, fontsize=8, rotation=0, ha="right", va="center", color="C3" if prompt in marked else "k"
+        )
     fig.suptitle(title)
     fig.tight_layout()
     return fig

@@ -164,8 +164,12 @@ class EvalConfig(Config):
     batch_size: int = 256                # images per generation call
 
     def __post_init__(self):
-        self.steps_curve, self.guidance_scales = tuple(int(s) for s in self.steps_curve), tuple(float(w) for w in self.guidance_scales)
-        self.judge_channels, self.judge_pattern_channels = tuple(self.judge_channels), tuple(self.judge_pattern_channels)
+        self.steps_curve, self.guidance_scales = tuple(int(s) for s in self.steps_curve), tuple(
+            float(w) for w in self.guidance_scales
+        )
+        self.judge_channels, self.judge_pattern_channels = tuple(self.judge_channels), tuple(
+            self.judge_pattern_channels
+        )
         if not 0 < self.heldout_fraction < 1:
             raise ValueError(f"heldout_fraction must be in (0, 1), got {self.heldout_fraction!r}")
         if self.images_per_group < 1 or self.sweep_images_per_group < 1:
@@ -483,7 +487,9 @@ def everyday_prompts(catalogue_pairs: Sequence[tuple[str, str]], # (articleType,
         if c is not None:
             nouns, words = garment_words(t), COLOUR_WORDS.get(c, (c.lower(),))
             singular, plural = nouns[(k // len(types)) % len(nouns)]
-            text = everyday_phrase(k % EVERYDAY_FORMS, words[(k // len(colours)) % len(words)], singular, plural, t in WOMENSWEAR)
+            text = everyday_phrase(
+                k % EVERYDAY_FORMS, words[(k // len(colours)) % len(words)], singular, plural, t in WOMENSWEAR
+            )
             if text not in {s.prompt for s in specs}: specs.append(PromptSpec(text, t, c, "everyday"))
         k += 1
     return specs
@@ -508,7 +514,9 @@ def pattern_prompts(catalogue_triples: Sequence[tuple[str, str, str]], # (articl
         if c is None: continue
         singular, plural = garment_words(t)[0]
         pair = singular.startswith("pair of ")
-        text = PATTERN_FORMS[p][i % len(PATTERN_FORMS[p])].format(c=COLOUR_WORDS.get(c, (c.lower(),))[0], n=plural if pair else singular)
+        text = PATTERN_FORMS[p][i % len(PATTERN_FORMS[p])].format(
+            c=COLOUR_WORDS.get(c, (c.lower(),))[0], n=plural if pair else singular
+        )
         specs.append(PromptSpec(text if pair else _a(text), t, c, "pattern", p))
     return specs
 
@@ -529,7 +537,9 @@ def evaluation_prompts(catalogue_pairs: Sequence[tuple[str, str]], # (articleTyp
              if (t, c) in available or (t, c) in held]
     for t, c in held:
         singular, plural = garment_words(t)[0]
-        texts = [pair_prompt((t, c))] + [everyday_phrase(f, c.lower(), singular, plural, t in WOMENSWEAR) for f in range(1, EVERYDAY_FORMS)]
+        texts = [pair_prompt((t, c))] + [
+            everyday_phrase(f, c.lower(), singular, plural, t in WOMENSWEAR) for f in range(1, EVERYDAY_FORMS)
+        ]
         specs += [PromptSpec(p, t, c, "held-out") for p in list(dict.fromkeys(texts))[:held_out_wordings]]
     taken = {(s.article_type, s.colour) for s in specs}
     others = [p for p in available if p not in taken]
@@ -578,7 +588,9 @@ def catalogue_fingerprint(records: pd.DataFrame, # FashionProducts.records: a "p
                          ) -> str: # 16 hex digits
     """What a judge consumed from the catalogue, cheaply: each image file's name, size and modification time, and the
     labels."""
-    files = [[Path(p).name, *((s.st_size, s.st_mtime_ns) if (s := _stat(p)) else (None, None))] for p in records["path"]]
+    files = [
+        [Path(p).name, *((s.st_size, s.st_mtime_ns) if (s := _stat(p)) else (None, None))] for p in records["path"]
+    ]
     return content_digest([files, *[l.cpu() for l in labels]])[:16]
 
 def _stat(path: str):
@@ -641,7 +653,9 @@ def pipeline_generate(pipe: Callable, # a LatentDiffusionPipeline (chapters 09, 
         raise ValueError(f"{type(pipe).__name__} takes no sampler argument (it samples with DDIM); got "
                          f"sampler={sampler!r}")
     def generate(prompts: list[str], seed: int) -> Tensor:
-        return pipe(list(prompts), num_inference_steps=num_inference_steps, guidance_scale=guidance_scale, seed=seed, **extra).images
+        return pipe(
+            list(prompts), num_inference_steps=num_inference_steps, guidance_scale=guidance_scale, seed=seed, **extra
+        ).images
     return generate
 
 
@@ -688,7 +702,9 @@ def plot_alignment(results: Mapping[tuple[str, float], AlignmentResult], # (meth
         if ceiling:
             ax.axhline(100 * ceiling["both"], c="g", ls="--", lw=1, label="juge sur vraies images (type et couleur)")
         if chance is not None: ax.axhline(100 * chance, c="gray", ls=":", lw=1, label="hasard (type et couleur)")
-        n_prompts = sorted({int(r.summary().loc[group, "num_prompts"]) for r in results.values() if group in r.summary().index})
+        n_prompts = sorted(
+            {int(r.summary().loc[group, "num_prompts"]) for r in results.values() if group in r.summary().index}
+        )
         span = lambda v: f"{v[0]}" if len(v) == 1 else f"{v[0]} à {v[-1]}"
         ax.set_title(f"{GROUP_NAMES[group]}\n({span(n_prompts)} requêtes, {span(sorted(sizes))} images par point)", fontsize=9)
         ws = sorted({w for _, w in results})
@@ -814,8 +830,12 @@ def reconstruction_check(judge: GarmentJudge, # the clothing judge (trained on r
     heads = [h for h in ("type", "colour", "pattern") if getattr(preds["original"], h) is not None]
     if "pattern" in heads and pattern_labels is not None:   # which photos lose their pattern in the reconstruction
         right = lambda p: p.pattern == pattern_labels.cpu()
-        out["pattern_lost"] = torch.nonzero(right(preds["original"]) & ~right(preds["reconstruction"])).flatten().tolist()
-    out["agreement"] = {h: float((getattr(preds["original"], h) == getattr(preds["reconstruction"], h)).float().mean()) for h in heads}
+        out["pattern_lost"] = (
+            torch.nonzero(right(preds["original"]) & ~right(preds["reconstruction"])).flatten().tolist()
+        )
+    out["agreement"] = {
+        h: float((getattr(preds["original"], h) == getattr(preds["reconstruction"], h)).float().mean()) for h in heads
+    }
     psnrs, ssims = torch.cat(psnrs).double(), torch.cat(ssims).double()
     mean_se = lambda v: (float(v.mean()), float(v.std() / len(v) ** 0.5) if len(v) > 1 else float("nan"))
     (out["psnr"], out["psnr_se"]), (out["ssim"], out["ssim_se"]) = mean_se(psnrs), mean_se(ssims)

@@ -382,11 +382,15 @@ def run_stage(notebook: Path, # the chapter notebook
             raise ChapterFailed(notebook.stem, e.cell_index, e.ename, e.evalue, output, log) from None
         except Exception as e:  # the kernel died mid-cell, or could not start
             cell = running_cell(output)
-            raise ChapterFailed(notebook.stem, cell, type(e).__name__, str(e), output, log, kernel_died=cell is not None) from e
+            raise ChapterFailed(
+                notebook.stem, cell, type(e).__name__, str(e), output, log, kernel_died=cell is not None
+            ) from e
     return time.perf_counter() - start
 
 # %% ../nbs/12_pipeline.ipynb #247075f8
-_TQDM_LINE = re.compile(r"^(?P<desc>[^|\n]*?):?\s*(?P<pct>\d+%)\|[^|]*\|\s*(?P<count>[^\[]*?)\s*\[(?P<elapsed>[^<\]]*)<?(?P<left>[^,\]]*)")
+_TQDM_LINE = re.compile(
+    r"^(?P<desc>[^|\n]*?):?\s*(?P<pct>\d+%)\|[^|]*\|\s*(?P<count>[^\[]*?)\s*\[(?P<elapsed>[^<\]]*)<?(?P<left>[^,\]]*)"
+)
 
 def _last_progress(log: Path, tail_bytes: int = 8192) -> str:
     "The last tqdm bar in a log, shortened to 'desc pct count <remaining' ('' when none)."
@@ -539,7 +543,9 @@ def run_pipeline(profile: str = "auto", # smoke | cpu | gpu | auto
             reasons = ["--force"] if force else rerun_reasons(state.get(nb.stem), components)
             if not reasons and not Path(output).is_file(): reasons = ["executed notebook missing"]
             if not reasons:
-                results.append(StageResult(nb.stem, "skipped", 0.0, output, fp, state[nb.stem].get("finished", ""), components))
+                results.append(
+                    StageResult(nb.stem, "skipped", 0.0, output, fp, state[nb.stem].get("finished", ""), components)
+                )
                 bar.write(f"  {nb.stem}: up to date, skipped")
                 continue
             bar.write(f"  {nb.stem}: runs ({'; '.join(reasons)})")

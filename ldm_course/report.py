@@ -65,7 +65,9 @@ def alignment_rows(evaluation: Mapping | None, # chapter 11's metrics
                              "group": row["group"], **{k: row.get(k) for k in fields}})
     order = {m: i for i, m in enumerate(METHODS)}
     number = lambda v: v if isinstance(v, (int, float)) else math.inf
-    return sorted(rows, key=lambda r: (order.get(r["method"], len(order)), number(r["w"]), list(groups).index(r["group"])))
+    return sorted(
+        rows, key=lambda r: (order.get(r["method"], len(order)), number(r["w"]), list(groups).index(r["group"]))
+    )
 
 def best_alignment(evaluation: Mapping | None, # chapter 11's metrics
                    method: str, # "additive" or "cross_attention" (any spelling)
@@ -79,7 +81,9 @@ def best_alignment(evaluation: Mapping | None, # chapter 11's metrics
     rows = alignment_rows(evaluation, groups=tuple(GROUP_LABELS))
     scales = {r["w"] for r in rows if r["method"] == method}
     if not scales: return None
-    score = lambda w: next((r["both"] or 0 for r in rows if r["method"] == method and r["w"] == w and r["group"] == "overall"), 0)
+    score = lambda w: next(
+        (r["both"] or 0 for r in rows if r["method"] == method and r["w"] == w and r["group"] == "overall"), 0
+    )
     w = max(sorted(scales, key=lambda v: v if isinstance(v, (int, float)) else math.inf), key=score)
     return {"w": w, **{r["group"]: r for r in rows if r["method"] == method and r["w"] == w}}
 
@@ -277,20 +281,22 @@ class ComparisonSection(ReportTables):
             return f"{percent(g.get('colour'))} / {percent(g.get('type'))}"
         signed = lambda v: ("+" if v > 0 else "") + md_escape(format_value(v, 3)) + NBSP + "%"
         sampled = self.value("10", "sampling.num_images")
-        rows = [["paramètres du U-Net"] + [cell(k, "parameters", METHODS[k][0]) for k in METHODS],
-                ["dont cross-attention", "—", cell("cross_attention", "cross_parameters", "10")],
-                ["pas d'entraînement"] + [cell(k, "steps", METHODS[k][0]) for k in METHODS],
-                ["durée d'entraînement (s)"] + [cell(k, "seconds", METHODS[k][0]) for k in METHODS],
-                ["images par seconde"] + [cell(k, "images_per_s", METHODS[k][0]) for k in METHODS],
-                ["perte (début → fin)"] + [loss(k) for k in METHODS],
-                ["gain du texte, articles vus"] + [cell(k, "gain_seen", "10", signed) for k in METHODS],
-                ["gain du texte, jamais vus"] + [cell(k, "gain_unseen", "10", signed) for k in METHODS],
-                ["meilleure échelle $w$"] + [cell(k, "best_w", "11") for k in METHODS],
-                ["couleur / type, rapport d'origine"] + [accuracy(k, "seed") for k in METHODS],
-                ["couleur / type, jamais vus"] + [accuracy(k, "unseen") for k in METHODS],
-                ["FID des vêtements"] + [cell(k, "fid", "11", lambda v: md_escape(format_value(v, 3))) for k in METHODS],
-                [f"échantillonnage de {format_value(sampled)} images (s)" if sampled else "échantillonnage (s)"]
-                + [cell(k, "sampling_seconds", "10") for k in METHODS]]
+        rows = [
+            ["paramètres du U-Net"] + [cell(k, "parameters", METHODS[k][0]) for k in METHODS],
+            ["dont cross-attention", "—", cell("cross_attention", "cross_parameters", "10")],
+            ["pas d'entraînement"] + [cell(k, "steps", METHODS[k][0]) for k in METHODS],
+            ["durée d'entraînement (s)"] + [cell(k, "seconds", METHODS[k][0]) for k in METHODS],
+            ["images par seconde"] + [cell(k, "images_per_s", METHODS[k][0]) for k in METHODS],
+            ["perte (début → fin)"] + [loss(k) for k in METHODS],
+            ["gain du texte, articles vus"] + [cell(k, "gain_seen", "10", signed) for k in METHODS],
+            ["gain du texte, jamais vus"] + [cell(k, "gain_unseen", "10", signed) for k in METHODS],
+            ["meilleure échelle $w$"] + [cell(k, "best_w", "11") for k in METHODS],
+            ["couleur / type, rapport d'origine"] + [accuracy(k, "seed") for k in METHODS],
+            ["couleur / type, jamais vus"] + [accuracy(k, "unseen") for k in METHODS],
+            ["FID des vêtements"] + [cell(k, "fid", "11", lambda v: md_escape(format_value(v, 3))) for k in METHODS],
+            [f"échantillonnage de {format_value(sampled)} images (s)" if sampled else "échantillonnage (s)"]
+            + [cell(k, "sampling_seconds", "10") for k in METHODS],
+        ]
         items = self.value("10", "denoising_eval.num_items")
         counted = (f", {format_value(items.get('train_items'))} articles vus et "
                    f"{format_value(items.get('held_out_items'))} jamais vus"
@@ -302,7 +308,9 @@ class ComparisonSection(ReportTables):
                  f"(chapitre 10{counted})",
                  "couleur / type : juge du chapitre 11 à la meilleure échelle $w$"]
         if same is not None: notes.append(f"même recette d'entraînement pour les deux : {format_value(bool(same))}")
-        return self.table(label, ["mesure", "additif", "cross-attention"], rows, caption + " ; " + " ; ".join(notes), align="lrr")
+        return self.table(
+            label, ["mesure", "additif", "cross-attention"], rows, caption + " ; " + " ; ".join(notes), align="lrr"
+        )
 
 # %% ../nbs/13_report.ipynb #023a26e7
 def colour_rows(vae: Mapping | None, # chapter 07's metrics
@@ -341,7 +349,9 @@ class AutoencoderSection(ReportTables):
             if mean is None: return missing("07")
             return md_escape(format_value(mean, 3)) + ("" if std is None else f" ± {md_escape(format_value(std, 2))}")
         def kept(kind: str) -> str:
-            value = self.value("07", f"{kind}.colour_preserved", f"colour_fidelity_by_base_colour.{kind}.all.colour_preserved")
+            value = self.value(
+                "07", f"{kind}.colour_preserved", f"colour_fidelity_by_base_colour.{kind}.all.colour_preserved"
+            )
             return missing("07") if value is None else percent(value)
         codebook = self.value("07", "vq.codebook")
         used = (f"{format_value(codebook.get('codes_used'))} / {format_value(codebook.get('num_codes'))} "
@@ -402,7 +412,9 @@ class StepsSection(ReportTables):
                   percent(r.get("judge_accuracy")), md_escape(format_value(r.get("fid"), 3))] for r in rows]
         floor = self.value("11", "steps_curve.fid_floor")
         floors = "; ".join(f"{md_escape(format_value(v, 3))} à $N$ = {md_escape(n)}" for n, v in floor.items()) if isinstance(floor, Mapping) else ""
-        dataset = DATASET_NAMES.get(self.value("11", "steps_curve.dataset"), self.value("11", "steps_curve.dataset") or "")
+        dataset = DATASET_NAMES.get(
+            self.value("11", "steps_curve.dataset"), self.value("11", "steps_curve.dataset") or ""
+        )
         details = ([f"modèle {md_escape(dataset)}"] if dataset else []) + ([f"plancher de la FID (vraies contre "
             f"vraies) {floors}"] if floors else [])
         return self.table(label, ["pas", "échantillonneur", "images", "s par image", "juge", "FID"], rows=cells,
@@ -582,7 +594,9 @@ def read_benchmark(name: str, # a key of BENCHMARKS
         measured, met = _MEASURES[name](result), benchmark_verdicts(name, result)
     except KeyError as e: raise BenchmarkFileError(path.name, f"missing field {e} in a '{name}' result") from None
     except (TypeError, ValueError, AttributeError, IndexError, ZeroDivisionError) as e:
-        raise BenchmarkFileError(path.name, f"unexpected content for a '{name}' result ({type(e).__name__}: {e})") from None
+        raise BenchmarkFileError(
+            path.name, f"unexpected content for a '{name}' result ({type(e).__name__}: {e})"
+        ) from None
     machine, date = benchmark_machine(result)
     return BenchmarkResult(name, path.name, machine, date, measured, target_texts(name, t), met)
 
@@ -611,7 +625,9 @@ class BenchmarkSection(ReportTables):
     @property
     def benchmark_goals(self) -> list[tuple[str, str, str]]:
         "(French title, what it measures, targets) of every benchmark of BENCHMARKS, measured or not."
-        return [(title, BENCHMARK_DESCRIPTIONS[name], " et ".join(target_texts(name))) for name, title in BENCHMARKS.items()]
+        return [
+            (title, BENCHMARK_DESCRIPTIONS[name], " et ".join(target_texts(name))) for name, title in BENCHMARKS.items()
+        ]
 
     def benchmark_table(self, label: str, # unique label
                        ) -> str:
@@ -634,7 +650,9 @@ class BenchmarkSection(ReportTables):
         notes = []  # plain text and code blocks: a long inline command could stick out of a PDF line
         if absent:
             needs = [f"Le banc d'essai « {BENCHMARKS[n]} » {BENCHMARK_NEEDS[n]}. " for n in absent if n in BENCHMARK_NEEDS]
-            commands = [BENCH_COMMAND] + ([f"{BENCH_COMMAND} --only {','.join(absent)}"] if len(absent) < len(BENCHMARKS) else [])
+            commands = [BENCH_COMMAND] + (
+                [f"{BENCH_COMMAND} --only {','.join(absent)}"] if len(absent) < len(BENCHMARKS) else []
+            )
             notes.append(f"Sans résultat pour l'instant : {', '.join(BENCHMARKS[n] for n in absent)}. " + "".join(needs)
                          + f"Pour {'le' if len(absent) == 1 else 'les'} mesurer, lancer "
                          + ("l'une de ces commandes" if len(commands) > 1 else "cette commande") + ", puis reconstruire le rapport :")

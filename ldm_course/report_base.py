@@ -361,7 +361,9 @@ def git_commit(root: str | Path | None = None, # a folder inside the repository 
     "Short hash of HEAD, with a note when the working tree has uncommitted changes; 'inconnu' without git."
     root = Path(root) if root else repo_root()
     try:
-        run = lambda *args: subprocess.run(["git", *args], cwd=root, capture_output=True, text=True, timeout=20, check=True).stdout.strip()
+        run = lambda *args: subprocess.run(
+            ["git", *args], cwd=root, capture_output=True, text=True, timeout=20, check=True
+        ).stdout.strip()
         commit = run("rev-parse", "--short=10", "HEAD")
         dirty = run("status", "--porcelain", "--untracked-files=no")
     except (OSError, subprocess.SubprocessError): return "inconnu (pas de dépôt git)"
@@ -451,7 +453,9 @@ def training_precisions(metrics: Mapping[str, Mapping], # chapter stem (e.g. "07
     for stem, m in sorted(metrics.items()):
         used = collect_values(m, "mixed_precision")
         if used:
-            parts.append(f"{stem.split('_', 1)[0]} : " + ", ".join(PRECISION_NAMES.get(u, md_escape(str(u))) for u in used))
+            parts.append(
+                f"{stem.split('_', 1)[0]} : " + ", ".join(PRECISION_NAMES.get(u, md_escape(str(u))) for u in used)
+            )
     return " ; ".join(parts) if parts else "non enregistrée par les chapitres"
 
 def run_conditions(report: RunConditions, # the report's context (a ReportContext: metrics, data sources)

@@ -94,14 +94,18 @@ class NoiseScheduler(nn.Module):
                   t: Tensor | int, # timesteps, (B,) integers in [0, T) or one int
                  ) -> Tensor: # x_t ~ q(x_t | x_0)
         "Sample x_t in one jump: √ᾱ_t·x0 + √(1-ᾱ_t)·ε (Ho et al. 2020, eq. 4)."
-        return self._at(self.sqrt_alphas_cumprod, t, x0) * x0 + self._at(self.sqrt_one_minus_alphas_cumprod, t, x0) * noise
+        return (
+            self._at(self.sqrt_alphas_cumprod, t, x0) * x0 + self._at(self.sqrt_one_minus_alphas_cumprod, t, x0) * noise
+        )
 
     def get_velocity(self, x0: Tensor, # clean samples
                      noise: Tensor, # the ε used to make x_t
                      t: Tensor | int, # timesteps
                     ) -> Tensor: # v_t
         "The v target of Salimans & Ho (2022): √ᾱ_t·ε − √(1-ᾱ_t)·x0."
-        return self._at(self.sqrt_alphas_cumprod, t, x0) * noise - self._at(self.sqrt_one_minus_alphas_cumprod, t, x0) * x0
+        return (
+            self._at(self.sqrt_alphas_cumprod, t, x0) * noise - self._at(self.sqrt_one_minus_alphas_cumprod, t, x0) * x0
+        )
 
     def get_target(self, x0: Tensor, # clean samples
                    noise: Tensor, # the ε used to make x_t
@@ -115,14 +119,18 @@ class NoiseScheduler(nn.Module):
                                  noise: Tensor, # (predicted) ε
                                 ) -> Tensor: # x̂0
         "Invert eq. 4 for x0: (x_t − √(1-ᾱ_t)·ε)/√ᾱ_t (Ho et al. 2020, eq. 15)."
-        return (x_t - self._at(self.sqrt_one_minus_alphas_cumprod, t, x_t) * noise) / self._at(self.sqrt_alphas_cumprod, t, x_t)
+        return (x_t - self._at(self.sqrt_one_minus_alphas_cumprod, t, x_t) * noise) / self._at(
+            self.sqrt_alphas_cumprod, t, x_t
+        )
 
     def predict_noise_from_start(self, x_t: Tensor, # noisy samples
                                  t: Tensor | int, # their timesteps
                                  x0: Tensor, # (predicted) clean samples
                                 ) -> Tensor: # ε̂
         "Invert eq. 4 for ε: (x_t − √ᾱ_t·x0)/√(1-ᾱ_t)."
-        return (x_t - self._at(self.sqrt_alphas_cumprod, t, x_t) * x0) / self._at(self.sqrt_one_minus_alphas_cumprod, t, x_t)
+        return (x_t - self._at(self.sqrt_alphas_cumprod, t, x_t) * x0) / self._at(
+            self.sqrt_one_minus_alphas_cumprod, t, x_t
+        )
 
     def predict_start_and_noise(self, model_output: Tensor, # the network's output (ε̂ or v̂, per prediction_type)
                                 x_t: Tensor, # the noisy samples it was given
@@ -182,7 +190,9 @@ class DiffusionSampler:
 
     def _options(self) -> dict: return dict(clip_sample=self.clip_sample, timestep_spacing=self.timestep_spacing)
     def __repr__(self) -> str:
-        opts = ", ".join(f"{k}={v!r}" for k, v in dict(self._options(), num_inference_steps=self.num_inference_steps).items())
+        opts = ", ".join(
+            f"{k}={v!r}" for k, v in dict(self._options(), num_inference_steps=self.num_inference_steps).items()
+        )
         return f"{type(self).__name__}({opts})"
 
     @property

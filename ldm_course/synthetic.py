@@ -35,7 +35,9 @@ _STROKES = (3.5, 5.0, 6.5)      # target stroke widths, template pixels
 
 def _font_path(family: str, style: str, weight: str) -> str:
     from matplotlib import font_manager
-    return font_manager.findfont(font_manager.FontProperties(family=family, style=style, weight=weight), fallback_to_default=False)
+    return font_manager.findfont(
+        font_manager.FontProperties(family=family, style=style, weight=weight), fallback_to_default=False
+    )
 
 def _stroke_width(glyph: np.ndarray) -> float:
     "Mean stroke width of a glyph: 2 x area / perimeter of its binary mask."
@@ -72,7 +74,9 @@ def digit_templates() -> tuple[np.ndarray, np.ndarray]:
     """Pen-stroke digit templates (fonts, 10, widths, 56, 56) in [0, 1] and their centres of mass (..., 2) in [-1, 1]
     coordinates."""
     fonts = [ImageFont.truetype(_font_path(*f), 160) for f in DIGIT_FONTS]
-    templates = np.stack([np.stack([np.stack([_pen(_glyph(font, d), w) for w in _STROKES]) for d in range(10)]) for font in fonts])
+    templates = np.stack(
+        [np.stack([np.stack([_pen(_glyph(font, d), w) for w in _STROKES]) for d in range(10)]) for font in fonts]
+    )
     axis = np.linspace(-1 + 1 / _GLYPH, 1 - 1 / _GLYPH, _GLYPH, dtype=np.float32)  # pixel centres, align_corners=False
     mass = templates.sum((-1, -2))
     centres = np.stack([(templates.sum(-2) * axis).sum(-1) / mass, (templates.sum(-1) * axis).sum(-1) / mass], -1)
@@ -84,7 +88,9 @@ def _elastic_basis(size: int) -> tuple[np.ndarray, np.ndarray]:
     g = np.linspace(-1 + 1 / size, 1 - 1 / size, size, dtype=np.float32)
     u, v = np.meshgrid(g, g)
     coords = np.stack([u.ravel(), v.ravel(), np.ones(size * size, np.float32)])
-    modes = [np.cos(np.pi * i * (u + 1) / 2) * np.cos(np.pi * j * (v + 1) / 2) for i in range(3) for j in range(3) if i + j]
+    modes = [
+        np.cos(np.pi * i * (u + 1) / 2) * np.cos(np.pi * j * (v + 1) / 2) for i in range(3) for j in range(3) if i + j
+    ]
     modes.append(np.sin(np.pi * (u + 1) / 2) * np.sin(np.pi * (v + 1) / 2))
     return coords, np.stack(modes).reshape(len(modes), -1)
 
@@ -153,7 +159,9 @@ def _backdrop(rng: np.random.Generator, top, bottom, horizon: int | None = None,
     t = np.linspace(0, 1, _SCENE, dtype=np.float32)[:, None, None]
     img = np.broadcast_to(np.float32(top) * (1 - t) + np.float32(bottom) * t, (_SCENE, _SCENE, 3)).copy()
     if horizon is not None:
-        img[horizon:] = np.float32(ground) * (1 - 0.3 * np.linspace(0, 1, _SCENE - horizon, dtype=np.float32)[:, None, None])
+        img[horizon:] = np.float32(ground) * (
+            1 - 0.3 * np.linspace(0, 1, _SCENE - horizon, dtype=np.float32)[:, None, None]
+        )
     img += rng.normal(0, 4, img.shape).astype(np.float32)
     return Image.fromarray(np.clip(img, 0, 255).astype(np.uint8))
 
@@ -199,7 +207,9 @@ def _draw_house(rng, s, cx, cy):
     d.polygon([(cx - w - 4, base - 2 * h), (cx, base - 2 * h - rng.uniform(10, 16) * s), (cx + w + 4, base - 2 * h)], fill=roof)
     d.rectangle((cx - 3 * s, base - 11 * s, cx + 3 * s, base), fill=_jitter(rng, (90, 55, 30), 15))
     wx = cx + w * 0.55
-    d.rectangle((wx - 3 * s, base - 1.5 * h, wx + 3 * s, base - 1.5 * h + 6 * s), fill=_jitter(rng, (170, 210, 240), 15))
+    d.rectangle(
+        (wx - 3 * s, base - 1.5 * h, wx + 3 * s, base - 1.5 * h + 6 * s), fill=_jitter(rng, (170, 210, 240), 15)
+    )
     return img
 
 def _draw_tree(rng, s, cx, cy):
@@ -492,7 +502,9 @@ def _shirt(rng: np.random.Generator) -> GarmentShape:
     hem = [(t.cx - t.bw + 2 * t.bw * u, t.y1 - curve * (1 - np.sin(np.pi * u)) ** 2) for u in np.linspace(0, 1, 11)]
     g = GarmentShape(t.sleeves + [_body(t, hem=hem, top=[(t.cx + t.nw, t.y0 - stand), (t.cx - t.nw, t.y0 - stand)])])
     _shirt_collar(t, rng, g, stand)
-    g.marks += [("seam", [(t.cx + sgn * 0.017, t.y0 + 0.03), (t.cx + sgn * 0.017, t.y1 - 0.005)], 0.0025) for sgn in (-1, 1)]
+    g.marks += [
+        ("seam", [(t.cx + sgn * 0.017, t.y0 + 0.03), (t.cx + sgn * 0.017, t.y1 - 0.005)], 0.0025) for sgn in (-1, 1)
+    ]
     g.marks += [("button", (t.cx, y), 0.0085) for y in np.linspace(t.y0 + 0.05, t.y1 - 0.05, int(rng.integers(5, 8)))]
     g.marks += _shoulder_seams(t)
     if rng.random() < 0.7:
@@ -522,7 +534,9 @@ def _sweater(rng: np.random.Generator) -> GarmentShape:
         g.panels.append(panel)
         g.marks.append(rib)
     raglan = rng.random() < 0.5
-    g.marks += [("seam", [t.neck[0], t.A], 0.003), ("seam", [t.neck[-1], t.Ar], 0.003)] if raglan else _shoulder_seams(t)
+    g.marks += (
+        [("seam", [t.neck[0], t.A], 0.003), ("seam", [t.neck[-1], t.Ar], 0.003)] if raglan else _shoulder_seams(t)
+    )
     return g
 
 def _jacket(rng: np.random.Generator) -> GarmentShape:
@@ -582,7 +596,9 @@ def _dress(rng: np.random.Generator) -> GarmentShape:
         g.panels.append((belt, 0.8))
         g.marks += [("seam", belt + [belt[0]], 0.0025), ("buckle", (cx, yw), 0.02)]
     if hw > 0.33 * _W:
-        g.marks += [("seam", [(cx + k * ww * 0.5, yw + 0.03), (cx + k * hw * 0.6, y1 - 0.015)], 0.0025) for k in (-1, 0, 1)]
+        g.marks += [
+            ("seam", [(cx + k * ww * 0.5, yw + 0.03), (cx + k * hw * 0.6, y1 - 0.015)], 0.0025) for k in (-1, 0, 1)
+        ]
     return g
 
 def _skirt(rng: np.random.Generator) -> GarmentShape:
@@ -645,9 +661,13 @@ def _legs(rng: np.random.Generator, kind: str) -> GarmentShape:
         if short: g.panels.append(([(inner, y1), (outer, y1), (outer, y1 - up), (inner, y1 - up)], 0.88))   # turn-ups
         g.marks.append(("stitch" if jeans else "seam", [(inner, y1 - up), (outer, y1 - up)], 0.003))
         if kind == "Trousers":
-            g.marks.append(("seam", [(cx + sgn * (hip + xi - cx) / 2, y0 + 0.15), (cx + sgn * (xo + xi - 2 * cx) / 2, y1)], 0.0025))
+            g.marks.append(
+                ("seam", [(cx + sgn * (hip + xi - cx) / 2, y0 + 0.15), (cx + sgn * (xo + xi - 2 * cx) / 2, y1)], 0.0025)
+            )
         if jeans:
-            g.marks.append(("stitch", [(cx + sgn * (hip - 0.008), y0 + 0.13), (outer - sgn * 0.008, y1 - 0.01)], 0.0025))
+            g.marks.append(
+                ("stitch", [(cx + sgn * (hip - 0.008), y0 + 0.13), (outer - sgn * 0.008, y1 - 0.01)], 0.0025)
+            )
     if jeans:   # coin pocket
         x0, x1, y = cx + wb * 0.5, cx + wb * 0.78, y0 + 0.065
         g.marks.append(("stitch", [(x0, y), (x0, y + 0.055), (x1, y + 0.055), (x1, y + 0.005)], 0.0025))
@@ -682,7 +702,9 @@ def _pattern(rng: np.random.Generator, rgb: np.ndarray, pattern: str, kind: str,
     if pattern == "striped":
         period = (rng.uniform(0.012, 0.02) if fine else rng.uniform(0.04, 0.075)) * size
         cover = _bands(c, period, rng.uniform(0.2, 0.3) if fine else rng.uniform(0.3, 0.4), rng.random())
-        vertical = kind in ("Shirts", "Trousers") or (kind not in ("Tshirts", "Sweaters", "Tops") and rng.random() < 0.5)
+        vertical = kind in ("Shirts", "Trousers") or (
+            kind not in ("Tshirts", "Sweaters", "Tops") and rng.random() < 0.5
+        )
         w = cover[None, :, None] if vertical else cover[:, None, None]
         return cloth * (1 - w) + second * w
     period = (rng.uniform(0.02, 0.032) if fine else rng.uniform(0.06, 0.1)) * size
@@ -699,7 +721,9 @@ def _texture(rng: np.random.Generator, kind: str, size: int) -> np.ndarray:
     c = np.arange(size, dtype=np.float32) + 0.5
     if kind == "Jeans":
         period = 0.011 * size   # along x + y; a pixel spans about 1.4 of it
-        return 1 + 0.1 * max(np.sinc(min(1.4 / period, 1.0)), 0.0) * np.cos(2 * np.pi * (c[:, None] + c[None, :]) / period)
+        return 1 + 0.1 * max(np.sinc(min(1.4 / period, 1.0)), 0.0) * np.cos(
+            2 * np.pi * (c[:, None] + c[None, :]) / period
+        )
     if kind == "Sweaters":
         period = 0.011 * size
         return (1 + 0.09 * max(np.sinc(min(1 / period, 1.0)), 0.0) * np.cos(2 * np.pi * (c / period + rng.random())))[None, :]
@@ -766,7 +790,9 @@ class _Pen:
         for p, q in zip(_along(inner, np.linspace(0, _length(inner), n)), _along(outer, np.linspace(0, _length(outer), n))):
             self.d.line(self.px([p, q]), fill=self.c["rib"], width=self.width(spacing * 0.4, 0))
     def button(self, centre, r):
-        self.d.ellipse(self.box(*centre, r, r), fill=self.c["button"], outline=self.c["seam"], width=max(1, round(r * self.f / 5)))
+        self.d.ellipse(
+            self.box(*centre, r, r), fill=self.c["button"], outline=self.c["seam"], width=max(1, round(r * self.f / 5))
+        )
         if r * self.f > 5:   # two holes, once the button is big enough to show them
             for dx in (-0.3, 0.3):
                 self.d.ellipse(self.box(centre[0] + dx * r, centre[1], r / 7, r / 7), fill=self.c["seam"])

@@ -54,7 +54,9 @@ class TextEmbeddings:
     def expand(self, batch_size: int) -> "TextEmbeddings":
         "One prompt's embedding repeated `batch_size` times, without copying (e.g. the null prompt for a batch)."
         if len(self) != 1: raise ValueError(f"expand takes the embedding of one prompt, got a batch of {len(self)}")
-        return TextEmbeddings(self.pooled.expand(batch_size, -1), self.tokens.expand(batch_size, -1, -1), self.mask.expand(batch_size, -1))
+        return TextEmbeddings(
+            self.pooled.expand(batch_size, -1), self.tokens.expand(batch_size, -1, -1), self.mask.expand(batch_size, -1)
+        )
 
     @classmethod
     def cat(cls, items: Sequence["TextEmbeddings"]) -> "TextEmbeddings":
@@ -271,7 +273,9 @@ def _hub_offline() -> bool:
 def _load_clip_folder(source: str | Path, cache_dir=None, local_files_only: bool = True):
     from transformers import AutoTokenizer, CLIPModel
     with _no_progress_bars():
-        model = CLIPModel.from_pretrained(source, cache_dir=cache_dir, local_files_only=local_files_only, dtype=torch.float32)
+        model = CLIPModel.from_pretrained(
+            source, cache_dir=cache_dir, local_files_only=local_files_only, dtype=torch.float32
+        )
         tokenizer = AutoTokenizer.from_pretrained(source, cache_dir=cache_dir, local_files_only=local_files_only)
     return model, tokenizer
 

@@ -614,4 +614,6 @@ def make_accelerator(mixed_precision: str, # "no", "bf16" or "fp16"
                                "`accelerate launch` every Trainer of the run must use the same precision and device")
         # one process: nothing else lives there
         AcceleratorState._reset_state(reset_partial_state=state.device.type != device.type)
-    return Accelerator(mixed_precision=mixed_precision, gradient_accumulation_steps=grad_accum, cpu=device.type == "cpu")
+    return Accelerator(
+        mixed_precision=mixed_precision, gradient_accumulation_steps=grad_accum, cpu=device.type == "cpu"
+    )

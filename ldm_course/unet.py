@@ -328,7 +328,9 @@ class UNet(nn.Module):
         chs, emb_dim, lowest = c.block_out_channels, c.emb_dim, c.num_levels - 1
         res = lambda cin, cout: ResBlock(cin, cout, emb_dim, c.norm_num_groups, c.dropout, c.norm_eps)
         attn = lambda ch: SelfAttention(ch, c.attention_head_dim, c.norm_num_groups, c.norm_eps)
-        cross = lambda ch, level: cross_attention_block(ch, c.context_dim) if level in c.cross_attention_levels else None
+        cross = lambda ch, level: (
+            cross_attention_block(ch, c.context_dim) if level in c.cross_attention_levels else None
+        )
         layer = lambda cin, cout, level: UNetLayer(res(cin, cout), attn(cout) if level in c.attention_levels else None,
                                                    cross(cout, level))
         self.embedding = ConditionEmbedding(chs[0], emb_dim, c.num_classes, c.cond_dim)

@@ -127,7 +127,9 @@ class VAELoss:
         else:
             q = out.quantized
             loss = nll + cfg.commitment_beta * q.commitment_loss
-            record.update(commitment=q.commitment_loss, perplexity=q.perplexity, codes_used=q.codes_used, restarted=q.restarted)
+            record.update(
+                commitment=q.commitment_loss, perplexity=q.perplexity, codes_used=q.codes_used, restarted=q.restarted
+            )
         critic = ae.discriminator
         if critic is not None and cfg.disc_weight > 0 and seen >= cfg.disc_start and torch.is_grad_enabled():
             with frozen(critic):

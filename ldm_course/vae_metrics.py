@@ -174,7 +174,9 @@ def detail_box(image: Tensor, # (C, H, W)
               ) -> tuple[int, int]: # (top, left)
     "The size×size window of an image with the most gradient energy: where its fine detail is."
     x = image.detach().float().cpu()
-    energy = F.pad((x[:, :, 1:] - x[:, :, :-1]).pow(2).sum(0), (0, 1)) + F.pad((x[:, 1:] - x[:, :-1]).pow(2).sum(0), (0, 0, 0, 1))
+    energy = F.pad((x[:, :, 1:] - x[:, :, :-1]).pow(2).sum(0), (0, 1)) + F.pad(
+        (x[:, 1:] - x[:, :-1]).pow(2).sum(0), (0, 0, 0, 1)
+    )
     stride = max(1, size // 4)
     pooled = F.avg_pool2d(energy[None, None], size, stride=stride)[0, 0]
     row, col = divmod(int(pooled.argmax()), pooled.shape[1])
@@ -191,13 +193,17 @@ def plot_full_size(originals: Tensor, # (n, C, H, W) in [-1, 1]
     n, W = len(originals), originals.shape[-1]
     side = 1.12 * W / 150 if full else 1.8   # inches per panel: 1:1 at save_figure's 150 dpi, with room for the margins
     rows = 2 if full else 1
-    fig, axes = plt.subplots(rows * n, len(columns), figsize=(side * len(columns), side * rows * n + 0.5), squeeze=False)
+    fig, axes = plt.subplots(
+        rows * n, len(columns), figsize=(side * len(columns), side * rows * n + 0.5), squeeze=False
+    )
     for i in range(n):
         top, left = detail_box(originals[i], zoom)
         for j, (label, images) in enumerate(columns.items()):
             if full:
                 show_image(axes[rows * i, j], images[i])
-                axes[rows * i, j].add_patch(plt.Rectangle((left - 0.5, top - 0.5), zoom, zoom, fill=False, ec="red", lw=0.8))
+                axes[rows * i, j].add_patch(
+                    plt.Rectangle((left - 0.5, top - 0.5), zoom, zoom, fill=False, ec="red", lw=0.8)
+                )
             show_image(axes[rows * i + rows - 1, j], images[i][:, top:top + zoom, left:left + zoom], interpolation="nearest")
             if i == 0: axes[0, j].set_title(label, fontsize=9)
     fig.suptitle(title)
@@ -217,7 +223,9 @@ def plot_latent_channels(images: Tensor, # (n, C, H, W) in [-1, 1]
     for i in range(n):
         show_image(axes[i, 0], images[i])
         for k in range(c):
-            im = axes[i, k + 1].imshow(latents[i, k].float().cpu().numpy(), cmap="RdBu_r", vmin=-lim, vmax=lim, interpolation="nearest")
+            im = axes[i, k + 1].imshow(
+                latents[i, k].float().cpu().numpy(), cmap="RdBu_r", vmin=-lim, vmax=lim, interpolation="nearest"
+            )
             axes[i, k + 1].set_xticks([])
             axes[i, k + 1].set_yticks([])
             if i == 0: axes[i, k + 1].set_title(f"canal {k}", fontsize=9)
