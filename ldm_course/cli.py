@@ -7,12 +7,28 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
+import os
 import sys
 from collections.abc import Sequence
 from pathlib import Path
 
-from .core import PROFILES, Rehearsal, absolute_env_paths, data_dir, resolve_profile, runs_dir
+import numpy as np
+import torch
+from PIL import Image
+
+from . import attention  # noqa: F401  (registers chapter 10's cross-attention block: pipelines of chapter 10 load)
+from . import data
+from . import fashion as catalogue
+from .core import PROFILES, Rehearsal, absolute_env_paths, atomic_path, data_dir, image_grid, resolve_profile, runs_dir
+from .cross_attention import train_cross_attention_chapter
+from .ddpm import train_ddpm_chapter
+from .ldm import LDM_SAMPLERS, ldm_checkpoint_path, train_additive_chapter
+from .ldm_pipeline import LatentDiffusionPipeline
 from .pipeline import ChapterFailed, RunLocked, rehearsal_environment, run_lock, run_pipeline
+from .report_build import ReportBuildError, build_report
+from .text import TextEncoderUnavailable
+from .trainer import TrainedRun
 
 # %% auto #0
 __all__ = ['SAMPLE_CHAPTERS', 'SAMPLER_NAMES', 'MAX_STEPS', 'MAX_IMAGES', 'MAX_SEED', 'TRAIN_RECIPES', 'TEXT_CHAPTERS',
@@ -21,8 +37,6 @@ __all__ = ['SAMPLE_CHAPTERS', 'SAMPLER_NAMES', 'MAX_STEPS', 'MAX_IMAGES', 'MAX_S
            'main']
 
 # %% ../nbs/14_cli.ipynb #8fc7f53a
-from .report_build import ReportBuildError, build_report
-
 def _cmd_report(args: argparse.Namespace) -> int:
     with rehearsal_environment(Rehearsal() if args.rehearse else None), run_lock(runs_dir(args.profile)):   # its folder, its banner
         files = build_report(profile=args.profile, out_dir=args.out, pdf=False if args.no_pdf else None)
@@ -48,9 +62,6 @@ def _add_report_parser(sub: argparse._SubParsersAction) -> None:
     report.set_defaults(func=_cmd_report)
 
 # %% ../nbs/14_cli.ipynb #bcf123c4
-from . import data
-from . import fashion as catalogue
-
 _GENERATORS = {"mnist": data.make_synthetic_mnist, "cifar10": data.make_synthetic_cifar10, "fashion": catalogue.make_synthetic_fashion}
 
 def _cmd_data_generate(args: argparse.Namespace) -> int:
@@ -146,19 +157,6 @@ def _add_data_parser(sub: argparse._SubParsersAction) -> None:
     check.set_defaults(func=_cmd_data_check)
 
 # %% ../nbs/14_cli.ipynb #c935f914
-import math
-import os
-
-import numpy as np
-from PIL import Image
-
-# noqa: F401  (registers chapter 10's cross-attention block: pipelines of chapter 10 load)
-from . import attention
-from .core import atomic_path, image_grid
-from .ldm import LDM_SAMPLERS, ldm_checkpoint_path
-from .ldm_pipeline import LatentDiffusionPipeline
-from .text import TextEncoderUnavailable
-
 SAMPLE_CHAPTERS = ("10_cross_attention", "09_ldm_additive")  # pipelines `sample` looks for, preferred first
 # for messages
 SAMPLER_NAMES = {"ddim": "DDIM", "ddpm": "DDPM", "dpm++": "DPM-Solver++(2M)", "sde-dpm++": "SDE-DPM-Solver++(2M)"}
@@ -279,13 +277,6 @@ def _add_sample_parser(sub: argparse._SubParsersAction) -> None:
     sample.set_defaults(func=_cmd_sample)
 
 # %% ../nbs/14_cli.ipynb #8de92a15
-import torch
-
-from .cross_attention import train_cross_attention_chapter
-from .ddpm import train_ddpm_chapter
-from .ldm import train_additive_chapter
-from .trainer import TrainedRun
-
 TRAIN_RECIPES = {  # chapter -> (the function its notebook's training calls, fixed arguments)
     "05_ddpm_mnist": (train_ddpm_chapter, {"chapter": "05_ddpm_mnist"}),
     "06_ddpm_cifar10": (train_ddpm_chapter, {"chapter": "06_ddpm_cifar10"}),

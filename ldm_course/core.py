@@ -19,9 +19,14 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
+import matplotlib.pyplot as plt
 import numpy as np
 import torch
+from safetensors import safe_open
+from safetensors.torch import load_file as _st_load_file, save_file as _st_save_file
 from torch import Tensor
+from torchvision.utils import make_grid
+from tqdm.auto import tqdm
 
 # %% auto #0
 __all__ = ['PROFILES', 'RUN_PROFILES', 'REHEARSAL_VARIABLE', 'REHEARSAL_RULES', 'PATH_VARIABLES', 'CHECKPOINT_FORMAT',
@@ -329,9 +334,6 @@ def atomic_write(path: str | Path, # final destination
     return Path(path)
 
 # %% ../nbs/00_core.ipynb #4aec75d5
-from safetensors import safe_open
-from safetensors.torch import load_file as _st_load_file, save_file as _st_save_file
-
 _TENSOR = "__tensor__"
 
 def _flatten(obj: Any, prefix: str, tensors: dict) -> Any:
@@ -459,8 +461,6 @@ def save_configs(chapter: str, # chapter name, e.g. "05_ddpm_mnist"
     return path
 
 # %% ../nbs/00_core.ipynb #1d166924
-from tqdm.auto import tqdm
-
 def progress(iterable: Iterable | None = None, # what to iterate over (or None with `total` for a manual bar)
              total: int | None = None, # number of steps, when `iterable` has no len()
              desc: str | None = None, # label shown before the bar
@@ -474,10 +474,6 @@ def progress(iterable: Iterable | None = None, # what to iterate over (or None w
     return tqdm(iterable, total=total, desc=desc, **kwargs)
 
 # %% ../nbs/00_core.ipynb #4386da0d
-import matplotlib
-import matplotlib.pyplot as plt
-from torchvision.utils import make_grid
-
 def image_grid(images: Tensor, # (B, C, H, W) in [-1, 1], C in {1, 3}
                nrow: int = 8, # images per row
                padding: int = 2, # pixels between images

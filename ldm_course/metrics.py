@@ -13,7 +13,7 @@ import time
 import warnings
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
-from typing import Any, NamedTuple
+from typing import Any
 
 import matplotlib
 import matplotlib.patches
@@ -26,25 +26,20 @@ from torch.utils.data import Dataset
 from torchmetrics.image.fid import FrechetInceptionDistance
 from torchmetrics.image.kid import KernelInceptionDistance
 
-from .core import Config, make_generator, profile_preset, show_image
-from .data import PATTERNS, SEED_PROMPTS
+from .alignment import GenerateFn
+from .core import Config, make_generator, profile_preset
+from .data import PATTERNS
 from ldm_course.judge import (
-    GarmentJudge, GarmentJudgeConfig, JudgeInputs, accuracy_of, image_batches, known_fraction, pattern_boxes, predict_garments,
+    GarmentJudge, GarmentJudgeConfig, JudgeInputs, accuracy_of, image_batches, known_fraction, predict_garments,
 )
-from .ldm import pair_prompt
 from .training import TrainConfig, content_digest
 from .vae_metrics import psnr, ssim
 
 # %% auto #0
-__all__ = ['INCEPTION_WEIGHTS', 'EVAL_PRESETS', 'PROMPT_GROUPS', 'GROUP_NAMES', 'GenerateFn', 'ALIGNMENT_METRICS',
-           'ALIGNMENT_TARGETS', 'COLOUR_WORDS', 'GARMENT_WORDS', 'WOMENSWEAR', 'EVERYDAY_FORMS', 'PATTERN_FORMS',
-           'SOLID_WORDS', 'METRIC_NAMES', 'PATTERN_FRENCH', 'PATTERN_SCALE_SPLIT', 'ClassifierFeatures',
-           'inception_status', 'fid_kid', 'real_baseline', 'EvalConfig', 'eval_config', 'steps_sweep',
-           'plot_quality_vs_steps', 'PromptSpec', 'proportion_se', 'AlignmentResult', 'prompt_alignment', 'targets_met',
-           'garment_words', 'everyday_phrase', 'everyday_prompts', 'pattern_prompts', 'evaluation_prompts',
-           'samples_per_prompt', 'prompt_subset', 'judge_pattern_labels', 'catalogue_fingerprint', 'texture_period',
-           'pattern_scales', 'accuracy_by_stratum', 'pipeline_generate', 'clip_score', 'plot_alignment',
-           'plot_group_accuracy', 'plot_pattern_check', 'reconstruction_check']
+__all__ = ['INCEPTION_WEIGHTS', 'EVAL_PRESETS', 'SOLID_WORDS', 'PATTERN_SCALE_SPLIT', 'ClassifierFeatures', 'inception_status',
+           'fid_kid', 'real_baseline', 'EvalConfig', 'eval_config', 'steps_sweep', 'plot_quality_vs_steps',
+           'judge_pattern_labels', 'catalogue_fingerprint', 'texture_period', 'pattern_scales', 'accuracy_by_stratum',
+           'pipeline_generate', 'clip_score', 'reconstruction_check']
 
 # %% ../nbs/11_evaluation.ipynb #29720458
 class ClassifierFeatures(nn.Module):
@@ -289,284 +284,6 @@ def plot_quality_vs_steps(table: pd.DataFrame, # from steps_sweep, with columns 
     fig.tight_layout()
     return fig
 
-# %% ../nbs/11_evaluation.ipynb #1c19c141
-# report's prompts, other pairs, unseen pairs, patterns, everyday wording
-PROMPT_GROUPS = ("seed", "catalogue", "held-out", "pattern", "everyday")
-GROUP_NAMES = {  # French names of the groups, for figures and logs
-    "seed": "requêtes du rapport", "catalogue": "autres couples du catalogue", "held-out": "couples jamais vus",
-    "pattern": "motifs (rayé, à carreaux, uni)", "everyday": "formulations courantes", "overall": "toutes"}
-
-@dataclasses.dataclass(frozen=True)
-class PromptSpec:
-    "A prompt and the garment it asks for, in the catalogue's vocabulary."
-    prompt: str                 # the text given to the generator
-    article_type: str           # expected articleType, e.g. "Dresses"
-    colour: str                 # expected baseColour, e.g. "Red"
-    group: str = "catalogue"    # one of PROMPT_GROUPS
-    pattern: str | None = None  # expected pattern (one of data.PATTERNS); None: the prompt does not ask for one
-
-    def __post_init__(self):
-        if self.group not in PROMPT_GROUPS:
-            raise ValueError(f"Unknown prompt group {self.group!r}; expected one of {PROMPT_GROUPS}")
-        if self.pattern is not None and self.pattern not in PATTERNS:
-            raise ValueError(f"Unknown pattern {self.pattern!r}; expected one of {PATTERNS} or None")
-
-GenerateFn = Callable[[list[str], int], Tensor]  # generate(prompts, seed) -> images (len(prompts), 3, H, W) in [-1, 1]
-
-# %% ../nbs/11_evaluation.ipynb #5f2f0c72
-def proportion_se(successes: Sequence[float], # per prompt: images judged right
-                  counts: Sequence[float], # per prompt: images judged
-                 ) -> tuple[float, float, float]: # (p, binomial standard error, standard error clustered by prompt)
-    """A pooled accuracy and two standard errors: images independent (binomial), or prompts as the sampled units
-    (cluster-robust)."""
-    y, n = np.asarray(successes, float), np.asarray(counts, float)
-    N, P = n.sum(), len(n)
-    if N == 0: return float("nan"), float("nan"), float("nan")
-    p = y.sum() / N
-    binomial = np.sqrt(p * (1 - p) / N)
-    clustered = np.sqrt(P / (P - 1) * ((y - p * n) ** 2).sum()) / N if P > 1 else float("nan")
-    return float(p), float(binomial), float(clustered)
-
-ALIGNMENT_METRICS = ("type", "colour", "both", "pattern")
-ALIGNMENT_TARGETS = {"seed": {"type": 0.9, "colour": 0.95}, "held-out": {"type": 0.9, "colour": 0.95},   # issue 16, generated images
-                     "everyday": {"type": 0.9, "colour": 0.95}, "pattern": {"pattern": 0.8}}
-
-# %% ../nbs/11_evaluation.ipynb #887132e0
-class AlignmentResult(NamedTuple):
-    "The judge's verdict on images generated for a list of prompts."
-    # per prompt: prompt, group, expected_*, num_images, accuracies type/colour/both/pattern (NaN: not asked),
-    # top_prediction
-    per_prompt: pd.DataFrame
-    samples: list[Tensor]     # per prompt, its (n, C, H, W) images
-    seconds: float            # generation wall time
-
-    def summary(self) -> pd.DataFrame:
-        """Per prompt group and overall: counts, accuracies (means over images) and their standard errors (the larger
-        of binomial and by-prompt)."""
-        def agg(rows: pd.DataFrame) -> dict:
-            out = {"num_prompts": len(rows), "num_images": int(rows["num_images"].sum())}
-            for k in ALIGNMENT_METRICS:
-                judged = rows[rows[k].notna()]
-                if k == "pattern": out["num_pattern_images"] = int(judged["num_images"].sum())
-                p, binomial, clustered = proportion_se(judged[k] * judged["num_images"], judged["num_images"])
-                out.update({k: p, f"{k}_se": float(np.nanmax([binomial, clustered])) if len(judged) else float("nan"),
-                            f"{k}_se_binomial": binomial, f"{k}_se_prompt": clustered})
-            return out
-        df = self.per_prompt
-        groups = [g for g in PROMPT_GROUPS if (df["group"] == g).any()]
-        return pd.DataFrame({**{g: agg(df[df["group"] == g]) for g in groups}, "overall": agg(df)}).T
-
-    def summary_dict(self) -> dict[str, dict]:
-        "The summary as {group: {num_prompts, num_images, type, type_se, ...}}: counts as ints, NaN as None (for JSON)."
-        value = lambda k, v: int(v) if k.startswith("num_") else None if pd.isna(v) else float(v)
-        return {g: {k: value(k, v) for k, v in r.items()} for g, r in self.summary().iterrows()}
-
-    def to_dict(self) -> dict:
-        "JSON-friendly: summary by group and the per-prompt table."
-        rows = [{k: (None if isinstance(v, float) and np.isnan(v) else v) for k, v in r.items()} for r in self.per_prompt.to_dict("records")]
-        return {"summary": self.summary_dict(), "per_prompt": rows, "seconds": round(self.seconds, 2)}
-
-@torch.no_grad()
-def prompt_alignment(generate: GenerateFn, # generate(prompts, seed) -> (len(prompts), 3, H, W) in [-1, 1]
-                     prompts: Sequence[PromptSpec], # what to ask and what is expected
-                     judge: GarmentJudge, # the independent clothing judge
-                     num_samples: int | Mapping[str, int] = 8, # images per prompt, or per prompt of each group ({group: n})
-                     seed: int = 0, # generation call k gets seed + k: same prompts, same settings -> same images
-                     batch_size: int = 64, # prompts per generation call
-                    ) -> AlignmentResult:
-    """Generate images for each prompt with fixed seeds and score type, colour, both and (when asked) pattern with the
-    judge."""
-    if not prompts: raise ValueError("prompts is empty: give at least one PromptSpec")
-    counts = [num_samples.get(s.group, 0) if isinstance(num_samples, Mapping) else num_samples for s in prompts]
-    if min(counts) < 1: raise ValueError(f"num_samples must be >= 1 for every prompt, got {num_samples!r}")
-    c = judge.config
-    for spec in prompts:
-        if spec.article_type not in c.type_names:
-            raise ValueError(f"{spec.prompt!r} expects type {spec.article_type!r}, unknown to the judge; expected one "
-                             f"of {list(c.type_names)}")
-        if spec.colour not in c.colour_names:
-            raise ValueError(f"{spec.prompt!r} expects colour {spec.colour!r}, unknown to the judge; expected one of "
-                             f"{list(c.colour_names)}")
-    flat = [spec.prompt for spec, n in zip(prompts, counts) for _ in range(n)]
-    start, chunks = time.perf_counter(), []
-    for k, i in enumerate(range(0, len(flat), batch_size)):
-        batch = flat[i:i + batch_size]
-        out = generate(batch, seed + k)
-        if not isinstance(out, Tensor) or out.ndim != 4 or len(out) != len(batch):
-            raise ValueError(f"generate returned {getattr(out, 'shape', type(out))} for {len(batch)} prompts; expected "
-                             f"a (B, 3, H, W) tensor with B = {len(batch)}")
-        chunks.append(out.detach().float().cpu())
-    seconds = time.perf_counter() - start
-    images = torch.cat(chunks)
-    pred = predict_garments(judge, images)
-    rows, samples, first = [], [], 0
-    for spec, n in zip(prompts, counts):
-        part = slice(first, first + n)
-        first += n
-        types, colours = pred.type[part], pred.colour[part]
-        t_ok, c_ok = types == c.type_names.index(spec.article_type), colours == c.colour_names.index(spec.colour)
-        judged = spec.pattern is not None and pred.pattern is not None and spec.pattern in c.pattern_names
-        patterns = pred.pattern[part] if judged else None
-        seen = [f"{c.colour_names[j]} {c.type_names[i]}" + (f" ({c.pattern_names[patterns[m]]})" if judged else "")
-                for m, (i, j) in enumerate(zip(types.tolist(), colours.tolist()))]
-        rows.append({"prompt": spec.prompt, "group": spec.group, "expected_type": spec.article_type, "expected_colour": spec.colour,
-                     "expected_pattern": spec.pattern, "num_images": n, "type": float(t_ok.float().mean()), "colour": float(c_ok.float().mean()),
-                     "both": float((t_ok & c_ok).float().mean()),
-                     "pattern": float((patterns == c.pattern_names.index(spec.pattern)).float().mean()) if judged else float("nan"),
-                     "top_prediction": max(set(seen), key=seen.count)})
-        samples.append(images[part])
-    return AlignmentResult(pd.DataFrame(rows), samples, seconds)
-
-def targets_met(summary: Mapping[str, Mapping[str, Any]], # AlignmentResult.summary_dict()
-                targets: Mapping[str, Mapping[str, float]] = ALIGNMENT_TARGETS, # group -> metric -> target accuracy
-               ) -> dict: # group -> metric -> {value, se, num_images, target, met}
-    "Each target against its measurement, with the standard error that says how sure the verdict is."
-    return {g: {m: {"value": summary[g][m], "se": summary[g][f"{m}_se"], "num_images": summary[g]["num_pattern_images" if m == "pattern" else "num_images"],
-                    "target": t, "met": summary[g][m] is not None and summary[g][m] >= t}
-                for m, t in metrics.items()} for g, metrics in targets.items() if g in summary}
-
-# %% ../nbs/11_evaluation.ipynb #6f06934b
-# everyday words (default: the name in lower case)
-COLOUR_WORDS = {"Red": ("red", "scarlet"), "Navy Blue": ("navy blue", "navy"), "Grey": ("grey", "gray")}
-GARMENT_WORDS = {  # articleType -> (singular, plural) wordings; a "pair of ..." singular takes the colour before its noun
-    "Tshirts": (("T-shirt", "T-shirts"), ("tee", "tees"), ("tshirt", "tshirts")),
-    "Shirts": (("shirt", "shirts"), ("button-down shirt", "button-down shirts")),
-    "Tops": (("top", "tops"), ("casual top", "casual tops")),
-    "Sweaters": (("sweater", "sweaters"), ("jumper", "jumpers"), ("pullover", "pullovers")),
-    "Jackets": (("jacket", "jackets"), ("zip jacket", "zip jackets")),
-    "Dresses": (("dress", "dresses"), ("party dress", "party dresses")),
-    "Skirts": (("skirt", "skirts"), ("flared skirt", "flared skirts")),
-    "Jeans": (("pair of jeans", "jeans"), ("pair of denim jeans", "denim jeans")),
-    "Trousers": (("pair of trousers", "trousers"), ("pair of pants", "pants")),
-    "Shorts": (("pair of shorts", "shorts"),),
-}
-WOMENSWEAR = ("Dresses", "Skirts", "Tops")  # "women's" in the gendered wording, "men's" for the others
-EVERYDAY_FORMS = 6  # a colour noun, plural, the, "in <colour>", Capitalised, gendered plural
-
-def _a(phrase: str) -> str: return f"{'an' if phrase[:1].lower() in 'aeiou' else 'a'} {phrase}"
-
-def garment_words(article_type: str) -> tuple[tuple[str, str], ...]:
-    "The (singular, plural) wordings of a garment type (GARMENT_WORDS, else derived from the articleType)."
-    if article_type in GARMENT_WORDS: return GARMENT_WORDS[article_type]
-    plural = article_type.lower()
-    return ((plural[:-1] if plural.endswith("s") else plural, plural),)
-
-def everyday_phrase(form: int, # which wording, 0..EVERYDAY_FORMS-1
-                    colour: str, # the colour word, e.g. "navy"
-                    singular: str, # e.g. "shirt" or "pair of jeans"
-                    plural: str, # e.g. "shirts" or "jeans"
-                    womenswear: bool = False, # "women's" rather than "men's" in the gendered form
-                   ) -> str:
-    """One everyday way of asking for a coloured garment: 'a navy shirt', 'navy shirts', 'a pair of navy jeans', 'a
-    shirt in navy'..."""
-    pair = singular.startswith("pair of ")
-    one = f"pair of {colour} {plural}" if pair else f"{colour} {singular}"
-    forms = (_a(one), f"{colour} {plural}", f"the {colour} {plural if pair else singular}", f"{_a(singular)} in "
-        f"{colour}",
-             f"{colour.capitalize()} {plural if pair else singular}", f"{'women' if womenswear else 'men'}'s {colour} "
-                 f"{plural}")
-    return forms[form % len(forms)]
-
-# %% ../nbs/11_evaluation.ipynb #e11c0010
-def _pairs(pairs) -> list[tuple[str, str]]: return list(dict.fromkeys((str(t), str(c)) for t, c in pairs))
-def _rotated(items: Sequence, start: int) -> list: return [items[(start + j) % len(items)] for j in range(len(items))]
-
-def everyday_prompts(catalogue_pairs: Sequence[tuple[str, str]], # (articleType, baseColour) pairs present in the catalogue
-                     num_prompts: int, # at least max(types, colours): every type and every colour appears
-                     held_out: Sequence[tuple[str, str]] = (), # pairs never asked for here (they have their own group)
-                    ) -> list[PromptSpec]:
-    """Everyday wording, deterministic: types and colours cycled together so the first max(T, C) prompts cover both, in
-    varied forms and words."""
-    available, held = _pairs(catalogue_pairs), set(_pairs(held_out))
-    types, colours = sorted({t for t, _ in available}), sorted({c for _, c in available})
-    specs, k = [], 0
-    while len(specs) < max(num_prompts, len(types), len(colours)) and k < 10 * len(available):
-        t = types[k % len(types)]
-        # the k-th colour, or the next one the catalogue has
-        c = next((c for c in _rotated(colours, k) if (t, c) in available and (t, c) not in held), None)
-        if c is not None:
-            nouns, words = garment_words(t), COLOUR_WORDS.get(c, (c.lower(),))
-            singular, plural = nouns[(k // len(types)) % len(nouns)]
-            text = everyday_phrase(
-                k % EVERYDAY_FORMS, words[(k // len(colours)) % len(words)], singular, plural, t in WOMENSWEAR
-            )
-            if text not in {s.prompt for s in specs}: specs.append(PromptSpec(text, t, c, "everyday"))
-        k += 1
-    return specs
-
-PATTERN_FORMS = {"striped": ("{c} striped {n}", "{c} {n} with stripes"), "checked": ("{c} checked {n}", "{c} check {n}"),
-                 "solid": ("plain {c} {n}", "solid {c} {n}")}  # the catalogue's own pattern words, in two phrasings each
-
-def pattern_prompts(catalogue_triples: Sequence[tuple[str, str, str]], # (articleType, baseColour, pattern) present in the catalogue
-                    held_out: Sequence[tuple[str, str]] = (), # (type, colour) pairs never asked for here
-                    num_solid: int = 3, # prompts that ask for a plain garment, so that drawing stripes everywhere does not pay
-                   ) -> list[PromptSpec]:
-    "One prompt per (type, stripes or checks) combination the catalogue has, colours rotated, plus a few plain ones."
-    triples, held = list(dict.fromkeys(tuple(map(str, x)) for x in catalogue_triples)), set(_pairs(held_out))
-    colours = sorted({c for _, c, _ in triples})
-    combos = sorted({(t, p) for t, _, p in triples if p != "solid"})
-    types = sorted({t for t, _, p in triples if p == "solid"})
-    wanted = combos + [(types[(3 * i) % len(types)], "solid") for i in range(min(num_solid, len(types)))]
-    specs = []
-    for i, (t, p) in enumerate(wanted):
-        # 5 is prime to 12: colours spread
-        c = next((c for c in _rotated(colours, 5 * i) if (t, c, p) in triples and (t, c) not in held), None)
-        if c is None: continue
-        singular, plural = garment_words(t)[0]
-        pair = singular.startswith("pair of ")
-        text = PATTERN_FORMS[p][i % len(PATTERN_FORMS[p])].format(
-            c=COLOUR_WORDS.get(c, (c.lower(),))[0], n=plural if pair else singular
-        )
-        specs.append(PromptSpec(text if pair else _a(text), t, c, "pattern", p))
-    return specs
-
-def evaluation_prompts(catalogue_pairs: Sequence[tuple[str, str]], # (articleType, baseColour) pairs present in the catalogue
-                       held_out: Sequence[tuple[str, str]] = (), # pairs removed from the generators' training (chapter 09)
-                       num_catalogue: int = 12, # other catalogue pairs to draw (seen in training)
-                       seed: int = 0, # draws those pairs
-                       seed_prompts: Mapping[str, tuple[str, str]] | None = None, # prompt -> (type, colour); default data.SEED_PROMPTS
-                       held_out_wordings: int = 1, # wordings per held-out pair (the first is ldm.pair_prompt's)
-                       catalogue_triples: Sequence[tuple[str, str, str]] = (), # (type, colour, pattern) of the catalogue: the pattern group
-                       num_solid: int = 3, # plain prompts in the pattern group
-                       num_everyday: int = 0, # everyday prompts (0: no everyday group)
-                      ) -> list[PromptSpec]:
-    """The evaluation prompts: the original report's, unseen (held-out) pairs, a seeded draw of other pairs, patterns,
-    everyday wording."""
-    available, held = _pairs(catalogue_pairs), _pairs(held_out)
-    specs = [PromptSpec(p, t, c, "seed") for p, (t, c) in (seed_prompts if seed_prompts is not None else SEED_PROMPTS).items()
-             if (t, c) in available or (t, c) in held]
-    for t, c in held:
-        singular, plural = garment_words(t)[0]
-        texts = [pair_prompt((t, c))] + [
-            everyday_phrase(f, c.lower(), singular, plural, t in WOMENSWEAR) for f in range(1, EVERYDAY_FORMS)
-        ]
-        specs += [PromptSpec(p, t, c, "held-out") for p in list(dict.fromkeys(texts))[:held_out_wordings]]
-    taken = {(s.article_type, s.colour) for s in specs}
-    others = [p for p in available if p not in taken]
-    order = np.random.default_rng(seed).permutation(len(others))[:num_catalogue]
-    specs += [PromptSpec(pair_prompt(others[i]), *others[i], "catalogue") for i in sorted(order)]
-    if catalogue_triples: specs += pattern_prompts(catalogue_triples, held, num_solid)
-    if num_everyday: specs += everyday_prompts(available, num_everyday, held)
-    return specs
-
-def samples_per_prompt(prompts: Sequence[PromptSpec], # the prompts, with their groups
-                       images_per_group: int, # at least this many images in each group
-                      ) -> dict[str, int]: # group -> images per prompt, ceil(images_per_group / prompts in the group)
-    "How many images each prompt of a group needs so that the group has at least `images_per_group`."
-    counts = {g: sum(s.group == g for s in prompts) for g in dict.fromkeys(s.group for s in prompts)}
-    return {g: -(-images_per_group // n) for g, n in counts.items()}
-
-def prompt_subset(prompts: Sequence[PromptSpec], # the prompts
-                  per_group: int, # at most this many prompts per group
-                  seed: int = 0, # draws them
-                 ) -> list[PromptSpec]:
-    "At most `per_group` prompts of each group, drawn with a fixed seed, in their original order (for a cheaper sweep)."
-    rng, keep = np.random.default_rng(seed), set()
-    for g in dict.fromkeys(s.group for s in prompts):
-        index = [i for i, s in enumerate(prompts) if s.group == g]
-        keep.update(index[j] for j in rng.permutation(len(index))[:per_group])
-    return [s for i, s in enumerate(prompts) if i in keep]
-
 # %% ../nbs/11_evaluation.ipynb #e11c0020
 SOLID_WORDS = r"\b(?:solid|plain)\b"  # product-name words that say a real garment has no pattern
 _SOLID_RE = re.compile(SOLID_WORDS, re.IGNORECASE)
@@ -596,12 +313,6 @@ def catalogue_fingerprint(records: pd.DataFrame, # FashionProducts.records: a "p
 def _stat(path: str):
     try: return os.stat(path)
     except OSError: return None
-
-# French names, for figures and logs
-METRIC_NAMES = {"type": "type", "colour": "couleur", "both": "type et couleur", "pattern": "motif"}
-PATTERN_FRENCH = {"solid": "uni", "striped": "rayé", "checked": "à carreaux", "fine": "fin", "wide": "large", "unknown": "inconnu"}
-
-def _in_french(label: str) -> str: return " ".join(PATTERN_FRENCH.get(w, w) for w in label.split())
 
 # %% ../nbs/11_evaluation.ipynb #e11c0031
 # period (fraction of the image side) between "fine" and "wide"
@@ -671,132 +382,6 @@ def clip_score(encoder: Any, # a text.TextEncoder; only CLIP encoders (supports_
     cos = [(encoder.encode_images(images[i:i + batch_size]) * encoder.encode(list(prompts[i:i + batch_size])).pooled).sum(-1)
            for i in range(0, len(images), batch_size)]
     return float(torch.cat(cos).mean())
-
-# %% ../nbs/11_evaluation.ipynb #dc9dcaa9
-def plot_alignment(results: Mapping[tuple[str, float], AlignmentResult], # (method, w) -> result
-                   ceiling: Mapping[str, float] | None = None, # the judge on real images: type, colour, both
-                   chance: float | None = None, # accuracy of a random (type, colour) guess
-                   title: str = "Fidélité au texte selon la méthode et l'échelle de guidage", # French title
-                  ) -> plt.Figure:
-    """Per prompt group: accuracy (both with its standard error, colour, type; pattern where asked) against w, one
-    colour per method."""
-    methods = list(dict.fromkeys(m for m, _ in results))
-    groups = [g for g in PROMPT_GROUPS if any(g in r.summary().index for r in results.values())]
-    ncols = min(3, len(groups))   # at most three panels a row: readable on a page
-    nrows = -(-len(groups) // ncols)
-    fig, axes = plt.subplots(nrows, ncols, figsize=(4.3 * ncols, 3.9 * nrows + 0.9), squeeze=False, sharey=True)
-    for ax, group in zip(axes.flat, groups):
-        sizes = set()
-        for k, method in enumerate(methods):
-            ws = sorted(w for m, w in results if m == method and group in results[(m, w)].summary().index)
-            rows = [results[(method, w)].summary().loc[group] for w in ws]
-            sizes.update(int(r["num_images"]) for r in rows)
-            marker = "s" if len(ws) == 1 else "o"
-            ax.errorbar(ws, [100 * r["both"] for r in rows], yerr=[100 * r["both_se"] for r in rows], marker=marker, capsize=3,
-                        color=f"C{k}", label=f"{method} : type et couleur")
-            ax.plot(ws, [100 * r["colour"] for r in rows], "--", marker=marker, ms=3, color=f"C{k}", alpha=0.7, label=f"{method} : couleur")
-            ax.plot(ws, [100 * r["type"] for r in rows], ":", marker=marker, ms=3, color=f"C{k}", alpha=0.7, label=f"{method} : type")
-            if group == "pattern" and all(pd.notna(r["pattern"]) for r in rows):
-                ax.errorbar(ws, [100 * r["pattern"] for r in rows], yerr=[100 * r["pattern_se"] for r in rows], fmt="-.", marker="^",
-                            capsize=2, color=f"C{k}", alpha=0.8, label=f"{method} : motif")
-        if ceiling:
-            ax.axhline(100 * ceiling["both"], c="g", ls="--", lw=1, label="juge sur vraies images (type et couleur)")
-        if chance is not None: ax.axhline(100 * chance, c="gray", ls=":", lw=1, label="hasard (type et couleur)")
-        n_prompts = sorted(
-            {int(r.summary().loc[group, "num_prompts"]) for r in results.values() if group in r.summary().index}
-        )
-        span = lambda v: f"{v[0]}" if len(v) == 1 else f"{v[0]} à {v[-1]}"
-        ax.set_title(f"{GROUP_NAMES[group]}\n({span(n_prompts)} requêtes, {span(sorted(sizes))} images par point)", fontsize=9)
-        ws = sorted({w for _, w in results})
-        ax.set_xticks(ws, [f"{w:g}" for w in ws])
-        ax.set_xlabel("échelle de guidage w")
-        ax.set_ylim(0, 102)
-        ax.grid(alpha=0.3)
-    for row in axes: row[0].set_ylabel("précision du juge (%)")
-    labels = {}
-    for ax in axes.flat[:len(groups)]:
-        for h, l in zip(*ax.get_legend_handles_labels()): labels.setdefault(l, h)
-    spare = list(axes.flat[len(groups):])
-    for ax in spare: ax.axis("off")
-    fig.suptitle(title)
-    if spare:   # the legend takes the free panel
-        fig.tight_layout()
-        spare[0].legend(list(labels.values()), list(labels), loc="center", fontsize=8, frameon=False)
-    else:
-        fig.tight_layout(rect=(0, 0.14, 1, 1))
-        fig.legend(list(labels.values()), list(labels), loc="lower center", ncol=4, fontsize=8, frameon=False)
-    return fig
-
-# %% ../nbs/11_evaluation.ipynb #95a5e9fe
-def plot_group_accuracy(result: AlignmentResult, # one method at one w, every group
-                        targets: Mapping[str, Mapping[str, float]] | None = None, # group -> metric -> target (ALIGNMENT_TARGETS)
-                        ceiling: Mapping[str, float] | None = None, # the judge on held-out real photos, per metric
-                        title: str = "Précision du juge par groupe de requêtes", # French title
-                       ) -> plt.Figure:
-    """Bars per prompt group: type, colour, both and pattern accuracies with ±1 standard error; targets as dashes over
-    their group."""
-    summary = result.summary()
-    groups = [g for g in summary.index if g != "overall"]
-    fig, ax = plt.subplots(figsize=(max(7.5, 1.9 * len(groups) + 2), 4.6))
-    width = 0.8 / len(ALIGNMENT_METRICS)
-    for k, metric in enumerate(ALIGNMENT_METRICS):
-        x = np.arange(len(groups)) + (k - (len(ALIGNMENT_METRICS) - 1) / 2) * width
-        values = summary.loc[groups, metric].astype(float).to_numpy()
-        errors = summary.loc[groups, f"{metric}_se"].astype(float).to_numpy()
-        ax.bar(x, 100 * np.nan_to_num(values), width, yerr=100 * np.nan_to_num(errors), capsize=2, color=f"C{k}", label=METRIC_NAMES[metric])
-        for xi, v, g in zip(x, values, groups):
-            if not np.isnan(v):
-                ax.text(xi, 2, f"{100 * v:.0f}", ha="center", va="bottom", fontsize=7, color="white", rotation=90)
-            target = (targets or {}).get(g, {}).get(metric)
-            if target is not None:
-                ax.hlines(100 * target, xi - width / 2, xi + width / 2, colors="k", linestyles="--", lw=1.5)
-        if ceiling and ceiling.get(metric) is not None:
-            ax.axhline(100 * ceiling[metric], color=f"C{k}", ls=":", lw=1, alpha=0.7)
-    if targets: ax.plot([], [], "k--", lw=1.5, label="objectif")
-    if ceiling: ax.plot([], [], ":", c="gray", label="le juge sur de vraies photos")
-    counts = [f"{GROUP_NAMES[g]}\n{int(summary.loc[g, 'num_prompts'])} requêtes, {int(summary.loc[g, 'num_images'])} "
-              f"images" for g in groups]
-    ax.set_xticks(np.arange(len(groups)), counts, fontsize=8)
-    ax.set_ylim(0, 105)
-    ax.set_ylabel("précision du juge (%), ± 1 erreur type")
-    ax.grid(alpha=0.3, axis="y")
-    ax.set_title(title, fontsize=10)
-    fig.tight_layout(rect=(0, 0.08, 1, 1))
-    fig.legend(*ax.get_legend_handles_labels(), loc="lower center", ncol=6, fontsize=8, frameon=False)
-    return fig
-
-# %% ../nbs/11_evaluation.ipynb #59ec2d7a
-def plot_pattern_check(images: Tensor, # (n, 3, H, W) in [-1, 1]: originals at full size
-                       crop: float, # GarmentJudgeConfig.pattern_crop
-                       truth: Sequence[str], # n labels, e.g. "striped fine"
-                       judged: Sequence[str], # n pattern decisions of the judge on the originals
-                       reconstructions: Mapping[str, tuple[Tensor, Sequence[str]]] | None = None, # row name -> (images, the judge's decisions)
-                       title: str = "Le juge des motifs : ce qu'il regarde", # French title
-                      ) -> plt.Figure:
-    """Columns of examples: the photo with the crop the pattern branch reads, that crop pixel for pixel, and the same
-    crop of each reconstruction."""
-    rows = {"": (images, judged), **dict(reconstructions or {})}
-    n, side = len(images), images.shape[-1]
-    fig, axes = plt.subplots(len(rows) + 1, n, figsize=(2.1 * n, 2.2 * (len(rows) + 1) + 0.5), squeeze=False)
-    boxes = pattern_boxes(images, crop).tolist()
-    for j, (t, l, s) in enumerate(boxes):
-        show_image(axes[0, j], images[j], interpolation="nearest")
-        axes[0, j].add_patch(matplotlib.patches.Rectangle((l - 0.5, t - 0.5), s, s, fill=False, ec="magenta", lw=1.2))
-        axes[0, j].set_title(f"vrai : {_in_french(truth[j])}", fontsize=8)
-        for r, (name, (x, decisions)) in enumerate(rows.items(), start=1):
-            show_image(axes[r, j], x[j, :, t:t + s, l:l + s], interpolation="nearest")
-            ok = truth[j].split()[0] == decisions[j]
-            axes[r, j].set_title(f"{name + ' : ' if name else 'juge : '}{_in_french(decisions[j])} "
-                                 f"{'✓' if ok else '✗'}", fontsize=8, color="g" if ok else "r")
-    for ax in axes.flat:
-        ax.set_xticks([])
-        ax.set_yticks([])
-    axes[0, 0].set_ylabel(f"photo {side}×{side}", fontsize=8)
-    for r, name in enumerate(rows, start=1):
-        axes[r, 0].set_ylabel(f"zone lue ({boxes[0][2]} px)" if not name else name, fontsize=8)
-    fig.suptitle(title, fontsize=10)
-    fig.tight_layout()
-    return fig
 
 # %% ../nbs/11_evaluation.ipynb #e11c0040
 @torch.no_grad()

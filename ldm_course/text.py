@@ -19,6 +19,8 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 from fastcore.basics import patch
+from safetensors import safe_open
+from safetensors.torch import save_file as _save_safetensors
 from torch import Tensor
 
 from .core import atomic_path, get_device, progress, runs_dir
@@ -374,9 +376,6 @@ def load_text_encoder(encoder: str | Path = "auto", # "auto", "fashion-clip", "m
     return enc
 
 # %% ../nbs/08_text.ipynb #77d8297d
-from safetensors import safe_open
-from safetensors.torch import save_file as _save_safetensors
-
 EMBEDDING_CACHE_FORMAT = "ldm_course.text_embeddings/1"
 
 def _unpack(emb: TextEmbeddings) -> list[tuple[Tensor, Tensor]]:

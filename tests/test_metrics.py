@@ -20,9 +20,11 @@ from ldm_course.judge import (
     judge_inputs, load_judge, predict_garments, save_judge, train_garment_judge,
 )
 from ldm_course.metrics import (
-    ClassifierFeatures, EvalConfig, PromptSpec, catalogue_fingerprint, eval_config, evaluation_prompts, fid_kid,
-    judge_pattern_labels, pattern_scales, prompt_alignment, prompt_subset, proportion_se, real_baseline,
-    reconstruction_check, samples_per_prompt, steps_sweep, targets_met, texture_period,
+    ClassifierFeatures, EvalConfig, catalogue_fingerprint, eval_config, fid_kid, judge_pattern_labels,
+    pattern_scales, real_baseline, reconstruction_check, steps_sweep, texture_period,
+)
+from ldm_course.alignment import (
+    PromptSpec, evaluation_prompts, prompt_alignment, prompt_subset, proportion_se, samples_per_prompt, targets_met,
 )
 from ldm_course.training import TrainConfig
 

@@ -499,7 +499,7 @@ def test_figures_of_another_run_are_left_out(tmp_path, monkeypatch):
 
 def test_report_group_labels_cover_chapter_11s_groups():
     "The report's short labels name exactly chapter 11's prompt groups (plus the overall row): a new group gets a label."
-    from ldm_course.metrics import GROUP_NAMES, PROMPT_GROUPS
+    from ldm_course.alignment import GROUP_NAMES, PROMPT_GROUPS
     from ldm_course.report import GROUP_LABELS
     assert set(GROUP_LABELS) == set(PROMPT_GROUPS) | {"overall"}
     assert set(GROUP_NAMES) == set(GROUP_LABELS)
