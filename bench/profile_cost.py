@@ -133,7 +133,7 @@ def garment_judge_recipe(profile: str) -> Recipe:
     "Chapter 11: the three-headed clothing judge, as `train_garment_judge` builds it (images at the trunk's size, native crops)."
     from ldm_course.judge import GarmentJudgeLoss, build_garment_judge  # torchmetrics: only here
     from ldm_course.metrics import eval_config  # torchmetrics: only here
-    from ldm_course.synthetic import PATTERNS
+    from ldm_course.garments import PATTERNS
     ecfg, g = eval_config(profile), torch.Generator().manual_seed(0)
     config = ecfg.garment_judge_config(GARMENT_TYPES, GARMENT_COLOURS, sorted(PATTERNS))
     n = num_items(ecfg.judge_train)

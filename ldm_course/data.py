@@ -33,10 +33,8 @@ from .core import Config, atomic_path, atomic_write, data_dir, rehearse, resolve
 # The stand-ins are drawn in ldm_course.synthetic; this module writes them in the real formats. The catalogue's
 # vocabulary (GARMENT_COLOURS, GARMENT_TYPES, PATTERNS, SEED_PROMPTS) is re-exported on purpose: it labels the
 # catalogue these loaders read, and chapters 07-11 import it from here.
-from ldm_course.synthetic import (
-    GARMENT_COLOURS, GARMENT_TYPES, GENERATOR_VERSION, PATTERNS, SCENE_CLASSES, SEED_PROMPTS, balanced_labels,
-    generate_digits, generate_scenes,
-)
+from .synthetic import GENERATOR_VERSION, SCENE_CLASSES, balanced_labels, generate_digits, generate_scenes
+from .garments import GARMENT_COLOURS, GARMENT_TYPES, PATTERNS, SEED_PROMPTS
 _all_ = ["GARMENT_COLOURS", "GARMENT_TYPES", "PATTERNS", "SEED_PROMPTS"]   # in data.__all__ too
 
 # %% auto #0

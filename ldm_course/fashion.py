@@ -28,7 +28,7 @@ from ldm_course.data import (
     DataFormatError, DataSource, UpscaledImagesWarning, announce_source, check_dataset_size, check_source,
     generate_once, pil_to_signed, synthetic_folder, synthetic_size,
 )
-from .synthetic import catalogue_plan, draw_garment, product_row
+from .garments import catalogue_plan, draw_garment, product_row
 
 # %% auto #0
 __all__ = ['KAGGLE_COLUMNS', 'SKIP_REASONS', 'FASHION_DIRNAMES', 'KAGGLE_URLS', 'PATTERN_WORDS', 'CATALOGUE_IMAGE_SIZES',

@@ -19,6 +19,7 @@ from torchvision.datasets import CIFAR10
 
 from ldm_course import data as D
 from ldm_course import fashion as C   # the clothing catalogue
+from ldm_course import garments as G
 from ldm_course import synthetic as S
 
 COLUMNS = "id,gender,masterCategory,subCategory,articleType,baseColour,season,year,usage,productDisplayName"
@@ -309,7 +310,7 @@ def test_synthetic_garments_show_their_colour():
     hits = total = 0
     for k, kind in enumerate(D.GARMENT_TYPES):
         for c, colour in enumerate(names):
-            a = np.asarray(S.draw_garment(kind, colour, "solid", np.random.default_rng([k, c]), 64), float)
+            a = np.asarray(G.draw_garment(kind, colour, "solid", np.random.default_rng([k, c]), 64), float)
             cloth = a[np.abs(a - 255).max(-1) > 40] if colour != "White" else a[(a.min(-1) > 200) & (a.min(-1) < 253)]
             median = np.median(cloth, 0)
             hits += names[np.abs(palette - median).sum(1).argmin()] == colour; total += 1
@@ -458,14 +459,14 @@ def test_pattern_column_and_labels_from_the_names(tmp_path):
 
 def _drawn_patterns(size: int, seed: int = 0) -> list[str]:
     "The pattern drawn for each item of a synthetic catalogue, recomputed as make_synthetic_fashion draws them."
-    return [S.product_row(np.random.default_rng([seed, n]), i, k, c)[1] for n, (i, k, c) in enumerate(S.catalogue_plan(size, seed))]
+    return [G.product_row(np.random.default_rng([seed, n]), i, k, c)[1] for n, (i, k, c) in enumerate(G.catalogue_plan(size, seed))]
 
 
 def test_synthetic_catalogue_names_and_labels_its_patterns(tmp_path):
     folder, _ = C.make_synthetic_fashion(tmp_path, 300, seed=0, image_size=64)
     ds = C.FashionProducts(folder, image_size=64, verbose=False)
     assert ds.records["pattern"].tolist() == _drawn_patterns(300)      # the loader's label is the drawn pattern, for every item
-    assert set(ds.records["pattern"]) == set(S.PATTERNS)
+    assert set(ds.records["pattern"]) == set(G.PATTERNS)
     words = {"striped": r"\bstripe[sd]?\b", "checked": r"\bchecks?\b|\bchecked\b"}
     for caption, pattern in zip(ds.captions, ds.records["pattern"]):
         if pattern != "solid": assert re.search(words[pattern], caption, re.I), (caption, pattern)   # captions name the pattern
@@ -483,7 +484,7 @@ def _high_frequency_energy(photo: Image.Image, cutoff: int = 32) -> float:
 
 def test_synthetic_garments_are_drawn_natively_not_upsampled():
     for i, (kind, pattern) in enumerate([("Shirts", "striped"), ("Shirts", "checked"), ("Sweaters", "solid"), ("Jackets", "solid")]):
-        native, thumb = (S.draw_garment(kind, "Navy Blue", pattern, np.random.default_rng([1, i]), s) for s in (256, 64))
+        native, thumb = (G.draw_garment(kind, "Navy Blue", pattern, np.random.default_rng([1, i]), s) for s in (256, 64))
         assert native.size == (256, 256) and thumb.size == (64, 64)
         ratio = _high_frequency_energy(native) / _high_frequency_energy(thumb.resize((256, 256), Image.BICUBIC))
         assert ratio > 5, f"{kind} {pattern}: {ratio:.1f}x the high-frequency energy of a 64 px drawing upsampled"
@@ -493,12 +494,12 @@ def test_synthetic_garments_are_drawn_natively_not_upsampled():
 
 def test_fine_stripes_survive_the_jpeg(tmp_path):
     folder, _ = C.make_synthetic_fashion(tmp_path, 40, seed=0, image_size=256)
-    plan, checked = S.catalogue_plan(40, 0), 0
+    plan, checked = G.catalogue_plan(40, 0), 0
     for n, (item_id, kind, colour) in enumerate(plan):
         rng = np.random.default_rng([0, n])
-        row, pattern = S.product_row(rng, item_id, kind, colour)
+        row, pattern = G.product_row(rng, item_id, kind, colour)
         if pattern == "solid": continue
-        drawn = S.draw_garment(kind, colour, pattern, rng, 256)
+        drawn = G.draw_garment(kind, colour, pattern, rng, 256)
         with Image.open(folder / "images" / f"{item_id}.jpg") as im: saved = im.convert("RGB")
         assert np.abs(np.asarray(saved, float) - np.asarray(drawn, float)).mean() < 1.5, item_id
         assert _high_frequency_energy(saved) > 0.9 * _high_frequency_energy(drawn), item_id
@@ -507,12 +508,16 @@ def test_fine_stripes_survive_the_jpeg(tmp_path):
     assert sum(p.stat().st_size for p in (folder / "images").iterdir()) / 40 < 40_000   # about 15 KB a photo at 256
 
 
-def test_synthetic_module_draws_and_never_touches_files():
-    "Dependencies run data -> synthetic: the drawing module imports nothing of data and does no file I/O."
-    source = Path(S.__file__).read_text(encoding="utf-8")
-    assert not re.search(r"^\s*(from|import)\s+(\.|ldm_course\.)data\b", source, re.M)
+@pytest.mark.parametrize("module", [S, G], ids=["synthetic", "garments"])
+def test_drawing_modules_draw_and_never_touch_files(module):
+    "Dependencies run data -> synthetic and fashion -> garments: the drawing modules import no loader and do no file I/O."
+    source = Path(module.__file__).read_text(encoding="utf-8")
+    assert not re.search(r"^\s*(from|import)\s+(\.|ldm_course\.)(data|fashion)\b", source, re.M)
     assert not re.search(r"\bopen\(|\.save\(|write_text|write_bytes|Path\(", source)
-    assert D.GARMENT_COLOURS is S.GARMENT_COLOURS and D.GENERATOR_VERSION == S.GENERATOR_VERSION   # re-exported for chapters 07-11
+
+
+def test_the_catalogue_vocabulary_is_re_exported_by_data():
+    assert D.GARMENT_COLOURS is G.GARMENT_COLOURS and D.GENERATOR_VERSION == S.GENERATOR_VERSION   # for chapters 07-11
 
 
 # ---------------------------------------------------------------- damaged files: skipped and counted, or named in the error

@@ -98,7 +98,7 @@ _MEASUREMENT = re.compile(r"(?<![\w$.,])(\d+(?:[,.]\d+)?)\s*(%|dB|époques?|img/
 ALLOWED_NUMBERS = {
     "01_data": ["22 lignes sur 44 446", "5 |", "7 |", "15, 21, 317",          # facts about Kaggle's real styles.csv
                 "1 à 3 % du côté", "4 à 10 %"],                                # the stand-in's drawing settings
-    "01_synthetic": ["1 à 3 % du côté", "3 à 8 px", "(4 à 10 %)"],            # drawing settings
+    "01_garments": ["1 à 3 % du côté", "3 à 8 px", "(4 à 10 %)"],            # drawing settings
     "02_scheduler": ["quantile 99,5 %"],                                       # dynamic thresholding's setting (Saharia et al.)
     "03_unet": ["30 % de calcul en plus", "Plus de 90 % du calcul"],           # arithmetic on the network's shapes (FLOP count)
     "04_training": ["typiquement 10 à 20 %"],                                  # the usual setting in the literature
