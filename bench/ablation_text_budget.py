@@ -35,10 +35,10 @@ from machine import add_machine_arguments, describe, out_dir, setup, write_resul
 
 from ldm_course.cross_attention import cross_attention_config  # noqa: E402
 from ldm_course.ldm import LDMConfig, build_ldm_scheduler, prepare_ldm_data, train_ldm  # noqa: E402
-from ldm_course.ldm_pipeline import LatentDiffusionPipeline
+from ldm_course.ldm_pipeline import LatentDiffusionPipeline  # noqa: E402
 from ldm_course.judge import judge_checkpoint_path, load_judge  # noqa: E402
 from ldm_course.metrics import eval_config, pipeline_generate  # noqa: E402
-from ldm_course.alignment import evaluation_prompts, prompt_alignment
+from ldm_course.alignment import evaluation_prompts, prompt_alignment  # noqa: E402
 from ldm_course.text import load_text_encoder  # noqa: E402
 
 MISSING_INPUTS = 2

@@ -33,7 +33,7 @@ from machine import add_machine_arguments, describe, out_dir, seconds_of, setup,
 from ldm_course.cross_attention import cross_attention_config  # noqa: E402
 from ldm_course.benchmarks import BENCHMARK_TARGETS  # noqa: E402
 from ldm_course.ldm import build_ldm_scheduler, build_ldm_unet, text_condition  # noqa: E402
-from ldm_course.ldm_pipeline import LatentDiffusionPipeline
+from ldm_course.ldm_pipeline import LatentDiffusionPipeline  # noqa: E402
 from ldm_course.text import load_text_encoder  # noqa: E402
 from ldm_course.unet import UNet, count_parameters  # noqa: E402
 from ldm_course.vae import VAEConfig, build_vae, vae_config  # noqa: E402

@@ -42,10 +42,10 @@ from ldm_course.benchmarks import BENCHMARK_TARGETS, UNRESOLVED_STD_ERROR  # noq
 from ldm_course.core import make_generator  # noqa: E402
 from ldm_course.fashion import load_fashion  # noqa: E402
 from ldm_course.ldm import ldm_checkpoint_path  # noqa: E402
-from ldm_course.ldm_pipeline import LatentDiffusionPipeline
+from ldm_course.ldm_pipeline import LatentDiffusionPipeline  # noqa: E402
 from ldm_course.judge import judge_checkpoint_path, load_judge  # noqa: E402
 from ldm_course.metrics import ClassifierFeatures, fid_kid, real_baseline  # noqa: E402
-from ldm_course.alignment import PromptSpec, prompt_alignment
+from ldm_course.alignment import PromptSpec, prompt_alignment  # noqa: E402
 
 TARGET_SPEEDUP, TARGET_ACCURACY_LOSS = BENCHMARK_TARGETS["sampling"]["speedup"], BENCHMARK_TARGETS["sampling"]["accuracy_loss"]
 

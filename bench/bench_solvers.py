@@ -46,7 +46,7 @@ from ldm_course.benchmarks import BENCHMARK_TARGETS, UNRESOLVED_STD_ERROR  # noq
 from ldm_course.ldm_pipeline import LatentDiffusionPipeline  # noqa: E402
 from ldm_course.judge import load_judge  # noqa: E402
 from ldm_course.metrics import ClassifierFeatures, fid_kid  # noqa: E402
-from ldm_course.alignment import PromptSpec, prompt_alignment
+from ldm_course.alignment import PromptSpec, prompt_alignment  # noqa: E402
 
 TARGETS = BENCHMARK_TARGETS["solvers"]   # accuracy_loss, max_evaluations: shared with the report
 SAMPLERS = ("ddim", "ddim-eta0", "dpm++", "sde-dpm++")

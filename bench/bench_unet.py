@@ -38,7 +38,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from ldm_course.unet import UNet, UNetConfig, count_parameters, unet_preset
+from ldm_course.unet import UNet, UNetConfig, count_parameters, unet_preset  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from machine import add_machine_arguments, describe_device, matmul_peak, out_dir, setup, step_flops, write_result  # noqa: E402

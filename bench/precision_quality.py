@@ -34,7 +34,7 @@ from machine import add_machine_arguments, describe, out_dir, setup, write_resul
 
 from ldm_course.core import make_generator, resolve_profile  # noqa: E402
 from ldm_course.data import load_cifar10, load_mnist, to_tensors  # noqa: E402
-from ldm_course.fashion import load_fashion
+from ldm_course.fashion import load_fashion  # noqa: E402
 from ldm_course.ddpm import (  # noqa: E402
     DDPM_CHAPTERS, build_loss, build_scheduler, classifier_accuracy, ddpm_training_data, sample_images, train_classifier,
     train_ddpm,

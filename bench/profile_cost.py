@@ -53,7 +53,7 @@ from ldm_course.ddpm import ClassificationLoss, build_classifier, build_loss, bu
 from ldm_course.ldm import CaptionedLatents, LDMConfig, build_ldm_loss, build_ldm_unet, ldm_config  # noqa: E402
 from ldm_course.text import TextEmbeddings  # noqa: E402
 from ldm_course.training import TrainConfig  # noqa: E402
-from ldm_course.trainer import Trainer
+from ldm_course.trainer import Trainer  # noqa: E402
 from ldm_course.unet import count_parameters  # noqa: E402
 from ldm_course.vae import build_vae, vae_config, vae_train_config  # noqa: E402
 from ldm_course.vae_losses import VAELoss  # noqa: E402
