@@ -21,7 +21,7 @@ from ldm_course.core import (
     Config, load_checkpoint, model_device, profile_preset, read_checkpoint_metadata, rehearse, resolve_profile,
     runs_dir, save_checkpoint, torch_seeded,
 )
-from .training import TrainConfig, train_config
+from .training import TrainConfig, cpu_mixed_precision, train_config
 
 # %% auto #0
 __all__ = ['PERCEPTUAL_LOSSES', 'PIXELS_PER_PASS', 'VAE_CHECKPOINT_FORMAT', 'VAE_FACTORS', 'VAE_EVAL_PRESETS', 'DiagonalGaussian',
@@ -29,9 +29,8 @@ __all__ = ['PERCEPTUAL_LOSSES', 'PIXELS_PER_PASS', 'VAE_CHECKPOINT_FORMAT', 'VAE
            'Decoder', 'PatchDiscriminator', 'make_discriminator', 'VAEOutput', 'Autoencoder', 'AutoencoderKL',
            'QuantizerOutput', 'code_perplexity', 'VectorQuantizer', 'VQVAE', 'build_vae', 'batch_images',
            'images_per_pass', 'autoencoder_batches', 'estimate_scale_factor', 'set_scale_factor', 'vae_checkpoint_dir',
-           'vae_checkpoint_path', 'save_vae', 'load_vae', 'vae_fingerprint', 'encode_dataset', 'cpu_supports_bf16',
-           'cpu_mixed_precision', 'vae_config', 'vae_train_config', 'VAEEvalConfig', 'vae_chapter_configs',
-           'ByteImages']
+           'vae_checkpoint_path', 'save_vae', 'load_vae', 'vae_fingerprint', 'encode_dataset', 'vae_config',
+           'vae_train_config', 'VAEEvalConfig', 'vae_chapter_configs', 'ByteImages']
 
 # %% ../nbs/07_vae.ipynb #c9a9b2b4
 class DiagonalGaussian:
@@ -614,18 +613,6 @@ def encode_dataset(model: Autoencoder, # the trained autoencoder
         save_checkpoint(path, {"latents": latents}, {"cache_key": key, "scale_factor": float(model.scale_factor),
                                                      "vae_config": model.config.to_dict()})
     return latents
-
-# %% ../nbs/07_vae.ipynb #66a63203
-def cpu_supports_bf16() -> bool:
-    "True when this CPU computes bfloat16 natively: AVX512-BF16 or AMX-BF16 among Linux's /proc/cpuinfo flags."
-    try: flags = set(Path("/proc/cpuinfo").read_text().split())
-    except OSError: return False   # not Linux: no way to tell here, stay in fp32
-    return bool(flags & {"avx512_bf16", "amx_bf16"})
-
-def cpu_mixed_precision() -> str: # "bf16" or "no"
-    """The cpu profile's precision for autoencoders: bf16 autocast where the CPU computes it natively (measured faster
-    in chapter 07), else fp32."""
-    return "bf16" if cpu_supports_bf16() else "no"
 
 # %% ../nbs/07_vae.ipynb #ba28ed1f
 VAE_FACTORS = {"smoke": (4,), "cpu": (16,), "gpu": (32, 8)}   # downsampling factors of each profile, the default first
