@@ -26,7 +26,9 @@ from ldm_course.core import (
 )
 from .scheduler import DDIMSampler, DDPMSampler, DiffusionSampler, NoiseScheduler, SamplingTrajectory
 from .data import DataSource, load_cifar10, load_mnist, to_tensors
-from .training import TrainConfig, TrainHistory, data_identity, drop_condition, train_config, training_dir
+from ldm_course.training import (
+    TrainConfig, TrainHistory, cpu_mixed_precision, data_identity, drop_condition, train_config, training_dir,
+)
 from .trainer import TrainedRun, Trainer, finished_checkpoint, fit_or_reuse, main_process_first
 from .unet import UNet, UNetConfig, unet_preset
 
@@ -205,7 +207,7 @@ def _mnist_preset(profile: str) -> DDPMConfig:
     unet = unet_preset("mnist", profile).replace(num_classes=10)
     train = {"smoke": train_config("smoke", lr=2e-3, max_steps=30, warmup_steps=5, checkpoint_every=0, sample_every=0),
              "cpu": train_config("cpu", lr=2e-3, max_steps=360, warmup_steps=30, batch_size=64, ema_decay=0.995,
-                                 checkpoint_every=0, sample_every=0),
+                                 checkpoint_every=0, sample_every=0, mixed_precision=cpu_mixed_precision()),
              "gpu": train_config("gpu", lr=5e-4, max_steps=20_000, warmup_steps=500, batch_size=128, ema_decay=0.9995,
                                  checkpoint_every=2_500, sample_every=0)}[profile]
     judge_train = {
@@ -228,7 +230,7 @@ def _cifar10_preset(profile: str) -> DDPMConfig:
     unet = unet_preset("cifar10", profile).replace(num_classes=10)
     train = {"smoke": train_config("smoke", lr=2e-3, max_steps=30, warmup_steps=5, checkpoint_every=0, sample_every=0),
              "cpu": train_config("cpu", lr=2e-3, max_steps=280, warmup_steps=30, batch_size=48, ema_decay=0.995,
-                                 checkpoint_every=0, sample_every=0),
+                                 checkpoint_every=0, sample_every=0, mixed_precision=cpu_mixed_precision()),
              "gpu": train_config("gpu", lr=2e-4, max_steps=80_000, warmup_steps=1_000, batch_size=128, ema_decay=0.9999,
                                  checkpoint_every=5_000, sample_every=0)}[profile]
     judge_train = {
