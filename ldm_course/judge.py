@@ -28,9 +28,10 @@ from .trainer import Trainer
 # %% auto #0
 __all__ = ['CLOTH_THRESHOLD', 'JUDGE_INPUTS_VERSION', 'JUDGE_FORMAT', 'GarmentJudgeConfig', 'pattern_boxes', 'pattern_crops',
            'JudgeInputs', 'image_batches', 'resize_images', 'judge_inputs', 'GarmentLogits', 'GarmentJudge',
-           'random_blur', 'GarmentJudgeLoss', 'build_garment_judge', 'train_garment_judge', 'GarmentPredictions',
-           'predict_garments', 'known_fraction', 'accuracy_of', 'garment_accuracy', 'toy_pattern_images',
-           'judge_checkpoint_path', 'save_judge', 'load_judge', 'cached_judge']
+           'random_blur', 'backdrop_weight', 'whiten_backdrop', 'random_backdrop', 'GarmentJudgeLoss',
+           'build_garment_judge', 'train_garment_judge', 'GarmentPredictions', 'predict_garments', 'known_fraction',
+           'accuracy_of', 'garment_accuracy', 'toy_pattern_images', 'judge_checkpoint_path', 'save_judge', 'load_judge',
+           'cached_judge']
 
 # %% ../nbs/11_clothing_judge.ipynb #4e6dc360
 @dataclasses.dataclass
@@ -222,21 +223,57 @@ def random_blur(images: Tensor, # (B, C, H, W)
         out[i] = gaussian_blur(images[i], [k, k], [sigma, sigma])
     return out
 
+def backdrop_weight(images: Tensor, # (B, 3, H, W) in [-1, 1], garments on white
+                   ) -> Tensor: # (B, 1, H, W): 1 on white, 0 on cloth
+    "How much of each pixel is backdrop: 1 on pure white, fading to 0 where a channel is CLOTH_THRESHOLD below white."
+    lightest = (images + 1).amin(1, keepdim=True) / 2
+    return ((lightest - (1 - CLOTH_THRESHOLD)) / CLOTH_THRESHOLD).clamp(0, 1)
+
+def whiten_backdrop(images: Tensor, # (B, 3, H, W) in [-1, 1]
+                   ) -> Tensor:
+    """The images with every pixel that is mainly backdrop (weight above 0.4: every channel within 0.21 of white) set to
+    pure white, the catalogue's backdrop."""
+    return torch.where(backdrop_weight(images) > 0.4, torch.ones_like(images), images)
+
+def random_backdrop(images: Tensor, # (B, 3, H, W) in [-1, 1], garments on white
+                    strength: float = 0.08, # largest departure from white, in [0, 1] units (0: unchanged)
+                    p: float = 0.5, # share of the images changed
+                    generator: torch.Generator | None = None, # for reproducible draws (CPU)
+                   ) -> Tensor:
+    """Put a random share of the images on an uneven backdrop: a level below white, a colour cast and smooth stains,
+    faded out on the cloth. The garment is untouched."""
+    if strength <= 0 or p <= 0: return images
+    n, _, h, w = images.shape
+    chosen = torch.nonzero(torch.rand(n, generator=generator) < p).flatten()
+    if not len(chosen): return images
+    k, cells = len(chosen), (4, 8, 16)[int(torch.randint(3, (1,), generator=generator))]   # stains of 1/4 to 1/16 of the side
+    level = strength * torch.rand(k, 1, 1, 1, generator=generator)
+    cast = strength / 4 * torch.randn(k, 3, 1, 1, generator=generator)
+    stains = F.interpolate(torch.randn(k, 3, cells, cells, generator=generator), size=(h, w), mode="bicubic",
+                           align_corners=False)
+    change = (cast + strength / 2 * stains - level).to(images.device, images.dtype)   # in [0, 1] units
+    out = images.clone()
+    x = images[chosen.to(images.device)]
+    out[chosen.to(images.device)] = (x + 2 * backdrop_weight(x) * change).clamp(-1, 1)
+    return out
+
 class GarmentJudgeLoss:
-    """The Trainer's loss_fn: CE(type) + CE(colour) [+ CE(pattern)] on randomly shifted (and softened) inputs; label -1
-    is ignored."""
+    """The Trainer's loss_fn: CE(type) + CE(colour) [+ CE(pattern)] on randomly shifted (and softened) inputs, half of
+    them on an uneven backdrop; label -1 is ignored."""
     def __init__(self, max_shift: float = 1.0, # augmentation: random translation of the resized image, in pixels
                  crop_shift: float = 2.0, # the same for the pattern crop, in its pixels
                  crop_blur: float = 1.0, # half the crops are blurred with σ up to this, in crop pixels (0: never)
+                 backdrop: float = 0.08, # half the images get a backdrop up to this far from white, [0, 1] units (0: never)
                 ):
-        self.max_shift, self.crop_shift, self.crop_blur = max_shift, crop_shift, crop_blur
+        self.max_shift, self.crop_shift, self.crop_blur, self.backdrop = max_shift, crop_shift, crop_blur, backdrop
 
     def __call__(self, model: nn.Module, batch: Sequence[Tensor], # (images, types, colours) or (images, types, colours, crops, patterns)
                 ) -> Tensor:
         images, types, colours, *pattern = batch
         crops, patterns = pattern if pattern else (None, None)
         if crops is not None: crops = random_shift(random_blur(crops, self.crop_blur), self.crop_shift)
-        out = model(JudgeInputs(random_shift(images, self.max_shift), crops))
+        images = random_shift(random_backdrop(images, self.backdrop), self.max_shift)
+        out = model(JudgeInputs(images, crops))
         loss = _masked_ce(out.type, types) + _masked_ce(out.colour, colours)
         return loss if crops is None else loss + _masked_ce(out.pattern, patterns)
 
@@ -261,6 +298,7 @@ def train_garment_judge(images: Tensor | Dataset | JudgeInputs, # (N, 3, H, W) i
                         cfg: TrainConfig, # recipe (the Trainer's)
                         pattern_labels: Tensor | None = None, # (N,) indices into config.pattern_names, -1 if unknown; required with a pattern head
                         max_shift: float = 1.0, # augmentation, in pixels of the trunk's input
+                        backdrop: float = 0.08, # augmentation: largest departure of the backdrop from white (0: none)
                         device: str | None = None, # "cpu" forces the CPU; default: core.get_device()
                        ) -> tuple[GarmentJudge, TrainHistory]: # (EMA judge in eval mode, history)
     """Train a GarmentJudge on real catalogue images, prepared once (resized for the trunk, cropped for the pattern
@@ -278,7 +316,7 @@ def train_garment_judge(images: Tensor | Dataset | JudgeInputs, # (N, 3, H, W) i
         inputs = images if isinstance(images, JudgeInputs) else judge_inputs(config, images)
         if len(inputs.images) != n: raise ValueError(f"{len(inputs.images)} prepared images but {n} type labels")
         tensors = (inputs.images, *labels[:2]) + ((inputs.crops, labels[2]) if config.has_pattern else ())
-        trainer = Trainer(model, TensorDataset(*tensors), GarmentJudgeLoss(max_shift), cfg, device=device)
+        trainer = Trainer(model, TensorDataset(*tensors), GarmentJudgeLoss(max_shift, backdrop=backdrop), cfg, device=device)
         history = trainer.fit(resume=False)
     return trainer.ema_model.eval(), history
 

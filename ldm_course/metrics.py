@@ -32,7 +32,7 @@ from .data import PATTERNS
 from ldm_course.judge import (
     GarmentJudge, GarmentJudgeConfig, JudgeInputs, accuracy_of, image_batches, known_fraction, predict_garments,
 )
-from .training import TrainConfig, content_digest
+from .training import TrainConfig, content_digest, cpu_mixed_precision
 from .vae_metrics import psnr, ssim
 
 # %% auto #0
@@ -198,7 +198,8 @@ EVAL_PRESETS = {
                       images_per_group=64, sweep_images_per_group=8, prompt_steps=50, guidance_scales=(1.0, 3.0, 5.0),
                       num_catalogue_prompts=16, held_out_wordings=4, num_solid_prompts=3, num_everyday_prompts=32,
                       num_clothing_fid=100, recon_images=256, judge_image_size=64, judge_channels=(16, 32, 64, 128),
-                      judge_train=TrainConfig(lr=3e-3, max_steps=800, warmup_steps=30, batch_size=64, ema_decay=0.99), batch_size=100),
+                      judge_train=TrainConfig(lr=3e-3, max_steps=800, warmup_steps=30, batch_size=64, ema_decay=0.99,
+                                              mixed_precision=cpu_mixed_precision()), batch_size=100),
     "gpu": EvalConfig(num_fid_samples=5000, fid_steps=50, curve_samples=1000, images_per_group=256,
                       sweep_images_per_group=64, prompt_steps=50, guidance_scales=(1.0, 2.0, 3.0, 5.0, 7.5), num_catalogue_prompts=32,
                       held_out_wordings=8, num_everyday_prompts=64, num_clothing_fid=2000, recon_images=1000, judge_image_size=64,

@@ -16,8 +16,8 @@ from torchmetrics.image.kid import KernelInceptionDistance
 from ldm_course.core import make_generator
 from ldm_course.ddpm import ClassifierConfig, ImageClassifier
 from ldm_course.judge import (
-    GarmentJudge, GarmentJudgeConfig, GarmentLogits, cached_judge, garment_accuracy, judge_checkpoint_path,
-    judge_inputs, load_judge, predict_garments, save_judge, train_garment_judge,
+    GarmentJudge, GarmentJudgeConfig, GarmentJudgeLoss, GarmentLogits, cached_judge, garment_accuracy,
+    judge_checkpoint_path, judge_inputs, load_judge, predict_garments, random_backdrop, save_judge, train_garment_judge,
 )
 from ldm_course.metrics import (
     ClassifierFeatures, EvalConfig, catalogue_fingerprint, eval_config, fid_kid, judge_pattern_labels,
@@ -130,7 +130,9 @@ def catalogue_judge(tmp_path_factory):
 
 
 CATALOGUE_SIZE = 1000
-JUDGE_RECIPE = TrainConfig(lr=3e-3, max_steps=200, warmup_steps=10, batch_size=64, ema_decay=0.95)
+# 300 steps: at 200 the pattern accuracy varied from 0.87 to 0.96 between training seeds (measured with seeds 0-2);
+# at 300 every seed cleared the thresholds below (pattern 0.925-0.97, each class at least 0.8)
+JUDGE_RECIPE = TrainConfig(lr=3e-3, max_steps=300, warmup_steps=10, batch_size=64, ema_decay=0.95)
 
 
 def test_judge_reaches_high_accuracy_on_the_synthetic_catalogue(catalogue_judge):
@@ -138,11 +140,21 @@ def test_judge_reaches_high_accuracy_on_the_synthetic_catalogue(catalogue_judge)
     acc = garment_accuracy(judge, images, types, colours, patterns)
     assert acc["num_both"] == acc["num_pattern"] == len(images)
     assert acc["colour"] > 0.85, acc
-    assert acc["type"] > 0.5, acc   # 10 garment types: chance is 10 % (about 0.7 after this small run)
-    assert acc["pattern"] > 0.9, acc   # 3 patterns, 64 % solid: stripes and checks must be seen (about 0.96)
+    assert acc["type"] > 0.5, acc   # 10 garment types: chance is 10 % (about 0.8 after this small run)
+    assert acc["pattern"] > 0.9, acc   # 3 patterns, 64 % solid: stripes and checks must be seen (about 0.95)
     assert all(v["accuracy"] > 0.75 for v in acc["pattern_by_class"].values()), acc["pattern_by_class"]
     solid = judge.config.pattern_names.index("solid")
     assert acc["num_pattern_non_solid"] == int((patterns != solid).sum()) and acc["pattern_non_solid"] > 0.8   # stripes and checks alone
+
+
+def test_judge_reads_photos_on_an_uneven_backdrop_as_on_white(catalogue_judge):
+    "Trained with random backdrops, the judge gives the same verdicts when every held-out photo gets a stained backdrop."
+    judge, images, types, colours, patterns = catalogue_judge
+    stained = random_backdrop(images, GarmentJudgeLoss().backdrop, p=1.0, generator=make_generator(7))
+    assert (stained - images).abs().amax() > 0.05   # the backdrops did change
+    white, uneven = (garment_accuracy(judge, x, types, colours, patterns) for x in (images, stained))
+    for head in ("type", "colour", "pattern"):
+        assert abs(uneven[head] - white[head]) <= 0.05, (head, white[head], uneven[head])
 
 
 def test_pattern_needs_the_full_resolution_crop(catalogue_judge):
