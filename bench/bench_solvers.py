@@ -44,7 +44,7 @@ from machine import add_machine_arguments, describe, out_dir, setup, write_resul
 from ldm_course import attention  # noqa: E402,F401  (registers chapter 10's cross-attention block, to load its pipeline)
 from ldm_course.benchmarks import BENCHMARK_TARGETS, UNRESOLVED_STD_ERROR  # noqa: E402
 from ldm_course.ldm_pipeline import LatentDiffusionPipeline  # noqa: E402
-from ldm_course.judge import load_judge  # noqa: E402
+from ldm_course.judge import backdrop_weight, load_judge, predict_garments, whiten_backdrop  # noqa: E402
 from ldm_course.metrics import ClassifierFeatures, fid_kid  # noqa: E402
 from ldm_course.alignment import PromptSpec, prompt_alignment  # noqa: E402
 
@@ -70,10 +70,26 @@ def score(name, generate, specs, judge, feature, real, batch_size, seed) -> tupl
     images = torch.cat(result.samples)
     overall = result.summary().loc["overall"]
     row = {"seconds_per_image": seconds_per_image(generate.calls), "type": float(overall["type"]),
-           "colour": float(overall["colour"]), "both": float(overall["both"]), **fid_kid(real[:len(specs)], images, feature, seed=seed)}
+           "colour": float(overall["colour"]), "both": float(overall["both"]), **fid_kid(real[:len(specs)], images, feature, seed=seed),
+           **backdrop_diagnostic(images, specs, judge)}
     print(f"{name}: {row['seconds_per_image']:.3f} s/image, type {row['type']:.1%}, colour {row['colour']:.1%}, "
-          f"both {row['both']:.1%}, FID {row['fid']:.2f}", flush=True)
+          f"both {row['both']:.1%}, FID {row['fid']:.2f}; backdrop {row['backdrop_grey']:.3f} below white, "
+          f"both with it whitened {row['both_backdrop_white']:.1%}", flush=True)
     return row, torch.tensor(result.per_prompt["both"].to_numpy(), dtype=torch.float64)
+
+
+def backdrop_diagnostic(images: torch.Tensor, specs: list[PromptSpec], judge) -> dict:
+    """How far the generated backdrop is from the catalogue's white (mean of 1 − lightest channel over backdrop pixels,
+    [0, 1] units), and "type and colour right" once it is set back to white: does a sampler lose on the garment or on
+    the backdrop?"""
+    weight = backdrop_weight(images) > 0.4
+    lightest = (images + 1).amin(1, keepdim=True) / 2
+    grey = float(((1 - lightest) * weight).sum() / weight.sum().clamp(min=1))
+    pred = predict_garments(judge, whiten_backdrop(images))
+    names = judge.config
+    ok = [(names.type_names[t] == s.article_type) and (names.colour_names[c] == s.colour)
+          for s, t, c in zip(specs, pred.type.tolist(), pred.colour.tolist())]
+    return {"backdrop_grey": grey, "both_backdrop_white": sum(ok) / max(len(ok), 1)}
 
 
 def paired(correct: torch.Tensor, reference: torch.Tensor) -> dict:
@@ -162,14 +178,17 @@ def main(argv=None):
     v = verdict(rows)
     lines = [f"Samplers on the same latent pipeline ({path.parent.name}, {pipe.config.conditioning}) and the same z_T, {n} prompts "
              f"(captions of held-out catalogue photos); reference {ref_name} (type and colour right {reference['both']:.1%}, "
-             f"{reference['seconds_per_image']:.3f} s/image); {describe(info)}.", "",
-             "| point | w | s/image | speed-up vs DDPM | type | colour | type and colour | lost vs DDPM (paired SE) | FID |",
-             "|---|---|---|---|---|---|---|---|---|"]
+             f"{reference['seconds_per_image']:.3f} s/image; backdrop {reference['backdrop_grey']:.3f} below white, "
+             f"type and colour right with it whitened {reference['both_backdrop_white']:.1%}); {describe(info)}.", "",
+             "| point | w | s/image | speed-up vs DDPM | type | colour | type and colour | lost vs DDPM (paired SE) | FID "
+             "| backdrop below white | type and colour, backdrop whitened |",
+             "|---|---|---|---|---|---|---|---|---|---|---|"]
     for name, r in rows.items():
         vs = r["vs_reference"]
         lines.append(f"| {name} | {r['guidance_scale']:g} | {r['seconds_per_image']:.3f} | {r['speedup']:.0f}× | {r['type']:.1%} | "
                      f"{r['colour']:.1%} | {r['both']:.1%} | {100 * vs['loss']:+.1f} ± {100 * vs['std_error']:.1f}"
-                     f"{'' if vs['resolved'] else ' (not resolved)'} | {r['fid']:.2f} |")
+                     f"{'' if vs['resolved'] else ' (not resolved)'} | {r['fid']:.2f} | {r['backdrop_grey']:.3f} | "
+                     f"{r['both_backdrop_white']:.1%} |")
     lines += ["", "Target: DPM-Solver++ (either form) with ≤ " + f"{TARGETS['max_evaluations']:g} steps loses ≤ "
               f"{100 * TARGETS['accuracy_loss']:g} points against {ref_name}, resolved (SE ≤ {100 * UNRESOLVED_STD_ERROR:g} points): "
               + ("not measured" if v["met"] is None else f"{'met' if v['met'] else 'missed'} (best: {v['point']}, "

@@ -166,6 +166,7 @@ def test_sampling_benchmark_with_a_tiny_untrained_pipeline_and_judge(tmp_path, m
         assert row["speedup"] == pytest.approx(s["reference"]["seconds_per_image"] / row["seconds_per_image"])
         assert row["vs_reference"]["loss"] == pytest.approx(s["reference"]["both"] - row["both"])
     assert s["verdict"]["point"] in ("dpm++-2", "dpm++-3")
+    assert all(0 <= r["backdrop_grey"] <= 1 and 0 <= r["both_backdrop_white"] <= 1 for r in [*s["results"].values(), s["reference"]])
     from ldm_course.benchmarks import benchmark_verdicts
     assert benchmark_verdicts("solvers", s) == [s["verdict"]["met"]]
     assert (out / "solvers_cpu.png").read_bytes()[:4] == b"\x89PNG"
