@@ -114,9 +114,11 @@ class ReportBase:
         if value is None: return missing(number)
         return "×".join(str(v) for v in value) if isinstance(value, (list, tuple)) else md_escape(format_value(value))
 
-    def prompts(self, number: str) -> str:
+    def prompts(self, number: str, # chapter number
+                *paths: str, # dotted metric paths tried in order (default: the chapter's prompts)
+               ) -> str:
         "The prompts a chapter generated images for, quoted in French ('' when not recorded)."
-        values = self.value(number, "prompts", "sampling.prompts", "config.prompts")
+        values = self.value(number, *(paths or ("prompts", "sampling.prompts", "config.prompts")))
         return ", ".join(f"« {md_escape(p)} »" for p in values) if isinstance(values, (list, tuple)) else ""
 
     # numbering

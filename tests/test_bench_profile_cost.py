@@ -170,3 +170,22 @@ def test_compare_checkpoints_sees_one_changed_weight_and_ignores_timings(tmp_pat
     save_checkpoint(tmp_path / "after" / "cpu" / "checkpoints" / "05_ddpm_mnist" / "train-abc" / "step_0000010.safetensors", changed, {})
     assert bench.main(args) == 1
     assert bench.compare(*(bench.final_checkpoint(tmp_path / n, "cpu", "05_ddpm_mnist") for n in ("before", "after")))["differ"] == ["/model/w"]
+
+
+# --- chapter 11's judge and the backdrop (bench/judge_backdrop.py) ----------------------------------------------------
+
+def test_judge_backdrop_trains_both_recipes_and_pairs_the_readings(tmp_path, one_thread, monkeypatch):
+    monkeypatch.setenv("LDM_COURSE_RUNS", str(tmp_path / "runs"))   # no pipeline there: photos only, said so
+    if str(BENCH) not in sys.path: sys.path.insert(0, str(BENCH))
+    bench = importlib.import_module("judge_backdrop")
+    assert bench.main(["--profile", "smoke", "--device", "cpu", "--out-dir", str(tmp_path)]) == 0
+    result = json.loads((tmp_path / "judge_backdrop_smoke_cpu.json").read_text())
+    assert [r["backdrop"] for r in result["rows"]] == [0.0, result["backdrop_strength"]] and result["pipeline"] is None
+    for row in result["rows"]:
+        for key in ("photos_type", "photos_colour"):
+            r = row[key]
+            assert r["num_images"] == result["num_heldout"] and r["difference"] == pytest.approx(r["second"] - r["first"])
+        assert "generated_type" not in row
+    assert "| 0 | photos, type: white → random backdrop |" in (tmp_path / "judge_backdrop_smoke_cpu.md").read_text()
+    a = bench.paired(torch.tensor([True, True, False, False]), torch.tensor([True, False, True, True]))
+    assert (a["first"], a["second"], a["difference"]) == (0.5, 0.75, 0.25) and a["difference_se"] > 0
