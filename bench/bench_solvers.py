@@ -44,7 +44,7 @@ from machine import add_machine_arguments, describe, out_dir, setup, write_resul
 from ldm_course import attention  # noqa: E402,F401  (registers chapter 10's cross-attention block, to load its pipeline)
 from ldm_course.benchmarks import BENCHMARK_TARGETS, UNRESOLVED_STD_ERROR  # noqa: E402
 from ldm_course.ldm_pipeline import LatentDiffusionPipeline  # noqa: E402
-from ldm_course.judge import backdrop_weight, load_judge, predict_garments, whiten_backdrop  # noqa: E402
+from ldm_course.judge import backdrop_mask, load_judge, predict_garments, whiten_backdrop  # noqa: E402
 from ldm_course.metrics import ClassifierFeatures, fid_kid  # noqa: E402
 from ldm_course.alignment import PromptSpec, prompt_alignment  # noqa: E402
 
@@ -82,7 +82,7 @@ def backdrop_diagnostic(images: torch.Tensor, specs: list[PromptSpec], judge) ->
     """How far the generated backdrop is from the catalogue's white (mean of 1 − lightest channel over backdrop pixels,
     [0, 1] units), and "type and colour right" once it is set back to white: does a sampler lose on the garment or on
     the backdrop?"""
-    weight = backdrop_weight(images) > 0.4
+    weight = backdrop_mask(images)
     lightest = (images + 1).amin(1, keepdim=True) / 2
     grey = float(((1 - lightest) * weight).sum() / weight.sum().clamp(min=1))
     pred = predict_garments(judge, whiten_backdrop(images))

@@ -32,23 +32,16 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from machine import add_machine_arguments, describe, out_dir, setup, write_result  # noqa: E402
 
 from ldm_course import attention  # noqa: E402,F401  (registers chapter 10's cross-attention block, to load its pipeline)
+from ldm_course.alignment import paired_difference  # noqa: E402
 from ldm_course.core import make_generator, resolve_profile  # noqa: E402
 from ldm_course.fashion import load_fashion  # noqa: E402
 from ldm_course.garments import SEED_PROMPTS  # noqa: E402
 from ldm_course.judge import (  # noqa: E402
-    GarmentJudgeLoss, judge_inputs, predict_garments, random_backdrop, train_garment_judge, whiten_backdrop,
+    BACKDROP_STRENGTH, judge_inputs, predict_garments, random_backdrop, train_garment_judge, whiten_backdrop,
 )
 from ldm_course.ldm import ldm_checkpoint_path  # noqa: E402
 from ldm_course.ldm_pipeline import LatentDiffusionPipeline  # noqa: E402
 from ldm_course.metrics import eval_config, judge_pattern_labels  # noqa: E402
-
-
-def paired(a: torch.Tensor, b: torch.Tensor) -> dict:
-    "Accuracies of two readings of the same images (bool per image), and b − a with its paired standard error."
-    d = b.float() - a.float()
-    se = float(d.std(unbiased=True) / len(d) ** 0.5) if len(d) > 1 else float("nan")
-    return {"first": float(a.float().mean()), "second": float(b.float().mean()), "difference": float(d.mean()),
-            "difference_se": se, "num_images": len(d)}
 
 
 def main(argv=None) -> int:
@@ -68,7 +61,7 @@ def main(argv=None) -> int:
     n_heldout = max(int(len(order) * ecfg.heldout_fraction), 20)
     heldout, train = order[:n_heldout], order[n_heldout:]
     config = ecfg.garment_judge_config(type_names, colour_names, pattern_names)
-    strength = GarmentJudgeLoss().backdrop
+    strength = BACKDROP_STRENGTH
     photos = torch.stack([catalogue[int(i)][0] for i in heldout]).float()
     stained = random_backdrop(photos, strength, p=1.0, generator=make_generator(seed + 7))
     readings = {"white": judge_inputs(config, photos), "random backdrop": judge_inputs(config, stained)}
@@ -91,10 +84,10 @@ def main(argv=None) -> int:
         row = {"backdrop": backdrop, "train_seconds": round(time.perf_counter() - start, 1)}
         pred = {name: predict_garments(judge, x) for name, x in readings.items()}
         for head, truth in (("type", types[heldout]), ("colour", colours[heldout])):
-            row[f"photos_{head}"] = paired(getattr(pred["white"], head) == truth, getattr(pred["random backdrop"], head) == truth)
+            row[f"photos_{head}"] = paired_difference(getattr(pred["white"], head) == truth, getattr(pred["random backdrop"], head) == truth)
         if generated is not None:
             as_is = predict_garments(judge, generated).type == expected
-            row["generated_type"] = paired(as_is, predict_garments(judge, whiten_backdrop(generated)).type == expected)
+            row["generated_type"] = paired_difference(as_is, predict_garments(judge, whiten_backdrop(generated)).type == expected)
         rows.append(row)
         print(f"judge trained with backdrop {backdrop:g} ({row['train_seconds']:.0f} s): photos type "
               f"{row['photos_type']['first']:.1%} on white, {row['photos_type']['second']:.1%} on a random backdrop"

@@ -26,9 +26,10 @@ from .ldm import pair_prompt
 # %% auto #0
 __all__ = ['PROMPT_GROUPS', 'GROUP_NAMES', 'GenerateFn', 'ALIGNMENT_METRICS', 'ALIGNMENT_TARGETS', 'COLOUR_WORDS',
            'GARMENT_WORDS', 'WOMENSWEAR', 'EVERYDAY_FORMS', 'PATTERN_FORMS', 'METRIC_NAMES', 'PATTERN_FRENCH',
-           'PromptSpec', 'proportion_se', 'AlignmentResult', 'prompt_alignment', 'targets_met', 'garment_words',
-           'everyday_phrase', 'everyday_prompts', 'pattern_prompts', 'evaluation_prompts', 'samples_per_prompt',
-           'prompt_subset', 'in_french', 'plot_alignment', 'plot_group_accuracy', 'plot_pattern_check']
+           'PromptSpec', 'proportion_se', 'paired_difference', 'AlignmentResult', 'prompt_alignment', 'targets_met',
+           'garment_words', 'everyday_phrase', 'everyday_prompts', 'pattern_prompts', 'evaluation_prompts',
+           'samples_per_prompt', 'prompt_subset', 'in_french', 'plot_alignment', 'plot_group_accuracy',
+           'plot_pattern_check']
 
 # %% ../nbs/11_alignment.ipynb #1c19c141
 # report's prompts, other pairs, unseen pairs, patterns, everyday wording
@@ -67,6 +68,20 @@ def proportion_se(successes: Sequence[float], # per prompt: images judged right
     binomial = np.sqrt(p * (1 - p) / N)
     clustered = np.sqrt(P / (P - 1) * ((y - p * n) ** 2).sum()) / N if P > 1 else float("nan")
     return float(p), float(binomial), float(clustered)
+
+def paired_difference(first: Tensor, # (N,) bool: right or wrong in the first reading
+                      second: Tensor, # (N,) bool: the same images, second reading
+                      names: tuple[str, str] = ("first", "second"), # keys of the two accuracies
+                     ) -> dict:
+    """Two readings of the same images: both accuracies, second − first, and its paired standard error (from the
+    per-image differences, so only the images that changed verdict count)."""
+    if first.shape != second.shape or first.ndim != 1:
+        raise ValueError(f"paired readings need two (N,) tensors of the same images, got {tuple(first.shape)} and "
+                         f"{tuple(second.shape)}")
+    d = second.float() - first.float()
+    se = float(d.std(unbiased=True) / len(d) ** 0.5) if len(d) > 1 else float("nan")
+    return {names[0]: float(first.float().mean()), names[1]: float(second.float().mean()), "difference": float(d.mean()),
+            "difference_se": se, "num_images": len(d)}
 
 ALIGNMENT_METRICS = ("type", "colour", "both", "pattern")
 ALIGNMENT_TARGETS = {"seed": {"type": 0.9, "colour": 0.95}, "held-out": {"type": 0.9, "colour": 0.95},   # issue 16, generated images

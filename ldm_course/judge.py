@@ -26,12 +26,12 @@ from .training import TrainConfig, TrainHistory
 from .trainer import Trainer
 
 # %% auto #0
-__all__ = ['CLOTH_THRESHOLD', 'JUDGE_INPUTS_VERSION', 'JUDGE_FORMAT', 'GarmentJudgeConfig', 'pattern_boxes', 'pattern_crops',
-           'JudgeInputs', 'image_batches', 'resize_images', 'judge_inputs', 'GarmentLogits', 'GarmentJudge',
-           'random_blur', 'backdrop_weight', 'whiten_backdrop', 'random_backdrop', 'GarmentJudgeLoss',
-           'build_garment_judge', 'train_garment_judge', 'GarmentPredictions', 'predict_garments', 'known_fraction',
-           'accuracy_of', 'garment_accuracy', 'toy_pattern_images', 'judge_checkpoint_path', 'save_judge', 'load_judge',
-           'cached_judge']
+__all__ = ['CLOTH_THRESHOLD', 'JUDGE_INPUTS_VERSION', 'BACKDROP_STRENGTH', 'JUDGE_FORMAT', 'GarmentJudgeConfig', 'pattern_boxes',
+           'pattern_crops', 'JudgeInputs', 'image_batches', 'resize_images', 'judge_inputs', 'GarmentLogits',
+           'GarmentJudge', 'random_blur', 'backdrop_weight', 'backdrop_mask', 'whiten_backdrop', 'random_backdrop',
+           'GarmentJudgeLoss', 'build_garment_judge', 'train_garment_judge', 'GarmentPredictions', 'predict_garments',
+           'known_fraction', 'accuracy_of', 'garment_accuracy', 'toy_pattern_images', 'judge_checkpoint_path',
+           'save_judge', 'load_judge', 'cached_judge']
 
 # %% ../nbs/11_clothing_judge.ipynb #4e6dc360
 @dataclasses.dataclass
@@ -223,20 +223,26 @@ def random_blur(images: Tensor, # (B, C, H, W)
         out[i] = gaussian_blur(images[i], [k, k], [sigma, sigma])
     return out
 
+BACKDROP_STRENGTH = 0.08   # s: how far below white (and how stained) a random backdrop may be, in [0, 1] units
+
 def backdrop_weight(images: Tensor, # (B, 3, H, W) in [-1, 1], garments on white
                    ) -> Tensor: # (B, 1, H, W): 1 on white, 0 on cloth
     "How much of each pixel is backdrop: 1 on pure white, fading to 0 where a channel is CLOTH_THRESHOLD below white."
     lightest = (images + 1).amin(1, keepdim=True) / 2
     return ((lightest - (1 - CLOTH_THRESHOLD)) / CLOTH_THRESHOLD).clamp(0, 1)
 
+def backdrop_mask(images: Tensor, # (B, 3, H, W) in [-1, 1]
+                 ) -> Tensor: # (B, 1, H, W) bool
+    "The pixels that are mainly backdrop: weight above 0.4, i.e. every channel within 0.21 of white."
+    return backdrop_weight(images) > 0.4
+
 def whiten_backdrop(images: Tensor, # (B, 3, H, W) in [-1, 1]
                    ) -> Tensor:
-    """The images with every pixel that is mainly backdrop (weight above 0.4: every channel within 0.21 of white) set to
-    pure white, the catalogue's backdrop."""
-    return torch.where(backdrop_weight(images) > 0.4, torch.ones_like(images), images)
+    "The images with every pixel that is mainly backdrop set to pure white, the catalogue's backdrop."
+    return torch.where(backdrop_mask(images), torch.ones_like(images), images)
 
 def random_backdrop(images: Tensor, # (B, 3, H, W) in [-1, 1], garments on white
-                    strength: float = 0.08, # largest departure from white, in [0, 1] units (0: unchanged)
+                    strength: float = BACKDROP_STRENGTH, # largest departure from white, in [0, 1] units (0: unchanged)
                     p: float = 0.5, # share of the images changed
                     generator: torch.Generator | None = None, # for reproducible draws (CPU)
                    ) -> Tensor:
@@ -252,9 +258,9 @@ def random_backdrop(images: Tensor, # (B, 3, H, W) in [-1, 1], garments on white
     stains = F.interpolate(torch.randn(k, 3, cells, cells, generator=generator), size=(h, w), mode="bicubic",
                            align_corners=False)
     change = (cast + strength / 2 * stains - level).to(images.device, images.dtype)   # in [0, 1] units
-    out = images.clone()
-    x = images[chosen.to(images.device)]
-    out[chosen.to(images.device)] = (x + 2 * backdrop_weight(x) * change).clamp(-1, 1)
+    out, chosen = images.clone(), chosen.to(images.device)
+    x = images[chosen]
+    out[chosen] = (x + 2 * backdrop_weight(x) * change).clamp(-1, 1)
     return out
 
 class GarmentJudgeLoss:
@@ -263,7 +269,7 @@ class GarmentJudgeLoss:
     def __init__(self, max_shift: float = 1.0, # augmentation: random translation of the resized image, in pixels
                  crop_shift: float = 2.0, # the same for the pattern crop, in its pixels
                  crop_blur: float = 1.0, # half the crops are blurred with σ up to this, in crop pixels (0: never)
-                 backdrop: float = 0.08, # half the images get a backdrop up to this far from white, [0, 1] units (0: never)
+                 backdrop: float = BACKDROP_STRENGTH, # half the images get a backdrop up to this far from white (0: never)
                 ):
         self.max_shift, self.crop_shift, self.crop_blur, self.backdrop = max_shift, crop_shift, crop_blur, backdrop
 
@@ -298,7 +304,7 @@ def train_garment_judge(images: Tensor | Dataset | JudgeInputs, # (N, 3, H, W) i
                         cfg: TrainConfig, # recipe (the Trainer's)
                         pattern_labels: Tensor | None = None, # (N,) indices into config.pattern_names, -1 if unknown; required with a pattern head
                         max_shift: float = 1.0, # augmentation, in pixels of the trunk's input
-                        backdrop: float = 0.08, # augmentation: largest departure of the backdrop from white (0: none)
+                        backdrop: float = BACKDROP_STRENGTH, # augmentation: largest departure of the backdrop from white (0: none)
                         device: str | None = None, # "cpu" forces the CPU; default: core.get_device()
                        ) -> tuple[GarmentJudge, TrainHistory]: # (EMA judge in eval mode, history)
     """Train a GarmentJudge on real catalogue images, prepared once (resized for the trunk, cropped for the pattern
